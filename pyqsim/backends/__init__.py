@@ -1,0 +1,1 @@
+"""Native backends. Each module exposes ``available()``, ``info()`` and ``OPS``: op name -> compute(canonical args)."""
