@@ -1,0 +1,1 @@
+"""Runtime: integer-parameter files and the integer executors that run them (no PyTorch needed)."""
