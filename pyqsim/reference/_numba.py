@@ -1,6 +1,8 @@
 """Numba-compiled engine of the reference: same canonical inputs, identical results (tested)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit, prange
 
@@ -105,7 +107,7 @@ def _quantize_log(r, kmode, zero_code, t_half, t_q, t_3q):
         if v == 0.0:
             out.flat[i] = zero_code
             continue
-        m, e = np.frexp(v)
+        m, e = math.frexp(v)
         if kmode == 1:
             c = -np.int64(e) + (1 if m <= t_half else 0)
         else:
@@ -138,7 +140,8 @@ def int_gemm_compute(a: C.GemmArgs) -> np.ndarray:
 
 
 def requantize_args_compute(a: C.RequantArgs) -> np.ndarray:
-    rows = a.acc.transpose(0, 2, 1).reshape(-1, a.acc.shape[1]).astype(np.int64)
+    outer, n, inner = a.acc.shape
+    rows = a.acc.transpose(0, 2, 1).reshape(outer * inner, n).astype(np.int64)
     y = _out_stage(np.ascontiguousarray(rows), a.out)
     return y.reshape(a.acc.shape[0], a.acc.shape[2], a.acc.shape[1]).transpose(0, 2, 1).reshape(a.shape)
 

@@ -32,7 +32,7 @@ def conv_acc(a: C.ConvArgs) -> np.ndarray:
     cg = a.x.shape[1] // g
     og = o // g
     kk = cg * a.kernel_size[0] * a.kernel_size[1]
-    wf = a.w.reshape(o, -1) if a.w_format == "int8" else a.w
+    wf = a.w.reshape(o, kk) if a.w_format == "int8" else a.w
     ws = weight_codes(wf, a.w_format, kk) - a.w_zero_point.astype(np.int64)[:, None]
     cols = im2col(a)
     oh, ow = a.out_hw

@@ -1,0 +1,213 @@
+"""Hypothesis strategies drawing op arguments (data included), shared by the reference and backend tests.
+
+Each strategy returns a dict of keyword arguments accepted by the same-named op in ``pyqsim.ops``.
+Values are biased toward the edges: type extremes, zero-size dimensions and tile tails.
+"""
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from pyqsim import _checks as C
+from pyqsim.reference import pack_int4, quantize_multiplier
+
+TAILS = [0, 1, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 65]
+ACT_TYPES = ["int8", "uint8"]
+F32_MIN_SCALE = float(np.float32(1e-6))
+
+
+def dims(max_value: int = 70, tails=TAILS):
+    """A dimension: usually a tile tail, otherwise any small size."""
+    return st.one_of(st.sampled_from([t for t in tails if t <= max_value]), st.integers(0, max_value))
+
+
+def codes(dtype: str, shape, fill=None):
+    """An array of codes of ``dtype`` (int4/uint4 in their containers), with constant fills among the draws."""
+    lo, hi = C.RANGES[dtype]
+    dt = C.CONTAINERS[dtype]
+    elements = st.integers(lo, hi)
+    const = st.sampled_from([lo, hi, 0 if lo <= 0 else lo]).map(lambda v: np.full(shape, v, dt))
+    return st.one_of(hnp.arrays(dt, shape, elements=elements), const)
+
+
+@st.composite
+def zero_points(draw, dtype: str, n: int | None = None):
+    lo, hi = C.RANGES[dtype]
+    z = st.one_of(st.sampled_from([lo, hi, 0 if lo <= 0 else lo]), st.integers(lo, hi))
+    if n is None:
+        return draw(z)
+    if draw(st.booleans()):
+        return draw(z)
+    return np.array(draw(st.lists(z, min_size=n, max_size=n)), np.int32)
+
+
+@st.composite
+def out_stage(draw, n: int, allowed=("int32", "int8", "uint8", "int4", "uint4", "float32")):
+    kind = draw(st.sampled_from(allowed))
+    kw = {"out_dtype": kind}
+    if kind in C.REQUANT_OUT:
+        per_channel = draw(st.booleans())
+        size = n if per_channel else None
+        reals = hnp.arrays(np.float64, () if size is None else (size,),
+                           elements=st.floats(2.0**-30, 2.0**-2, allow_nan=False, allow_infinity=False))
+        m, s = quantize_multiplier(draw(reals))
+        kw.update(multiplier=m, shift=s, out_zero_point=draw(zero_points(kind)))
+    elif kind == "float32":
+        kw["out_scale"] = draw(hnp.arrays(np.float32, (n,), elements=st.floats(F32_MIN_SCALE, 10.0, width=32)))
+    return kw
+
+
+def _bias_for(draw, n, budget):
+    """An int32 bias within what the overflow precondition leaves (``budget``)."""
+    if not draw(st.booleans()) or budget <= 0:
+        return None
+    lim = min(budget, 2**31 - 1)
+    return draw(hnp.arrays(np.int32, (n,), elements=st.integers(-lim, lim)))
+
+
+def _weights(draw, fmt, n, k):
+    w = draw(codes(fmt, (n, k)))
+    return (w if fmt == "int8" else pack_int4(w, fmt == "int4")), w
+
+
+@st.composite
+def gemm_cases(draw, max_dim: int = 70, formats=("int8", "int4", "uint4")):
+    m, n, k = draw(dims(max_dim)), draw(dims(max_dim)), draw(dims(max_dim))
+    xt = draw(st.sampled_from(ACT_TYPES))
+    fmt = draw(st.sampled_from(formats))
+    x = draw(codes(xt, (m, k)))
+    w, _ = _weights(draw, fmt, n, k)
+    zx = draw(zero_points(xt))
+    zw = draw(zero_points(fmt, n))
+    zwv = np.broadcast_to(np.asarray(zw, np.int64), (n,))
+    used = C.overflow_term(k, xt, zx, fmt, zwv.astype(np.int32))
+    kw = dict(x=x, w=w, x_zero_point=zx, w_zero_point=zw, w_format=fmt,
+              bias=_bias_for(draw, n, 2**31 - 1 - used))
+    kw.update(draw(out_stage(n)))
+    return kw
+
+
+@st.composite
+def conv_cases(draw, formats=("int8", "int4", "uint4")):
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    cg = draw(st.integers(1, 4))
+    og = draw(st.integers(0, 4))
+    b = draw(st.integers(0, 2))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    h = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 9))
+    wd = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 9))
+    xt = draw(st.sampled_from(ACT_TYPES))
+    fmt = draw(st.sampled_from(formats))
+    c, o = cg * groups, og * groups
+    x = draw(codes(xt, (b, c, h, wd)))
+    wcodes = draw(codes(fmt, (o, cg, kh, kw)))
+    w = wcodes if fmt == "int8" else pack_int4(wcodes.reshape(o, cg * kh * kw), fmt == "int4")
+    zx = draw(zero_points(xt))
+    zw = draw(zero_points(fmt, o))
+    kwargs = dict(x=x, w=w, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), groups=groups,
+                  x_zero_point=zx, w_zero_point=zw, w_format=fmt, kernel_size=(kh, kw),
+                  bias=_bias_for(draw, o, 2**20))
+    kwargs.update(draw(out_stage(o)))
+    return kwargs
+
+
+@st.composite
+def split_gemm_cases(draw, max_dim: int = 40):
+    m, n = draw(dims(max_dim)), draw(dims(max_dim))
+    kw = {}
+    for i in ("1", "2"):
+        k = draw(dims(max_dim))
+        xt = draw(st.sampled_from(ACT_TYPES))
+        fmt = draw(st.sampled_from(["int8", "int4", "uint4"]))
+        kw[f"x{i}"] = draw(codes(xt, (m, k)))
+        kw[f"w{i}"], _ = _weights(draw, fmt, n, k)
+        kw[f"x{i}_zero_point"] = draw(zero_points(xt))
+        kw[f"w{i}_zero_point"] = draw(zero_points(fmt, n))
+        kw[f"w{i}_format"] = fmt
+    kw["bias"] = _bias_for(draw, n, 2**20)
+    kw.update(draw(split_out_stage(n)))
+    return kw
+
+
+@st.composite
+def split_out_stage(draw, n: int):
+    from pyqsim.reference import quantize_multiplier_pair
+    kind = draw(st.sampled_from(["int8", "uint8", "int4", "uint4", "float32"]))
+    kw = {"out_dtype": kind}
+    if kind == "float32":
+        for i in ("1", "2"):
+            kw[f"out_scale{i}"] = draw(hnp.arrays(np.float32, (n,), elements=st.floats(F32_MIN_SCALE, 10.0, width=32)))
+        return kw
+    reals = st.floats(2.0**-30, 2.0**-2, allow_nan=False, allow_infinity=False)
+    r1 = draw(hnp.arrays(np.float64, (n,), elements=reals))
+    r2 = draw(hnp.arrays(np.float64, (n,), elements=reals))
+    m1, m2, s = quantize_multiplier_pair(r1, r2)
+    kw.update(multiplier1=m1, multiplier2=m2, shift=s, out_zero_point=draw(zero_points(kind)))
+    return kw
+
+
+@st.composite
+def split_conv_cases(draw):
+    b = draw(st.integers(0, 2))
+    o = draw(st.integers(0, 5))
+    kh, kw_ = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    ph, pw = draw(st.integers(0, 1)), draw(st.integers(0, 1))
+    stride = draw(st.integers(1, 2))
+    h = draw(st.integers(max(1, kh - 2 * ph), 7))
+    w = draw(st.integers(max(1, kw_ - 2 * pw), 7))
+    kw = dict(stride=stride, padding=(ph, pw), kernel_size=(kh, kw_))
+    for i in ("1", "2"):
+        c = draw(st.integers(1, 4))
+        xt = draw(st.sampled_from(ACT_TYPES))
+        fmt = draw(st.sampled_from(["int8", "int4", "uint4"]))
+        kw[f"x{i}"] = draw(codes(xt, (b, c, h, w)))
+        wc = draw(codes(fmt, (o, c, kh, kw_)))
+        kw[f"w{i}"] = wc if fmt == "int8" else pack_int4(wc.reshape(o, c * kh * kw_), fmt == "int4")
+        kw[f"x{i}_zero_point"] = draw(zero_points(xt))
+        kw[f"w{i}_zero_point"] = draw(zero_points(fmt, o))
+        kw[f"w{i}_format"] = fmt
+    kw["bias"] = _bias_for(draw, o, 2**20)
+    kw.update(draw(split_out_stage(o)))
+    return kw
+
+
+@st.composite
+def log2_cases(draw, max_dim: int = 40):
+    bits = draw(st.integers(2, 8))
+    mode = draw(st.sampled_from(["log2", "sqrt2"]))
+    frac_bits = draw(st.sampled_from([16, 16, 0, 4, 8, 24]))
+    m, length, n = draw(dims(max_dim)), draw(dims(max_dim)), draw(dims(max_dim))
+    vt = draw(st.sampled_from(ACT_TYPES))
+    zero_code = 2**bits - 1
+    cd = draw(st.one_of(hnp.arrays(np.uint8, (m, length), elements=st.integers(0, zero_code)),
+                        st.sampled_from([0, zero_code, zero_code - 1]).map(lambda c: np.full((m, length), c, np.uint8))))
+    v = draw(codes(vt, (length, n)))
+    kw = dict(codes=cd, v=v, v_zero_point=draw(zero_points(vt)), bits=bits, mode=mode, frac_bits=frac_bits)
+    kind = draw(st.sampled_from(["int64", "int8", "uint8", "int4", "uint4", "float32"]))
+    kw["out_dtype"] = kind
+    if kind in C.REQUANT_OUT:
+        r = draw(hnp.arrays(np.float64, (n,), elements=st.floats(2.0**-60, 2.0**-20)))
+        mm, s = quantize_multiplier(r)
+        kw.update(multiplier=mm, shift=s, out_zero_point=draw(zero_points(kind)))
+    elif kind == "float32":
+        kw["out_scale"] = draw(hnp.arrays(np.float32, (n,), elements=st.floats(float(np.float32(1e-12)), float(np.float32(1e-3)), width=32)))
+    return kw
+
+
+@st.composite
+def requant_cases(draw):
+    shape = tuple(draw(st.lists(dims(9, [0, 1, 3, 8, 9]), min_size=1, max_size=3)))
+    acc = draw(hnp.arrays(np.int32, shape, elements=st.one_of(st.integers(-(2**31), 2**31 - 1),
+                                                                 st.sampled_from([-(2**31), 2**31 - 1, 0, -1, 1]))))
+    axis = draw(st.integers(-len(shape), len(shape) - 1))
+    n = shape[axis]
+    kind = draw(st.sampled_from(list(C.REQUANT_OUT)))
+    per_channel = draw(st.booleans())
+    msize = (n,) if per_channel else ()
+    mult = draw(hnp.arrays(np.int32, msize, elements=st.one_of(st.integers(0, 2**31 - 1), st.just(2**30))))
+    shift = draw(hnp.arrays(np.int32, msize, elements=st.integers(1, 94)))
+    return dict(acc=acc, multiplier=mult, shift=shift, zero_point=draw(zero_points(kind)), out_dtype=kind, axis=axis)
