@@ -7,6 +7,8 @@ Arguments are validated once here (``pyqsim._checks``); backends receive canonic
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import os
 from functools import lru_cache
@@ -96,8 +98,42 @@ def resolve_backend(backend: str, op: str) -> str:
     return backend
 
 
-def _run(op: str, backend: str, args):
+_SCOPE: contextvars.ContextVar[tuple] = contextvars.ContextVar("pyqsim_scope", default=())
+_RECORDER: contextvars.ContextVar[list | None] = contextvars.ContextVar("pyqsim_recorder", default=None)
+
+
+@contextlib.contextmanager
+def scope(name: str):
+    """Name the ops called inside (e.g. a layer); scopes nest with '.'."""
+    token = _SCOPE.set(_SCOPE.get() + (str(name),))
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+@contextlib.contextmanager
+def record():
+    """Collect ``(scope, op, canonical args, result)`` for every kernel op called inside."""
+    calls: list = []
+    token = _RECORDER.set(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDER.reset(token)
+
+
+def run_canonical(op: str, args, backend: str = "auto"):
+    """Run a kernel op on already-canonical arguments (replay of a recorded call)."""
     return _table(resolve_backend(backend, op))[op](args)
+
+
+def _run(op: str, backend: str, args):
+    result = _table(resolve_backend(backend, op))[op](args)
+    calls = _RECORDER.get()
+    if calls is not None:
+        calls.append((".".join(_SCOPE.get()), op, args, result))
+    return result
 
 
 def _host(backend: str) -> None:
