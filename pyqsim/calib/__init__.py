@@ -1,0 +1,1 @@
+"""Post-training calibration (RepQ-ViT, Q-Diffusion); needs PyTorch."""
