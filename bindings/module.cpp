@@ -1,0 +1,680 @@
+// pyqsim._C: Python bindings of the native kernels (csrc/). Validation and marshalling only; no
+// arithmetic on data happens here. Every argument is checked (type, dtype, shape, contiguity,
+// alignment, value ranges of parameters) before any kernel touches memory; errors are TypeError /
+// ValueError naming the argument (docs/spec.md §11). Kernels run with the GIL released.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "qsim.h"
+
+namespace py = pybind11;
+using qsim::ActType;
+using qsim::OutType;
+using qsim::WFormat;
+
+namespace {
+
+constexpr int64_t kInt32Max = 2147483647LL;
+
+std::string type_name(py::handle h) { return py::str(py::type::handle_of(h).attr("__name__")).cast<std::string>(); }
+
+// ------------------------------------------------------------------------------------------ arrays
+enum class DT { I8, U8, I32, I64, F32 };
+
+const char* dt_name(DT d) {
+  switch (d) {
+    case DT::I8: return "int8";
+    case DT::U8: return "uint8";
+    case DT::I32: return "int32";
+    case DT::I64: return "int64";
+    default: return "float32";
+  }
+}
+
+bool dtype_is(const py::dtype& dt, DT d) {
+  const char kind = dt.kind();
+  const auto size = dt.itemsize();
+  if (!dt.attr("isnative").cast<bool>()) return false;
+  switch (d) {
+    case DT::I8: return kind == 'i' && size == 1;
+    case DT::U8: return kind == 'u' && size == 1;
+    case DT::I32: return kind == 'i' && size == 4;
+    case DT::I64: return kind == 'i' && size == 8;
+    default: return kind == 'f' && size == 4;
+  }
+}
+
+py::array as_array(py::handle obj, const std::string& name) {
+  if (py::isinstance<py::array>(obj)) return py::reinterpret_borrow<py::array>(obj);
+  if (obj && PyObject_CheckBuffer(obj.ptr())) return py::array::ensure(obj);  // a view, no copy
+  throw py::type_error(name + " must be a NumPy array or expose the buffer protocol, got " + type_name(obj));
+}
+
+struct Arr {
+  py::array a;
+  const void* ptr = nullptr;
+  std::vector<int64_t> shape;
+  int64_t dim(int i) const { return shape[static_cast<size_t>(i)]; }
+};
+
+// dtype among `allowed`, ndim, C-contiguous, aligned.
+Arr take(py::handle obj, const std::string& name, std::initializer_list<DT> allowed, int ndim, const char* layout) {
+  Arr r;
+  r.a = as_array(obj, name);
+  bool ok = false;
+  for (DT d : allowed) ok |= dtype_is(r.a.dtype(), d);
+  if (!ok) {
+    std::string names;
+    for (DT d : allowed) names += (names.empty() ? "" : " or ") + std::string(dt_name(d));
+    throw py::type_error(name + " must have dtype " + names + ", got " + py::str(r.a.dtype()).cast<std::string>());
+  }
+  if (r.a.ndim() != ndim)
+    throw py::value_error(name + " must be " + std::to_string(ndim) + "-D " + layout + ", got ndim " +
+                          std::to_string(r.a.ndim()));
+  if (!(r.a.flags() & py::array::c_style))
+    throw py::value_error(name + " must be C-contiguous (pass numpy.ascontiguousarray(" + name + "))");
+  r.ptr = r.a.data();
+  if (reinterpret_cast<uintptr_t>(r.ptr) % static_cast<uintptr_t>(r.a.itemsize()) != 0)
+    throw py::value_error(name + " must be aligned to its item size");
+  for (int i = 0; i < ndim; ++i) r.shape.push_back(static_cast<int64_t>(r.a.shape(i)));
+  return r;
+}
+
+DT dtype_of(const Arr& a) {
+  for (DT d : {DT::I8, DT::U8, DT::I32, DT::I64, DT::F32})
+    if (dtype_is(a.a.dtype(), d)) return d;
+  return DT::F32;
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string o = "(";
+  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
+  return o + (s.size() == 1 ? ",)" : ")");
+}
+
+// int32 [n] vector with every value in [lo, hi]
+const int32_t* int_vector(py::handle obj, const std::string& name, int64_t n, int64_t lo, int64_t hi) {
+  Arr a = take(obj, name, {DT::I32}, 1, "[N]");
+  if (a.dim(0) != n) throw py::value_error(name + " must have shape (" + std::to_string(n) + ",), got " + shape_str(a.shape));
+  const int32_t* p = static_cast<const int32_t*>(a.ptr);
+  for (int64_t i = 0; i < n; ++i)
+    if (p[i] < lo || p[i] > hi)
+      throw py::value_error(name + " values must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " +
+                            std::to_string(p[i]));
+  return p;
+}
+
+const float* scale_vector(py::handle obj, const std::string& name, int64_t n) {
+  Arr a = take(obj, name, {DT::F32}, 1, "[N]");
+  if (a.dim(0) != n) throw py::value_error(name + " must have shape (" + std::to_string(n) + ",), got " + shape_str(a.shape));
+  const float* p = static_cast<const float*>(a.ptr);
+  for (int64_t i = 0; i < n; ++i)
+    if (!(std::isfinite(p[i]) && p[i] > 0.f)) throw py::value_error(name + " must be finite and > 0");
+  return p;
+}
+
+// ------------------------------------------------------------------------------------------ types
+struct Range {
+  int64_t lo, hi;
+};
+Range act_range(ActType t) { return t == ActType::U8 ? Range{0, 255} : Range{-128, 127}; }
+Range w_range(WFormat f) {
+  switch (f) {
+    case WFormat::S4: return {-8, 7};
+    case WFormat::U4: return {0, 15};
+    default: return {-128, 127};
+  }
+}
+
+WFormat parse_format(const std::string& s, const std::string& name) {
+  if (s == "int8") return WFormat::S8;
+  if (s == "int4") return WFormat::S4;
+  if (s == "uint4") return WFormat::U4;
+  throw py::value_error(name + " must be one of 'int8', 'int4', 'uint4', got '" + s + "'");
+}
+const char* format_name(WFormat f) { return f == WFormat::S8 ? "int8" : (f == WFormat::S4 ? "int4" : "uint4"); }
+
+OutType parse_out(const std::string& s, std::initializer_list<OutType> allowed) {
+  static const std::pair<const char*, OutType> names[] = {
+      {"int32", OutType::I32}, {"float32", OutType::F32}, {"int8", OutType::S8}, {"uint8", OutType::U8},
+      {"int4", OutType::S4},   {"uint4", OutType::U4},    {"int64", OutType::I64}};
+  std::string list;
+  for (OutType t : allowed)
+    for (auto& nm : names)
+      if (nm.second == t) list += (list.empty() ? "'" : ", '") + std::string(nm.first) + "'";
+  for (auto& nm : names)
+    if (s == nm.first)
+      for (OutType t : allowed)
+        if (t == nm.second) return t;
+  throw py::value_error("out_dtype must be one of " + list + ", got '" + s + "'");
+}
+
+Range out_range(OutType t) { return {qsim::out_qmin(t), qsim::out_qmax(t)}; }
+
+int64_t check_zero_point(int64_t z, const std::string& name, Range r, const char* tname) {
+  if (z < r.lo || z > r.hi)
+    throw py::value_error(name + " must be in [" + std::to_string(r.lo) + ", " + std::to_string(r.hi) + "] for " + tname +
+                          ", got " + std::to_string(z));
+  return z;
+}
+
+ActType act_type_of(const Arr& x) { return dtype_of(x) == DT::U8 ? ActType::U8 : ActType::S8; }
+
+// Canonical output stage (§6): the arrays a stage does not use may be None.
+struct StageIn {
+  qsim::OutStage st;
+};
+qsim::OutStage make_stage(const std::string& out_dtype, int64_t n, py::handle multiplier, py::handle shift,
+                          int64_t zero_point, py::handle scale, std::initializer_list<OutType> allowed) {
+  qsim::OutStage s;
+  s.type = parse_out(out_dtype, allowed);
+  if (qsim::is_requant(s.type)) {
+    if (multiplier.is_none() || shift.is_none())
+      throw py::value_error("multiplier and shift are required for out_dtype='" + out_dtype + "'");
+    s.multiplier = int_vector(multiplier, "multiplier", n, 0, kInt32Max);
+    s.shift = int_vector(shift, "shift", n, 1, 94);
+    s.zero_point = static_cast<int32_t>(check_zero_point(zero_point, "out_zero_point", out_range(s.type), out_dtype.c_str()));
+  } else if (s.type == OutType::F32) {
+    if (scale.is_none()) throw py::value_error("out_scale is required for out_dtype='float32'");
+    s.scale = scale_vector(scale, "out_scale", n);
+  }
+  return s;
+}
+
+py::array alloc_out(OutType t, const std::vector<py::ssize_t>& shape) {
+  switch (t) {
+    case OutType::I32: return py::array_t<int32_t>(shape);
+    case OutType::F32: return py::array_t<float>(shape);
+    case OutType::I64: return py::array_t<int64_t>(shape);
+    case OutType::S8:
+    case OutType::S4: return py::array_t<int8_t>(shape);
+    default: return py::array_t<uint8_t>(shape);
+  }
+}
+
+// ------------------------------------------------------------------------------------------ weights
+using PW = std::shared_ptr<qsim::PackedWeight>;
+
+// int4 padding nibble (high nibble of each row's last byte for odd K) must be 0 (§1.1, §11)
+void check_padding(const uint8_t* w, int64_t rows, int64_t k, const std::string& name) {
+  if (k % 2 == 0) return;
+  const int64_t rb = (k + 1) / 2;
+  for (int64_t r = 0; r < rows; ++r)
+    if (w[r * rb + rb - 1] >> 4)
+      throw py::value_error(name + " padding nibble (high nibble of the last byte of each row, K odd) must be 0");
+}
+
+PW pack_gemm(py::handle w, const std::string& fmt_s, int64_t k, const std::string& name) {
+  const WFormat fmt = parse_format(fmt_s, "w_format");
+  if (k < 0) throw py::value_error("k must be >= 0");
+  if (fmt == WFormat::S8) {
+    Arr a = take(w, name, {DT::I8}, 2, "[N, K]");
+    if (a.dim(1) != k)
+      throw py::value_error(name + " must have K=" + std::to_string(k) + " columns, got shape " + shape_str(a.shape));
+    py::gil_scoped_release nogil;
+    return qsim::pack_gemm_weight(a.ptr, fmt, a.dim(0), k);
+  }
+  Arr a = take(w, name, {DT::U8}, 2, "[N, ceil(K/2)] packed");
+  if (a.dim(1) != (k + 1) / 2)
+    throw py::value_error(name + " (packed " + fmt_s + ") must have ceil(K/2)=" + std::to_string((k + 1) / 2) +
+                          " bytes per row for K=" + std::to_string(k) + ", got shape " + shape_str(a.shape));
+  check_padding(static_cast<const uint8_t*>(a.ptr), a.dim(0), k, name);
+  py::gil_scoped_release nogil;
+  return qsim::pack_gemm_weight(a.ptr, fmt, a.dim(0), k);
+}
+
+PW pack_conv(py::handle w, const std::string& fmt_s, int64_t cin_g, int64_t kh, int64_t kw, int64_t groups,
+             const std::string& name) {
+  const WFormat fmt = parse_format(fmt_s, "w_format");
+  if (groups < 1) throw py::value_error("groups must be >= 1");
+  if (kh < 1 || kw < 1) throw py::value_error("kernel_size must be >= 1");
+  int64_t o;
+  if (fmt == WFormat::S8) {
+    Arr a = take(w, name, {DT::I8}, 4, "[O, C/groups, KH, KW]");
+    if (a.dim(1) != cin_g || a.dim(2) != kh || a.dim(3) != kw)
+      throw py::value_error(name + " must have shape [O, " + std::to_string(cin_g) + ", " + std::to_string(kh) + ", " +
+                            std::to_string(kw) + "], got " + shape_str(a.shape));
+    o = a.dim(0);
+    if (o % groups) throw py::value_error("groups must divide the output channels of " + name);
+    py::gil_scoped_release nogil;
+    return qsim::pack_conv_weight(a.ptr, fmt, o, cin_g, kh, kw, groups);
+  }
+  const int64_t kk = cin_g * kh * kw;
+  Arr a = take(w, name, {DT::U8}, 2, "[O, ceil(C/groups*KH*KW/2)] packed");
+  if (a.dim(1) != (kk + 1) / 2)
+    throw py::value_error(name + " (packed " + fmt_s + ") must have ceil(" + std::to_string(kk) + "/2) bytes per row, got shape " +
+                          shape_str(a.shape));
+  o = a.dim(0);
+  if (o % groups) throw py::value_error("groups must divide the output channels of " + name);
+  check_padding(static_cast<const uint8_t*>(a.ptr), o, kk, name);
+  py::gil_scoped_release nogil;
+  return qsim::pack_conv_weight(a.ptr, fmt, o, cin_g, kh, kw, groups);
+}
+
+// A plain weight array is packed on the fly; a PackedWeight must match.
+PW gemm_weight(py::handle w, const std::string& fmt, int64_t k, const std::string& name) {
+  if (py::isinstance<qsim::PackedWeight>(w)) {
+    PW pw = w.cast<PW>();
+    if (pw->kind != qsim::PackedWeight::Gemm) throw py::value_error(name + " is a packed conv weight, expected a GEMM weight");
+    if (parse_format(fmt, "w_format") != pw->format)
+      throw py::value_error(name + " was packed as " + std::string(format_name(pw->format)) + ", but w_format='" + fmt + "'");
+    if (pw->k != k)
+      throw py::value_error(name + " was packed with K=" + std::to_string(pw->k) + ", activations have K=" + std::to_string(k));
+    return pw;
+  }
+  return pack_gemm(w, fmt, k, name);
+}
+
+PW conv_weight(py::handle w, const std::string& fmt, int64_t cin_g, int64_t kh, int64_t kw, int64_t groups,
+               const std::string& name) {
+  if (py::isinstance<qsim::PackedWeight>(w)) {
+    PW pw = w.cast<PW>();
+    if (pw->kind != qsim::PackedWeight::Conv) throw py::value_error(name + " is a packed GEMM weight, expected a conv weight");
+    if (parse_format(fmt, "w_format") != pw->format)
+      throw py::value_error(name + " was packed as " + std::string(format_name(pw->format)) + ", but w_format='" + fmt + "'");
+    if (pw->cin_g != cin_g || pw->kh != kh || pw->kw != kw || pw->groups != groups)
+      throw py::value_error(name + " was packed for C/groups=" + std::to_string(pw->cin_g) + ", kernel (" +
+                            std::to_string(pw->kh) + ", " + std::to_string(pw->kw) + "), groups=" +
+                            std::to_string(pw->groups) + "; the call disagrees");
+    return pw;
+  }
+  return pack_conv(w, fmt, cin_g, kh, kw, groups, name);
+}
+
+// §4.1 term K * A * B for one branch (exact, int64 suffices: K < 2^40 here)
+int64_t overflow_term(int64_t k, ActType xt, int64_t zx, WFormat f, const int32_t* zw, int64_t n) {
+  if (n == 0) return 0;
+  const Range xr = act_range(xt), wr = w_range(f);
+  const int64_t a = std::max(std::llabs(xr.lo - zx), std::llabs(xr.hi - zx));
+  int64_t zmin = zw[0], zmax = zw[0];
+  for (int64_t i = 1; i < n; ++i) {
+    zmin = std::min<int64_t>(zmin, zw[i]);
+    zmax = std::max<int64_t>(zmax, zw[i]);
+  }
+  // B = max_n max(|wmin - zw[n]|, |wmax - zw[n]|): the extremes are wmin - max(zw) and wmax - min(zw)
+  const int64_t b = std::max(std::llabs(wr.lo - zmax), std::llabs(wr.hi - zmin));
+  if (k > (int64_t(1) << 40)) return std::numeric_limits<int64_t>::max() / 4;
+  return k * a * b;
+}
+
+int64_t bias_max(const int32_t* b, int64_t n) {
+  int64_t m = 0;
+  if (b)
+    for (int64_t i = 0; i < n; ++i) m = std::max<int64_t>(m, std::llabs(static_cast<int64_t>(b[i])));
+  return m;
+}
+
+void check_overflow(int64_t total, const std::string& op, const std::string& kdesc) {
+  if (total > kInt32Max)
+    throw py::value_error(op + ": worst-case accumulation " + std::to_string(total) +
+                          " exceeds 2^31-1 (spec §4.1); reduce " + kdesc);
+}
+
+const int32_t* opt_bias(py::handle bias, int64_t n) {
+  if (bias.is_none()) return nullptr;
+  Arr b = take(bias, "bias", {DT::I32}, 1, "[N]");
+  if (b.dim(0) != n) throw py::value_error("bias must have shape (" + std::to_string(n) + ",), got " + shape_str(b.shape));
+  return static_cast<const int32_t*>(b.ptr);
+}
+
+// ------------------------------------------------------------------------------------------ ops
+py::array int_gemm(py::handle x_, py::handle w_, const std::string& w_format, int64_t x_zero_point, py::handle w_zero_point,
+                   py::handle bias_, const std::string& out_dtype, py::handle multiplier, py::handle shift,
+                   int64_t out_zero_point, py::handle out_scale) {
+  Arr x = take(x_, "x", {DT::I8, DT::U8}, 2, "[M, K]");
+  const ActType xt = act_type_of(x);
+  const int64_t m = x.dim(0), k = x.dim(1);
+  PW w = gemm_weight(w_, w_format, k, "w");
+  const int64_t n = w->n;
+  const Range wr = w_range(w->format);
+  check_zero_point(x_zero_point, "x_zero_point", act_range(xt), xt == ActType::U8 ? "uint8" : "int8");
+  const int32_t* zw = int_vector(w_zero_point, "w_zero_point", n, wr.lo, wr.hi);
+  const int32_t* bias = opt_bias(bias_, n);
+  check_overflow(overflow_term(k, xt, x_zero_point, w->format, zw, n) + bias_max(bias, n), "int_gemm",
+                 "K=" + std::to_string(k));
+  const qsim::OutStage st = make_stage(out_dtype, n, multiplier, shift, out_zero_point, out_scale,
+                                       {OutType::I32, OutType::F32, OutType::S8, OutType::U8, OutType::S4, OutType::U4});
+  py::array y = alloc_out(st.type, {static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(n)});
+  void* yp = y.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    qsim::int_gemm(x.ptr, xt, m, static_cast<int32_t>(x_zero_point), *w, zw, bias, st, yp);
+  }
+  return y;
+}
+
+qsim::SplitOutStage make_split_stage(const std::string& out_dtype, int64_t n, py::handle m1, py::handle m2,
+                                     py::handle shift, int64_t zy, py::handle s1, py::handle s2) {
+  qsim::SplitOutStage s;
+  s.type = parse_out(out_dtype, {OutType::F32, OutType::S8, OutType::U8, OutType::S4, OutType::U4});
+  if (s.type == OutType::F32) {
+    if (s1.is_none() || s2.is_none()) throw py::value_error("out_scale1 and out_scale2 are required for out_dtype='float32'");
+    s.scale1 = scale_vector(s1, "out_scale1", n);
+    s.scale2 = scale_vector(s2, "out_scale2", n);
+  } else {
+    if (m1.is_none() || m2.is_none() || shift.is_none())
+      throw py::value_error("multiplier1, multiplier2 and shift are required for out_dtype='" + out_dtype + "'");
+    s.multiplier1 = int_vector(m1, "multiplier1", n, 0, kInt32Max);
+    s.multiplier2 = int_vector(m2, "multiplier2", n, 0, kInt32Max);
+    s.shift = int_vector(shift, "shift", n, 1, 94);
+    s.zero_point = static_cast<int32_t>(check_zero_point(zy, "out_zero_point", out_range(s.type), out_dtype.c_str()));
+  }
+  return s;
+}
+
+py::array split_gemm(py::handle x1_, py::handle w1_, const std::string& w1_format, py::handle x2_, py::handle w2_,
+                     const std::string& w2_format, int64_t zx1, int64_t zx2, py::handle zw1_, py::handle zw2_,
+                     py::handle bias_, const std::string& out_dtype, py::handle m1, py::handle m2, py::handle shift,
+                     int64_t out_zero_point, py::handle s1, py::handle s2) {
+  Arr x1 = take(x1_, "x1", {DT::I8, DT::U8}, 2, "[M, K1]");
+  Arr x2 = take(x2_, "x2", {DT::I8, DT::U8}, 2, "[M, K2]");
+  if (x1.dim(0) != x2.dim(0))
+    throw py::value_error("x1 and x2 must have the same number of rows M, got " + std::to_string(x1.dim(0)) + " and " +
+                          std::to_string(x2.dim(0)));
+  const ActType t1 = act_type_of(x1), t2 = act_type_of(x2);
+  PW w1 = gemm_weight(w1_, w1_format, x1.dim(1), "w1");
+  PW w2 = gemm_weight(w2_, w2_format, x2.dim(1), "w2");
+  const int64_t n = w1->n, m = x1.dim(0);
+  if (w2->n != n) throw py::value_error("w2 must have " + std::to_string(n) + " rows, got " + std::to_string(w2->n));
+  check_zero_point(zx1, "x1_zero_point", act_range(t1), t1 == ActType::U8 ? "uint8" : "int8");
+  check_zero_point(zx2, "x2_zero_point", act_range(t2), t2 == ActType::U8 ? "uint8" : "int8");
+  const Range r1 = w_range(w1->format), r2 = w_range(w2->format);
+  const int32_t* zw1 = int_vector(zw1_, "w1_zero_point", n, r1.lo, r1.hi);
+  const int32_t* zw2 = int_vector(zw2_, "w2_zero_point", n, r2.lo, r2.hi);
+  const int32_t* bias = opt_bias(bias_, n);
+  check_overflow(overflow_term(x1.dim(1), t1, zx1, w1->format, zw1, n) + overflow_term(x2.dim(1), t2, zx2, w2->format, zw2, n) +
+                     bias_max(bias, n),
+                 "split_gemm", "K1 + K2");
+  const qsim::SplitOutStage st = make_split_stage(out_dtype, n, m1, m2, shift, out_zero_point, s1, s2);
+  py::array y = alloc_out(st.type, {static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(n)});
+  void* yp = y.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    qsim::split_gemm(x1.ptr, t1, static_cast<int32_t>(zx1), *w1, zw1, x2.ptr, t2, static_cast<int32_t>(zx2), *w2, zw2, m,
+                     bias, st, yp);
+  }
+  return y;
+}
+
+std::pair<int64_t, int64_t> pair_of(py::handle v, const std::string& name, int64_t minimum) {
+  auto t = v.cast<std::vector<int64_t>>();
+  if (t.size() != 2) throw py::value_error(name + " must be a pair of ints");
+  if (t[0] < minimum || t[1] < minimum) throw py::value_error(name + " must be >= " + std::to_string(minimum));
+  return {t[0], t[1]};
+}
+
+qsim::ConvGeom geometry(const Arr& x, int64_t kh, int64_t kw, py::handle stride, py::handle padding, py::handle dilation) {
+  qsim::ConvGeom g;
+  g.batch = x.dim(0);
+  g.cin = x.dim(1);
+  g.h = x.dim(2);
+  g.w = x.dim(3);
+  std::tie(g.sh, g.sw) = pair_of(stride, "stride", 1);
+  std::tie(g.ph, g.pw) = pair_of(padding, "padding", 0);
+  std::tie(g.dh, g.dw) = pair_of(dilation, "dilation", 1);
+  const int64_t big = int64_t(1) << 40;
+  if (g.h > big || g.w > big || g.ph > big || g.pw > big || g.dh > big || g.dw > big || kh > big || kw > big)
+    throw py::value_error("conv2d geometry is out of range");
+  g.oh = (g.h + 2 * g.ph - g.dh * (kh - 1) - 1);
+  g.ow = (g.w + 2 * g.pw - g.dw * (kw - 1) - 1);
+  g.oh = g.oh < 0 ? 0 : g.oh / g.sh + 1;
+  g.ow = g.ow < 0 ? 0 : g.ow / g.sw + 1;
+  if ((g.h + 2 * g.ph - g.dh * (kh - 1) - 1) < 0 || (g.w + 2 * g.pw - g.dw * (kw - 1) - 1) < 0)
+    throw py::value_error("output size is not positive for input (" + std::to_string(g.h) + ", " + std::to_string(g.w) +
+                          ") and this kernel/stride/padding/dilation");
+  return g;
+}
+
+py::array int_conv2d(py::handle x_, py::handle w_, const std::string& w_format, py::handle kernel_size, py::handle stride,
+                     py::handle padding, py::handle dilation, int64_t groups, int64_t x_zero_point,
+                     py::handle w_zero_point, py::handle bias_, const std::string& out_dtype, py::handle multiplier,
+                     py::handle shift, int64_t out_zero_point, py::handle out_scale) {
+  Arr x = take(x_, "x", {DT::I8, DT::U8}, 4, "NCHW [B, C, H, W]");
+  const ActType xt = act_type_of(x);
+  if (groups < 1) throw py::value_error("groups must be >= 1, got " + std::to_string(groups));
+  if (x.dim(1) % groups)
+    throw py::value_error("groups=" + std::to_string(groups) + " must divide the input channels C=" + std::to_string(x.dim(1)));
+  const auto ks = pair_of(kernel_size, "kernel_size", 1);
+  const int64_t cin_g = x.dim(1) / groups;
+  PW w = conv_weight(w_, w_format, cin_g, ks.first, ks.second, groups, "w");
+  const qsim::ConvGeom g = geometry(x, ks.first, ks.second, stride, padding, dilation);
+  const int64_t o = w->n;
+  const Range wr = w_range(w->format);
+  check_zero_point(x_zero_point, "x_zero_point", act_range(xt), xt == ActType::U8 ? "uint8" : "int8");
+  const int32_t* zw = int_vector(w_zero_point, "w_zero_point", o, wr.lo, wr.hi);
+  const int32_t* bias = opt_bias(bias_, o);
+  check_overflow(overflow_term(w->k, xt, x_zero_point, w->format, zw, o) + bias_max(bias, o), "int_conv2d",
+                 "C/groups*KH*KW=" + std::to_string(w->k));
+  const qsim::OutStage st = make_stage(out_dtype, o, multiplier, shift, out_zero_point, out_scale,
+                                       {OutType::I32, OutType::F32, OutType::S8, OutType::U8, OutType::S4, OutType::U4});
+  py::array y = alloc_out(st.type, {static_cast<py::ssize_t>(g.batch), static_cast<py::ssize_t>(o),
+                                    static_cast<py::ssize_t>(g.oh), static_cast<py::ssize_t>(g.ow)});
+  void* yp = y.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    qsim::int_conv2d(x.ptr, xt, static_cast<int32_t>(x_zero_point), g, *w, zw, bias, st, yp);
+  }
+  return y;
+}
+
+py::array split_conv2d(py::handle x1_, py::handle w1_, const std::string& w1_format, py::handle x2_, py::handle w2_,
+                       const std::string& w2_format, py::handle kernel_size, py::handle stride, py::handle padding,
+                       py::handle dilation, int64_t zx1, int64_t zx2, py::handle zw1_, py::handle zw2_, py::handle bias_,
+                       const std::string& out_dtype, py::handle m1, py::handle m2, py::handle shift,
+                       int64_t out_zero_point, py::handle s1, py::handle s2) {
+  Arr x1 = take(x1_, "x1", {DT::I8, DT::U8}, 4, "NCHW [B, C1, H, W]");
+  Arr x2 = take(x2_, "x2", {DT::I8, DT::U8}, 4, "NCHW [B, C2, H, W]");
+  if (x1.dim(0) != x2.dim(0) || x1.dim(2) != x2.dim(2) || x1.dim(3) != x2.dim(3))
+    throw py::value_error("x1 and x2 must share batch and spatial size, got " + shape_str(x1.shape) + " and " +
+                          shape_str(x2.shape));
+  const ActType t1 = act_type_of(x1), t2 = act_type_of(x2);
+  const auto ks = pair_of(kernel_size, "kernel_size", 1);
+  PW w1 = conv_weight(w1_, w1_format, x1.dim(1), ks.first, ks.second, 1, "w1");
+  PW w2 = conv_weight(w2_, w2_format, x2.dim(1), ks.first, ks.second, 1, "w2");
+  const int64_t o = w1->n;
+  if (w2->n != o) throw py::value_error("w1 and w2 must have the same output channels");
+  const qsim::ConvGeom g = geometry(x1, ks.first, ks.second, stride, padding, dilation);
+  check_zero_point(zx1, "x1_zero_point", act_range(t1), t1 == ActType::U8 ? "uint8" : "int8");
+  check_zero_point(zx2, "x2_zero_point", act_range(t2), t2 == ActType::U8 ? "uint8" : "int8");
+  const Range r1 = w_range(w1->format), r2 = w_range(w2->format);
+  const int32_t* zw1 = int_vector(zw1_, "w1_zero_point", o, r1.lo, r1.hi);
+  const int32_t* zw2 = int_vector(zw2_, "w2_zero_point", o, r2.lo, r2.hi);
+  const int32_t* bias = opt_bias(bias_, o);
+  check_overflow(overflow_term(w1->k, t1, zx1, w1->format, zw1, o) + overflow_term(w2->k, t2, zx2, w2->format, zw2, o) +
+                     bias_max(bias, o),
+                 "split_conv2d", "C1*KH*KW + C2*KH*KW");
+  const qsim::SplitOutStage st = make_split_stage(out_dtype, o, m1, m2, shift, out_zero_point, s1, s2);
+  py::array y = alloc_out(st.type, {static_cast<py::ssize_t>(g.batch), static_cast<py::ssize_t>(o),
+                                    static_cast<py::ssize_t>(g.oh), static_cast<py::ssize_t>(g.ow)});
+  void* yp = y.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    qsim::split_conv2d(x1.ptr, t1, static_cast<int32_t>(zx1), x1.dim(1), *w1, zw1, x2.ptr, t2, static_cast<int32_t>(zx2),
+                       x2.dim(1), *w2, zw2, g, bias, st, yp);
+  }
+  return y;
+}
+
+py::array requantize(py::handle acc_, py::handle multiplier, py::handle shift, int64_t zero_point,
+                     const std::string& out_dtype) {
+  Arr acc = take(acc_, "acc", {DT::I32}, 3, "[outer, N, inner]");
+  const int64_t n = acc.dim(1);
+  const qsim::OutStage st = make_stage(out_dtype, n, multiplier, shift, zero_point, py::none(),
+                                       {OutType::S8, OutType::U8, OutType::S4, OutType::U4});
+  py::array y = alloc_out(st.type, {static_cast<py::ssize_t>(acc.dim(0)), static_cast<py::ssize_t>(n),
+                                    static_cast<py::ssize_t>(acc.dim(2))});
+  void* yp = y.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    qsim::requantize(static_cast<const int32_t*>(acc.ptr), acc.dim(0), n, acc.dim(2), st, yp);
+  }
+  return y;
+}
+
+py::array log2_attn_matmul(py::handle codes_, py::handle v_, int64_t v_zero_point, int bits, int k, int frac_bits,
+                           const std::string& out_dtype, py::handle multiplier, py::handle shift, int64_t out_zero_point,
+                           py::handle out_scale) {
+  Arr codes = take(codes_, "codes", {DT::U8}, 2, "[M, L]");
+  Arr v = take(v_, "v", {DT::I8, DT::U8}, 2, "[L, N]");
+  const ActType vt = act_type_of(v);
+  const int64_t m = codes.dim(0), l = codes.dim(1), n = v.dim(1);
+  if (v.dim(0) != l)
+    throw py::value_error("v must have L=" + std::to_string(l) + " rows to match codes, got shape " + shape_str(v.shape));
+  if (bits < 2 || bits > 8) throw py::value_error("bits must be in [2, 8], got " + std::to_string(bits));
+  if (k != 1 && k != 2) throw py::value_error("mode k must be 1 (log2) or 2 (log-sqrt2), got " + std::to_string(k));
+  if (frac_bits < 0 || frac_bits > 24) throw py::value_error("frac_bits must be in [0, 24], got " + std::to_string(frac_bits));
+  check_zero_point(v_zero_point, "v_zero_point", act_range(vt), vt == ActType::U8 ? "uint8" : "int8");
+  // §7 width precondition: L * 255 * 2^F * (2^16 + 92682) < 2^63
+  const long double bound = static_cast<long double>(l) * 255.0L * std::ldexp(1.0L, frac_bits) * (65536.0L + 92682.0L);
+  if (bound >= std::ldexp(1.0L, 63))
+    throw py::value_error("L=" + std::to_string(l) + " is too long for frac_bits=" + std::to_string(frac_bits) +
+                          ": the int64 accumulator could overflow (spec §7)");
+  const int zero_code = (1 << bits) - 1;
+  const uint8_t* cp = static_cast<const uint8_t*>(codes.ptr);
+  for (int64_t i = 0; i < m * l; ++i)
+    if (cp[i] > zero_code)
+      throw py::value_error("codes must be in [0, " + std::to_string(zero_code) + "] for bits=" + std::to_string(bits) +
+                            ", got " + std::to_string(cp[i]));
+  const qsim::OutStage st = make_stage(out_dtype, n, multiplier, shift, out_zero_point, out_scale,
+                                       {OutType::I64, OutType::F32, OutType::S8, OutType::U8, OutType::S4, OutType::U4});
+  py::array y = alloc_out(st.type, {static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(n)});
+  void* yp = y.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    qsim::log2_attn_matmul(cp, v.ptr, vt, m, l, n, static_cast<int32_t>(v_zero_point), bits, k, frac_bits, st, yp);
+  }
+  return y;
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["version"] = PYQSIM_VERSION;
+  py::list simd;
+  simd.append("scalar");
+  if (qsim::avx2_compiled()) simd.append("avx2");
+  d["simd_compiled"] = simd;
+  d["simd_level"] = qsim::avx2_compiled() ? "avx2" : "scalar";
+  d["cpu_has_avx2"] = qsim::cpu_has_avx2();
+  try {
+    d["isa"] = qsim::isa_name(qsim::resolve_isa());
+    d["isa_error"] = py::none();
+  } catch (const std::exception& e) {
+    d["isa"] = py::none();
+    d["isa_error"] = e.what();
+  }
+  const std::string ov = qsim::isa_override();
+  d["isa_override"] = ov.empty() ? py::object(py::none()) : py::object(py::str(ov));
+  d["threads"] = qsim::get_num_threads();
+  d["threading"] = "std::thread pool";
+  const qsim::CudaInfo ci = qsim::cuda_info();
+  py::dict cu;
+  cu["compiled"] = ci.compiled;
+  cu["runtime_version"] = ci.runtime_version;
+  cu["driver_version"] = ci.driver_version;
+  cu["devices"] = ci.device_count;
+  cu["archs"] = ci.archs;
+  cu["error"] = ci.error.empty() ? py::object(py::none()) : py::object(py::str(ci.error));
+  d["cuda_compiled"] = ci.compiled;
+  d["cuda"] = cu;
+#if defined(__clang__)
+  d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  d["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  d["compiler"] = "unknown";
+#endif
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyqsim native CPU kernels (docs/spec.md); use pyqsim.ops, not this module directly";
+  m.attr("__version__") = PYQSIM_VERSION;
+
+  py::class_<qsim::PackedWeight, PW>(m, "PackedWeight",
+                                     "Opaque prepacked weight (micro-kernel panels); create with pack_gemm_weight / pack_conv_weight")
+      .def_property_readonly("kind", [](const qsim::PackedWeight& p) { return p.kind == qsim::PackedWeight::Gemm ? "gemm" : "conv"; })
+      .def_property_readonly("w_format", [](const qsim::PackedWeight& p) { return format_name(p.format); })
+      .def_property_readonly("n", [](const qsim::PackedWeight& p) { return p.n; })
+      .def_property_readonly("k", [](const qsim::PackedWeight& p) { return p.k; })
+      .def_property_readonly("groups", [](const qsim::PackedWeight& p) { return p.groups; })
+      .def_property_readonly("kernel_size", [](const qsim::PackedWeight& p) { return py::make_tuple(p.kh, p.kw); })
+      .def_property_readonly("cin_per_group", [](const qsim::PackedWeight& p) { return p.cin_g; })
+      .def_property_readonly("has_min_code", [](const qsim::PackedWeight& p) {
+        bool h = false;
+        for (auto& mm : p.mats) h |= mm.has_min;
+        return h;
+      })
+      .def_property_readonly("nbytes", [](const qsim::PackedWeight& p) {
+        int64_t b = 0;
+        for (auto& mm : p.mats) b += mm.panels * mm.panel_bytes + static_cast<int64_t>(mm.colsum.size()) * 4;
+        return b;
+      })
+      .def("__repr__", [](const qsim::PackedWeight& p) {
+        return "<pyqsim._C.PackedWeight " + std::string(p.kind == qsim::PackedWeight::Gemm ? "gemm" : "conv") + " " +
+               format_name(p.format) + " n=" + std::to_string(p.n) + " k=" + std::to_string(p.k) + ">";
+      });
+
+  m.def("pack_gemm_weight", [](py::handle w, const std::string& w_format, int64_t k) { return pack_gemm(w, w_format, k, "w"); },
+        py::arg("w"), py::arg("w_format"), py::arg("k"),
+        "Prepack a GEMM weight: int8 [N, K] or packed int4/uint4 [N, ceil(K/2)]");
+  m.def("pack_conv_weight",
+        [](py::handle w, const std::string& w_format, int64_t cin_per_group, py::handle kernel_size, int64_t groups) {
+          const auto ks = pair_of(kernel_size, "kernel_size", 1);
+          return pack_conv(w, w_format, cin_per_group, ks.first, ks.second, groups, "w");
+        },
+        py::arg("w"), py::arg("w_format"), py::arg("cin_per_group"), py::arg("kernel_size"), py::arg("groups") = 1,
+        "Prepack a conv weight: int8 [O, C/g, KH, KW] or packed int4/uint4 [O, ceil(C/g*KH*KW/2)]");
+
+  m.def("int_gemm", &int_gemm, py::arg("x"), py::arg("w"), py::arg("w_format"), py::arg("x_zero_point"),
+        py::arg("w_zero_point"), py::arg("bias"), py::arg("out_dtype"), py::arg("multiplier"), py::arg("shift"),
+        py::arg("out_zero_point"), py::arg("out_scale"), "spec §4/§6 (canonical arguments, see pyqsim._checks.GemmArgs)");
+  m.def("split_gemm", &split_gemm, py::arg("x1"), py::arg("w1"), py::arg("w1_format"), py::arg("x2"), py::arg("w2"),
+        py::arg("w2_format"), py::arg("x1_zero_point"), py::arg("x2_zero_point"), py::arg("w1_zero_point"),
+        py::arg("w2_zero_point"), py::arg("bias"), py::arg("out_dtype"), py::arg("multiplier1"), py::arg("multiplier2"),
+        py::arg("shift"), py::arg("out_zero_point"), py::arg("out_scale1"), py::arg("out_scale2"), "spec §8");
+  m.def("int_conv2d", &int_conv2d, py::arg("x"), py::arg("w"), py::arg("w_format"), py::arg("kernel_size"),
+        py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("x_zero_point"),
+        py::arg("w_zero_point"), py::arg("bias"), py::arg("out_dtype"), py::arg("multiplier"), py::arg("shift"),
+        py::arg("out_zero_point"), py::arg("out_scale"), "spec §5/§6");
+  m.def("split_conv2d", &split_conv2d, py::arg("x1"), py::arg("w1"), py::arg("w1_format"), py::arg("x2"), py::arg("w2"),
+        py::arg("w2_format"), py::arg("kernel_size"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("x1_zero_point"), py::arg("x2_zero_point"), py::arg("w1_zero_point"), py::arg("w2_zero_point"),
+        py::arg("bias"), py::arg("out_dtype"), py::arg("multiplier1"), py::arg("multiplier2"), py::arg("shift"),
+        py::arg("out_zero_point"), py::arg("out_scale1"), py::arg("out_scale2"), "spec §8 (conv)");
+  m.def("requantize", &requantize, py::arg("acc"), py::arg("multiplier"), py::arg("shift"), py::arg("zero_point"),
+        py::arg("out_dtype"), "spec §6 on int32 acc [outer, N, inner]");
+  m.def("log2_attn_matmul", &log2_attn_matmul, py::arg("codes"), py::arg("v"), py::arg("v_zero_point"), py::arg("bits"),
+        py::arg("k"), py::arg("frac_bits"), py::arg("out_dtype"), py::arg("multiplier"), py::arg("shift"),
+        py::arg("out_zero_point"), py::arg("out_scale"), "spec §7");
+
+  m.def("build_info", &build_info, "Compiled SIMD level, runtime-detected ISA, threads, CUDA");
+  m.def("set_num_threads", &qsim::set_num_threads, py::arg("n"), "Threads used by the kernels (>= 1)");
+  m.def("get_num_threads", &qsim::get_num_threads);
+  m.def("set_cpu_isa",
+        [](py::object name) { qsim::set_isa_override(name.is_none() ? std::string() : name.cast<std::string>()); },
+        py::arg("name"),
+        "Force 'scalar', 'avx2' or 'auto' for later calls; None clears it (PYQSIM_CPU_ISA then decides)");
+  m.def("get_cpu_isa", [] { return std::string(qsim::isa_name(qsim::resolve_isa())); },
+        "The ISA the next kernel call will use");
+  m.def("cuda_selftest", [] {
+    py::gil_scoped_release nogil;
+    return qsim::cuda_selftest();
+  }, "Launch the CUDA probe kernel on device 0; '' on success");
+  m.def("_peak_int8_gops", [](int64_t iterations) {
+    if (!qsim::avx2_compiled() || !qsim::cpu_has_avx2()) throw std::runtime_error("AVX2 is not available");
+    py::gil_scoped_release nogil;
+    return qsim::avx2_peak_gops(iterations);
+  }, py::arg("iterations") = 20000000,
+        "Single-thread register-only GOPS: [vpmaddubsw, maddubs+maddwd+add unit, sign unit]");
+}

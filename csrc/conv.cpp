@@ -1,0 +1,215 @@
+// conv2d (§5) and split conv2d (§8) as GEMMs over on-the-fly im2col panels.
+//
+// The input is first transposed to NHWC and mapped to x' (x - 128 for uint8, §10 step 1). Output
+// row p = (oi, oj) of a (batch, group) GEMM reads, for every kernel tap (i, j), a contiguous run of the
+// group's C/g channels (or the zero point x' for taps in the padding); the weights were packed with the
+// same (i, j, c) k order, channels padded to a multiple of 4 per tap. Output channels are GEMM columns,
+// written to NCHW with a column stride of OH*OW.
+#include <algorithm>
+#include <cstring>
+
+#include "driver.h"
+#include "threadpool.h"
+
+namespace qsim {
+namespace detail {
+namespace {
+
+struct ConvA final : ASource {
+  const int8_t* xn = nullptr;  // [H][W][C] x' of one image
+  int64_t h = 0, w = 0, c = 0;
+  int64_t c0 = 0, cg = 0, cg4 = 0;
+  int64_t kh = 1, kw = 1, sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1, ow = 1;
+  int64_t kg = 0;
+  int8_t fill = 0;
+
+  void pack(const KernelSet&, int64_t m0, int mr, int8_t* dst, int32_t* rowsum) const override {
+    const int64_t stride = 4 * mr;
+    std::memset(dst, 0, static_cast<size_t>(kg * stride));
+    const int64_t full = cg / 4, rem = cg % 4;
+    for (int r = 0; r < mr; ++r) {
+      const int64_t p = m0 + r;
+      const int64_t oi = p / ow, oj = p % ow;
+      uint32_t s = 0;
+      for (int64_t i = 0; i < kh; ++i) {
+        const int64_t ih = oi * sh + i * dh - ph;
+        for (int64_t j = 0; j < kw; ++j) {
+          const int64_t iw = oj * sw + j * dw - pw;
+          int8_t* d = dst + ((i * kw + j) * cg4 / 4) * stride + r * 4;
+          if (ih < 0 || ih >= h || iw < 0 || iw >= w) {
+            const uint32_t word = 0x01010101u * static_cast<uint8_t>(fill);
+            for (int64_t q = 0; q < full; ++q) std::memcpy(d + q * stride, &word, 4);
+            for (int64_t t = 0; t < rem; ++t) d[full * stride + t] = fill;
+            s += static_cast<uint32_t>(static_cast<int32_t>(fill) * static_cast<int32_t>(cg));
+            continue;
+          }
+          const int8_t* src = xn + (ih * w + iw) * c + c0;
+          for (int64_t q = 0; q < full; ++q) std::memcpy(d + q * stride, src + 4 * q, 4);
+          for (int64_t t = 0; t < rem; ++t) d[full * stride + t] = src[4 * full + t];
+          int32_t ss = 0;
+          for (int64_t t = 0; t < cg; ++t) ss += src[t];
+          s += static_cast<uint32_t>(ss);
+        }
+      }
+      rowsum[r] = static_cast<int32_t>(s);
+    }
+  }
+};
+
+// x [B, C, H, W] -> x' [B, H, W, C]
+std::vector<int8_t> to_nhwc(const void* x, ActType t, int64_t b, int64_t c, int64_t h, int64_t w) {
+  std::vector<int8_t> out(static_cast<size_t>(b * c * h * w));
+  const uint8_t* src = static_cast<const uint8_t*>(x);
+  const uint8_t mask = t == ActType::U8 ? 0x80 : 0;
+  const int64_t hw = h * w;
+  ThreadPool::instance().run(b * h, [&](int64_t task, int) {
+    const int64_t bi = task / h, hi = task % h;
+    int8_t* dst = out.data() + (bi * hw + hi * w) * c;
+    for (int64_t ci = 0; ci < c; ++ci) {
+      const uint8_t* s = src + (bi * c + ci) * hw + hi * w;
+      for (int64_t wi = 0; wi < w; ++wi) dst[wi * c + ci] = static_cast<int8_t>(s[wi] ^ mask);
+    }
+  });
+  return out;
+}
+
+Epi offset_epi(const Epi& e, int64_t off) {
+  Epi r = e;
+  auto adv = [off](auto*& p) {
+    if (p) p += off;
+  };
+  adv(r.colc1);
+  adv(r.zw1);
+  adv(r.colc2);
+  adv(r.zw2);
+  adv(r.m1);
+  adv(r.m2);
+  adv(r.sh);
+  adv(r.rnd);
+  adv(r.s1);
+  adv(r.s2);
+  return r;
+}
+
+void set_zw(std::vector<int32_t>& store, const int32_t*& ptr, const int32_t* zw, int64_t n, size_t np) {
+  if (std::any_of(zw, zw + n, [](int32_t v) { return v != 0; })) {
+    store.assign(np, 0);
+    std::copy(zw, zw + n, store.begin());
+    ptr = store.data();
+  }
+}
+
+ConvA make_conv_a(const std::vector<int8_t>& xn, int64_t bi, int64_t c, int64_t c0, int64_t cg, const ConvGeom& g,
+                  const PackedWeight& w, const PackedMatrix& pm, ActType t, int32_t zx) {
+  ConvA a;
+  a.xn = xn.data() + bi * g.h * g.w * c;
+  a.h = g.h;
+  a.w = g.w;
+  a.c = c;
+  a.c0 = c0;
+  a.cg = cg;
+  a.cg4 = round_up(cg, 4);
+  a.kh = w.kh;
+  a.kw = w.kw;
+  a.sh = g.sh;
+  a.sw = g.sw;
+  a.ph = g.ph;
+  a.pw = g.pw;
+  a.dh = g.dh;
+  a.dw = g.dw;
+  a.ow = g.ow;
+  a.kg = pm.kg;
+  a.fill = static_cast<int8_t>(mapped_zero_point(t, zx));
+  return a;
+}
+
+}  // namespace
+}  // namespace detail
+
+using namespace detail;
+
+void int_conv2d(const void* x, ActType xt, int32_t zx, const ConvGeom& g, const PackedWeight& w, const int32_t* zw,
+                const int32_t* bias, const OutStage& out, void* y) {
+  const int64_t o = w.n, groups = w.groups, og = groups ? o / groups : 0, cg = w.cin_g;
+  const int64_t ohw = g.oh * g.ow;
+  if (g.batch == 0 || o == 0 || ohw == 0) return;
+  const Isa isa = resolve_isa();
+  EpiStorage st;
+  prepare_out(st, o, out);
+  const size_t np = static_cast<size_t>(round_up(o, kNR) + kNR);
+  st.colc1.assign(np, 0);
+  const int32_t zxm = mapped_zero_point(xt, zx);
+  for (int64_t gi = 0; gi < groups; ++gi)
+    fill_branch_consts(og, w.mats[gi].colsum.data(), zw + gi * og, zxm, w.k, bias ? bias + gi * og : nullptr,
+                       st.colc1.data() + gi * og);
+  st.epi.colc1 = st.colc1.data();
+  set_zw(st.zw1, st.epi.zw1, zw, o, np);
+
+  std::vector<int8_t> xn = to_nhwc(x, xt, g.batch, g.cin, g.h, g.w);
+  std::vector<ConvA> as;
+  as.reserve(static_cast<size_t>(g.batch * groups));
+  std::vector<GemmJob> jobs;
+  const int64_t esz = out_elem_size(out.type);
+  for (int64_t bi = 0; bi < g.batch; ++bi)
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      as.push_back(make_conv_a(xn, bi, g.cin, gi * cg, cg, g, w, w.mats[gi], xt, zx));
+      GemmJob jb;
+      jb.m = ohw;
+      jb.n = og;
+      jb.br[0] = {&as.back(), &w.mats[gi]};
+      jb.epi = offset_epi(st.epi, gi * og);
+      jb.out = static_cast<char*>(y) + (bi * o + gi * og) * ohw * esz;
+      jb.ldm = 1;
+      jb.ldn = ohw;
+      jb.elem = esz;
+      jobs.push_back(jb);
+    }
+  run_jobs(jobs, isa);
+}
+
+void split_conv2d(const void* x1, ActType xt1, int32_t zx1, int64_t c1, const PackedWeight& w1, const int32_t* zw1,
+                  const void* x2, ActType xt2, int32_t zx2, int64_t c2, const PackedWeight& w2, const int32_t* zw2,
+                  const ConvGeom& g, const int32_t* bias, const SplitOutStage& out, void* y) {
+  const int64_t o = w1.n, ohw = g.oh * g.ow;
+  if (g.batch == 0 || o == 0 || ohw == 0) return;
+  const Isa isa = resolve_isa();
+  EpiStorage st;
+  prepare_split_out(st, o, out);
+  const size_t np = static_cast<size_t>(round_up(o, kNR) + kNR);
+  st.colc1.assign(np, 0);
+  st.colc2.assign(np, 0);
+  fill_branch_consts(o, w1.mats[0].colsum.data(), zw1, mapped_zero_point(xt1, zx1), w1.k, bias, st.colc1.data());
+  fill_branch_consts(o, w2.mats[0].colsum.data(), zw2, mapped_zero_point(xt2, zx2), w2.k, nullptr, st.colc2.data());
+  st.epi.colc1 = st.colc1.data();
+  st.epi.colc2 = st.colc2.data();
+  set_zw(st.zw1, st.epi.zw1, zw1, o, np);
+  set_zw(st.zw2, st.epi.zw2, zw2, o, np);
+
+  std::vector<int8_t> xn1 = to_nhwc(x1, xt1, g.batch, c1, g.h, g.w);
+  std::vector<int8_t> xn2 = to_nhwc(x2, xt2, g.batch, c2, g.h, g.w);
+  std::vector<ConvA> as;
+  as.reserve(static_cast<size_t>(2 * g.batch));
+  std::vector<GemmJob> jobs;
+  const int64_t esz = out_elem_size(out.type);
+  for (int64_t bi = 0; bi < g.batch; ++bi) {
+    as.push_back(make_conv_a(xn1, bi, c1, 0, c1, g, w1, w1.mats[0], xt1, zx1));
+    const ConvA* a1 = &as.back();
+    as.push_back(make_conv_a(xn2, bi, c2, 0, c2, g, w2, w2.mats[0], xt2, zx2));
+    const ConvA* a2 = &as.back();
+    GemmJob jb;
+    jb.m = ohw;
+    jb.n = o;
+    jb.nbranch = 2;
+    jb.br[0] = {a1, &w1.mats[0]};
+    jb.br[1] = {a2, &w2.mats[0]};
+    jb.epi = st.epi;
+    jb.out = static_cast<char*>(y) + bi * o * ohw * esz;
+    jb.ldm = 1;
+    jb.ldn = ohw;
+    jb.elem = esz;
+    jobs.push_back(jb);
+  }
+  run_jobs(jobs, isa);
+}
+
+}  // namespace qsim

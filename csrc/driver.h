@@ -1,0 +1,83 @@
+// The blocked, threaded GEMM driver shared by the GEMM and conv ops.
+//
+// Blocking: a task owns MC (<= 64) output rows and a range of 16-channel weight panels. It packs its
+// rows of A once (full K: K is not blocked; a 4 x K A panel and a 16 x K B panel are streamed from
+// L1/L2 by the micro-kernel), then for each weight panel runs the 4x16 micro-kernel down its rows and
+// applies the output stage to each register tile straight away (no int32 C buffer).
+// Threads: tasks go to the pool; each output element is computed by exactly one task with the same
+// arithmetic, so the result does not depend on the number of threads.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels.h"
+#include "qsim.h"
+
+namespace qsim {
+namespace detail {
+
+// Produces packed A panels ([kg][mr][4] x') and x' row sums for rows [m0, m0 + mr).
+struct ASource {
+  virtual ~ASource() = default;
+  virtual void pack(const KernelSet& ks, int64_t m0, int mr, int8_t* dst, int32_t* rowsum) const = 0;
+};
+
+// Plain row-major activations [M, K].
+struct MatrixA final : ASource {
+  const uint8_t* x;
+  int64_t k, kg;
+  uint8_t xor_mask;
+  MatrixA(const void* x_, int64_t k_, int64_t kg_, ActType t)
+      : x(static_cast<const uint8_t*>(x_)), k(k_), kg(kg_), xor_mask(t == ActType::U8 ? 0x80 : 0) {}
+  void pack(const KernelSet& ks, int64_t m0, int mr, int8_t* dst, int32_t* rowsum) const override {
+    ks.pack_a(x + m0 * k, k, mr, k, kg, xor_mask, dst, rowsum);
+  }
+};
+
+struct Branch {
+  const ASource* a = nullptr;
+  const PackedMatrix* b = nullptr;
+};
+
+struct GemmJob {
+  int64_t m = 0, n = 0;
+  int nbranch = 1;
+  Branch br[2];
+  Epi epi;        // per-channel pointers already offset to this job's first channel
+  char* out = nullptr;  // element (0, 0)
+  int64_t ldm = 0, ldn = 1;  // in elements
+  int64_t elem = 4;          // bytes per output element
+};
+
+// Owns the per-channel vectors an Epi points to.
+struct EpiStorage {
+  std::vector<int32_t> colc1, zw1, colc2, zw2;
+  std::vector<int64_t> m1, m2, sh, rnd;
+  std::vector<float> s1, s2;
+  Epi epi;
+};
+
+// acc = tile + colc[n] - zw[n] * rowsum[m]; colc = bias - zx' * colsum + K * zx' * zw (mod 2^32).
+// `colsum` points at the packed weights' column sums for these channels.
+void fill_branch_consts(int64_t n, const int32_t* colsum, const int32_t* zw, int32_t zx_mapped, int64_t k,
+                        const int32_t* bias, int32_t* colc);
+
+// Builds the output-stage part of the Epi for `n` channels (padded by 16).
+void prepare_out(EpiStorage& st, int64_t n, const OutStage& out);
+void prepare_split_out(EpiStorage& st, int64_t n, const SplitOutStage& out);
+
+inline int32_t mapped_zero_point(ActType t, int32_t z) { return t == ActType::U8 ? z - 128 : z; }
+inline int64_t out_elem_size(OutType t) {
+  switch (t) {
+    case OutType::I32:
+    case OutType::F32: return 4;
+    case OutType::I64: return 8;
+    default: return 1;
+  }
+}
+
+void run_jobs(const std::vector<GemmJob>& jobs, Isa isa);
+
+}  // namespace detail
+}  // namespace qsim

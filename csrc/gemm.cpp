@@ -1,0 +1,281 @@
+// GEMM driver (§4, §6, §8): blocking, threading, output-stage preparation.
+#include <algorithm>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+
+#include "driver.h"
+#include "threadpool.h"
+
+namespace qsim {
+namespace detail {
+
+namespace {
+constexpr int64_t kMC = 64;
+
+// Per-OS-thread scratch, grown on demand and kept (workers are persistent).
+uint8_t* scratch(size_t bytes) {
+  struct Buf {
+    uint8_t* p = nullptr;
+    size_t n = 0;
+    ~Buf() {
+      if (p) ::operator delete(p, std::align_val_t(64));
+    }
+  };
+  thread_local Buf buf;
+  if (buf.n < bytes) {
+    if (buf.p) ::operator delete(buf.p, std::align_val_t(64));
+    buf.n = std::max(bytes, buf.n * 2);
+    buf.p = static_cast<uint8_t*>(::operator new(buf.n, std::align_val_t(64)));
+  }
+  return buf.p;
+}
+
+inline size_t align64(size_t v) { return (v + 63) & ~size_t(63); }
+}  // namespace
+
+void fill_branch_consts(int64_t n, const int32_t* colsum, const int32_t* zw, int32_t zx_mapped, int64_t k,
+                        const int32_t* bias, int32_t* colc) {
+  const uint32_t zx = static_cast<uint32_t>(zx_mapped);
+  const uint32_t kk = static_cast<uint32_t>(k);  // mod 2^32 is enough (§4.1)
+  for (int64_t c = 0; c < n; ++c) {
+    uint32_t v = bias ? static_cast<uint32_t>(bias[c]) : 0u;
+    v -= zx * static_cast<uint32_t>(colsum[c]);
+    v += kk * zx * static_cast<uint32_t>(zw[c]);
+    colc[c] = static_cast<int32_t>(v);
+  }
+}
+
+static void fill_requant(EpiStorage& st, int64_t n, const int32_t* m1, const int32_t* m2, const int32_t* shift) {
+  const size_t np = static_cast<size_t>(round_up(n, kNR) + kNR);
+  st.m1.assign(np, 0);
+  if (m2) st.m2.assign(np, 0);
+  st.sh.assign(np, 1);
+  st.rnd.assign(np, 1);
+  for (int64_t c = 0; c < n; ++c) {
+    int64_t s = shift[c];
+    if (s > 62) {  // |acc * M0| < 2^62 <= 2^(S-1): the result is exactly 0 (§6); (0 + 1) >> 1 == 0
+      st.m1[c] = 0;
+      if (m2) st.m2[c] = 0;
+      st.sh[c] = 1;
+      st.rnd[c] = 1;
+    } else {
+      st.m1[c] = m1[c];
+      if (m2) st.m2[c] = m2[c];
+      st.sh[c] = s;
+      st.rnd[c] = int64_t(1) << (s - 1);
+    }
+  }
+  st.epi.m1 = st.m1.data();
+  st.epi.m2 = m2 ? st.m2.data() : nullptr;
+  st.epi.sh = st.sh.data();
+  st.epi.rnd = st.rnd.data();
+}
+
+void prepare_out(EpiStorage& st, int64_t n, const OutStage& out) {
+  st.epi.type = out.type;
+  st.epi.split = false;
+  const size_t np = static_cast<size_t>(round_up(n, kNR) + kNR);
+  if (is_requant(out.type)) {
+    fill_requant(st, n, out.multiplier, nullptr, out.shift);
+    st.epi.zy = out.zero_point;
+    st.epi.lo = out_qmin(out.type);
+    st.epi.hi = out_qmax(out.type);
+  } else if (out.type == OutType::F32) {
+    st.s1.assign(np, 0.f);
+    std::copy(out.scale, out.scale + n, st.s1.begin());
+    st.epi.s1 = st.s1.data();
+  }
+}
+
+void prepare_split_out(EpiStorage& st, int64_t n, const SplitOutStage& out) {
+  st.epi.type = out.type;
+  st.epi.split = true;
+  const size_t np = static_cast<size_t>(round_up(n, kNR) + kNR);
+  if (is_requant(out.type)) {
+    fill_requant(st, n, out.multiplier1, out.multiplier2, out.shift);
+    st.epi.zy = out.zero_point;
+    st.epi.lo = out_qmin(out.type);
+    st.epi.hi = out_qmax(out.type);
+  } else {
+    st.s1.assign(np, 0.f);
+    st.s2.assign(np, 0.f);
+    std::copy(out.scale1, out.scale1 + n, st.s1.begin());
+    std::copy(out.scale2, out.scale2 + n, st.s2.begin());
+    st.epi.s1 = st.s1.data();
+    st.epi.s2 = st.s2.data();
+  }
+}
+
+void run_jobs(const std::vector<GemmJob>& jobs, Isa isa) {
+  const KernelSet& ks = kernels_for(isa);
+  const int nt = ThreadPool::instance().num_threads();
+  std::vector<int64_t> mblocks(jobs.size(), 0);
+  int64_t total_mb = 0, max_panels = 0;
+  size_t abytes[2] = {0, 0}, ubytes[2] = {0, 0};
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    const GemmJob& jb = jobs[j];
+    if (jb.m <= 0 || jb.n <= 0) continue;
+    mblocks[j] = ceil_div(jb.m, kMC);
+    total_mb += mblocks[j];
+    max_panels = std::max(max_panels, ceil_div(jb.n, kNR));
+    for (int b = 0; b < jb.nbranch; ++b) {
+      const PackedMatrix& pm = *jb.br[b].b;
+      abytes[b] = std::max(abytes[b], align64(static_cast<size_t>(kMC * pm.kp)));
+      if (pm.format != WFormat::S8) ubytes[b] = std::max(ubytes[b], align64(static_cast<size_t>(pm.kg * 64)));
+    }
+  }
+  if (total_mb == 0) return;
+  int64_t nsplit = 1;
+  if (total_mb < 4 * nt) nsplit = std::min<int64_t>(max_panels, ceil_div(4 * nt, total_mb));
+  std::vector<int64_t> first(jobs.size() + 1, 0);
+  for (size_t j = 0; j < jobs.size(); ++j) first[j + 1] = first[j] + mblocks[j] * nsplit;
+  const int64_t ntasks = first.back();
+  const size_t rs_bytes = align64(kMC * sizeof(int32_t));
+  const size_t ws_bytes = abytes[0] + abytes[1] + ubytes[0] + ubytes[1] + 2 * rs_bytes;
+
+  ThreadPool::instance().run(ntasks, [&](int64_t task, int) {
+    const size_t j = static_cast<size_t>(std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1);
+    const GemmJob& jb = jobs[j];
+    const int64_t local = task - first[j];
+    const int64_t mb = local / nsplit, ns = local % nsplit;
+    const int64_t m0 = mb * kMC, mc = std::min(kMC, jb.m - m0);
+    const int64_t panels = ceil_div(jb.n, kNR);
+    const int64_t pp = ceil_div(panels, nsplit);
+    const int64_t p0 = ns * pp, p1 = std::min(panels, p0 + pp);
+    if (p0 >= p1) return;
+
+    uint8_t* ws = scratch(ws_bytes);
+    int8_t* abuf[2];
+    uint8_t* ubuf[2];
+    int32_t* rs[2];
+    {
+      uint8_t* q = ws;
+      for (int b = 0; b < 2; ++b) {
+        abuf[b] = reinterpret_cast<int8_t*>(q);
+        q += abytes[b];
+        ubuf[b] = q;
+        q += ubytes[b];
+        rs[b] = reinterpret_cast<int32_t*>(q);
+        q += rs_bytes;
+      }
+    }
+    const int64_t npan_a = ceil_div(mc, kMR);
+    for (int b = 0; b < jb.nbranch; ++b) {
+      const int64_t kp = jb.br[b].b->kp;
+      for (int64_t i = 0; i < npan_a; ++i) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, mc - i * kMR));
+        jb.br[b].a->pack(ks, m0 + i * kMR, mr, abuf[b] + i * kMR * kp, rs[b] + i * kMR);
+      }
+    }
+    alignas(64) int32_t tile[2][kMR * kNR];
+    for (int64_t p = p0; p < p1; ++p) {
+      const uint8_t* bp[2];
+      UkrFn const* ukr[2];
+      for (int b = 0; b < jb.nbranch; ++b) {
+        const PackedMatrix& pm = *jb.br[b].b;
+        if (pm.format == WFormat::S8) {
+          bp[b] = pm.panel(p);
+        } else {
+          ks.unpack4(pm.panel(p), pm.kg, pm.format == WFormat::S4, ubuf[b]);
+          bp[b] = ubuf[b];
+        }
+        ukr[b] = (pm.has_min ? ks.ukr_wide : ks.ukr);
+      }
+      const int64_t n0 = p * kNR;
+      const int nc = static_cast<int>(std::min<int64_t>(kNR, jb.n - n0));
+      for (int64_t i = 0; i < npan_a; ++i) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, mc - i * kMR));
+        for (int b = 0; b < jb.nbranch; ++b) {
+          const PackedMatrix& pm = *jb.br[b].b;
+          ukr[b][mr](abuf[b] + i * kMR * pm.kp, bp[b], pm.kg, tile[b]);
+        }
+        const int64_t row = m0 + i * kMR;
+        TileOut to{jb.out + (row * jb.ldm + n0 * jb.ldn) * jb.elem, jb.ldm, jb.ldn};
+        ks.epi(jb.epi, n0, mr, nc, tile[0], rs[0] + i * kMR, jb.nbranch > 1 ? tile[1] : nullptr,
+               jb.nbranch > 1 ? rs[1] + i * kMR : nullptr, to);
+      }
+    }
+  });
+}
+
+}  // namespace detail
+
+using namespace detail;
+
+void int_gemm(const void* x, ActType xt, int64_t m, int32_t zx, const PackedWeight& w, const int32_t* zw,
+              const int32_t* bias, const OutStage& out, void* y) {
+  const int64_t n = w.n, k = w.k;
+  if (m == 0 || n == 0) return;
+  const Isa isa = resolve_isa();
+  const PackedMatrix& pm = w.mats.at(0);
+  EpiStorage st;
+  prepare_out(st, n, out);
+  const size_t np = static_cast<size_t>(round_up(n, kNR) + kNR);
+  const int32_t zxm = mapped_zero_point(xt, zx);
+  st.colc1.assign(np, 0);
+  fill_branch_consts(n, pm.colsum.data(), zw, zxm, k, bias, st.colc1.data());
+  st.epi.colc1 = st.colc1.data();
+  if (std::any_of(zw, zw + n, [](int32_t v) { return v != 0; })) {
+    st.zw1.assign(np, 0);
+    std::copy(zw, zw + n, st.zw1.begin());
+    st.epi.zw1 = st.zw1.data();
+  }
+  MatrixA a(x, k, pm.kg, xt);
+  std::vector<GemmJob> jobs(1);
+  GemmJob& jb = jobs[0];
+  jb.m = m;
+  jb.n = n;
+  jb.br[0] = {&a, &pm};
+  jb.epi = st.epi;
+  jb.out = static_cast<char*>(y);
+  jb.ldm = n;
+  jb.ldn = 1;
+  jb.elem = out_elem_size(out.type);
+  run_jobs(jobs, isa);
+}
+
+void split_gemm(const void* x1, ActType xt1, int32_t zx1, const PackedWeight& w1, const int32_t* zw1,
+                const void* x2, ActType xt2, int32_t zx2, const PackedWeight& w2, const int32_t* zw2,
+                int64_t m, const int32_t* bias, const SplitOutStage& out, void* y) {
+  const int64_t n = w1.n;
+  if (m == 0 || n == 0) return;
+  const Isa isa = resolve_isa();
+  const PackedMatrix& p1 = w1.mats.at(0);
+  const PackedMatrix& p2 = w2.mats.at(0);
+  EpiStorage st;
+  prepare_split_out(st, n, out);
+  const size_t np = static_cast<size_t>(round_up(n, kNR) + kNR);
+  st.colc1.assign(np, 0);
+  st.colc2.assign(np, 0);
+  fill_branch_consts(n, p1.colsum.data(), zw1, mapped_zero_point(xt1, zx1), w1.k, bias, st.colc1.data());
+  fill_branch_consts(n, p2.colsum.data(), zw2, mapped_zero_point(xt2, zx2), w2.k, nullptr, st.colc2.data());
+  st.epi.colc1 = st.colc1.data();
+  st.epi.colc2 = st.colc2.data();
+  if (std::any_of(zw1, zw1 + n, [](int32_t v) { return v != 0; })) {
+    st.zw1.assign(np, 0);
+    std::copy(zw1, zw1 + n, st.zw1.begin());
+    st.epi.zw1 = st.zw1.data();
+  }
+  if (std::any_of(zw2, zw2 + n, [](int32_t v) { return v != 0; })) {
+    st.zw2.assign(np, 0);
+    std::copy(zw2, zw2 + n, st.zw2.begin());
+    st.epi.zw2 = st.zw2.data();
+  }
+  MatrixA a1(x1, w1.k, p1.kg, xt1), a2(x2, w2.k, p2.kg, xt2);
+  std::vector<GemmJob> jobs(1);
+  GemmJob& jb = jobs[0];
+  jb.m = m;
+  jb.n = n;
+  jb.nbranch = 2;
+  jb.br[0] = {&a1, &p1};
+  jb.br[1] = {&a2, &p2};
+  jb.epi = st.epi;
+  jb.out = static_cast<char*>(y);
+  jb.ldm = n;
+  jb.ldn = 1;
+  jb.elem = out_elem_size(out.type);
+  run_jobs(jobs, isa);
+}
+
+}  // namespace qsim

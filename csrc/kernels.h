@@ -1,0 +1,103 @@
+// Internal interface between the ISA-independent drivers (gemm.cpp, conv.cpp, ...) and the
+// per-ISA kernels (ukernel_scalar.cpp, ukernel_avx2.cpp). Nothing here allocates or threads.
+//
+// Data layouts (see also qsim.h):
+//   A panel  (activations): [kg][mr][4] int8 holding x' (x - 128 for uint8 activations, §10 step 1).
+//   B panel  (weights):     [kg][16][4] int8 codes (PackedMatrix, int8 format, or unpacked 4-bit).
+//   tile:                   int32 [4][16], row r / column c = sum_k A[r, k] * B[c, k] (mod 2^32).
+#pragma once
+
+#include <cstdint>
+
+#include "qsim.h"
+
+namespace qsim {
+namespace detail {
+
+// Output-stage parameters prepared once per call, one entry per output channel (padded with zeros
+// to a multiple of 16 so vector code may read whole tiles).
+struct Epi {
+  OutType type = OutType::I32;
+  bool split = false;
+  // acc_i[m, n] = tile_i[m, n] + colc_i[n] - zw_i[n] * rowsum_i[m]   (mod 2^32, §4 expansion)
+  const int32_t* colc1 = nullptr;
+  const int32_t* zw1 = nullptr;  // null when every zero point is 0
+  const int32_t* colc2 = nullptr;
+  const int32_t* zw2 = nullptr;
+  // requantize: y = clamp(((acc1*m1 [+ acc2*m2] + rnd) >> sh) + zy, lo, hi). Shifts > 62 are
+  // normalized to (m = 0, sh = 1), which yields 0 exactly as §6 prescribes.
+  const int64_t* m1 = nullptr;
+  const int64_t* m2 = nullptr;
+  const int64_t* sh = nullptr;
+  const int64_t* rnd = nullptr;  // 2^(sh-1)
+  int32_t zy = 0, lo = 0, hi = 0;
+  // float32: y = fl32(fl32(acc1) * s1) [+ fl32(fl32(acc2) * s2)]
+  const float* s1 = nullptr;
+  const float* s2 = nullptr;
+};
+
+// Output of one tile: rows are `mr` consecutive output rows, columns `nc` consecutive channels
+// starting at channel n0. Element (r, c) goes to out + r*ldm + c*ldn (in elements of the out type).
+struct TileOut {
+  void* out;
+  int64_t ldm, ldn;
+};
+
+using UkrFn = void (*)(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile);
+// t1/t2: int32 tiles with row stride 16; reads whole 16-wide rows (pad partial tiles).
+using EpiFn = void (*)(const Epi& e, int64_t n0, int mr, int nc, const int32_t* t1, const int32_t* rs1,
+                       const int32_t* t2, const int32_t* rs2, const TileOut& o);
+// nibble panel (kg/2 x 64 bytes) -> int8 panel (kg x 64 bytes)
+using UnpackFn = void (*)(const uint8_t* src, int64_t kg, bool is_signed, uint8_t* dst);
+// rows of x (row stride ldx bytes) -> A panel, plus x' row sums over the first k entries
+using PackAFn = void (*)(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, uint8_t xor_mask, int8_t* dst,
+                         int32_t* rowsum);
+
+struct Log2Job;
+
+struct KernelSet {
+  Isa isa;
+  UkrFn ukr[kMR + 1];       // sign path (§10 steps 1-3); index = mr (1..4)
+  UkrFn ukr_wide[kMR + 1];  // exact for weights containing -128 (§10 step 4)
+  EpiFn epi;
+  UnpackFn unpack4;
+  PackAFn pack_a;
+  // requantize `count` int32 values sharing one channel's (m, sh, rnd) (§6)
+  void (*requant_run)(const int32_t* acc, int64_t count, int64_t m, int64_t sh, int64_t rnd, int32_t zy, int32_t lo,
+                      int32_t hi, OutType t, void* out);
+  // §7 rows [m0, m1): see log2attn.cpp
+  void (*log2_rows)(const Log2Job& job, int64_t m0, int64_t m1, int64_t* scratch);
+};
+
+// §7 problem with canonical parameters; d = v - zv as int32 [L, N].
+struct Log2Job {
+  const uint8_t* codes;  // [M, L]
+  const int32_t* d;      // [L, N]
+  int64_t m, l, n;
+  int zero_code, k, frac_bits;
+  OutType type;
+  const int32_t* multiplier;  // [N]
+  const int32_t* shift;       // [N]
+  int32_t zy, lo, hi;
+  const float* scale;  // [N]
+  void* out;           // [M, N]
+};
+
+const KernelSet& scalar_kernels();
+#if defined(PYQSIM_HAVE_AVX2_TU)
+const KernelSet& avx2_kernels();
+#endif
+const KernelSet& kernels_for(Isa isa);
+
+// Portable helpers shared by the drivers.
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// §6 requantization of one exact int64 product sum (|p| < 2^62), with normalized (sh <= 62).
+inline int32_t requant_one(int64_t p, int64_t rnd, int64_t sh, int32_t zy, int32_t lo, int32_t hi) {
+  int64_t y = ((p + rnd) >> sh) + zy;
+  return static_cast<int32_t>(y < lo ? lo : (y > hi ? hi : y));
+}
+
+}  // namespace detail
+}  // namespace qsim

@@ -1,0 +1,127 @@
+// Weight packing into micro-kernel panels (layouts in qsim.h / kernels.h).
+#include <algorithm>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+
+#include "kernels.h"
+#include "qsim.h"
+
+namespace qsim {
+
+namespace {
+std::shared_ptr<uint8_t> aligned_bytes(size_t n) {
+  if (n == 0) n = 64;
+  auto* p = static_cast<uint8_t*>(::operator new(n, std::align_val_t(64)));
+  std::memset(p, 0, n);
+  return std::shared_ptr<uint8_t>(p, [](uint8_t* q) { ::operator delete(q, std::align_val_t(64)); });
+}
+
+inline int8_t nibble_code(const uint8_t* row, int64_t j, bool is_signed) {
+  int v = (row[j >> 1] >> ((j & 1) * 4)) & 0xF;
+  return static_cast<int8_t>(is_signed ? ((v ^ 8) - 8) : v);
+}
+}  // namespace
+
+PackedMatrix pack_codes(const int8_t* codes, int64_t n, int64_t kp, WFormat fmt) {
+  using detail::ceil_div;
+  PackedMatrix pm;
+  pm.n = n;
+  pm.kp = kp;
+  pm.kg = kp / 4;
+  pm.format = fmt;
+  pm.panels = ceil_div(n, kNR);
+  const bool four = fmt != WFormat::S8;
+  pm.panel_bytes = four ? (pm.kg / 2) * 64 : pm.kg * 64;
+  pm.buf = aligned_bytes(static_cast<size_t>(pm.panels * pm.panel_bytes));
+  pm.colsum.assign(static_cast<size_t>(pm.panels * kNR), 0);
+  uint8_t* base = pm.buf.get();
+  for (int64_t c = 0; c < n; ++c) {
+    const int8_t* row = codes + c * kp;
+    uint8_t* pan = base + (c / kNR) * pm.panel_bytes;
+    const int64_t cc = c % kNR;
+    uint32_t s = 0;
+    for (int64_t j = 0; j < kp; ++j) s += static_cast<uint32_t>(static_cast<int32_t>(row[j]));
+    pm.colsum[c] = static_cast<int32_t>(s);
+    if (!four) {
+      for (int64_t g = 0; g < pm.kg; ++g) {
+        std::memcpy(pan + g * 64 + cc * 4, row + 4 * g, 4);
+        for (int b = 0; b < 4; ++b) pm.has_min |= row[4 * g + b] == -128;
+      }
+    } else {
+      for (int64_t g8 = 0; g8 < pm.kg / 2; ++g8)
+        for (int b = 0; b < 4; ++b) {
+          uint8_t lo = static_cast<uint8_t>(row[8 * g8 + b]) & 0xF;
+          uint8_t hi = static_cast<uint8_t>(row[8 * g8 + 4 + b]) & 0xF;
+          pan[g8 * 64 + cc * 4 + b] = static_cast<uint8_t>(lo | (hi << 4));
+        }
+    }
+  }
+  return pm;
+}
+
+std::shared_ptr<PackedWeight> pack_gemm_weight(const void* w, WFormat fmt, int64_t n, int64_t k) {
+  using detail::round_up;
+  const bool four = fmt != WFormat::S8;
+  const int64_t kp = round_up(k, four ? 8 : 4);
+  std::vector<int8_t> codes(static_cast<size_t>(n * kp), 0);
+  if (!four) {
+    const int8_t* src = static_cast<const int8_t*>(w);
+    for (int64_t r = 0; r < n; ++r) std::memcpy(codes.data() + r * kp, src + r * k, static_cast<size_t>(k));
+  } else {
+    const uint8_t* src = static_cast<const uint8_t*>(w);
+    const int64_t rb = (k + 1) / 2;
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = 0; j < k; ++j) codes[r * kp + j] = nibble_code(src + r * rb, j, fmt == WFormat::S4);
+  }
+  auto pw = std::make_shared<PackedWeight>();
+  pw->kind = PackedWeight::Gemm;
+  pw->format = fmt;
+  pw->n = n;
+  pw->k = k;
+  pw->mats.push_back(pack_codes(codes.data(), n, kp, fmt));
+  return pw;
+}
+
+std::shared_ptr<PackedWeight> pack_conv_weight(const void* w, WFormat fmt, int64_t o, int64_t cin_g, int64_t kh,
+                                               int64_t kw, int64_t groups) {
+  using detail::round_up;
+  const bool four = fmt != WFormat::S8;
+  const int64_t kk = cin_g * kh * kw;
+  const int64_t cg4 = round_up(cin_g, 4);
+  // Activation k order: (tap i, tap j, channel c), channels padded to a multiple of 4 per tap.
+  const int64_t kp = round_up(kh * kw * cg4, four ? 8 : 4);
+  const int64_t og = groups ? o / groups : 0;
+  auto pw = std::make_shared<PackedWeight>();
+  pw->kind = PackedWeight::Conv;
+  pw->format = fmt;
+  pw->n = o;
+  pw->k = kk;
+  pw->cin_g = cin_g;
+  pw->kh = kh;
+  pw->kw = kw;
+  pw->groups = groups;
+  const int64_t rb = four ? (kk + 1) / 2 : kk;
+  std::vector<int8_t> codes(static_cast<size_t>(std::max<int64_t>(og * kp, 1)), 0);
+  for (int64_t g = 0; g < groups; ++g) {
+    std::fill(codes.begin(), codes.end(), 0);
+    for (int64_t r = 0; r < og; ++r) {
+      const int64_t orow = g * og + r;
+      for (int64_t c = 0; c < cin_g; ++c)
+        for (int64_t i = 0; i < kh; ++i)
+          for (int64_t j = 0; j < kw; ++j) {
+            const int64_t src_k = (c * kh + i) * kw + j;
+            int8_t v;
+            if (!four)
+              v = static_cast<const int8_t*>(w)[orow * kk + src_k];
+            else
+              v = nibble_code(static_cast<const uint8_t*>(w) + orow * rb, src_k, fmt == WFormat::S4);
+            codes[r * kp + (i * kw + j) * cg4 + c] = v;
+          }
+    }
+    pw->mats.push_back(pack_codes(codes.data(), og, kp, fmt));
+  }
+  return pw;
+}
+
+}  // namespace qsim

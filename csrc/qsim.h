@@ -1,0 +1,165 @@
+// pyqsim native kernels: public C++ interface (no Python here).
+//
+// Every function takes raw pointers, shapes and canonical parameters that the caller (bindings/)
+// has validated: C-contiguous buffers, per-channel parameter vectors of the stated length, values in
+// the ranges of docs/spec.md. Section numbers (§) refer to docs/spec.md.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace qsim {
+
+// ------------------------------------------------------------------------------------------ types
+enum class ActType : int { S8 = 0, U8 = 1 };
+enum class WFormat : int { S8 = 0, S4 = 1, U4 = 2 };  // S4/U4: packed two per byte along K (§1.1)
+enum class OutType : int { I32 = 0, F32 = 1, S8 = 2, U8 = 3, S4 = 4, U4 = 5, I64 = 6 };
+
+inline bool is_requant(OutType t) { return t == OutType::S8 || t == OutType::U8 || t == OutType::S4 || t == OutType::U4; }
+inline int32_t out_qmin(OutType t) {
+  switch (t) {
+    case OutType::S8: return -128;
+    case OutType::S4: return -8;
+    default: return 0;
+  }
+}
+inline int32_t out_qmax(OutType t) {
+  switch (t) {
+    case OutType::S8: return 127;
+    case OutType::U8: return 255;
+    case OutType::S4: return 7;
+    case OutType::U4: return 15;
+    default: return 0;
+  }
+}
+
+// Output stage of §6 (one per op). Per-channel vectors have one entry per output channel.
+struct OutStage {
+  OutType type = OutType::I32;
+  const int32_t* multiplier = nullptr;  // requantized outputs
+  const int32_t* shift = nullptr;
+  int32_t zero_point = 0;
+  const float* scale = nullptr;  // float32 output
+};
+
+// Split output stage of §8.
+struct SplitOutStage {
+  OutType type = OutType::S8;  // S8/U8/S4/U4/F32
+  const int32_t* multiplier1 = nullptr;
+  const int32_t* multiplier2 = nullptr;
+  const int32_t* shift = nullptr;
+  int32_t zero_point = 0;
+  const float* scale1 = nullptr;
+  const float* scale2 = nullptr;
+};
+
+// ------------------------------------------------------------------------------------------ runtime
+enum class Isa : int { Scalar = 0, Avx2 = 1 };
+
+const char* isa_name(Isa isa);
+bool avx2_compiled();   // the AVX2 translation unit is part of this build
+bool cpu_has_avx2();    // the running CPU (and OS) support AVX2
+// The ISA a kernel call uses now: the override set by set_isa_override(), else PYQSIM_CPU_ISA
+// (read at every call: "auto" or unset -> best available, "scalar", "avx2"). Throws
+// std::invalid_argument for an unknown value and std::runtime_error for avx2 on a CPU without it.
+Isa resolve_isa();
+// "auto", "scalar", "avx2" set an override; "" clears it (environment governs again).
+void set_isa_override(const std::string& name);
+std::string isa_override();
+
+int get_num_threads();
+void set_num_threads(int n);  // n >= 1
+
+// ------------------------------------------------------------------------------------------ packed weights
+// Weight panels for the GEMM micro-kernels: NR = 16 output channels per panel, K grouped by 4
+// ("k-group"). int8 weights: panel[kg][16 channels][4 bytes]. int4/uint4 weights stay 4-bit:
+// panel[kg8][16 channels][4 bytes], byte b holding k = 8*kg8 + b (low nibble) and 8*kg8 + 4 + b (high
+// nibble), so one AND / one shift produce two int8 k-groups. Padding channels and k are zero.
+constexpr int kNR = 16;
+constexpr int kMR = 4;
+
+struct PackedMatrix {
+  int64_t n = 0;        // output channels
+  int64_t kp = 0;       // packed reduction length: multiple of 4 (int8) or 8 (4-bit), zero padded
+  int64_t kg = 0;       // kp / 4 k-groups
+  int64_t panels = 0;   // ceil(n / 16)
+  int64_t panel_bytes = 0;
+  WFormat format = WFormat::S8;
+  bool has_min = false;           // an int8 weight equals -128 (§10 step 4)
+  std::vector<int32_t> colsum;    // sum_k w[n, k] (codes, before zero points), padded to panels*16
+  std::shared_ptr<uint8_t> buf;   // panels * panel_bytes, 64-byte aligned
+  const uint8_t* panel(int64_t p) const { return buf.get() + p * panel_bytes; }
+};
+
+// Packs `codes` ([n, kp] int8 row-major codes in the k order the activations will use; kp a multiple
+// of 4, or of 8 for 4-bit formats; padding entries 0) into micro-kernel panels.
+PackedMatrix pack_codes(const int8_t* codes, int64_t n, int64_t kp, WFormat fmt);
+
+// A prepacked GEMM or conv weight: one PackedMatrix per group.
+struct PackedWeight {
+  enum Kind { Gemm = 0, Conv = 1 } kind = Gemm;
+  WFormat format = WFormat::S8;
+  int64_t n = 0, k = 0;            // GEMM: [N, K]; conv: O, C/g*KH*KW
+  int64_t cin_g = 0, kh = 1, kw = 1, groups = 1;
+  std::vector<PackedMatrix> mats;  // groups entries
+};
+
+std::shared_ptr<PackedWeight> pack_gemm_weight(const void* w, WFormat fmt, int64_t n, int64_t k);
+std::shared_ptr<PackedWeight> pack_conv_weight(const void* w, WFormat fmt, int64_t o, int64_t cin_g, int64_t kh,
+                                               int64_t kw, int64_t groups);
+
+// ------------------------------------------------------------------------------------------ ops
+// §4/§6: y[M, N] = stage(bias + (x - zx) @ (w - zw).T). x: [M, K] row-major. zw, bias: [N].
+// y: [M, N] row-major of the stage's type.
+void int_gemm(const void* x, ActType xt, int64_t m, int32_t zx, const PackedWeight& w, const int32_t* zw,
+              const int32_t* bias, const OutStage& out, void* y);
+
+// §8: split GEMM, x1 [M, K1], x2 [M, K2], shared N.
+void split_gemm(const void* x1, ActType xt1, int32_t zx1, const PackedWeight& w1, const int32_t* zw1,
+                const void* x2, ActType xt2, int32_t zx2, const PackedWeight& w2, const int32_t* zw2,
+                int64_t m, const int32_t* bias, const SplitOutStage& out, void* y);
+
+struct ConvGeom {
+  int64_t batch = 0, cin = 0, h = 0, w = 0;  // input [B, C, H, W]
+  int64_t sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1;
+  int64_t oh = 0, ow = 0;
+};
+
+// §5/§6: NCHW conv2d; y: [B, O, OH, OW].
+void int_conv2d(const void* x, ActType xt, int32_t zx, const ConvGeom& g, const PackedWeight& w, const int32_t* zw,
+                const int32_t* bias, const OutStage& out, void* y);
+
+// §8: split conv2d (groups = 1), x1 [B, C1, H, W], x2 [B, C2, H, W].
+void split_conv2d(const void* x1, ActType xt1, int32_t zx1, int64_t c1, const PackedWeight& w1, const int32_t* zw1,
+                  const void* x2, ActType xt2, int32_t zx2, int64_t c2, const PackedWeight& w2, const int32_t* zw2,
+                  const ConvGeom& g, const int32_t* bias, const SplitOutStage& out, void* y);
+
+// §6: acc [outer, N, inner] int32 -> y of the stage's requantized type, channel axis N.
+void requantize(const int32_t* acc, int64_t outer, int64_t n, int64_t inner, const OutStage& out, void* y);
+
+// §7: codes [M, L] uint8, v [L, N]; y [M, N] of type int64, float32 or requantized.
+void log2_attn_matmul(const uint8_t* codes, const void* v, ActType vt, int64_t m, int64_t l, int64_t n, int32_t zv,
+                      int bits, int k, int frac_bits, const OutStage& out, void* y);
+
+// ------------------------------------------------------------------------------------------ info
+struct CudaInfo {
+  bool compiled = false;
+  int runtime_version = 0;
+  int driver_version = 0;
+  int device_count = 0;
+  std::string error;
+  std::string archs;
+};
+CudaInfo cuda_info();
+// Launches a tiny kernel on device 0 and checks its result; empty string on success.
+std::string cuda_selftest();
+
+// Register-only int8 multiply-add throughput (vpmaddubsw + vpmaddwd + vpaddd units, and raw
+// vpmaddubsw) for the benchmark's peak line; returns {raw_gops, unit_gops} on one thread.
+std::vector<double> avx2_peak_gops(int64_t iterations);
+
+}  // namespace qsim

@@ -1,0 +1,103 @@
+// Runtime selection of the CPU kernels (scalar / AVX2) and thread-count control.
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+#include "kernels.h"
+#include "qsim.h"
+#include "threadpool.h"
+
+namespace qsim {
+
+const char* isa_name(Isa isa) { return isa == Isa::Avx2 ? "avx2" : "scalar"; }
+
+bool avx2_compiled() {
+#if defined(PYQSIM_HAVE_AVX2_TU)
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx2() {
+#if defined(PYQSIM_HAVE_AVX2_TU) && (defined(__GNUC__) || defined(__clang__))
+  // libgcc's CPU model also checks that the OS saves YMM state (XGETBV) before reporting AVX2.
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") != 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+namespace {
+std::mutex g_isa_mu;
+std::string g_isa_override;  // "" = none
+
+Isa parse_isa(const std::string& v, const char* source) {
+  if (v.empty() || v == "auto") return (avx2_compiled() && cpu_has_avx2()) ? Isa::Avx2 : Isa::Scalar;
+  if (v == "scalar") return Isa::Scalar;
+  if (v == "avx2") {
+    if (!avx2_compiled())
+      throw std::runtime_error(std::string(source) + "=avx2 but this build has no AVX2 kernels");
+    if (!cpu_has_avx2()) throw std::runtime_error(std::string(source) + "=avx2 but this CPU does not support AVX2");
+    return Isa::Avx2;
+  }
+  throw std::invalid_argument(std::string(source) + " must be 'auto', 'scalar' or 'avx2', got '" + v + "'");
+}
+}  // namespace
+
+Isa resolve_isa() {
+  std::string ov;
+  {
+    std::lock_guard<std::mutex> lk(g_isa_mu);
+    ov = g_isa_override;
+  }
+  if (!ov.empty()) return parse_isa(ov, "cpu ISA override");
+  const char* env = std::getenv("PYQSIM_CPU_ISA");
+  return parse_isa(env ? std::string(env) : std::string(), "PYQSIM_CPU_ISA");
+}
+
+void set_isa_override(const std::string& name) {
+  if (!name.empty()) parse_isa(name, "cpu ISA override");  // validate (throws)
+  std::lock_guard<std::mutex> lk(g_isa_mu);
+  g_isa_override = name;
+}
+
+std::string isa_override() {
+  std::lock_guard<std::mutex> lk(g_isa_mu);
+  return g_isa_override;
+}
+
+int get_num_threads() { return ThreadPool::instance().num_threads(); }
+void set_num_threads(int n) {
+  if (n < 1) throw std::invalid_argument("number of threads must be >= 1, got " + std::to_string(n));
+  ThreadPool::instance().set_num_threads(n);
+}
+
+namespace detail {
+const KernelSet& kernels_for(Isa isa) {
+#if defined(PYQSIM_HAVE_AVX2_TU)
+  if (isa == Isa::Avx2) return avx2_kernels();
+#endif
+  (void)isa;
+  return scalar_kernels();
+}
+}  // namespace detail
+
+}  // namespace qsim
+
+namespace qsim {
+#if !defined(PYQSIM_HAVE_CUDA)
+CudaInfo cuda_info() { return CudaInfo{}; }
+std::string cuda_selftest() { return "pyqsim was built without CUDA"; }
+#endif
+#if !defined(PYQSIM_HAVE_AVX2_TU)
+std::vector<double> avx2_peak_gops(int64_t) { return {}; }
+#endif
+}  // namespace qsim

@@ -1,0 +1,128 @@
+// Portable scalar kernels: the reference-shaped path every CPU can run (PYQSIM_CPU_ISA=scalar).
+// Integer sums are computed in uint32 (two's-complement wrap-around, §4.1 allows it; no signed
+// overflow UB); the float stage is fl32(fl32(acc) * scale) with no contraction (-ffp-contract=off).
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace qsim {
+namespace detail {
+namespace {
+
+#include "generic_impl.h"
+
+template <int MR>
+void ukr_scalar(const int8_t* a, const uint8_t* bpanel, int64_t kg, int32_t* tile) {
+  const int8_t* b = reinterpret_cast<const int8_t*>(bpanel);
+  uint32_t acc[MR][kNR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < kNR; ++c) acc[r][c] = 0;
+  for (int64_t g = 0; g < kg; ++g) {
+    const int8_t* ag = a + g * MR * 4;
+    const int8_t* bg = b + g * kNR * 4;
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < kNR; ++c) {
+        int32_t s = 0;
+        for (int q = 0; q < 4; ++q) s += static_cast<int32_t>(ag[r * 4 + q]) * static_cast<int32_t>(bg[c * 4 + q]);
+        acc[r][c] += static_cast<uint32_t>(s);
+      }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < kNR; ++c) tile[r * kNR + c] = static_cast<int32_t>(acc[r][c]);
+}
+
+inline int32_t corrected(const int32_t* t, const int32_t* colc, const int32_t* zw, const int32_t* rs, int r, int c,
+                         int64_t n) {
+  uint32_t v = static_cast<uint32_t>(t[r * kNR + c]) + static_cast<uint32_t>(colc[n]);
+  if (zw) v -= static_cast<uint32_t>(zw[n]) * static_cast<uint32_t>(rs[r]);
+  return static_cast<int32_t>(v);
+}
+
+void epi_scalar(const Epi& e, int64_t n0, int mr, int nc, const int32_t* t1, const int32_t* rs1, const int32_t* t2,
+                const int32_t* rs2, const TileOut& o) {
+  for (int r = 0; r < mr; ++r)
+    for (int c = 0; c < nc; ++c) {
+      const int64_t n = n0 + c;
+      const int64_t off = r * o.ldm + c * o.ldn;
+      const int32_t a1 = corrected(t1, e.colc1, e.zw1, rs1, r, c, n);
+      const int32_t a2 = e.split ? corrected(t2, e.colc2, e.zw2, rs2, r, c, n) : 0;
+      switch (e.type) {
+        case OutType::I32:
+          static_cast<int32_t*>(o.out)[off] = a1;
+          break;
+        case OutType::F32: {
+          const float y1 = static_cast<float>(a1) * e.s1[n];
+          if (e.split) {
+            const float y2 = static_cast<float>(a2) * e.s2[n];
+            static_cast<float*>(o.out)[off] = y1 + y2;
+          } else {
+            static_cast<float*>(o.out)[off] = y1;
+          }
+          break;
+        }
+        default: {
+          int64_t p = static_cast<int64_t>(a1) * e.m1[n];
+          if (e.split) p += static_cast<int64_t>(a2) * e.m2[n];
+          const int32_t y = requant_one(p, e.rnd[n], e.sh[n], e.zy, e.lo, e.hi);
+          if (e.type == OutType::S8 || e.type == OutType::S4)
+            static_cast<int8_t*>(o.out)[off] = static_cast<int8_t>(y);
+          else
+            static_cast<uint8_t*>(o.out)[off] = static_cast<uint8_t>(y);
+        }
+      }
+    }
+}
+
+void unpack4_scalar(const uint8_t* src, int64_t kg, bool is_signed, uint8_t* dst) {
+  for (int64_t g8 = 0; g8 < kg / 2; ++g8)
+    for (int i = 0; i < 64; ++i) {
+      const uint8_t v = src[g8 * 64 + i];
+      int lo = v & 0xF, hi = v >> 4;
+      if (is_signed) {
+        lo = (lo ^ 8) - 8;
+        hi = (hi ^ 8) - 8;
+      }
+      dst[(2 * g8) * 64 + i] = static_cast<uint8_t>(lo);
+      dst[(2 * g8 + 1) * 64 + i] = static_cast<uint8_t>(hi);
+    }
+}
+
+void pack_a_scalar(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, uint8_t mask, int8_t* dst,
+                   int32_t* rowsum) {
+  for (int r = 0; r < mr; ++r) {
+    const uint8_t* row = x + r * ldx;
+    int32_t s = 0;
+    for (int64_t j = 0; j < kg * 4; ++j) {
+      const int8_t v = j < k ? static_cast<int8_t>(row[j] ^ mask) : 0;
+      dst[(j >> 2) * mr * 4 + r * 4 + (j & 3)] = v;
+      s += v;  // |s| <= 128 * K: fits (K is bounded by §4.1)
+    }
+    rowsum[r] = s;
+  }
+}
+
+}  // namespace
+
+const KernelSet& scalar_kernels() {
+  static const KernelSet ks = [] {
+    KernelSet k{};
+    k.isa = Isa::Scalar;
+    k.ukr[0] = nullptr;
+    k.ukr[1] = ukr_scalar<1>;
+    k.ukr[2] = ukr_scalar<2>;
+    k.ukr[3] = ukr_scalar<3>;
+    k.ukr[4] = ukr_scalar<4>;
+    for (int i = 0; i <= kMR; ++i) k.ukr_wide[i] = k.ukr[i];  // int32 products: exact for every code
+    k.epi = epi_scalar;
+    k.unpack4 = unpack4_scalar;
+    k.pack_a = pack_a_scalar;
+    k.requant_run = requant_run_impl;
+    k.log2_rows = log2_rows_impl;
+    return k;
+  }();
+  return ks;
+}
+
+}  // namespace detail
+}  // namespace qsim

@@ -1,0 +1,121 @@
+"""CPU backend: canonical op arguments (``pyqsim._checks``) -> ``pyqsim._C`` kernels. No math here.
+
+The compiled extension picks scalar or AVX2 kernels at call time (``PYQSIM_CPU_ISA=auto|scalar|avx2``,
+or :func:`set_isa`) and runs them on :func:`get_num_threads` threads; results are identical either way.
+A weight may be a plain array (packed on every call) or a :func:`pack_weight` result (packed once).
+"""
+from __future__ import annotations
+
+try:
+    from .. import _C
+except ImportError as _exc:  # pragma: no cover - exercised only in builds without the extension
+    _C = None
+    _IMPORT_ERROR = str(_exc)
+else:
+    _IMPORT_ERROR = None
+
+PackedWeight = getattr(_C, "PackedWeight", None)
+
+
+def available() -> bool:
+    return _C is not None
+
+
+def info() -> dict:
+    if _C is None:
+        return {"compiled": False, "reason": _IMPORT_ERROR}
+    d = dict(_C.build_info())
+    d["compiled"] = True
+    d["extension"] = _C.__file__
+    return d
+
+
+def set_num_threads(n: int) -> None:
+    _C.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    return _C.get_num_threads()
+
+
+def set_isa(name: str | None) -> None:
+    """Force ``"scalar"``/``"avx2"``/``"auto"`` for later calls; ``None`` defers to ``PYQSIM_CPU_ISA``."""
+    _C.set_cpu_isa(name)
+
+
+def get_isa() -> str:
+    return _C.get_cpu_isa()
+
+
+def pack_weight(w, w_format: str = "int8", *, k: int | None = None, kind: str = "gemm", kernel_size=None,
+                groups: int = 1, cin_per_group: int | None = None):
+    """Prepack a GEMM weight ([N, K] int8 / [N, ceil(K/2)] packed int4) or a conv weight for the CPU kernels.
+
+    ``k`` is required for packed int4 GEMM weights (an odd K cannot be read off the shape). For conv,
+    int8 weights give their shape; packed int4 weights need ``kernel_size`` and ``cin_per_group``.
+    """
+    if kind == "gemm":
+        if k is None:
+            if w_format != "int8":
+                raise ValueError("k is required to pack an int4/uint4 GEMM weight")
+            k = w.shape[1]
+        return _C.pack_gemm_weight(w, w_format, int(k))
+    if kind == "conv":
+        if w_format == "int8":
+            if w.ndim != 4:
+                raise ValueError(f"w must be 4-D [O, C/groups, KH, KW], got shape {w.shape}")
+            cin_per_group = w.shape[1] if cin_per_group is None else cin_per_group
+            kernel_size = (w.shape[2], w.shape[3]) if kernel_size is None else kernel_size
+        if kernel_size is None or cin_per_group is None:
+            raise ValueError("kernel_size and cin_per_group are required to pack an int4/uint4 conv weight")
+        ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        return _C.pack_conv_weight(w, w_format, int(cin_per_group), ks, int(groups))
+    raise ValueError(f"kind must be 'gemm' or 'conv', got {kind!r}")
+
+
+def _int_gemm(a):
+    o = a.out
+    return _C.int_gemm(a.x, a.w, a.w_format, a.x_zero_point, a.w_zero_point, a.bias, o.dtype, o.multiplier, o.shift,
+                       o.zero_point, o.scale)
+
+
+def _split_gemm(s):
+    a, b, o = s.a, s.b, s.out
+    return _C.split_gemm(a.x, a.w, a.w_format, b.x, b.w, b.w_format, a.x_zero_point, b.x_zero_point, a.w_zero_point,
+                         b.w_zero_point, a.bias, o.dtype, o.multiplier1, o.multiplier2, o.shift, o.zero_point, o.scale1,
+                         o.scale2)
+
+
+def _int_conv2d(a):
+    o = a.out
+    return _C.int_conv2d(a.x, a.w, a.w_format, a.kernel_size, a.stride, a.padding, a.dilation, a.groups,
+                         a.x_zero_point, a.w_zero_point, a.bias, o.dtype, o.multiplier, o.shift, o.zero_point, o.scale)
+
+
+def _split_conv2d(s):
+    a, b, o = s.a, s.b, s.out
+    return _C.split_conv2d(a.x, a.w, a.w_format, b.x, b.w, b.w_format, a.kernel_size, a.stride, a.padding, a.dilation,
+                           a.x_zero_point, b.x_zero_point, a.w_zero_point, b.w_zero_point, a.bias, o.dtype,
+                           o.multiplier1, o.multiplier2, o.shift, o.zero_point, o.scale1, o.scale2)
+
+
+def _requantize(a):
+    o = a.out
+    y = _C.requantize(a.acc, o.multiplier, o.shift, o.zero_point, o.dtype)
+    return y.reshape(a.shape)
+
+
+def _log2_attn_matmul(a):
+    o = a.out
+    return _C.log2_attn_matmul(a.codes, a.v, a.v_zero_point, a.bits, a.k, a.frac_bits, o.dtype, o.multiplier, o.shift,
+                               o.zero_point, o.scale)
+
+
+OPS = {} if _C is None else {
+    "int_gemm": _int_gemm,
+    "split_gemm": _split_gemm,
+    "int_conv2d": _int_conv2d,
+    "split_conv2d": _split_conv2d,
+    "requantize": _requantize,
+    "log2_attn_matmul": _log2_attn_matmul,
+}
