@@ -23,8 +23,8 @@ struct ConvA final : ASource {
   int64_t kg = 0;
   int8_t fill = 0;
 
-  void pack(const KernelSet&, int64_t m0, int mr, int8_t* dst, int32_t* rowsum) const override {
-    const int64_t stride = 4 * mr;
+  void pack(const KernelSet& ks, int64_t m0, int mr, int8_t* dst, int32_t* rowsum) const override {
+    const int64_t stride = 8 * mr;  // x' half of each k-group; fill_abs writes the |x'| half
     std::memset(dst, 0, static_cast<size_t>(kg * stride));
     const int64_t full = cg / 4, rem = cg % 4;
     for (int r = 0; r < mr; ++r) {
@@ -53,6 +53,7 @@ struct ConvA final : ASource {
       }
       rowsum[r] = static_cast<int32_t>(s);
     }
+    ks.fill_abs(dst, kg, mr);
   }
 };
 
@@ -88,6 +89,10 @@ Epi offset_epi(const Epi& e, int64_t off) {
   adv(r.rnd);
   adv(r.s1);
   adv(r.s2);
+  adv(r.m1_32);
+  adv(r.m2_32);
+  adv(r.rnd32);
+  adv(r.shr32);
   return r;
 }
 

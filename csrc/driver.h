@@ -17,7 +17,7 @@
 namespace qsim {
 namespace detail {
 
-// Produces packed A panels ([kg][mr][4] x') and x' row sums for rows [m0, m0 + mr).
+// Produces packed A panels ([kg][2][mr][4]: x', |x'|) and x' row sums for rows [m0, m0 + mr).
 struct ASource {
   virtual ~ASource() = default;
   virtual void pack(const KernelSet& ks, int64_t m0, int mr, int8_t* dst, int32_t* rowsum) const = 0;
@@ -54,6 +54,7 @@ struct GemmJob {
 struct EpiStorage {
   std::vector<int32_t> colc1, zw1, colc2, zw2;
   std::vector<int64_t> m1, m2, sh, rnd;
+  std::vector<int32_t> m1_32, m2_32, rnd32, shr32;
   std::vector<float> s1, s2;
   Epi epi;
 };

@@ -50,21 +50,40 @@ static void fill_requant(EpiStorage& st, int64_t n, const int32_t* m1, const int
   const size_t np = static_cast<size_t>(round_up(n, kNR) + kNR);
   st.m1.assign(np, 0);
   if (m2) st.m2.assign(np, 0);
-  st.sh.assign(np, 1);
-  st.rnd.assign(np, 1);
+  st.sh.assign(np, 62);
+  st.rnd.assign(np, int64_t(1) << 61);
+  bool fast = true;
   for (int64_t c = 0; c < n; ++c) {
     int64_t s = shift[c];
-    if (s > 62) {  // |acc * M0| < 2^62 <= 2^(S-1): the result is exactly 0 (§6); (0 + 1) >> 1 == 0
+    if (s > 62) {  // |acc * M0| < 2^62 <= 2^(S-1): the result is exactly 0 (§6); (0 + 2^61) >> 62 == 0
       st.m1[c] = 0;
       if (m2) st.m2[c] = 0;
-      st.sh[c] = 1;
-      st.rnd[c] = 1;
+      st.sh[c] = 62;
+      st.rnd[c] = int64_t(1) << 61;
     } else {
       st.m1[c] = m1[c];
       if (m2) st.m2[c] = m2[c];
       st.sh[c] = s;
       st.rnd[c] = int64_t(1) << (s - 1);
+      fast &= s >= 33;
     }
+  }
+  st.epi.fast32 = fast;
+  if (fast) {
+    st.m1_32.assign(np, 0);
+    st.rnd32.assign(np, 0);
+    st.shr32.assign(np, 1);
+    if (m2) st.m2_32.assign(np, 0);
+    for (int64_t c = 0; c < n; ++c) {
+      st.m1_32[c] = static_cast<int32_t>(st.m1[c]);
+      if (m2) st.m2_32[c] = static_cast<int32_t>(st.m2[c]);
+      st.rnd32[c] = static_cast<int32_t>(int64_t(1) << (st.sh[c] - 33));
+      st.shr32[c] = static_cast<int32_t>(st.sh[c] - 32);
+    }
+    st.epi.m1_32 = st.m1_32.data();
+    st.epi.m2_32 = m2 ? st.m2_32.data() : nullptr;
+    st.epi.rnd32 = st.rnd32.data();
+    st.epi.shr32 = st.shr32.data();
   }
   st.epi.m1 = st.m1.data();
   st.epi.m2 = m2 ? st.m2.data() : nullptr;
@@ -121,7 +140,7 @@ void run_jobs(const std::vector<GemmJob>& jobs, Isa isa) {
     max_panels = std::max(max_panels, ceil_div(jb.n, kNR));
     for (int b = 0; b < jb.nbranch; ++b) {
       const PackedMatrix& pm = *jb.br[b].b;
-      abytes[b] = std::max(abytes[b], align64(static_cast<size_t>(kMC * pm.kp)));
+      abytes[b] = std::max(abytes[b], align64(static_cast<size_t>(2 * kMC * pm.kp)));
       if (pm.format != WFormat::S8) ubytes[b] = std::max(ubytes[b], align64(static_cast<size_t>(pm.kg * 64)));
     }
   }
@@ -165,7 +184,7 @@ void run_jobs(const std::vector<GemmJob>& jobs, Isa isa) {
       const int64_t kp = jb.br[b].b->kp;
       for (int64_t i = 0; i < npan_a; ++i) {
         const int mr = static_cast<int>(std::min<int64_t>(kMR, mc - i * kMR));
-        jb.br[b].a->pack(ks, m0 + i * kMR, mr, abuf[b] + i * kMR * kp, rs[b] + i * kMR);
+        jb.br[b].a->pack(ks, m0 + i * kMR, mr, abuf[b] + 2 * i * kMR * kp, rs[b] + i * kMR);
       }
     }
     alignas(64) int32_t tile[2][kMR * kNR];
@@ -188,7 +207,7 @@ void run_jobs(const std::vector<GemmJob>& jobs, Isa isa) {
         const int mr = static_cast<int>(std::min<int64_t>(kMR, mc - i * kMR));
         for (int b = 0; b < jb.nbranch; ++b) {
           const PackedMatrix& pm = *jb.br[b].b;
-          ukr[b][mr](abuf[b] + i * kMR * pm.kp, bp[b], pm.kg, tile[b]);
+          ukr[b][mr](abuf[b] + 2 * i * kMR * pm.kp, bp[b], pm.kg, tile[b]);
         }
         const int64_t row = m0 + i * kMR;
         TileOut to{jb.out + (row * jb.ldm + n0 * jb.ldn) * jb.elem, jb.ldm, jb.ldn};

@@ -2,7 +2,8 @@
 // per-ISA kernels (ukernel_scalar.cpp, ukernel_avx2.cpp). Nothing here allocates or threads.
 //
 // Data layouts (see also qsim.h):
-//   A panel  (activations): [kg][mr][4] int8 holding x' (x - 128 for uint8 activations, §10 step 1).
+//   A panel  (activations): [kg][2][mr][4]: per k-group, mr x 4 bytes of x' (x - 128 for uint8
+//                           activations, §10 step 1), then the same bytes as |x'| (uint8, |-128| = 128).
 //   B panel  (weights):     [kg][16][4] int8 codes (PackedMatrix, int8 format, or unpacked 4-bit).
 //   tile:                   int32 [4][16], row r / column c = sum_k A[r, k] * B[c, k] (mod 2^32).
 #pragma once
@@ -31,6 +32,13 @@ struct Epi {
   const int64_t* sh = nullptr;
   const int64_t* rnd = nullptr;  // 2^(sh-1)
   int32_t zy = 0, lo = 0, hi = 0;
+  // Every normalized shift is >= 33: then (p + 2^(S-1)) >> S == (hi32(p) + 2^(S-33)) >> (S-32) with
+  // hi32(p) = floor(p / 2^32), all in int32 (see ukernel_avx2.cpp). Same multipliers as int32.
+  bool fast32 = false;
+  const int32_t* m1_32 = nullptr;
+  const int32_t* m2_32 = nullptr;
+  const int32_t* rnd32 = nullptr;  // 2^(S-33)
+  const int32_t* shr32 = nullptr;  // S - 32
   // float32: y = fl32(fl32(acc1) * s1) [+ fl32(fl32(acc2) * s2)]
   const float* s1 = nullptr;
   const float* s2 = nullptr;
@@ -49,7 +57,7 @@ using EpiFn = void (*)(const Epi& e, int64_t n0, int mr, int nc, const int32_t* 
                        const int32_t* t2, const int32_t* rs2, const TileOut& o);
 // nibble panel (kg/2 x 64 bytes) -> int8 panel (kg x 64 bytes)
 using UnpackFn = void (*)(const uint8_t* src, int64_t kg, bool is_signed, uint8_t* dst);
-// rows of x (row stride ldx bytes) -> A panel, plus x' row sums over the first k entries
+// rows of x (row stride ldx bytes) -> A panel (x' and |x'|), plus x' row sums over the first k entries
 using PackAFn = void (*)(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, uint8_t xor_mask, int8_t* dst,
                          int32_t* rowsum);
 
@@ -62,6 +70,8 @@ struct KernelSet {
   EpiFn epi;
   UnpackFn unpack4;
   PackAFn pack_a;
+  // fill the |x'| half of an A panel whose x' half is written
+  void (*fill_abs)(int8_t* panel, int64_t kg, int mr);
   // requantize `count` int32 values sharing one channel's (m, sh, rnd) (§6)
   void (*requant_run)(const int32_t* acc, int64_t count, int64_t m, int64_t sh, int64_t rnd, int32_t zy, int32_t lo,
                       int32_t hi, OutType t, void* out);

@@ -28,30 +28,52 @@ inline __m256i bcast32(const int8_t* p) {
 }
 
 // ------------------------------------------------------------------------------ sign-path micro-kernel
+// One k-group step for one row r: x' (4 bytes) and |x'| (precomputed in the A panel) broadcast;
+// acc0/acc1 = channels 0-7 / 8-15. Exactly sign + maddubs + maddwd + add per 32 multiply-adds.
+#define QSIM_SIGN_STEP(r, acc0, acc1)                                                     \
+  do {                                                                                    \
+    const __m256i x = bcast32(a + 4 * (r));                                               \
+    const __m256i ax_ = bcast32(a + 4 * (MR + (r)));                                      \
+    const __m256i p0_ = _mm256_maddubs_epi16(ax_, _mm256_sign_epi8(b0, x));              \
+    const __m256i p1_ = _mm256_maddubs_epi16(ax_, _mm256_sign_epi8(b1, x));              \
+    acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(p0_, ones));                         \
+    acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(p1_, ones));                         \
+  } while (0)
+
+// Accumulators are named variables (not arrays) so they stay in registers: 8 accumulators,
+// 2 weight vectors, the ones vector and temporaries fit the 16 ymm registers.
 template <int MR>
 void ukr_avx2(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i c0[MR], c1[MR];
-  for (int r = 0; r < MR; ++r) c0[r] = c1[r] = _mm256_setzero_si256();
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+          c31 = c00;
   for (int64_t g = 0; g < kg; ++g) {
     const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(b));
     const __m256i b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(b + 32));
-    for (int r = 0; r < MR; ++r) {
-      const __m256i x = bcast32(a + 4 * r);
-      const __m256i ax = _mm256_abs_epi8(x);
-      const __m256i p0 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(b0, x));
-      const __m256i p1 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(b1, x));
-      c0[r] = _mm256_add_epi32(c0[r], _mm256_madd_epi16(p0, ones));
-      c1[r] = _mm256_add_epi32(c1[r], _mm256_madd_epi16(p1, ones));
-    }
-    a += 4 * MR;
+    QSIM_SIGN_STEP(0, c00, c01);
+    if (MR > 1) QSIM_SIGN_STEP(1, c10, c11);
+    if (MR > 2) QSIM_SIGN_STEP(2, c20, c21);
+    if (MR > 3) QSIM_SIGN_STEP(3, c30, c31);
+    a += 8 * MR;
     b += 64;
   }
-  for (int r = 0; r < MR; ++r) {
-    _mm256_store_si256(reinterpret_cast<__m256i*>(tile + r * kNR), c0[r]);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(tile + r * kNR + 8), c1[r]);
+  __m256i* t = reinterpret_cast<__m256i*>(tile);
+  _mm256_store_si256(t + 0, c00);
+  _mm256_store_si256(t + 1, c01);
+  if (MR > 1) {
+    _mm256_store_si256(t + 2, c10);
+    _mm256_store_si256(t + 3, c11);
+  }
+  if (MR > 2) {
+    _mm256_store_si256(t + 4, c20);
+    _mm256_store_si256(t + 5, c21);
+  }
+  if (MR > 3) {
+    _mm256_store_si256(t + 6, c30);
+    _mm256_store_si256(t + 7, c31);
   }
 }
+#undef QSIM_SIGN_STEP
 
 // ------------------------------------------------------------------------------ exact int16 path (-128)
 // B bytes [c][k0..k3] for 4 channels -> 16 int16; A's 4 codes as int16 broadcast to every 64-bit
@@ -72,7 +94,7 @@ void ukr_wide_half(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile,
       lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(w0, x));
       hi[r] = _mm256_add_epi32(hi[r], _mm256_madd_epi16(w1, x));
     }
-    a += 4 * MR;
+    a += 8 * MR;
     b += 64;
   }
   for (int r = 0; r < MR; ++r) {
@@ -115,8 +137,9 @@ inline __m256i corrected(const int32_t* t, const int32_t* colc, const int32_t* z
   return v;
 }
 
-// requantize 8 channels starting at n (per-channel m/sh/rnd as int64)
-inline __m256i requant8(const Epi& e, int64_t n, __m256i a1, const __m256i* a2) {
+// §6 for 8 channels starting at n, general shifts (1..62): 64-bit products, rounding and an
+// arithmetic shift emulated with logical shifts, 64-bit clamp.
+inline __m256i requant8_wide(const Epi& e, int64_t n, __m256i a1, const __m256i* a2) {
   const __m256i lo = _mm256_set1_epi64x(static_cast<int64_t>(e.lo) - e.zy);
   const __m256i hi = _mm256_set1_epi64x(static_cast<int64_t>(e.hi) - e.zy);
   __m128i part[2];
@@ -134,11 +157,41 @@ inline __m256i requant8(const Epi& e, int64_t n, __m256i a1, const __m256i* a2) 
   return _mm256_add_epi32(y, _mm256_set1_epi32(e.zy));
 }
 
+// §6 for 8 channels when every shift S is in [33, 62]. With p = acc*M0 (|p| < 2^62) and
+// h = floor(p / 2^32) (the high dword of the exact 64-bit product, |h| <= 2^30):
+//   floor((p + 2^(S-1)) / 2^S) = floor((h + 2^(S-33) + f) / 2^(S-32)),  f = (p mod 2^32) / 2^32 in [0, 1)
+//                              = (h + 2^(S-33)) >> (S - 32)             (integer numerator, D >= 2)
+// so the rounding shift needs only int32 lanes: vpsravd. Exact, no 64-bit shift or clamp.
+inline __m256i requant8_fast(const Epi& e, int64_t n, __m256i a1, const __m256i* a2) {
+  const __m256i m = load8(e.m1_32 + n);
+  __m256i pe = _mm256_mul_epi32(a1, m);  // channels 0, 2, 4, 6
+  __m256i po = _mm256_mul_epi32(_mm256_srli_epi64(a1, 32), _mm256_srli_epi64(m, 32));  // 1, 3, 5, 7
+  if (a2) {
+    const __m256i m2 = load8(e.m2_32 + n);
+    pe = _mm256_add_epi64(pe, _mm256_mul_epi32(*a2, m2));
+    po = _mm256_add_epi64(po, _mm256_mul_epi32(_mm256_srli_epi64(*a2, 32), _mm256_srli_epi64(m2, 32)));
+  }
+  const __m256i h = _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
+  __m256i y = _mm256_srav_epi32(_mm256_add_epi32(h, load8(e.rnd32 + n)), load8(e.shr32 + n));
+  y = _mm256_add_epi32(y, _mm256_set1_epi32(e.zy));
+  y = _mm256_max_epi32(y, _mm256_set1_epi32(e.lo));
+  return _mm256_min_epi32(y, _mm256_set1_epi32(e.hi));
+}
+
+// int32 / float / byte results of one row of 16 channels -> output
+template <typename T>
+inline void write_row(const T* src, int nc, int64_t r, const TileOut& o) {
+  T* dst = static_cast<T*>(o.out) + r * o.ldm;
+  if (o.ldn == 1) {
+    for (int c = 0; c < nc; ++c) dst[c] = src[c];
+  } else {
+    for (int c = 0; c < nc; ++c) dst[c * o.ldn] = src[c];
+  }
+}
+
 void epi_avx2(const Epi& e, int64_t n0, int mr, int nc, const int32_t* t1, const int32_t* rs1, const int32_t* t2,
               const int32_t* rs2, const TileOut& o) {
-  alignas(32) int32_t ibuf[kMR * kNR];
-  alignas(32) float fbuf[kMR * kNR];
-  alignas(16) uint8_t bbuf[kMR * kNR];
+  const bool full = nc == kNR && o.ldn == 1;
   const bool requant = is_requant(e.type);
   const bool is_signed8 = e.type == OutType::S8 || e.type == OutType::S4;
   for (int r = 0; r < mr; ++r) {
@@ -150,37 +203,50 @@ void epi_avx2(const Epi& e, int64_t n0, int mr, int nc, const int32_t* t1, const
         w[h] = corrected(t2 + r * kNR + 8 * h, e.colc2 + n, e.zw2 ? e.zw2 + n : nullptr, rs2 ? rs2[r] : 0);
     }
     if (e.type == OutType::I32) {
-      _mm256_store_si256(reinterpret_cast<__m256i*>(ibuf + r * kNR), v[0]);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(ibuf + r * kNR + 8), v[1]);
+      if (full) {
+        int32_t* d = static_cast<int32_t*>(o.out) + r * o.ldm;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), v[0]);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 8), v[1]);
+      } else {
+        alignas(32) int32_t buf[kNR];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(buf), v[0]);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(buf + 8), v[1]);
+        write_row(buf, nc, r, o);
+      }
     } else if (e.type == OutType::F32) {
+      __m256 f[2];
       for (int h = 0; h < 2; ++h) {
         const int64_t n = n0 + 8 * h;
-        __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(v[h]), _mm256_loadu_ps(e.s1 + n));
-        if (e.split) f = _mm256_add_ps(f, _mm256_mul_ps(_mm256_cvtepi32_ps(w[h]), _mm256_loadu_ps(e.s2 + n)));
-        _mm256_store_ps(fbuf + r * kNR + 8 * h, f);
+        f[h] = _mm256_mul_ps(_mm256_cvtepi32_ps(v[h]), _mm256_loadu_ps(e.s1 + n));
+        if (e.split) f[h] = _mm256_add_ps(f[h], _mm256_mul_ps(_mm256_cvtepi32_ps(w[h]), _mm256_loadu_ps(e.s2 + n)));
+      }
+      if (full) {
+        float* d = static_cast<float*>(o.out) + r * o.ldm;
+        _mm256_storeu_ps(d, f[0]);
+        _mm256_storeu_ps(d + 8, f[1]);
+      } else {
+        alignas(32) float buf[kNR];
+        _mm256_store_ps(buf, f[0]);
+        _mm256_store_ps(buf + 8, f[1]);
+        write_row(buf, nc, r, o);
       }
     } else if (requant) {
       __m256i y[2];
-      for (int h = 0; h < 2; ++h) y[h] = requant8(e, n0 + 8 * h, v[h], e.split ? &w[h] : nullptr);
+      for (int h = 0; h < 2; ++h)
+        y[h] = e.fast32 ? requant8_fast(e, n0 + 8 * h, v[h], e.split ? &w[h] : nullptr)
+                        : requant8_wide(e, n0 + 8 * h, v[h], e.split ? &w[h] : nullptr);
       // values are already inside the output range: the saturating packs are plain narrowing
       const __m256i s16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(y[0], y[1]), 0xD8);
       const __m128i l = _mm256_castsi256_si128(s16), hh = _mm256_extracti128_si256(s16, 1);
       const __m128i bytes = is_signed8 ? _mm_packs_epi16(l, hh) : _mm_packus_epi16(l, hh);
-      _mm_store_si128(reinterpret_cast<__m128i*>(bbuf + r * kNR), bytes);
+      if (full) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(o.out) + r * o.ldm), bytes);
+      } else {
+        alignas(16) uint8_t buf[kNR];
+        _mm_store_si128(reinterpret_cast<__m128i*>(buf), bytes);
+        write_row(buf, nc, r, o);
+      }
     }
-  }
-  // write out: contiguous channels (GEMM) or contiguous rows (conv, NCHW)
-  const int64_t esz = requant ? 1 : 4;
-  const uint8_t* src = requant ? bbuf : (e.type == OutType::F32 ? reinterpret_cast<const uint8_t*>(fbuf)
-                                                                 : reinterpret_cast<const uint8_t*>(ibuf));
-  uint8_t* dst = static_cast<uint8_t*>(o.out);
-  if (o.ldn == 1) {
-    for (int r = 0; r < mr; ++r)
-      std::memcpy(dst + r * o.ldm * esz, src + r * kNR * esz, static_cast<size_t>(nc * esz));
-  } else {
-    for (int c = 0; c < nc; ++c)
-      for (int r = 0; r < mr; ++r)
-        std::memcpy(dst + (r * o.ldm + c * o.ldn) * esz, src + (r * kNR + c) * esz, static_cast<size_t>(esz));
   }
 }
 
@@ -223,11 +289,19 @@ void pack_a_avx2(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, u
       const __m256i t2 = _mm256_unpacklo_epi32(rr[2], rr[3]), t3 = _mm256_unpackhi_epi32(rr[2], rr[3]);
       const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
       const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
-      __m256i* d = reinterpret_cast<__m256i*>(dst + j0 * kMR);
-      _mm256_storeu_si256(d + 0, _mm256_permute2x128_si256(u0, u1, 0x20));
-      _mm256_storeu_si256(d + 1, _mm256_permute2x128_si256(u2, u3, 0x20));
-      _mm256_storeu_si256(d + 2, _mm256_permute2x128_si256(u0, u1, 0x31));
-      _mm256_storeu_si256(d + 3, _mm256_permute2x128_si256(u2, u3, 0x31));
+      // k-groups g..g+7 (g = j0/4), each [x' 16 bytes][|x'| 16 bytes]
+      const __m256i o0 = _mm256_permute2x128_si256(u0, u1, 0x20), o1 = _mm256_permute2x128_si256(u2, u3, 0x20);
+      const __m256i o2 = _mm256_permute2x128_si256(u0, u1, 0x31), o3 = _mm256_permute2x128_si256(u2, u3, 0x31);
+      int8_t* d = dst + j0 * 2 * kMR;
+      const __m256i os[4] = {o0, o1, o2, o3};
+      for (int q = 0; q < 4; ++q) {
+        // os[q] holds k-groups 2q and 2q+1 (16 bytes each)
+        const __m256i ab = _mm256_abs_epi8(os[q]);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 64 * q),
+                            _mm256_permute2x128_si256(os[q], ab, 0x20));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 64 * q + 32),
+                            _mm256_permute2x128_si256(os[q], ab, 0x31));
+      }
     }
     for (int r = 0; r < kMR; ++r) {
       alignas(32) int64_t q[4];
@@ -240,10 +314,29 @@ void pack_a_avx2(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, u
     int64_t s = sums[r];
     for (int64_t j = j0; j < kg * 4; ++j) {
       const int8_t v = j < k ? static_cast<int8_t>(row[j] ^ mask) : 0;
-      dst[(j >> 2) * mr * 4 + r * 4 + (j & 3)] = v;
+      int8_t* d = dst + (j >> 2) * mr * 8 + r * 4 + (j & 3);
+      d[0] = v;
+      d[4 * mr] = static_cast<int8_t>(static_cast<uint8_t>(v < 0 ? -v : v));
       s += v;
     }
     rowsum[r] = static_cast<int32_t>(s);
+  }
+}
+
+void fill_abs_avx2(int8_t* panel, int64_t kg, int mr) {
+  if (mr == kMR) {
+    for (int64_t g = 0; g < kg; ++g) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + g * 32));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(panel + g * 32 + 16), _mm_abs_epi8(v));
+    }
+    return;
+  }
+  for (int64_t g = 0; g < kg; ++g) {
+    int8_t* p = panel + g * 8 * mr;
+    for (int i = 0; i < 4 * mr; ++i) {
+      const int v = p[i];
+      p[4 * mr + i] = static_cast<int8_t>(static_cast<uint8_t>(v < 0 ? -v : v));
+    }
   }
 }
 
@@ -266,6 +359,7 @@ const KernelSet& avx2_kernels() {
     k.epi = epi_avx2;
     k.unpack4 = unpack4_avx2;
     k.pack_a = pack_a_avx2;
+    k.fill_abs = fill_abs_avx2;
     k.requant_run = requant_run_impl;
     k.log2_rows = log2_rows_impl;
     return k;

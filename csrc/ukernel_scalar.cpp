@@ -19,7 +19,7 @@ void ukr_scalar(const int8_t* a, const uint8_t* bpanel, int64_t kg, int32_t* til
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < kNR; ++c) acc[r][c] = 0;
   for (int64_t g = 0; g < kg; ++g) {
-    const int8_t* ag = a + g * MR * 4;
+    const int8_t* ag = a + g * MR * 8;  // x' half
     const int8_t* bg = b + g * kNR * 4;
     for (int r = 0; r < MR; ++r)
       for (int c = 0; c < kNR; ++c) {
@@ -88,6 +88,16 @@ void unpack4_scalar(const uint8_t* src, int64_t kg, bool is_signed, uint8_t* dst
     }
 }
 
+void fill_abs_scalar(int8_t* panel, int64_t kg, int mr) {
+  for (int64_t g = 0; g < kg; ++g) {
+    int8_t* p = panel + g * 8 * mr;
+    for (int i = 0; i < 4 * mr; ++i) {
+      const int v = p[i];
+      p[4 * mr + i] = static_cast<int8_t>(static_cast<uint8_t>(v < 0 ? -v : v));
+    }
+  }
+}
+
 void pack_a_scalar(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, uint8_t mask, int8_t* dst,
                    int32_t* rowsum) {
   for (int r = 0; r < mr; ++r) {
@@ -95,11 +105,12 @@ void pack_a_scalar(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg,
     int32_t s = 0;
     for (int64_t j = 0; j < kg * 4; ++j) {
       const int8_t v = j < k ? static_cast<int8_t>(row[j] ^ mask) : 0;
-      dst[(j >> 2) * mr * 4 + r * 4 + (j & 3)] = v;
+      dst[(j >> 2) * mr * 8 + r * 4 + (j & 3)] = v;
       s += v;  // |s| <= 128 * K: fits (K is bounded by §4.1)
     }
     rowsum[r] = s;
   }
+  fill_abs_scalar(dst, kg, mr);
 }
 
 }  // namespace
@@ -117,6 +128,7 @@ const KernelSet& scalar_kernels() {
     k.epi = epi_scalar;
     k.unpack4 = unpack4_scalar;
     k.pack_a = pack_a_scalar;
+    k.fill_abs = fill_abs_scalar;
     k.requant_run = requant_run_impl;
     k.log2_rows = log2_rows_impl;
     return k;
