@@ -205,7 +205,7 @@ def overflow_term(k: int, act_type: str, zx: int, w_format: str, zw: np.ndarray)
     xlo, xhi = RANGES[act_type]
     wlo, whi = RANGES[w_format]
     a = max(abs(xlo - zx), abs(xhi - zx))
-    b = max(abs(wlo - int(zw.min())), abs(whi - int(zw.max()))) if zw.size else 0
+    b = max(abs(wlo - int(zw.max())), abs(whi - int(zw.min()))) if zw.size else 0
     return k * a * b
 
 

@@ -131,3 +131,14 @@ def test_noncontiguous_inputs_are_accepted():
     x = np.arange(40, dtype=np.int8).reshape(4, 10)[:, ::2]
     w = np.arange(15, dtype=np.int8).reshape(3, 5)
     assert np.array_equal(gemm(x=x, w=w), np.ascontiguousarray(x).astype(np.int64) @ w.astype(np.int64).T)
+
+
+def test_overflow_bound_uses_worst_weight_zero_point():
+    """B of spec §4.1 is max_n max(|wmin - zw[n]|, |wmax - zw[n]|): a zero point of 127 gives |-128 - 127| = 255."""
+    k = (2**31 - 1) // (128 * 255)
+    x = np.full((1, k + 1), -128, np.int8)
+    w = np.full((2, k + 1), -128, np.int8)
+    with pytest.raises(ValueError, match="K="):
+        gemm(x=x, w=w, w_zero_point=np.array([0, 127], np.int32))
+    y = gemm(x=x[:, :k], w=w[:, :k], w_zero_point=np.array([0, 127], np.int32))
+    assert int(y[0, 1]) == k * (-128) * (-255)
