@@ -1,0 +1,238 @@
+"""The ``pyqsim`` command line: demo, calibrate, run, verify, vectors, cost, info."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import build_info, ops
+from ._version import __version__
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed without a traceback, exit code 2."""
+
+
+def _emit(args, data: dict, text: str) -> None:
+    if args.json:
+        print(json.dumps(data, indent=1, default=_jsonable))
+    else:
+        print(text)
+
+
+def _jsonable(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return str(v)
+
+
+def _load(path):
+    from .runtime import ParamFileError, load
+    if not os.path.isfile(path):
+        raise CLIError(f"parameter file not found: {path}")
+    try:
+        return load(path)
+    except ParamFileError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _inputs(program, path, n):
+    if path is None:
+        return program.example_inputs(n)
+    if not os.path.isfile(path):
+        raise CLIError(f"input file not found: {path}")
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as z:
+            arrays = [z[k] for k in z.files]
+        return tuple(arrays) if len(arrays) > 1 else arrays[0]
+    return np.load(path, allow_pickle=False)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_info(args) -> int:
+    info = build_info()
+    cpu = info.get("cpu", {})
+    cuda = cpu.get("cuda", {}) if cpu.get("compiled") else {}
+    lines = [
+        f"pyqsim {info['version']} (numpy {info['numpy']})",
+        f"backends available: {', '.join(ops.available_backends())}",
+        f"cpu kernels: {'compiled' if cpu.get('compiled') else 'NOT compiled (' + str(cpu.get('reason')) + ')'}",
+    ]
+    if cpu.get("compiled"):
+        lines.append(f"simd: {cpu.get('isa')} (compiled: {', '.join(cpu.get('simd_compiled', []))}), "
+                     f"threads: {cpu.get('threads')}")
+        if cpu.get("isa") == "scalar":
+            lines.append("WARNING: the portable scalar path is in use; results are identical but much slower")
+        lines.append(f"cuda: {'compiled' if cuda.get('compiled') else 'not compiled'}, "
+                     f"devices seen: {cuda.get('devices', 0)}")
+    _emit(args, info, "\n".join(lines))
+    return 0
+
+
+def cmd_run(args) -> int:
+    program = _load(args.params)
+    x = _inputs(program, args.input, args.n)
+    t0 = time.perf_counter()
+    y = program.run(x, backend=args.backend)
+    dt = time.perf_counter() - t0
+    backend = ops.resolve_backend(args.backend, "int_gemm")
+    if args.out:
+        np.save(args.out, y)
+    data = {"params": args.params, "backend": backend, "output_shape": list(y.shape), "seconds": dt}
+    if y.ndim == 2:
+        data["predictions"] = y.argmax(axis=1).tolist()
+    text = f"ran {args.params} on {backend} in {dt:.3f} s: output {tuple(y.shape)}"
+    if "predictions" in data:
+        text += f"\npredicted classes: {data['predictions']}"
+    _emit(args, data, text)
+    return 0
+
+
+def verify_program(program, n: int, backends=None) -> dict:
+    """Per-op replay on every backend plus whole-model runs, compared with ``==`` to the reference."""
+    from .runtime.verify import compare, verify_calls
+    x = program.example_inputs(n)
+    with ops.record() as calls:
+        ref = program.run(x, backend="reference")
+    backends = [b for b in (backends or ops.available_backends()) if b != "reference"]
+    mismatches, counts = verify_calls(calls, backends)
+    end_to_end = {}
+    for b in backends:
+        diffs, count = compare(ref, program.run(x, backend=b))
+        end_to_end[b] = count
+    return {"ops_checked": len(calls), "backends": backends, "op_mismatches": counts,
+            "output_mismatches": end_to_end, "examples": [str(m) for m in mismatches],
+            "ok": not mismatches and not any(end_to_end.values())}
+
+
+def cmd_verify(args) -> int:
+    program = _load(args.params)
+    res = verify_program(program, args.n, args.backends)
+    if not res["backends"]:
+        res["note"] = "only the reference backend is available: nothing to compare"
+    lines = [f"{res['ops_checked']} integer op calls checked against the reference on: "
+             f"{', '.join(res['backends']) or 'nothing (only the reference is available)'}"]
+    for b in res["backends"]:
+        lines.append(f"  {b}: {res['op_mismatches'][b]} op-output mismatches, "
+                     f"{res['output_mismatches'][b]} model-output mismatches")
+    lines += [f"  MISMATCH {e}" for e in res["examples"]]
+    lines.append("OK: bit-exact" if res["ok"] else "FAILED: mismatches found")
+    _emit(args, res, "\n".join(lines))
+    return 0 if res["ok"] else 1
+
+
+def cmd_vectors(args) -> int:
+    from .runtime.vectors import write_vectors
+    program = _load(args.params)
+    with ops.record() as calls:
+        program.run(program.example_inputs(args.n), backend=args.backend)
+    manifest = write_vectors(calls, args.out, {"params": os.path.basename(args.params), "pyqsim": __version__})
+    data = {"out": args.out, "layers": len(manifest["layers"])}
+    _emit(args, data, f"wrote {len(manifest['layers'])} layers of golden vectors to {args.out} (manifest.json, .npz, .hex)")
+    return 0
+
+
+def cmd_cost(args) -> int:
+    from .runtime.cost import program_cost
+    program = _load(args.params)
+    desc = program.describe()
+    a_bits = int(desc.get("a_bits", 8)) if isinstance(desc, dict) else int(program.meta["quant"]["a_bits"])
+    res = program_cost(program, min(a_bits, 32))
+    lines = [f"{'layer':40s} {'op':16s} {'MACs':>12s} {'W':>2s} {'A':>2s} {'size Mb':>9s}"]
+    for l in res["layers"]:
+        lines.append(f"{l['layer'][:40]:40s} {l['op']:16s} {l['macs']:12d} {l['w_bits']:2d} {l['a_bits']:2d} {l['size_mbit']:9.4f}")
+    t = res["total"]
+    lines.append(f"total: {t['weight_params']} weight parameters, {t['size_mbit']:.4f} Mb, {t['macs']} MACs, "
+                 f"{t['gbitops']:.4f} Gbit-ops per forward (batch 1)")
+    _emit(args, res, "\n".join(lines))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from . import app
+    res = app.calibrate(args.method, out=args.out, w_bits=args.w_bits, a_bits=args.a_bits, calib_n=args.calib_n,
+                        model_file=args.model, quick=args.quick, progress=not args.json)
+    _emit(args, res, f"wrote {res['params']} ({args.method}, W{args.w_bits}A{args.a_bits}) in {res['seconds']:.1f} s")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from . import app
+    res = app.demo(out_dir=args.out, quick=args.quick, backend=args.backend, progress=not args.json)
+    _emit(args, res, res["summary"])
+    return 0 if res["ok"] else 1
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pyqsim", description="Bit-accurate integer simulation of quantized networks.")
+    p.add_argument("--version", action="version", version=f"pyqsim {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, fn, help_):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    backend = dict(default="auto", choices=["auto", "reference", "cpu", "cuda"], help="integer-op backend")
+    d = add("demo", cmd_demo, "calibrate the bundled digits ViT (RepQ-ViT W4A4) and UNet (Q-Diffusion W4A8), "
+                              "run them on the integer kernels, verify against the reference, write a report")
+    d.add_argument("--quick", action="store_true", help="smaller settings (under a minute)")
+    d.add_argument("--out", default="pyqsim-report", help="report folder (default: pyqsim-report)")
+    d.add_argument("--backend", **backend)
+    c = add("calibrate", cmd_calibrate, "calibrate a bundled model or a user's model file; write a parameter file")
+    c.add_argument("method", choices=["repq-vit", "qdiffusion"])
+    c.add_argument("--out", required=True, help="parameter file to write")
+    c.add_argument("--w-bits", type=int, default=4)
+    c.add_argument("--a-bits", type=int, default=None, help="default: 4 for repq-vit, 8 for qdiffusion")
+    c.add_argument("--calib-n", type=int, default=None, help="calibration samples (default: the method's)")
+    c.add_argument("--model", default=None, help="a model file of the user's (torch.save of a full module)")
+    c.add_argument("--quick", action="store_true", help="CPU-light settings")
+    r = add("run", cmd_run, "run inference from a parameter file")
+    r.add_argument("params")
+    r.add_argument("--input", help=".npy/.npz input (default: the file's example inputs)")
+    r.add_argument("--n", type=int, default=8, help="number of example inputs when --input is not given")
+    r.add_argument("--out", help="save the output as .npy")
+    r.add_argument("--backend", **backend)
+    v = add("verify", cmd_verify, "run on every backend and on the reference; exit 1 on any mismatch")
+    v.add_argument("params")
+    v.add_argument("--n", type=int, default=4, help="example inputs to run")
+    v.add_argument("--backends", nargs="*", default=None, help="backends to check (default: all available)")
+    g = add("vectors", cmd_vectors, "write golden per-layer test vectors (.npz, $readmemh hex, manifest.json)")
+    g.add_argument("params")
+    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--n", type=int, default=1, help="batch size of the recorded run")
+    g.add_argument("--backend", **backend)
+    k = add("cost", cmd_cost, "model size (Mb) and bit-operations per forward, per layer and total")
+    k.add_argument("params")
+    add("info", cmd_info, "the build: version, SIMD level, CUDA compiled, GPUs seen")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except CLIError as exc:
+        print(f"pyqsim {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, RuntimeError, OSError, MemoryError) as exc:
+        if os.environ.get("PYQSIM_DEBUG"):
+            raise
+        print(f"pyqsim {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
