@@ -50,7 +50,7 @@ class UNetConfig:
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of integer timesteps ``t`` [B] -> [B, dim] (DDPM layout: sin then cos)."""
     half = dim // 2
-    freq = torch.exp(torch.arange(half, dtype=torch.float32) * (-math.log(10000.0) / (half - 1)))
+    freq = torch.from_numpy(np.exp(np.arange(half) * (-math.log(10000.0) / (half - 1))).astype(np.float32))
     arg = t.float()[:, None] * freq[None, :]
     emb = torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb

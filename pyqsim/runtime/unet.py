@@ -40,7 +40,7 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 def timestep_embedding(t: np.ndarray, dim: int) -> np.ndarray:
     half = dim // 2
-    freq = np.exp(np.arange(half, dtype=np.float32) * np.float32(-math.log(10000.0) / (half - 1)))
+    freq = np.exp(np.arange(half) * (-math.log(10000.0) / (half - 1))).astype(np.float32)
     arg = t.astype(np.float32)[:, None] * freq[None, :]
     emb = np.concatenate([np.sin(arg), np.cos(arg)], axis=1)
     return np.pad(emb, ((0, 0), (0, dim % 2))).astype(np.float32)

@@ -1,0 +1,163 @@
+"""Q-Diffusion table for the bundled digits UNet: FP, linear quant and Q-Diffusion at W8A32, W4A32, W8A8 and
+W4A8 with size, bit-operations, FID and IS for fake-quant and integer sampling, the fake-vs-integer pixel
+difference, the kernel-vs-reference mismatch count of a whole integer sampling run, and calibration time.
+
+Usage: python -m pyqsim.experiments.qdiffusion_table [--quick] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROWS = ((8, 32), (4, 32), (8, 8), (4, 8))
+METHODS = ("linear", "qdiffusion")
+
+
+def count_mismatches(runner, sampler, n: int, seed: int) -> dict:
+    """Integer sampling of ``n`` images on the runner's backend; every recorded integer-op call is re-run on
+    backend="reference" with the same inputs and its output compared with ==."""
+    from .. import ops
+
+    with ops.record() as calls:
+        runner.sample(n, sampler, seed=seed)
+    bad = compared = 0
+    for _, op, args, result in calls:
+        ref = ops.run_canonical(op, args, "reference")
+        compared += np.size(result)
+        bad += int(np.count_nonzero(np.asarray(ref) != np.asarray(result)))
+    return {"backend": ops.resolve_backend(runner.backend, "int_conv2d"), "op_calls": len(calls),
+            "elements": int(compared), "mismatches": bad}
+
+
+def save_grid(path: Path, panels: dict[str, np.ndarray], n: int = 64) -> None:
+    """PNG with one 8x8 grid of samples per panel."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    side = int(np.sqrt(n))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
+    for ax, (title, imgs) in zip(np.atleast_1d(axes), panels.items()):
+        im = np.clip(imgs[:side * side, 0], -1, 1)
+        r = im.shape[-1]
+        grid = im.reshape(side, side, r, r).transpose(0, 2, 1, 3).reshape(side * r, side * r)
+        ax.imshow(-grid, cmap="gray", vmin=-1, vmax=1)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_table(out_dir="pyqsim-report/qdiffusion", n_samples: int = 1000, steps: int = 20, eta: float = 0.0,
+              skip: str = "uniform", cali_n: int = 64, cali_st: int = 10, rows=ROWS, methods=METHODS,
+              backend: str = "auto", check_n: int = 8, seed: int = 0, calib_overrides: dict | None = None,
+              log=print) -> dict:
+    """Compute the table (see module doc); writes params files, PNG grids and ``table.json`` to ``out_dir``."""
+    import torch
+
+    from ..calib.qdiffusion import QDiffConfig, calibrate, export_params, generate_calibration_data
+    from ..eval.cost import model_cost, params_file_cost
+    from ..eval.fid import fid, inception_score
+    from ..models.ddim import DDIMSampler, torch_eps_fn
+    from ..models.digits_classifier import load_digits_classifier
+    from ..models.unet import load_digits_unet
+    from ..runtime.unet import IntUNet
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, clf = load_digits_unet(), load_digits_classifier()
+    cfg = model.cfg
+    shape = (cfg.in_channels, cfg.resolution, cfg.resolution)
+    sampler = DDIMSampler(steps=steps, eta=eta, skip=skip)
+
+    def sample(eps_fn):
+        t0 = time.time()
+        x = np.clip(sampler.sample(eps_fn, (n_samples, *shape), seed=seed), -1, 1)
+        return x, time.time() - t0
+
+    def scores(x):
+        return {"fid": fid(x, clf=clf), "is": inception_score(x, clf=clf)}
+
+    example = (torch.zeros(1, *shape), torch.zeros(1, dtype=torch.long))
+    fp_x, fp_t = sample(torch_eps_fn(model))
+    fp_cost = model_cost(model, example)
+    result = {"setup": {"n_samples": n_samples, "steps": steps, "eta": eta, "skip": skip, "cali_n": cali_n,
+                        "cali_st": cali_st, "seed": seed, "torch_threads": torch.get_num_threads()},
+              "rows": [{"method": "fp", "bits": "W32A32", "size_mb": fp_cost["size_mb"], "gbitops": fp_cost["gbitops"],
+                        "fake": {**scores(fp_x), "sample_seconds": fp_t}}]}
+    log(result["rows"][0])
+    save_grid(out / "fp.png", {"FP32": fp_x})
+    t0 = time.time()
+    cali = generate_calibration_data(model, sampler, cali_n, cali_st, shape, seed=seed + 1)
+    result["setup"]["cali_seconds"] = time.time() - t0
+    result["setup"]["cali_samples"] = int(len(cali["x"]))
+    for w_bits, a_bits in rows:
+        for method in methods:
+            qcfg = QDiffConfig(w_bits=w_bits, a_bits=a_bits, method=method, **(calib_overrides or {}))
+            t0 = time.time()
+            qmodel = calibrate(model, cali, qcfg)
+            cal_s = time.time() - t0
+            fq_x, fq_t = sample(torch_eps_fn(qmodel))
+            path = out / f"{method}_{qcfg.label}.params"
+            export_params(qmodel, path)
+            runner = IntUNet.load(path, backend=backend)
+            int_x, int_t = sample(runner)
+            row = {"method": method, "bits": qcfg.label, **{k: v for k, v in params_file_cost(path).items()
+                                                             if k in ("size_mb", "gbitops", "stored_mb")},
+                   "calib_seconds": cal_s, "fake": {**scores(fq_x), "sample_seconds": fq_t},
+                   "integer": {**scores(int_x), "sample_seconds": int_t, "integer_ops": runner.integer,
+                               "mean_abs_pixel_diff_vs_fake": float(np.abs(int_x - fq_x).mean())}}
+            if runner.integer:
+                row["integer"]["check"] = count_mismatches(runner, sampler, check_n, seed)
+            result["rows"].append(row)
+            log(row)
+            save_grid(out / f"{method}_{qcfg.label}.png", {f"{method} {qcfg.label} fake-quant": fq_x,
+                                                          f"{method} {qcfg.label} integer": int_x})
+    (out / "table.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def markdown(result: dict) -> str:
+    """The table as Markdown."""
+    lines = ["| method | W/A | size (MB) | Gbit-ops | FID fake | IS fake | FID int | IS int | |int-fake| px | "
+             "mismatches | calib (s) |", "|" + "---|" * 11]
+    for r in result["rows"]:
+        i = r.get("integer", {})
+        chk = i.get("check")
+        mm = f"{chk['mismatches']}/{chk['elements']}" if chk else "n/a (float)" if i else ""
+        fmt = (lambda v, f: f.format(v) if v is not None else "")
+        lines.append(f"| {r['method']} | {r['bits']} | {r['size_mb']:.3f} | {r['gbitops']:.3f} | "
+                     f"{r['fake']['fid']:.2f} | {r['fake']['is']:.2f} | {fmt(i.get('fid'), '{:.2f}')} | "
+                     f"{fmt(i.get('is'), '{:.2f}')} | {fmt(i.get('mean_abs_pixel_diff_vs_fake'), '{:.4f}')} | {mm} | "
+                     f"{fmt(r.get('calib_seconds'), '{:.0f}')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="pyqsim-report/qdiffusion", help="folder for table.json, PNGs and params")
+    ap.add_argument("--samples", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--eta", type=float, default=0.0)
+    ap.add_argument("--skip", choices=("uniform", "quadratic"), default="uniform")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--quick", action="store_true", help="W4A8 only, 200 samples, short calibration")
+    ap.add_argument("--json", action="store_true", help="print the JSON result instead of Markdown")
+    args = ap.parse_args(argv)
+    kw = {}
+    if args.quick:
+        kw = dict(rows=((4, 8),), calib_overrides={"weight_iters": 100, "act_iters": 50})
+        args.samples = 200
+    result = run_table(args.out, n_samples=args.samples, steps=args.steps, eta=args.eta, skip=args.skip,
+                       backend=args.backend, log=(lambda r: None) if args.json else print, **kw)
+    print(json.dumps(result, indent=1) if args.json else markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""Q-Diffusion calibration, export and integer execution of the bundled digits UNet.
+
+Tolerance policy (integer runner vs fake-quant on the same inputs). Both compute the same quantized
+network; they differ only where float32 rounding differs:
+  * accumulation: fake-quant sums K float products in torch's order (error <= K * u * sum|terms|,
+    u = 2^-24, K <= 864 here), the integer op is exact and rounds once (spec §6);
+  * GroupNorm / SiLU / softmax: torch vs NumPy float32, a few ulp.
+Without a code flip the per-layer relative error is <= K * u ~ 5e-5, i.e. ATOL = 1e-3 * max|eps| over the
+~30 layers of a path. A difference of a few ulp can move a value across a rounding boundary of the next
+activation quantizer (a "code flip": one step s_x on one element), which then propagates. Flips are rare
+events, so the policy is: >= FRAC_CLOSE of all eps elements agree within ATOL, and the mean absolute
+difference is <= MEAN_TOL * mean|eps| (a wrong scale, bias or split anywhere fails both by orders of magnitude).
+"""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from pyqsim.calib import qdiffusion as Q  # noqa: E402
+from pyqsim.models.ddim import DDIMSampler  # noqa: E402
+from pyqsim.models.unet import load_digits_unet  # noqa: E402
+from pyqsim.runtime.unet import IntUNet  # noqa: E402
+
+ATOL_REL, FRAC_CLOSE, MEAN_TOL = 1e-3, 0.95, 0.02
+SHAPE = (1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    return load_digits_unet()
+
+
+@pytest.fixture(scope="module")
+def cali(model):
+    return Q.generate_calibration_data(model, DDIMSampler(steps=10), cali_n=8, cali_st=4, shape=SHAPE, seed=3)
+
+
+@pytest.fixture(scope="module")
+def qmodel(model, cali):  # W4A8 Q-Diffusion quantizers with short reconstruction
+    return Q.calibrate(model, cali, Q.QDiffConfig(w_bits=4, a_bits=8, weight_iters=5, act_iters=5, init_samples=32))
+
+
+@pytest.fixture(scope="module")
+def exported(qmodel, tmp_path_factory):
+    path = tmp_path_factory.mktemp("qd") / "w4a8.params"
+    meta = Q.export_params(qmodel, path)
+    return path, meta
+
+
+def test_calibration_data_timesteps_shapes_count(cali):
+    sampler = DDIMSampler(steps=10)
+    visited = sampler.timesteps[::-1]  # model inputs are seen from the noisiest step down
+    assert list(cali["steps"]) == [0, 3, 6, 9]  # every 3rd step, first and last included
+    assert cali["x"].shape == (4 * 8, *SHAPE) and cali["x"].dtype == np.float32
+    assert list(cali["t"]) == [int(t) for t in visited[[0, 3, 6, 9]] for _ in range(8)]
+    # the first kept input is x_T itself (pure noise, unit variance); later ones are partly denoised
+    assert 0.8 < cali["x"][:8].std() < 1.2
+
+
+def test_calibration_data_matches_sampler_inputs(model):
+    seen = []
+    s = DDIMSampler(steps=5)
+    from pyqsim.models.ddim import torch_eps_fn
+    s.sample(torch_eps_fn(model), (3, *SHAPE), seed=9, callback=lambda i, t, x: seen.append((t, x.copy())))
+    c = Q.generate_calibration_data(model, s, cali_n=3, cali_st=5, shape=SHAPE, seed=9)
+    np.testing.assert_array_equal(c["x"], np.concatenate([x for _, x in seen]))
+
+
+def test_block_reconstruction_beats_nearest_rounding(model, cali):
+    cfg = Q.QDiffConfig(w_bits=4, a_bits=32, weight_iters=300, first_last_bits=None)
+    xs, ts = torch.as_tensor(cali["x"]), torch.as_tensor(cali["t"])
+    q = Q.quantize_model(model, cfg, (xs[:2], ts[:2]))
+    name = "up.1.block.0"
+    unit = q.get_submodule(name)
+    layers, _ = Q._parts(unit)
+    for m in layers:
+        for wq, w in zip(m.wq, m.weights()):
+            wq.init(w, "mse")
+    args, tgt = Q._capture(model, model.get_submodule(name), xs, ts)
+    nearest = Q._unit_error(unit, args, tgt)
+    Q._reconstruct_weights(unit, layers, args, tgt, cfg, torch.Generator().manual_seed(0))
+    assert all(not wq.soft and wq.alpha is not None for m in layers for wq in m.wq)
+    h = torch.cat([wq.h().flatten() for m in layers for wq in m.wq])
+    assert float(((h > 0) & (h < 1)).float().mean()) < 0.05  # the regularizer drove h to {0, 1}
+    assert Q._unit_error(unit, args, tgt) < 0.8 * nearest
+
+
+def test_split_layers_get_separate_quantizers(model, qmodel):
+    split = {n for n, m in model.named_modules() if getattr(m, "qsplit", 0)}
+    assert split
+    for name, m in qmodel.named_modules():
+        if isinstance(m, Q.QuantLayer):
+            assert (m.split > 0) == (name in split)
+            assert len(m.wq) == len(m.aq) == (2 if m.split else 1)
+    m = qmodel.get_submodule(sorted(split)[0])
+    assert m.aq[0] is not m.aq[1] and m.aq[0].export() != m.aq[1].export()
+    assert not torch.equal(m.wq[0].scale, m.wq[1].scale)
+
+
+def test_linear_baseline_has_no_split_and_minmax(model, cali):
+    q = Q.calibrate(model, cali, Q.QDiffConfig(w_bits=8, a_bits=8, method="linear"))
+    layers = [m for m in q.modules() if isinstance(m, Q.QuantLayer)]
+    assert all(m.split == 0 and m.wq[0].alpha is None for m in layers)
+    w = layers[0].module.weight.detach().reshape(len(layers[0].module.weight), -1)
+    lo, hi = w.min(1).values.clamp(max=0), w.max(1).values.clamp(min=0)
+    torch.testing.assert_close(layers[0].wq[0].scale, ((hi - lo) / 255).float())
+
+
+def test_export_round_trip(qmodel, exported):
+    from pyqsim import ops
+    from pyqsim.runtime.paramfile import load_params
+    path, meta = exported
+    tensors, meta2 = load_params(path)
+    assert meta2["layers"] == meta["layers"] and meta2["quant"]["w_bits"] == 4
+    m = qmodel.get_submodule("up.1.block.0.conv1")
+    for i, (wq, w) in enumerate(zip(m.wq, m.weights())):
+        codes = wq.codes(w).detach().numpy().astype(np.int8)
+        unpacked = ops.unpack_int4(tensors[f"up.1.block.0.conv1.w{i}"], codes[0].size).reshape(codes.shape)
+        np.testing.assert_array_equal(unpacked, codes)
+        np.testing.assert_array_equal(tensors[f"up.1.block.0.conv1.w{i}_scale"], wq.scale.numpy())
+    assert tensors["up.1.block.0.conv1.bias"].dtype == np.int32
+    assert meta2["layers"]["up.1.block.0.conv1"]["x"] == [q.export() for q in m.aq]
+
+
+def test_integer_runner_matches_fake_quant_and_uses_split_op(qmodel, exported, cali):
+    path, meta = exported
+    runner = IntUNet.load(path, backend="reference")
+    x, t = cali["x"][::2], cali["t"][::2]
+    eps_int = runner(x, t)
+    with torch.no_grad():
+        eps_fq = qmodel(torch.from_numpy(x), torch.from_numpy(t)).numpy()
+    n_split = sum(1 for L in meta["layers"].values() if L["split"])
+    assert n_split > 0 and runner.op_counts["split_conv2d"] == n_split  # one split op per split layer
+    assert runner.op_counts["int_conv2d"] + runner.op_counts["split_conv2d"] + runner.op_counts["int_gemm"] > 0
+    diff = np.abs(eps_int - eps_fq)
+    assert np.mean(diff <= ATOL_REL * np.abs(eps_fq).max()) >= FRAC_CLOSE
+    assert diff.mean() <= MEAN_TOL * np.abs(eps_fq).mean()
+
+
+def test_cost_from_params_matches_model(qmodel, exported):
+    from pyqsim.eval.cost import model_cost, params_file_cost
+    path, _ = exported
+    c_file = params_file_cost(path)
+    c_model = model_cost(qmodel, (torch.zeros(1, *SHAPE), torch.zeros(1, dtype=torch.long)), 4, 8)
+    assert c_file["params"] == c_model["params"] and c_file["macs"] == c_model["macs"]
+    assert c_file["gbitops"] == pytest.approx(c_model["gbitops"])
+    assert c_file["size_mb"] == pytest.approx(c_model["params"] * 4 / 8e6)
+    assert c_file["stored_mb"] < c_model["params"] * 8 / 8e6  # int4 codes are packed
+
+
+def test_a32_runner_runs_float_with_dequantized_weights(model, cali, tmp_path):
+    q = Q.calibrate(model, cali, Q.QDiffConfig(w_bits=8, a_bits=32, weight_iters=0))
+    Q.export_params(q, tmp_path / "w8a32.params")
+    runner = IntUNet.load(tmp_path / "w8a32.params", backend="reference")
+    x, t = cali["x"][:4], cali["t"][:4]
+    with torch.no_grad():
+        ref = q(torch.from_numpy(x), torch.from_numpy(t)).numpy()
+    np.testing.assert_allclose(runner(x, t), ref, atol=1e-4 * np.abs(ref).max())
+    assert sum(runner.op_counts.values()) == 0 and not runner.integer
+
+
+@pytest.mark.slow
+def test_mismatch_count_whole_sampling_run(exported):
+    from pyqsim.experiments.qdiffusion_table import count_mismatches
+    path, _ = exported
+    res = count_mismatches(IntUNet.load(path, backend="auto"), DDIMSampler(steps=5), n=2, seed=0)
+    assert res["op_calls"] > 0 and res["mismatches"] == 0
