@@ -295,7 +295,7 @@ def discover_splits(model: nn.Module, *example_inputs) -> int:
     def cat(tensors, dim=0, **kw):
         out = real_cat(tensors, dim, **kw)
         if dim == 1 and len(tensors) == 2:
-            cats[id(out)] = tensors[0].shape[1]
+            cats[id(out)] = (out, tensors[0].shape[1])  # the reference keeps the id from being reused
         return out
 
     def pre(mod, args):
@@ -303,7 +303,7 @@ def discover_splits(model: nn.Module, *example_inputs) -> int:
         if args and isinstance(args[0], torch.Tensor) and id(args[0]) in cats:
             for child in mod.children():
                 if isinstance(child, nn.Conv2d) and child.in_channels == args[0].shape[1]:
-                    child.qsplit = cats[id(args[0])]
+                    child.qsplit = cats[id(args[0])][1]
                     marked += 1
 
     hooks = [m.register_forward_pre_hook(pre) for m in model.modules()]
@@ -329,7 +329,7 @@ def _first_last_layers(model: nn.Module, example_inputs) -> set[str]:
 
     def hook(name):
         def fn(mod, args, out):
-            seen.setdefault(name, (id(args[0]), id(out)))
+            seen.setdefault(name, (args[0], out))  # keep the tensors alive: ids of freed tensors are reused
         return fn
 
     for name, m in model.named_modules():
@@ -341,7 +341,7 @@ def _first_last_layers(model: nn.Module, example_inputs) -> set[str]:
     finally:
         for h in hooks:
             h.remove()
-    return {n for n, (i, o) in seen.items() if i == id(example_inputs[0]) or o == id(out)}
+    return {n for n, (i, o) in seen.items() if i is example_inputs[0] or o is out}
 
 
 def quantize_model(model: nn.Module, cfg: QDiffConfig, example_inputs: tuple) -> nn.Module:

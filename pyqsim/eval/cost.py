@@ -85,8 +85,9 @@ def params_file_cost(path) -> dict:
     ``stored_mb`` is the payload as stored (packed codes, int32 biases, float32 scales and norms)."""
     from ..runtime.paramfile import load_params
 
+    from ..runtime.unet import IntUNet
+
     tensors, meta = load_params(path)
-    q = meta["quant"]
-    out = summarize(meta["cost_layers"], meta["n_params"], q["w_bits"], q["a_bits"], q.get("softmax_bits"))
+    out = IntUNet(tensors, meta).cost()
     out["stored_mb"] = sum(t.nbytes for t in tensors.values()) / 1e6
     return out

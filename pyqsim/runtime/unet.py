@@ -107,6 +107,10 @@ class IntUNet:
 
     def layer(self, name: str, x: np.ndarray) -> np.ndarray:
         """One Conv2d/Linear: quantize the input (each half separately when split), integer op, float32 out."""
+        with ops.scope(name):
+            return self._layer(name, x)
+
+    def _layer(self, name: str, x: np.ndarray) -> np.ndarray:
         L = self.layers[name]
         conv = L["kind"] == "conv"
         pad = L.get("pad")
@@ -160,35 +164,40 @@ class IntUNet:
             x = self.layer(f"{name}.nin_shortcut", x)
         return (x + h).astype(np.float32)
 
+    def bmm(self, a: np.ndarray, za: int, b: np.ndarray, zb: int, out_scale: np.float32) -> np.ndarray:
+        """Float32 ``out[i] = s * (a[i] - za) @ (b[i] - zb).T`` for uint8 a [B, M, K] and int8 b [B, N, K], all
+        images in one integer op: a 1x1 ``int_conv2d`` with groups = B (a batched int GEMM)."""
+        bsz, m, k = a.shape
+        n = b.shape[1]
+        x = np.ascontiguousarray(a.transpose(0, 2, 1)).reshape(1, bsz * k, m, 1)
+        out = self._op("int_conv2d", x, np.ascontiguousarray(b).reshape(bsz * n, k, 1, 1), groups=bsz,
+                       x_zero_point=za, w_zero_point=zb, out_dtype="float32", out_scale=out_scale)
+        return out.reshape(bsz, n, m).transpose(0, 2, 1)
+
     def attention(self, name: str, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-        """softmax(q^T k / sqrt(C)) applied to v for [B, C, N] inputs; int_gemm per image."""
+        """softmax(q^T k / sqrt(C)) applied to v for [B, C, N] inputs."""
         A = self.attn[name]
-        c = q.shape[1]
-        scale = np.float32(c ** -0.5)
+        scale = np.float32(q.shape[1] ** -0.5)
         if not self.integer:
             p = softmax(np.matmul(q.transpose(0, 2, 1), k) * scale)
             return np.matmul(v, p.transpose(0, 2, 1)).astype(np.float32)
         qc = self._op("quantize", np.ascontiguousarray(q.transpose(0, 2, 1)), *A["q"], "uint8")
         kc, zk = _to_int8(self._op("quantize", np.ascontiguousarray(k.transpose(0, 2, 1)), *A["k"], "uint8"), A["k"][1])
-        sqk = np.float32(A["q"][0]) * np.float32(A["k"][0])
-        scores = np.stack([self._op("int_gemm", qc[i], kc[i], x_zero_point=A["q"][1], w_zero_point=zk,
-                                    out_dtype="float32", out_scale=sqk) for i in range(len(q))])
-        p = softmax(scores * scale)
-        if A["p"] is None:
+        p = softmax(self.bmm(qc, A["q"][1], kc, zk, np.float32(A["q"][0]) * np.float32(A["k"][0])) * scale)
+        if A["p"] is None:  # softmax kept in float (> 8 bits): v dequantized, float matmul
             vf = self._op("dequantize", self._op("quantize", v, *A["v"], "uint8"), *A["v"])
             return np.matmul(vf, p.transpose(0, 2, 1)).astype(np.float32)
         pc = self._op("quantize", p, A["p"][0], 0, "uint8")
         vc, zv = _to_int8(self._op("quantize", np.ascontiguousarray(v), *A["v"], "uint8"), A["v"][1])
-        spv = np.float32(A["p"][0]) * np.float32(A["v"][0])
-        out = np.stack([self._op("int_gemm", pc[i], vc[i], x_zero_point=0, w_zero_point=zv, out_dtype="float32",
-                                 out_scale=spv) for i in range(len(q))])
+        out = self.bmm(pc, 0, vc, zv, np.float32(A["p"][0]) * np.float32(A["v"][0]))
         return np.ascontiguousarray(out.transpose(0, 2, 1))
 
     def attnblock(self, name: str, x: np.ndarray) -> np.ndarray:
         b, c, hh, ww = x.shape
         h = self.norm(f"{name}.norm", x)
         q, k, v = (self.layer(f"{name}.{n}", h).reshape(b, c, hh * ww) for n in "qkv")
-        out = self.attention(f"{name}.core", q, k, v).reshape(b, c, hh, ww)
+        with ops.scope(f"{name}.core"):
+            out = self.attention(f"{name}.core", q, k, v).reshape(b, c, hh, ww)
         return (x + self.layer(f"{name}.proj_out", out)).astype(np.float32)
 
     # ------------------------------------------------------------------ model
@@ -231,6 +240,12 @@ class IntUNet:
         rng = np.random.default_rng(seed)
         c, r = self.cfg["in_channels"], self.cfg["resolution"]
         return rng.standard_normal((n, c, r, r), dtype=np.float32), rng.integers(0, 1000, n)
+
+    def cost(self) -> dict:
+        """Size (MB, all parameters at the weight bits) and Gbit-ops per forward from the file's layer table."""
+        from ..eval.cost import summarize
+        q = self.meta["quant"]
+        return summarize(self.meta["cost_layers"], self.meta["n_params"], q["w_bits"], q["a_bits"], q["softmax_bits"])
 
     def describe(self) -> str:
         q = self.meta["quant"]
