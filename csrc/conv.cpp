@@ -22,6 +22,7 @@ struct ConvA final : ASource {
   int64_t kh = 1, kw = 1, sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1, ow = 1;
   int64_t kg = 0;
   int8_t fill = 0;
+  bool u_half = false;  // 4-bit weights: second half holds u = x' + 128
 
   void pack(const KernelSet& ks, int64_t m0, int mr, int8_t* dst, int32_t* rowsum) const override {
     const int64_t stride = 8 * mr;  // x' half of each k-group; fill_abs writes the |x'| half
@@ -53,7 +54,7 @@ struct ConvA final : ASource {
       }
       rowsum[r] = static_cast<int32_t>(s);
     }
-    ks.fill_abs(dst, kg, mr);
+    ks.fill_second(dst, kg, mr, u_half);
   }
 };
 
@@ -96,13 +97,6 @@ Epi offset_epi(const Epi& e, int64_t off) {
   return r;
 }
 
-void set_zw(std::vector<int32_t>& store, const int32_t*& ptr, const int32_t* zw, int64_t n, size_t np) {
-  if (std::any_of(zw, zw + n, [](int32_t v) { return v != 0; })) {
-    store.assign(np, 0);
-    std::copy(zw, zw + n, store.begin());
-    ptr = store.data();
-  }
-}
 
 ConvA make_conv_a(const std::vector<int8_t>& xn, int64_t bi, int64_t c, int64_t c0, int64_t cg, const ConvGeom& g,
                   const PackedWeight& w, const PackedMatrix& pm, ActType t, int32_t zx) {
@@ -125,6 +119,7 @@ ConvA make_conv_a(const std::vector<int8_t>& xn, int64_t bi, int64_t c, int64_t 
   a.ow = g.ow;
   a.kg = pm.kg;
   a.fill = static_cast<int8_t>(mapped_zero_point(t, zx));
+  a.u_half = pm.format != WFormat::S8;
   return a;
 }
 
@@ -143,12 +138,14 @@ void int_conv2d(const void* x, ActType xt, int32_t zx, const ConvGeom& g, const 
   prepare_out(st, o, out);
   const size_t np = static_cast<size_t>(round_up(o, kNR) + kNR);
   st.colc1.assign(np, 0);
+  st.zw1.assign(np, 0);
   const int32_t zxm = mapped_zero_point(xt, zx);
+  bool any_zw = false;
   for (int64_t gi = 0; gi < groups; ++gi)
-    fill_branch_consts(og, w.mats[gi].colsum.data(), zw + gi * og, zxm, w.k, bias ? bias + gi * og : nullptr,
-                       st.colc1.data() + gi * og);
+    any_zw |= fill_branch_consts(og, w.mats[gi], w.mats[gi].colsum.data(), zw + gi * og, zxm, w.k,
+                                 bias ? bias + gi * og : nullptr, st.colc1.data() + gi * og, st.zw1.data() + gi * og);
   st.epi.colc1 = st.colc1.data();
-  set_zw(st.zw1, st.epi.zw1, zw, o, np);
+  if (any_zw) st.epi.zw1 = st.zw1.data();
 
   std::vector<int8_t> xn = to_nhwc(x, xt, g.batch, g.cin, g.h, g.w);
   std::vector<ConvA> as;
@@ -183,12 +180,16 @@ void split_conv2d(const void* x1, ActType xt1, int32_t zx1, int64_t c1, const Pa
   const size_t np = static_cast<size_t>(round_up(o, kNR) + kNR);
   st.colc1.assign(np, 0);
   st.colc2.assign(np, 0);
-  fill_branch_consts(o, w1.mats[0].colsum.data(), zw1, mapped_zero_point(xt1, zx1), w1.k, bias, st.colc1.data());
-  fill_branch_consts(o, w2.mats[0].colsum.data(), zw2, mapped_zero_point(xt2, zx2), w2.k, nullptr, st.colc2.data());
+  st.zw1.assign(np, 0);
+  st.zw2.assign(np, 0);
+  if (fill_branch_consts(o, w1.mats[0], w1.mats[0].colsum.data(), zw1, mapped_zero_point(xt1, zx1), w1.k, bias,
+                         st.colc1.data(), st.zw1.data()))
+    st.epi.zw1 = st.zw1.data();
+  if (fill_branch_consts(o, w2.mats[0], w2.mats[0].colsum.data(), zw2, mapped_zero_point(xt2, zx2), w2.k, nullptr,
+                         st.colc2.data(), st.zw2.data()))
+    st.epi.zw2 = st.zw2.data();
   st.epi.colc1 = st.colc1.data();
   st.epi.colc2 = st.colc2.data();
-  set_zw(st.zw1, st.epi.zw1, zw1, o, np);
-  set_zw(st.zw2, st.epi.zw2, zw2, o, np);
 
   std::vector<int8_t> xn1 = to_nhwc(x1, xt1, g.batch, c1, g.h, g.w);
   std::vector<int8_t> xn2 = to_nhwc(x2, xt2, g.batch, c2, g.h, g.w);

@@ -28,10 +28,15 @@ struct MatrixA final : ASource {
   const uint8_t* x;
   int64_t k, kg;
   uint8_t xor_mask;
-  MatrixA(const void* x_, int64_t k_, int64_t kg_, ActType t)
-      : x(static_cast<const uint8_t*>(x_)), k(k_), kg(kg_), xor_mask(t == ActType::U8 ? 0x80 : 0) {}
+  bool u_half;
+  MatrixA(const void* x_, int64_t k_, const PackedMatrix& pm, ActType t)
+      : x(static_cast<const uint8_t*>(x_)),
+        k(k_),
+        kg(pm.kg),
+        xor_mask(t == ActType::U8 ? 0x80 : 0),
+        u_half(pm.format != WFormat::S8) {}
   void pack(const KernelSet& ks, int64_t m0, int mr, int8_t* dst, int32_t* rowsum) const override {
-    ks.pack_a(x + m0 * k, k, mr, k, kg, xor_mask, dst, rowsum);
+    ks.pack_a(x + m0 * k, k, mr, k, kg, xor_mask, u_half, dst, rowsum);
   }
 };
 
@@ -59,10 +64,14 @@ struct EpiStorage {
   Epi epi;
 };
 
-// acc = tile + colc[n] - zw[n] * rowsum[m]; colc = bias - zx' * colsum + K * zx' * zw (mod 2^32).
-// `colsum` points at the packed weights' column sums for these channels.
-void fill_branch_consts(int64_t n, const int32_t* colsum, const int32_t* zw, int32_t zx_mapped, int64_t k,
-                        const int32_t* bias, int32_t* colc);
+// Per-branch epilogue constants for n channels of packed matrix `pm` (mod 2^32, §4 expansion):
+//   int8 weights : tile = sum x' w            acc = tile + colc - zw * rs,  colc = bias - zx' cs + K zx' zw
+//   4-bit weights: tile = sum (x' + 128) c,   w = c - off, zwe = zw + off,
+//                  acc = tile + colc - zwe * rs,  colc = bias - (zx' + 128) cs + K zx' zwe
+// with rs = sum x' (rows) and cs = sum of the stored codes (columns). Writes colc[n] and zwe[n]
+// (zwe_out may be null when every zwe is 0); returns whether any zwe is non-zero.
+bool fill_branch_consts(int64_t n, const PackedMatrix& pm, const int32_t* colsum, const int32_t* zw, int32_t zx_mapped,
+                        int64_t k, const int32_t* bias, int32_t* colc, int32_t* zwe_out);
 
 // Builds the output-stage part of the Epi for `n` channels (padded by 16).
 void prepare_out(EpiStorage& st, int64_t n, const OutStage& out);

@@ -34,16 +34,23 @@ uint8_t* scratch(size_t bytes) {
 inline size_t align64(size_t v) { return (v + 63) & ~size_t(63); }
 }  // namespace
 
-void fill_branch_consts(int64_t n, const int32_t* colsum, const int32_t* zw, int32_t zx_mapped, int64_t k,
-                        const int32_t* bias, int32_t* colc) {
+bool fill_branch_consts(int64_t n, const PackedMatrix& pm, const int32_t* colsum, const int32_t* zw, int32_t zx_mapped,
+                        int64_t k, const int32_t* bias, int32_t* colc, int32_t* zwe_out) {
+  const bool four = pm.format != WFormat::S8;
   const uint32_t zx = static_cast<uint32_t>(zx_mapped);
+  const uint32_t zxa = zx + (four ? 128u : 0u);
   const uint32_t kk = static_cast<uint32_t>(k);  // mod 2^32 is enough (§4.1)
+  bool any = false;
   for (int64_t c = 0; c < n; ++c) {
+    const uint32_t zwe = static_cast<uint32_t>(zw[c]) + static_cast<uint32_t>(pm.code_offset);
     uint32_t v = bias ? static_cast<uint32_t>(bias[c]) : 0u;
-    v -= zx * static_cast<uint32_t>(colsum[c]);
-    v += kk * zx * static_cast<uint32_t>(zw[c]);
+    v -= zxa * static_cast<uint32_t>(colsum[c]);
+    v += kk * zx * zwe;
     colc[c] = static_cast<int32_t>(v);
+    if (zwe_out) zwe_out[c] = static_cast<int32_t>(zwe);
+    any |= zwe != 0;
   }
+  return any;
 }
 
 static void fill_requant(EpiStorage& st, int64_t n, const int32_t* m1, const int32_t* m2, const int32_t* shift) {
@@ -195,11 +202,15 @@ void run_jobs(const std::vector<GemmJob>& jobs, Isa isa) {
         const PackedMatrix& pm = *jb.br[b].b;
         if (pm.format == WFormat::S8) {
           bp[b] = pm.panel(p);
+          ukr[b] = pm.has_min ? ks.ukr_wide : ks.ukr;
+        } else if (mc <= 2 * kMR && ks.ukr4_nib[1]) {
+          bp[b] = pm.panel(p);  // few rows: unpack nibbles in registers
+          ukr[b] = ks.ukr4_nib;
         } else {
-          ks.unpack4(pm.panel(p), pm.kg, pm.format == WFormat::S4, ubuf[b]);
+          ks.unpack4(pm.panel(p), pm.kg, ubuf[b]);  // once per panel, reused by every row panel
           bp[b] = ubuf[b];
+          ukr[b] = ks.ukr4;
         }
-        ukr[b] = (pm.has_min ? ks.ukr_wide : ks.ukr);
       }
       const int64_t n0 = p * kNR;
       const int nc = static_cast<int>(std::min<int64_t>(kNR, jb.n - n0));
@@ -233,14 +244,11 @@ void int_gemm(const void* x, ActType xt, int64_t m, int32_t zx, const PackedWeig
   const size_t np = static_cast<size_t>(round_up(n, kNR) + kNR);
   const int32_t zxm = mapped_zero_point(xt, zx);
   st.colc1.assign(np, 0);
-  fill_branch_consts(n, pm.colsum.data(), zw, zxm, k, bias, st.colc1.data());
-  st.epi.colc1 = st.colc1.data();
-  if (std::any_of(zw, zw + n, [](int32_t v) { return v != 0; })) {
-    st.zw1.assign(np, 0);
-    std::copy(zw, zw + n, st.zw1.begin());
+  st.zw1.assign(np, 0);
+  if (fill_branch_consts(n, pm, pm.colsum.data(), zw, zxm, k, bias, st.colc1.data(), st.zw1.data()))
     st.epi.zw1 = st.zw1.data();
-  }
-  MatrixA a(x, k, pm.kg, xt);
+  st.epi.colc1 = st.colc1.data();
+  MatrixA a(x, k, pm, xt);
   std::vector<GemmJob> jobs(1);
   GemmJob& jb = jobs[0];
   jb.m = m;
@@ -267,21 +275,17 @@ void split_gemm(const void* x1, ActType xt1, int32_t zx1, const PackedWeight& w1
   const size_t np = static_cast<size_t>(round_up(n, kNR) + kNR);
   st.colc1.assign(np, 0);
   st.colc2.assign(np, 0);
-  fill_branch_consts(n, p1.colsum.data(), zw1, mapped_zero_point(xt1, zx1), w1.k, bias, st.colc1.data());
-  fill_branch_consts(n, p2.colsum.data(), zw2, mapped_zero_point(xt2, zx2), w2.k, nullptr, st.colc2.data());
+  st.zw1.assign(np, 0);
+  st.zw2.assign(np, 0);
+  if (fill_branch_consts(n, p1, p1.colsum.data(), zw1, mapped_zero_point(xt1, zx1), w1.k, bias, st.colc1.data(),
+                         st.zw1.data()))
+    st.epi.zw1 = st.zw1.data();
+  if (fill_branch_consts(n, p2, p2.colsum.data(), zw2, mapped_zero_point(xt2, zx2), w2.k, nullptr, st.colc2.data(),
+                         st.zw2.data()))
+    st.epi.zw2 = st.zw2.data();
   st.epi.colc1 = st.colc1.data();
   st.epi.colc2 = st.colc2.data();
-  if (std::any_of(zw1, zw1 + n, [](int32_t v) { return v != 0; })) {
-    st.zw1.assign(np, 0);
-    std::copy(zw1, zw1 + n, st.zw1.begin());
-    st.epi.zw1 = st.zw1.data();
-  }
-  if (std::any_of(zw2, zw2 + n, [](int32_t v) { return v != 0; })) {
-    st.zw2.assign(np, 0);
-    std::copy(zw2, zw2 + n, st.zw2.begin());
-    st.epi.zw2 = st.zw2.data();
-  }
-  MatrixA a1(x1, w1.k, p1.kg, xt1), a2(x2, w2.k, p2.kg, xt2);
+  MatrixA a1(x1, w1.k, p1, xt1), a2(x2, w2.k, p2, xt2);
   std::vector<GemmJob> jobs(1);
   GemmJob& jb = jobs[0];
   jb.m = m;

@@ -3,8 +3,11 @@
 //
 // Data layouts (see also qsim.h):
 //   A panel  (activations): [kg][2][mr][4]: per k-group, mr x 4 bytes of x' (x - 128 for uint8
-//                           activations, §10 step 1), then the same bytes as |x'| (uint8, |-128| = 128).
-//   B panel  (weights):     [kg][16][4] int8 codes (PackedMatrix, int8 format, or unpacked 4-bit).
+//                           activations, §10 step 1), then the "second half": |x'| (uint8, |-128| =
+//                           128) for int8 weights, or u = x' + 128 (uint8, = x for uint8 inputs) for
+//                           4-bit weights.
+//   B panel  (weights):     [kg][16][4] int8 codes (PackedMatrix int8 format), or unpacked 4-bit
+//                           stored codes in [0, 15] (see PackedMatrix::code_offset).
 //   tile:                   int32 [4][16], row r / column c = sum_k A[r, k] * B[c, k] (mod 2^32).
 #pragma once
 
@@ -55,11 +58,12 @@ using UkrFn = void (*)(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* t
 // t1/t2: int32 tiles with row stride 16; reads whole 16-wide rows (pad partial tiles).
 using EpiFn = void (*)(const Epi& e, int64_t n0, int mr, int nc, const int32_t* t1, const int32_t* rs1,
                        const int32_t* t2, const int32_t* rs2, const TileOut& o);
-// nibble panel (kg/2 x 64 bytes) -> int8 panel (kg x 64 bytes)
-using UnpackFn = void (*)(const uint8_t* src, int64_t kg, bool is_signed, uint8_t* dst);
-// rows of x (row stride ldx bytes) -> A panel (x' and |x'|), plus x' row sums over the first k entries
-using PackAFn = void (*)(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, uint8_t xor_mask, int8_t* dst,
-                         int32_t* rowsum);
+// nibble panel (kg/2 x 64 bytes) -> byte panel (kg x 64 bytes) of stored codes 0..15
+using UnpackFn = void (*)(const uint8_t* src, int64_t kg, uint8_t* dst);
+// rows of x (row stride ldx bytes) -> A panel (x' and the second half: |x'|, or u when u_half), plus
+// x' row sums over the first k entries
+using PackAFn = void (*)(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, uint8_t xor_mask, bool u_half,
+                         int8_t* dst, int32_t* rowsum);
 
 struct Log2Job;
 
@@ -67,11 +71,13 @@ struct KernelSet {
   Isa isa;
   UkrFn ukr[kMR + 1];       // sign path (§10 steps 1-3); index = mr (1..4)
   UkrFn ukr_wide[kMR + 1];  // exact for weights containing -128 (§10 step 4)
+  UkrFn ukr4[kMR + 1];      // 4-bit weights, unpacked panel: sum u * c (u = x' + 128, c in [0, 15])
+  UkrFn ukr4_nib[kMR + 1];  // same, reading the nibble panel directly (may be null)
   EpiFn epi;
   UnpackFn unpack4;
   PackAFn pack_a;
-  // fill the |x'| half of an A panel whose x' half is written
-  void (*fill_abs)(int8_t* panel, int64_t kg, int mr);
+  // fill the second half (|x'|, or u = x' + 128 when u_half) of an A panel whose x' half is written
+  void (*fill_second)(int8_t* panel, int64_t kg, int mr, bool u_half);
   // requantize `count` int32 values sharing one channel's (m, sh, rnd) (§6)
   void (*requant_run)(const int32_t* acc, int64_t count, int64_t m, int64_t sh, int64_t rnd, int32_t zy, int32_t lo,
                       int32_t hi, OutType t, void* out);

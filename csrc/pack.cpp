@@ -17,9 +17,10 @@ std::shared_ptr<uint8_t> aligned_bytes(size_t n) {
   return std::shared_ptr<uint8_t>(p, [](uint8_t* q) { ::operator delete(q, std::align_val_t(64)); });
 }
 
-inline int8_t nibble_code(const uint8_t* row, int64_t j, bool is_signed) {
+// stored 4-bit code: int4 c -> c + 8 (== nibble ^ 8), uint4 c -> c; both in [0, 15]
+inline int8_t nibble_stored(const uint8_t* row, int64_t j, bool is_signed) {
   int v = (row[j >> 1] >> ((j & 1) * 4)) & 0xF;
-  return static_cast<int8_t>(is_signed ? ((v ^ 8) - 8) : v);
+  return static_cast<int8_t>(is_signed ? (v ^ 8) : v);
 }
 }  // namespace
 
@@ -72,7 +73,7 @@ std::shared_ptr<PackedWeight> pack_gemm_weight(const void* w, WFormat fmt, int64
     const uint8_t* src = static_cast<const uint8_t*>(w);
     const int64_t rb = (k + 1) / 2;
     for (int64_t r = 0; r < n; ++r)
-      for (int64_t j = 0; j < k; ++j) codes[r * kp + j] = nibble_code(src + r * rb, j, fmt == WFormat::S4);
+      for (int64_t j = 0; j < k; ++j) codes[r * kp + j] = nibble_stored(src + r * rb, j, fmt == WFormat::S4);
   }
   auto pw = std::make_shared<PackedWeight>();
   pw->kind = PackedWeight::Gemm;
@@ -80,6 +81,7 @@ std::shared_ptr<PackedWeight> pack_gemm_weight(const void* w, WFormat fmt, int64
   pw->n = n;
   pw->k = k;
   pw->mats.push_back(pack_codes(codes.data(), n, kp, fmt));
+  if (fmt == WFormat::S4) pw->mats.back().code_offset = 8;
   return pw;
 }
 
@@ -115,11 +117,12 @@ std::shared_ptr<PackedWeight> pack_conv_weight(const void* w, WFormat fmt, int64
             if (!four)
               v = static_cast<const int8_t*>(w)[orow * kk + src_k];
             else
-              v = nibble_code(static_cast<const uint8_t*>(w) + orow * rb, src_k, fmt == WFormat::S4);
+              v = nibble_stored(static_cast<const uint8_t*>(w) + orow * rb, src_k, fmt == WFormat::S4);
             codes[r * kp + (i * kw + j) * cg4 + c] = v;
           }
     }
     pw->mats.push_back(pack_codes(codes.data(), og, kp, fmt));
+    if (fmt == WFormat::S4) pw->mats.back().code_offset = 8;
   }
   return pw;
 }

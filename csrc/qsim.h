@@ -78,7 +78,8 @@ void set_num_threads(int n);  // n >= 1
 // Weight panels for the GEMM micro-kernels: NR = 16 output channels per panel, K grouped by 4
 // ("k-group"). int8 weights: panel[kg][16 channels][4 bytes]. int4/uint4 weights stay 4-bit:
 // panel[kg8][16 channels][4 bytes], byte b holding k = 8*kg8 + b (low nibble) and 8*kg8 + 4 + b (high
-// nibble), so one AND / one shift produce two int8 k-groups. Padding channels and k are zero.
+// nibble), so one AND / one shift produce two int8 k-groups. 4-bit codes are stored unsigned
+// (int4 as code + 8, uint4 as is: code_offset); padding channels and k are zero.
 constexpr int kNR = 16;
 constexpr int kMR = 4;
 
@@ -90,13 +91,15 @@ struct PackedMatrix {
   int64_t panel_bytes = 0;
   WFormat format = WFormat::S8;
   bool has_min = false;           // an int8 weight equals -128 (§10 step 4)
+  int32_t code_offset = 0;        // weight = stored code - code_offset (8 for int4, else 0)
   std::vector<int32_t> colsum;    // sum_k w[n, k] (codes, before zero points), padded to panels*16
   std::shared_ptr<uint8_t> buf;   // panels * panel_bytes, 64-byte aligned
   const uint8_t* panel(int64_t p) const { return buf.get() + p * panel_bytes; }
 };
 
 // Packs `codes` ([n, kp] int8 row-major codes in the k order the activations will use; kp a multiple
-// of 4, or of 8 for 4-bit formats; padding entries 0) into micro-kernel panels.
+// of 4, or of 8 for 4-bit formats; padding entries 0; 4-bit formats take stored codes 0..15) into
+// micro-kernel panels.
 PackedMatrix pack_codes(const int8_t* codes, int64_t n, int64_t kp, WFormat fmt);
 
 // A prepacked GEMM or conv weight: one PackedMatrix per group.

@@ -110,6 +110,132 @@ void ukr_wide(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile) {
   ukr_wide_half<MR>(a, b, kg, tile, 1);
 }
 
+// ------------------------------------------------------------------------------ 4-bit weights
+// With stored codes c in [0, 15] and u = x' + 128 in [0, 255] (A panel's second half), a vpmaddubsw
+// pair is at most 2 * 255 * 15 = 7650: it never saturates, so no sign trick is needed, and four
+// k-groups (4 * 7650 = 30600 <= 32767) are summed in int16 (wrapping vpaddw, which cannot wrap here)
+// before one vpmaddwd(ones) widens them. About 2.25 instructions per 32 multiply-adds instead of 4.
+// Channels are processed in two halves of 8 so accumulators stay in registers.
+constexpr int64_t kT4 = 4;
+
+template <int MR>
+inline void ukr4_half(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile, int half) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0;
+  const int8_t* au = a + 4 * MR;  // u half of k-group 0
+  b += 32 * half;
+#define QSIM_U4_STEP(i)                                                                             \
+  do {                                                                                              \
+    const __m256i bv = _mm256_load_si256(reinterpret_cast<const __m256i*>(b + (i) * 64));           \
+    const int8_t* ag = au + (i) * 8 * MR;                                                           \
+    s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(bcast32(ag), bv));                               \
+    if (MR > 1) s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(bcast32(ag + 4), bv));               \
+    if (MR > 2) s2 = _mm256_add_epi16(s2, _mm256_maddubs_epi16(bcast32(ag + 8), bv));               \
+    if (MR > 3) s3 = _mm256_add_epi16(s3, _mm256_maddubs_epi16(bcast32(ag + 12), bv));              \
+  } while (0)
+#define QSIM_U4_FLUSH()                                                               \
+  do {                                                                                \
+    c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(s0, ones));                           \
+    if (MR > 1) c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(s1, ones));               \
+    if (MR > 2) c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(s2, ones));               \
+    if (MR > 3) c3 = _mm256_add_epi32(c3, _mm256_madd_epi16(s3, ones));               \
+  } while (0)
+  int64_t g = 0;
+  for (; g + kT4 <= kg; g += kT4) {  // kT4 == 4 k-groups per int16 accumulation
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+    QSIM_U4_STEP(0);
+    QSIM_U4_STEP(1);
+    QSIM_U4_STEP(2);
+    QSIM_U4_STEP(3);
+    QSIM_U4_FLUSH();
+    au += kT4 * 8 * MR;
+    b += kT4 * 64;
+  }
+  if (g < kg) {
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+    for (int64_t i = 0; i < kg - g; ++i) QSIM_U4_STEP(i);
+    QSIM_U4_FLUSH();
+  }
+#undef QSIM_U4_STEP
+#undef QSIM_U4_FLUSH
+  int32_t* t = tile + 8 * half;
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(t), c0);
+  if (MR > 1) _mm256_storeu_si256(reinterpret_cast<__m256i*>(t + kNR), c1);
+  if (MR > 2) _mm256_storeu_si256(reinterpret_cast<__m256i*>(t + 2 * kNR), c2);
+  if (MR > 3) _mm256_storeu_si256(reinterpret_cast<__m256i*>(t + 3 * kNR), c3);
+}
+
+template <int MR>
+void ukr4_avx2(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile) {
+  ukr4_half<MR>(a, b, kg, tile, 0);
+  ukr4_half<MR>(a, b, kg, tile, 1);
+}
+
+// Same arithmetic reading the nibble panel: byte (channel c, b) of 8-k-group g8 holds k-group 2*g8
+// (low nibble) and 2*g8+1 (high nibble) -- one AND and one shift+AND per 32 bytes, no stores.
+template <int MR>
+inline void ukr4_nib_half(const int8_t* a, const uint8_t* nib, int64_t kg, int32_t* tile, int half) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0;
+  const int8_t* au = a + 4 * MR;
+  nib += 32 * half;
+  const int64_t kg8 = kg / 2;  // kg is even for 4-bit panels
+#define QSIM_NIB_STEP(q)                                                                          \
+  do {                                                                                            \
+    const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(nib + (q) * 64));        \
+    const __m256i lo = _mm256_and_si256(v, m4);                                                   \
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);                             \
+    const int8_t* ag = au + (2 * (q)) * 8 * MR;                                                   \
+    const int8_t* ah = ag + 8 * MR;                                                               \
+    s0 = _mm256_add_epi16(s0, _mm256_add_epi16(_mm256_maddubs_epi16(bcast32(ag), lo),            \
+                                               _mm256_maddubs_epi16(bcast32(ah), hi)));           \
+    if (MR > 1)                                                                                   \
+      s1 = _mm256_add_epi16(s1, _mm256_add_epi16(_mm256_maddubs_epi16(bcast32(ag + 4), lo),      \
+                                                 _mm256_maddubs_epi16(bcast32(ah + 4), hi)));     \
+    if (MR > 2)                                                                                   \
+      s2 = _mm256_add_epi16(s2, _mm256_add_epi16(_mm256_maddubs_epi16(bcast32(ag + 8), lo),      \
+                                                 _mm256_maddubs_epi16(bcast32(ah + 8), hi)));     \
+    if (MR > 3)                                                                                   \
+      s3 = _mm256_add_epi16(s3, _mm256_add_epi16(_mm256_maddubs_epi16(bcast32(ag + 12), lo),     \
+                                                 _mm256_maddubs_epi16(bcast32(ah + 12), hi)));    \
+  } while (0)
+#define QSIM_NIB_FLUSH()                                                              \
+  do {                                                                                \
+    c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(s0, ones));                           \
+    if (MR > 1) c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(s1, ones));               \
+    if (MR > 2) c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(s2, ones));               \
+    if (MR > 3) c3 = _mm256_add_epi32(c3, _mm256_madd_epi16(s3, ones));               \
+  } while (0)
+  int64_t q = 0;
+  for (; q + 2 <= kg8; q += 2) {  // 2 x 8 k = 4 k-groups per int16 accumulation
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+    QSIM_NIB_STEP(0);
+    QSIM_NIB_STEP(1);
+    QSIM_NIB_FLUSH();
+    au += 4 * 8 * MR;
+    nib += 2 * 64;
+  }
+  if (q < kg8) {
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+    QSIM_NIB_STEP(0);
+    QSIM_NIB_FLUSH();
+  }
+#undef QSIM_NIB_STEP
+#undef QSIM_NIB_FLUSH
+  int32_t* t = tile + 8 * half;
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(t), c0);
+  if (MR > 1) _mm256_storeu_si256(reinterpret_cast<__m256i*>(t + kNR), c1);
+  if (MR > 2) _mm256_storeu_si256(reinterpret_cast<__m256i*>(t + 2 * kNR), c2);
+  if (MR > 3) _mm256_storeu_si256(reinterpret_cast<__m256i*>(t + 3 * kNR), c3);
+}
+
+template <int MR>
+void ukr4_nib_avx2(const int8_t* a, const uint8_t* nib, int64_t kg, int32_t* tile) {
+  ukr4_nib_half<MR>(a, nib, kg, tile, 0);
+  ukr4_nib_half<MR>(a, nib, kg, tile, 1);
+}
+
 // ------------------------------------------------------------------------------ epilogue
 inline __m256i load8(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 inline __m256i load4q(const int64_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
@@ -251,25 +377,21 @@ void epi_avx2(const Epi& e, int64_t n0, int mr, int nc, const int32_t* t1, const
 }
 
 // ------------------------------------------------------------------------------ packing helpers
-void unpack4_avx2(const uint8_t* src, int64_t kg, bool is_signed, uint8_t* dst) {
-  const __m256i m = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
+void unpack4_avx2(const uint8_t* src, int64_t kg, uint8_t* dst) {
+  const __m256i m = _mm256_set1_epi8(0x0F);
   for (int64_t g8 = 0; g8 < kg / 2; ++g8) {
     for (int h = 0; h < 2; ++h) {
       const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(src + g8 * 64 + 32 * h));
-      __m256i lo = _mm256_and_si256(v, m);
-      __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
-      if (is_signed) {
-        lo = _mm256_sub_epi8(_mm256_xor_si256(lo, eight), eight);
-        hi = _mm256_sub_epi8(_mm256_xor_si256(hi, eight), eight);
-      }
+      const __m256i lo = _mm256_and_si256(v, m);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
       _mm256_store_si256(reinterpret_cast<__m256i*>(dst + (2 * g8) * 64 + 32 * h), lo);
       _mm256_store_si256(reinterpret_cast<__m256i*>(dst + (2 * g8 + 1) * 64 + 32 * h), hi);
     }
   }
 }
 
-void pack_a_avx2(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, uint8_t mask, int8_t* dst,
-                 int32_t* rowsum) {
+void pack_a_avx2(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, uint8_t mask, bool u_half,
+                 int8_t* dst, int32_t* rowsum) {
   int64_t j0 = 0;
   int64_t sums[kMR] = {0, 0, 0, 0};
   if (mr == kMR) {
@@ -296,7 +418,7 @@ void pack_a_avx2(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, u
       const __m256i os[4] = {o0, o1, o2, o3};
       for (int q = 0; q < 4; ++q) {
         // os[q] holds k-groups 2q and 2q+1 (16 bytes each)
-        const __m256i ab = _mm256_abs_epi8(os[q]);
+        const __m256i ab = u_half ? _mm256_xor_si256(os[q], flip) : _mm256_abs_epi8(os[q]);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 64 * q),
                             _mm256_permute2x128_si256(os[q], ab, 0x20));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 64 * q + 32),
@@ -316,18 +438,20 @@ void pack_a_avx2(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, u
       const int8_t v = j < k ? static_cast<int8_t>(row[j] ^ mask) : 0;
       int8_t* d = dst + (j >> 2) * mr * 8 + r * 4 + (j & 3);
       d[0] = v;
-      d[4 * mr] = static_cast<int8_t>(static_cast<uint8_t>(v < 0 ? -v : v));
+      d[4 * mr] = static_cast<int8_t>(static_cast<uint8_t>(u_half ? v + 128 : (v < 0 ? -v : v)));
       s += v;
     }
     rowsum[r] = static_cast<int32_t>(s);
   }
 }
 
-void fill_abs_avx2(int8_t* panel, int64_t kg, int mr) {
+void fill_second_avx2(int8_t* panel, int64_t kg, int mr, bool u_half) {
   if (mr == kMR) {
+    const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
     for (int64_t g = 0; g < kg; ++g) {
       const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + g * 32));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(panel + g * 32 + 16), _mm_abs_epi8(v));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(panel + g * 32 + 16),
+                       u_half ? _mm_xor_si128(v, flip) : _mm_abs_epi8(v));
     }
     return;
   }
@@ -335,7 +459,7 @@ void fill_abs_avx2(int8_t* panel, int64_t kg, int mr) {
     int8_t* p = panel + g * 8 * mr;
     for (int i = 0; i < 4 * mr; ++i) {
       const int v = p[i];
-      p[4 * mr + i] = static_cast<int8_t>(static_cast<uint8_t>(v < 0 ? -v : v));
+      p[4 * mr + i] = static_cast<int8_t>(static_cast<uint8_t>(u_half ? v + 128 : (v < 0 ? -v : v)));
     }
   }
 }
@@ -359,7 +483,15 @@ const KernelSet& avx2_kernels() {
     k.epi = epi_avx2;
     k.unpack4 = unpack4_avx2;
     k.pack_a = pack_a_avx2;
-    k.fill_abs = fill_abs_avx2;
+    k.fill_second = fill_second_avx2;
+    k.ukr4[1] = ukr4_avx2<1>;
+    k.ukr4[2] = ukr4_avx2<2>;
+    k.ukr4[3] = ukr4_avx2<3>;
+    k.ukr4[4] = ukr4_avx2<4>;
+    k.ukr4_nib[1] = ukr4_nib_avx2<1>;
+    k.ukr4_nib[2] = ukr4_nib_avx2<2>;
+    k.ukr4_nib[3] = ukr4_nib_avx2<3>;
+    k.ukr4_nib[4] = ukr4_nib_avx2<4>;
     k.requant_run = requant_run_impl;
     k.log2_rows = log2_rows_impl;
     return k;

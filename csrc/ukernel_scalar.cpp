@@ -32,6 +32,26 @@ void ukr_scalar(const int8_t* a, const uint8_t* bpanel, int64_t kg, int32_t* til
     for (int c = 0; c < kNR; ++c) tile[r * kNR + c] = static_cast<int32_t>(acc[r][c]);
 }
 
+// 4-bit weights: tile = sum u * c with u = x' + 128 (the A panel's second half) and stored codes c.
+template <int MR>
+void ukr4_scalar(const int8_t* a, const uint8_t* bpanel, int64_t kg, int32_t* tile) {
+  uint32_t acc[MR][kNR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < kNR; ++c) acc[r][c] = 0;
+  for (int64_t g = 0; g < kg; ++g) {
+    const uint8_t* ag = reinterpret_cast<const uint8_t*>(a) + g * MR * 8 + MR * 4;  // u half
+    const uint8_t* bg = bpanel + g * kNR * 4;
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < kNR; ++c) {
+        uint32_t s = 0;
+        for (int q = 0; q < 4; ++q) s += static_cast<uint32_t>(ag[r * 4 + q]) * static_cast<uint32_t>(bg[c * 4 + q]);
+        acc[r][c] += s;
+      }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < kNR; ++c) tile[r * kNR + c] = static_cast<int32_t>(acc[r][c]);
+}
+
 inline int32_t corrected(const int32_t* t, const int32_t* colc, const int32_t* zw, const int32_t* rs, int r, int c,
                          int64_t n) {
   uint32_t v = static_cast<uint32_t>(t[r * kNR + c]) + static_cast<uint32_t>(colc[n]);
@@ -74,32 +94,28 @@ void epi_scalar(const Epi& e, int64_t n0, int mr, int nc, const int32_t* t1, con
     }
 }
 
-void unpack4_scalar(const uint8_t* src, int64_t kg, bool is_signed, uint8_t* dst) {
+void unpack4_scalar(const uint8_t* src, int64_t kg, uint8_t* dst) {
   for (int64_t g8 = 0; g8 < kg / 2; ++g8)
     for (int i = 0; i < 64; ++i) {
       const uint8_t v = src[g8 * 64 + i];
-      int lo = v & 0xF, hi = v >> 4;
-      if (is_signed) {
-        lo = (lo ^ 8) - 8;
-        hi = (hi ^ 8) - 8;
-      }
-      dst[(2 * g8) * 64 + i] = static_cast<uint8_t>(lo);
-      dst[(2 * g8 + 1) * 64 + i] = static_cast<uint8_t>(hi);
+      dst[(2 * g8) * 64 + i] = static_cast<uint8_t>(v & 0xF);
+      dst[(2 * g8 + 1) * 64 + i] = static_cast<uint8_t>(v >> 4);
     }
 }
 
-void fill_abs_scalar(int8_t* panel, int64_t kg, int mr) {
+void fill_second_scalar(int8_t* panel, int64_t kg, int mr, bool u_half) {
   for (int64_t g = 0; g < kg; ++g) {
     int8_t* p = panel + g * 8 * mr;
     for (int i = 0; i < 4 * mr; ++i) {
       const int v = p[i];
-      p[4 * mr + i] = static_cast<int8_t>(static_cast<uint8_t>(v < 0 ? -v : v));
+      const int s = u_half ? v + 128 : (v < 0 ? -v : v);  // u = x' + 128, or |x'|
+      p[4 * mr + i] = static_cast<int8_t>(static_cast<uint8_t>(s));
     }
   }
 }
 
-void pack_a_scalar(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, uint8_t mask, int8_t* dst,
-                   int32_t* rowsum) {
+void pack_a_scalar(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, uint8_t mask, bool u_half,
+                   int8_t* dst, int32_t* rowsum) {
   for (int r = 0; r < mr; ++r) {
     const uint8_t* row = x + r * ldx;
     int32_t s = 0;
@@ -110,7 +126,7 @@ void pack_a_scalar(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg,
     }
     rowsum[r] = s;
   }
-  fill_abs_scalar(dst, kg, mr);
+  fill_second_scalar(dst, kg, mr, u_half);
 }
 
 }  // namespace
@@ -128,7 +144,12 @@ const KernelSet& scalar_kernels() {
     k.epi = epi_scalar;
     k.unpack4 = unpack4_scalar;
     k.pack_a = pack_a_scalar;
-    k.fill_abs = fill_abs_scalar;
+    k.fill_second = fill_second_scalar;
+    k.ukr4[1] = ukr4_scalar<1>;
+    k.ukr4[2] = ukr4_scalar<2>;
+    k.ukr4[3] = ukr4_scalar<3>;
+    k.ukr4[4] = ukr4_scalar<4>;
+    for (int i = 0; i <= kMR; ++i) k.ukr4_nib[i] = nullptr;
     k.requant_run = requant_run_impl;
     k.log2_rows = log2_rows_impl;
     return k;
