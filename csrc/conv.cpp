@@ -24,52 +24,49 @@ struct ConvA final : ASource {
   int8_t fill = 0;
   bool u_half = false;  // 4-bit weights: second half holds u = x' + 128
 
+  // Builds the mr im2col rows (k order: tap, channel; channels padded to cg4 with 0) in a scratch
+  // buffer with memcpy runs, then lets the ISA's pack_a interleave them and take the row sums.
   void pack(const KernelSet& ks, int64_t m0, int mr, int8_t* dst, int32_t* rowsum) const override {
-    const int64_t stride = 8 * mr;  // x' half of each k-group; fill_abs writes the |x'| half
-    std::memset(dst, 0, static_cast<size_t>(kg * stride));
-    const int64_t full = cg / 4, rem = cg % 4;
+    const int64_t kp = kg * 4;
+    thread_local std::vector<int8_t> rows;
+    if (rows.size() < static_cast<size_t>(kMR * kp)) rows.resize(static_cast<size_t>(kMR * kp));
     for (int r = 0; r < mr; ++r) {
+      int8_t* row = rows.data() + r * kp;
+      std::memset(row, 0, static_cast<size_t>(kp));
       const int64_t p = m0 + r;
       const int64_t oi = p / ow, oj = p % ow;
-      uint32_t s = 0;
       for (int64_t i = 0; i < kh; ++i) {
         const int64_t ih = oi * sh + i * dh - ph;
         for (int64_t j = 0; j < kw; ++j) {
           const int64_t iw = oj * sw + j * dw - pw;
-          int8_t* d = dst + ((i * kw + j) * cg4 / 4) * stride + r * 4;
-          if (ih < 0 || ih >= h || iw < 0 || iw >= w) {
-            const uint32_t word = 0x01010101u * static_cast<uint8_t>(fill);
-            for (int64_t q = 0; q < full; ++q) std::memcpy(d + q * stride, &word, 4);
-            for (int64_t t = 0; t < rem; ++t) d[full * stride + t] = fill;
-            s += static_cast<uint32_t>(static_cast<int32_t>(fill) * static_cast<int32_t>(cg));
-            continue;
-          }
-          const int8_t* src = xn + (ih * w + iw) * c + c0;
-          for (int64_t q = 0; q < full; ++q) std::memcpy(d + q * stride, src + 4 * q, 4);
-          for (int64_t t = 0; t < rem; ++t) d[full * stride + t] = src[4 * full + t];
-          int32_t ss = 0;
-          for (int64_t t = 0; t < cg; ++t) ss += src[t];
-          s += static_cast<uint32_t>(ss);
+          int8_t* d = row + (i * kw + j) * cg4;
+          if (ih < 0 || ih >= h || iw < 0 || iw >= w)
+            std::memset(d, static_cast<uint8_t>(fill), static_cast<size_t>(cg));
+          else
+            std::memcpy(d, xn + (ih * w + iw) * c + c0, static_cast<size_t>(cg));
         }
       }
-      rowsum[r] = static_cast<int32_t>(s);
     }
-    ks.fill_second(dst, kg, mr, u_half);
+    ks.pack_a(reinterpret_cast<const uint8_t*>(rows.data()), kp, mr, kp, kg, 0, u_half, dst, rowsum);
   }
 };
 
-// x [B, C, H, W] -> x' [B, H, W, C]
+// x [B, C, H, W] -> x' [B, H, W, C], transposed in 32 x 32 byte tiles (cache-friendly both ways)
 std::vector<int8_t> to_nhwc(const void* x, ActType t, int64_t b, int64_t c, int64_t h, int64_t w) {
   std::vector<int8_t> out(static_cast<size_t>(b * c * h * w));
   const uint8_t* src = static_cast<const uint8_t*>(x);
   const uint8_t mask = t == ActType::U8 ? 0x80 : 0;
   const int64_t hw = h * w;
-  ThreadPool::instance().run(b * h, [&](int64_t task, int) {
-    const int64_t bi = task / h, hi = task % h;
-    int8_t* dst = out.data() + (bi * hw + hi * w) * c;
-    for (int64_t ci = 0; ci < c; ++ci) {
-      const uint8_t* s = src + (bi * c + ci) * hw + hi * w;
-      for (int64_t wi = 0; wi < w; ++wi) dst[wi * c + ci] = static_cast<int8_t>(s[wi] ^ mask);
+  constexpr int64_t kT = 32;
+  const int64_t pblocks = ceil_div(hw, kT);
+  ThreadPool::instance().run(b * pblocks, [&](int64_t task, int) {
+    const int64_t bi = task / pblocks, p0 = (task % pblocks) * kT, p1 = std::min(hw, p0 + kT);
+    const uint8_t* s = src + bi * c * hw;
+    int8_t* d = out.data() + bi * hw * c;
+    for (int64_t c0 = 0; c0 < c; c0 += kT) {
+      const int64_t c1 = std::min(c, c0 + kT);
+      for (int64_t p = p0; p < p1; ++p)
+        for (int64_t ci = c0; ci < c1; ++ci) d[p * c + ci] = static_cast<int8_t>(s[ci * hw + p] ^ mask);
     }
   });
   return out;

@@ -304,22 +304,43 @@ inline __m256i requant8_fast(const Epi& e, int64_t n, __m256i a1, const __m256i*
   return _mm256_min_epi32(y, _mm256_set1_epi32(e.hi));
 }
 
-// int32 / float / byte results of one row of 16 channels -> output
-template <typename T>
-inline void write_row(const T* src, int nc, int64_t r, const TileOut& o) {
-  T* dst = static_cast<T*>(o.out) + r * o.ldm;
+// Writes an mr x 16 tile of results (esz bytes each, row stride 16 * esz in `res`) to the output.
+// GEMM: contiguous channels per row. Conv (NCHW): ldm == 1, so each channel's mr rows are contiguous;
+// 4 x 16 byte tiles are transposed in registers and stored as one 4-byte run per channel.
+void write_tile(const uint8_t* res, int esz, int mr, int nc, const TileOut& o) {
+  uint8_t* out = static_cast<uint8_t*>(o.out);
   if (o.ldn == 1) {
-    for (int c = 0; c < nc; ++c) dst[c] = src[c];
-  } else {
-    for (int c = 0; c < nc; ++c) dst[c * o.ldn] = src[c];
+    for (int r = 0; r < mr; ++r)
+      std::memcpy(out + r * o.ldm * esz, res + r * kNR * esz, static_cast<size_t>(nc * esz));
+    return;
   }
+  if (o.ldm == 1 && mr == kMR && esz == 1) {
+    const __m128i r0 = _mm_load_si128(reinterpret_cast<const __m128i*>(res));
+    const __m128i r1 = _mm_load_si128(reinterpret_cast<const __m128i*>(res + 16));
+    const __m128i r2 = _mm_load_si128(reinterpret_cast<const __m128i*>(res + 32));
+    const __m128i r3 = _mm_load_si128(reinterpret_cast<const __m128i*>(res + 48));
+    const __m128i a = _mm_unpacklo_epi8(r0, r1), b = _mm_unpackhi_epi8(r0, r1);
+    const __m128i c = _mm_unpacklo_epi8(r2, r3), d = _mm_unpackhi_epi8(r2, r3);
+    alignas(16) uint8_t tb[64];  // [channel][row]
+    _mm_store_si128(reinterpret_cast<__m128i*>(tb), _mm_unpacklo_epi16(a, c));
+    _mm_store_si128(reinterpret_cast<__m128i*>(tb + 16), _mm_unpackhi_epi16(a, c));
+    _mm_store_si128(reinterpret_cast<__m128i*>(tb + 32), _mm_unpacklo_epi16(b, d));
+    _mm_store_si128(reinterpret_cast<__m128i*>(tb + 48), _mm_unpackhi_epi16(b, d));
+    for (int ch = 0; ch < nc; ++ch) std::memcpy(out + ch * o.ldn, tb + 4 * ch, 4);
+    return;
+  }
+  for (int ch = 0; ch < nc; ++ch)
+    for (int r = 0; r < mr; ++r)
+      std::memcpy(out + (r * o.ldm + ch * o.ldn) * esz, res + (r * kNR + ch) * esz, static_cast<size_t>(esz));
 }
 
 void epi_avx2(const Epi& e, int64_t n0, int mr, int nc, const int32_t* t1, const int32_t* rs1, const int32_t* t2,
               const int32_t* rs2, const TileOut& o) {
-  const bool full = nc == kNR && o.ldn == 1;
+  const bool full = nc == kNR && o.ldn == 1;  // store straight to the output
   const bool requant = is_requant(e.type);
   const bool is_signed8 = e.type == OutType::S8 || e.type == OutType::S4;
+  const int esz = requant ? 1 : 4;
+  alignas(32) uint8_t res[kMR * kNR * 4];
   for (int r = 0; r < mr; ++r) {
     __m256i v[2], w[2];
     for (int h = 0; h < 2; ++h) {
@@ -328,33 +349,16 @@ void epi_avx2(const Epi& e, int64_t n0, int mr, int nc, const int32_t* t1, const
       if (e.split)
         w[h] = corrected(t2 + r * kNR + 8 * h, e.colc2 + n, e.zw2 ? e.zw2 + n : nullptr, rs2 ? rs2[r] : 0);
     }
+    uint8_t* dst = full ? static_cast<uint8_t*>(o.out) + r * o.ldm * esz : res + r * kNR * esz;
     if (e.type == OutType::I32) {
-      if (full) {
-        int32_t* d = static_cast<int32_t*>(o.out) + r * o.ldm;
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), v[0]);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 8), v[1]);
-      } else {
-        alignas(32) int32_t buf[kNR];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(buf), v[0]);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(buf + 8), v[1]);
-        write_row(buf, nc, r, o);
-      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), v[0]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32), v[1]);
     } else if (e.type == OutType::F32) {
-      __m256 f[2];
       for (int h = 0; h < 2; ++h) {
         const int64_t n = n0 + 8 * h;
-        f[h] = _mm256_mul_ps(_mm256_cvtepi32_ps(v[h]), _mm256_loadu_ps(e.s1 + n));
-        if (e.split) f[h] = _mm256_add_ps(f[h], _mm256_mul_ps(_mm256_cvtepi32_ps(w[h]), _mm256_loadu_ps(e.s2 + n)));
-      }
-      if (full) {
-        float* d = static_cast<float*>(o.out) + r * o.ldm;
-        _mm256_storeu_ps(d, f[0]);
-        _mm256_storeu_ps(d + 8, f[1]);
-      } else {
-        alignas(32) float buf[kNR];
-        _mm256_store_ps(buf, f[0]);
-        _mm256_store_ps(buf + 8, f[1]);
-        write_row(buf, nc, r, o);
+        __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(v[h]), _mm256_loadu_ps(e.s1 + n));
+        if (e.split) f = _mm256_add_ps(f, _mm256_mul_ps(_mm256_cvtepi32_ps(w[h]), _mm256_loadu_ps(e.s2 + n)));
+        _mm256_storeu_ps(reinterpret_cast<float*>(dst) + 8 * h, f);
       }
     } else if (requant) {
       __m256i y[2];
@@ -365,15 +369,10 @@ void epi_avx2(const Epi& e, int64_t n0, int mr, int nc, const int32_t* t1, const
       const __m256i s16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(y[0], y[1]), 0xD8);
       const __m128i l = _mm256_castsi256_si128(s16), hh = _mm256_extracti128_si256(s16, 1);
       const __m128i bytes = is_signed8 ? _mm_packs_epi16(l, hh) : _mm_packus_epi16(l, hh);
-      if (full) {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(o.out) + r * o.ldm), bytes);
-      } else {
-        alignas(16) uint8_t buf[kNR];
-        _mm_store_si128(reinterpret_cast<__m128i*>(buf), bytes);
-        write_row(buf, nc, r, o);
-      }
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), bytes);
     }
   }
+  if (!full) write_tile(res, esz, mr, nc, o);
 }
 
 // ------------------------------------------------------------------------------ packing helpers
