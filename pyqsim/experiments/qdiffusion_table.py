@@ -54,7 +54,7 @@ def save_grid(path: Path, panels: dict[str, np.ndarray], n: int = 64) -> None:
 
 
 def run_table(out_dir="pyqsim-report/qdiffusion", n_samples: int = 1000, steps: int = 20, eta: float = 0.0,
-              skip: str = "uniform", cali_n: int = 64, cali_st: int = 10, rows=ROWS, methods=METHODS,
+              skip: str = "quadratic", cali_n: int = 64, cali_st: int = 10, rows=ROWS, methods=METHODS,
               backend: str = "auto", check_n: int = 8, seed: int = 0, calib_overrides: dict | None = None,
               log=print) -> dict:
     """Compute the table (see module doc); writes params files, PNG grids and ``table.json`` to ``out_dir``."""
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--eta", type=float, default=0.0)
-    ap.add_argument("--skip", choices=("uniform", "quadratic"), default="uniform")
+    ap.add_argument("--skip", choices=("uniform", "quadratic"), default="quadratic")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--quick", action="store_true", help="W4A8 only, 200 samples, short calibration")
     ap.add_argument("--json", action="store_true", help="print the JSON result instead of Markdown")
