@@ -44,7 +44,7 @@ class QDiffConfig:
     weight_iters: int = 500
     act_iters: int = 200
     batch_size: int = 32
-    weight_lr: float = 3e-3
+    weight_lr: float = 3e-2
     act_lr: float = 3e-3  # on log(step size)
     reg_weight: float = 0.01
     b_start: float = 20.0

@@ -147,8 +147,11 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", choices=("uniform", "quadratic"), default="quadratic")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--quick", action="store_true", help="W4A8 only, 200 samples, short calibration")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for this model)")
     ap.add_argument("--json", action="store_true", help="print the JSON result instead of Markdown")
     args = ap.parse_args(argv)
+    import torch
+    torch.set_num_threads(args.threads)
     kw = {}
     if args.quick:
         kw = dict(rows=((4, 8),), calib_overrides={"weight_iters": 100, "act_iters": 50})
