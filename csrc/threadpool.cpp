@@ -85,6 +85,12 @@ void ThreadPool::work(int id) {
 
 void ThreadPool::worker_main(int id, uint64_t gen_seen) {
   for (;;) {
+    // Back-to-back calls (small GEMMs) are common: poll for a short while before blocking.
+    for (int i = 0; i < 4000 && gen_pub_.load(std::memory_order_acquire) == gen_seen; ++i) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
     {
       std::unique_lock<std::mutex> lk(mu_);
       cv_.wait(lk, [&] { return stop_ || generation_ != gen_seen; });
@@ -126,6 +132,7 @@ void ThreadPool::run(int64_t ntasks, const std::function<void(int64_t, int)>& fn
     next_ = 0;
     active_ = n - 1;
     ++generation_;
+    gen_pub_.store(generation_, std::memory_order_release);
   }
   cv_.notify_all();
   work(0);

@@ -36,6 +36,7 @@ class ThreadPool {
   std::condition_variable cv_, done_cv_;
   std::vector<std::thread> workers_;
   uint64_t generation_ = 0;
+  std::atomic<uint64_t> gen_pub_{0};  // generation_, readable without the mutex (brief spin before sleeping)
   bool stop_ = false;
   int active_ = 0;  // workers still inside the current job
   const std::function<void(int64_t, int)>* job_ = nullptr;

@@ -1,0 +1,76 @@
+"""Shared timing helpers for the benchmarks: warm-up, interleaved repetitions, best-of and median.
+
+Contenders are timed round-robin (A, B, C, A, B, C, ...) so that background load on a shared machine
+affects all of them alike; the best time is the headline number (least disturbed run), the median is
+kept for the JSON record.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+def time_once(fn: Callable[[], object]) -> float:
+    t0 = _now()
+    fn()
+    return _now() - t0
+
+
+def compare(fns: dict[str, Callable[[], object]], *, reps: int = 5, warmup: int = 1, min_time: float = 0.0,
+            max_reps: int = 50) -> dict[str, dict]:
+    """Time every callable ``reps`` times (more while the total stays under ``min_time`` seconds), interleaved.
+
+    Returns ``{name: {"best": s, "median": s, "reps": n}}``.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    start = _now()
+    n = 0
+    while n < reps or (_now() - start < min_time and n < max_reps):
+        for k, fn in fns.items():
+            times[k].append(time_once(fn))
+        n += 1
+    return {k: {"best": min(v), "median": statistics.median(v), "reps": len(v)} for k, v in times.items()}
+
+
+def gops(ops: float, seconds: float) -> float:
+    return ops / seconds / 1e9 if seconds > 0 else float("nan")
+
+
+def machine() -> dict:
+    """CPU model, core counts and load, for the record."""
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
+    try:
+        info["affinity_cpus"] = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        pass
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            key, _, val = line.partition(":")
+            key = key.strip()
+            if key in ("Model name", "CPU(s)", "Core(s) per socket", "Thread(s) per core", "Socket(s)", "L2 cache",
+                       "L3 cache", "Flags"):
+                val = val.strip()
+                if key == "Flags":
+                    flags = set(val.split())
+                    val = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+                                   if f in flags)
+                info[key] = val
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    try:
+        info["loadavg_1m"] = os.getloadavg()[0]
+    except OSError:  # pragma: no cover
+        pass
+    return info
