@@ -1,0 +1,26 @@
+"""Smoke run of the benchmark script (marker ``bench``: excluded from the default test run).
+
+Run with ``python -m pytest -m bench``. Performance targets are reported by the script, never asserted.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+pytestmark = [pytest.mark.bench, pytest.mark.needs_cpu_ext]
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_bench_gemm_quick_runs(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_gemm", ROOT / "benchmarks" / "bench_gemm.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "bench.json"
+    report = mod.main(["--quick", "--skip-numpy", "--reps", "1", "--only", "deit,decode,conv", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["rows"] and all(r["results"]["pyqsim"]["gops"] > 0 for r in data["rows"])
+    assert report["threads"] >= 1
