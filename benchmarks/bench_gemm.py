@@ -214,21 +214,25 @@ def main(argv=None):
     ap.add_argument("--min-time", type=float, default=0.0, help="keep repeating each case for this many seconds")
     ap.add_argument("--only", default="peak,deit,square,decode,conv")
     ap.add_argument("--skip-numpy", action="store_true")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu = process CPU time (robust to background load with --threads 1)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_gemm-<host>-<time>.json)")
     args = ap.parse_args(argv)
     if args.reps is None:
         args.reps = 3 if args.quick else 7
     nt = args.threads or len(os.sched_getaffinity(0))
+    _timer.set_clock(args.clock)
     _C.set_num_threads(nt)
     if torch is not None:
         torch.set_num_threads(nt)
     sections = set(args.only.split(","))
     report = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": _timer.machine(), "threads": nt,
               "pyqsim": _C.build_info(), "torch": getattr(torch, "__version__", None), "numpy": np.__version__,
-              "quick": args.quick, "rows": []}
+              "quick": args.quick, "clock": args.clock, "rows": []}
     m = report["machine"]
     print(f"# {m.get('Model name', '?')}, {m.get('CPU(s)', '?')} CPUs, flags: {m.get('Flags', '')}, "
-          f"threads {nt}, load {m.get('loadavg_1m', 0):.1f}, pyqsim ISA {report['pyqsim']['isa']}", flush=True)
+          f"threads {nt}, clock {args.clock}, load {m.get('loadavg_1m', 0):.1f}, pyqsim ISA {report['pyqsim']['isa']}",
+          flush=True)
     if "peak" in sections:
         report["peak"] = run_peak(args)
     if "deit" in sections:
