@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import operator
+import os
 import time
 
 import numpy as np
@@ -455,10 +457,15 @@ def _unique(gm, name: str) -> str:
 
 
 def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
-    """torch.fx graph of a copy of ``model`` (torch.nn transformer modules made explicit), with shapes."""
+    """torch.fx graph of a copy of ``model`` (torch.nn transformer modules made explicit), with shapes.
+
+    The model is called with one tensor; optional forward arguments keep their defaults.
+    """
     model = _traceable(copy.deepcopy(model).eval())
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    fixed = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.symbolic_trace(model, concrete_args=fixed or None)
     except Exception as exc:  # noqa: BLE001 - report any tracing failure with the needed patterns
         raise PatternError(
             f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {exc}); RepQ-ViT needs the "
@@ -660,7 +667,10 @@ def calibration_batch(x: torch.Tensor, n: int = 32, seed: int = 0) -> torch.Tens
 
 
 def time_deit_small(n_images: int = 32, cfg: RepQConfig = RepQConfig(), threads: int | None = None) -> dict:
-    """Calibrate a random-weight DeiT-S on ``n_images`` random 224x224 images; returns the wall time."""
+    """Calibrate a random-weight DeiT-S on ``n_images`` random 224x224 images; wall and CPU seconds.
+
+    The 1-minute load average is reported too: on a shared machine it inflates the wall time.
+    """
     from ..models.vit import deit_small
 
     if threads:
@@ -668,9 +678,11 @@ def time_deit_small(n_images: int = 32, cfg: RepQConfig = RepQConfig(), threads:
     model = deit_small().eval()
     model.reset_parameters(0)
     x = torch.randn(n_images, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    load, cpu0 = os.getloadavg()[0], time.process_time()
     res = calibrate(model, x, cfg)
     return {"model": "deit_small", "images": n_images, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
-            "threads": torch.get_num_threads(), "calibration_seconds": round(res.seconds, 2)}
+            "threads": torch.get_num_threads(), "calibration_seconds": round(res.seconds, 2),
+            "cpu_seconds": round(time.process_time() - cpu0, 2), "load_average_before": load}
 
 
 # --------------------------------------------------------------------------- export for pyqsim.runtime.vit

@@ -1,0 +1,156 @@
+"""RepQ-ViT ablation table on the bundled digits ViT: full precision; post-LayerNorm activations layer-wise,
+channel-wise or reparameterized; post-softmax attention log2, log-sqrt2 or reparameterized (log-sqrt2 run as
+shift-based log2); at W4A4 and W6A6. Per row: fake-quant and integer top-1 (mean over calibration seeds),
+integer-vs-fake top-1 agreement, kernel-vs-reference mismatches over a whole test-set run, calibration time.
+
+Usage: python -m pyqsim.experiments.repqvit_table [--quick] [--seeds N] [--out DIR] [--deit-s]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+BITS = ((4, 4), (6, 6))
+# (label, post_ln, softmax); RepQ-ViT's own choices are "reparam" for both
+ROWS = (
+    ("post-LN layer-wise", "layer", "reparam"),
+    ("post-LN channel-wise", "channel", "reparam"),
+    ("softmax log2", "reparam", "log2"),
+    ("softmax log-sqrt2", "reparam", "log-sqrt2"),
+    ("RepQ-ViT (both reparameterized)", "reparam", "reparam"),
+)
+NO_INTEGER_FORM = {
+    "channel": "per-channel activation scales do not factor out of an integer GEMM",
+    "log-sqrt2": "float sqrt(2) weights are not shifts; its integer form is the reparameterized row",
+}
+
+
+def count_mismatches(program, images: np.ndarray, backend: str, chunk: int = 90) -> dict:
+    """Integer run on ``backend``; every recorded integer-op call is re-run on backend="reference" with the
+    same inputs and its output compared with ==."""
+    from .. import ops
+
+    calls_n = compared = bad = 0
+    for i in range(0, len(images), chunk):
+        with ops.record() as calls:
+            program.run(images[i:i + chunk], backend=backend)
+        for _, op, args, result in calls:
+            ref = ops.run_canonical(op, args, "reference")
+            compared += np.size(result)
+            bad += int(np.count_nonzero(np.asarray(ref) != np.asarray(result)))
+        calls_n += len(calls)
+    return {"backend": ops.resolve_backend(backend, "int_gemm"), "op_calls": calls_n, "elements": compared,
+            "mismatches": bad}
+
+
+def _top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(1) == labels).mean() * 100)
+
+
+def run_table(out_dir="pyqsim-report/repqvit", seeds: int = 5, bits=BITS, rows=ROWS, calib_images: int = 32,
+              backend: str = "auto", log=print) -> dict:
+    """Compute the table (see module doc); writes ``table.json`` and the RepQ-ViT parameter files to ``out_dir``."""
+    import torch
+
+    from ..calib.repqvit import RepQConfig, calibrate, calibration_batch, export_vit
+    from ..models.vit import DIGITS_WEIGHTS, digits_split, load_npz
+    from ..runtime.vit import IntViT
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, info = load_npz(DIGITS_WEIGHTS)
+    x_tr, _, x_te, y_te = digits_split()
+    x_tr_t, x_te_t = torch.from_numpy(x_tr), torch.from_numpy(x_te)
+    with torch.no_grad():
+        fp = _top1(model(x_te_t).numpy(), y_te)
+    result = {"model": "digits ViT (pyqsim/models/weights/digits_vit.npz)", "test_images": int(len(y_te)),
+              "calib_images": calib_images, "seeds": seeds, "torch_threads": torch.get_num_threads(),
+              "fp32_top1": fp, "rows": []}
+    log(f"FP32 top-1 {fp:.2f}% on {len(y_te)} test images")
+    for w_bits, a_bits in bits:
+        for label, post_ln, softmax in rows:
+            cfg = RepQConfig(w_bits, a_bits, post_ln, softmax)
+            fake, integer, agree, secs = [], [], [], []
+            row = {"bits": f"W{w_bits}A{a_bits}", "label": label, "post_ln": post_ln, "softmax": softmax}
+            for seed in range(seeds):
+                res = calibrate(model, calibration_batch(x_tr_t, calib_images, seed), cfg)
+                secs.append(res.seconds)
+                fake_logits = res(x_te_t).numpy()
+                fake.append(_top1(fake_logits, y_te))
+                if post_ln in NO_INTEGER_FORM or softmax in NO_INTEGER_FORM:
+                    continue
+                path = out / f"repqvit_w{w_bits}a{a_bits}_{post_ln}_{softmax}_s{seed}.safetensors"
+                export_vit(res, path, examples=(x_te[:16], y_te[:16]))
+                program = IntViT.load(path)
+                int_logits = program.run(x_te, backend=backend)
+                integer.append(_top1(int_logits, y_te))
+                agree.append(float((int_logits.argmax(1) == fake_logits.argmax(1)).mean() * 100))
+                if seed == 0:
+                    row["kernel_vs_reference"] = count_mismatches(program, x_te, backend)
+                if seed > 0:
+                    path.unlink()
+            row.update(fake_top1=float(np.mean(fake)), fake_top1_std=float(np.std(fake)), fake_top1_seeds=fake,
+                       calib_seconds=float(np.mean(secs)))
+            if integer:
+                row.update(int_top1=float(np.mean(integer)), int_top1_seeds=integer, agreement=float(np.mean(agree)))
+            else:
+                row["int_top1"] = None
+                row["no_integer_form"] = NO_INTEGER_FORM.get(post_ln) or NO_INTEGER_FORM[softmax]
+            result["rows"].append(row)
+            log(_row_md(row))
+    result.update(wall_seconds=round(time.perf_counter() - t0, 1), load_average=os.getloadavg()[0])
+    (out / "table.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _fmt(v, spec=".2f"):
+    return "n/a" if v is None else format(v, spec)
+
+
+def _row_md(r: dict) -> str:
+    kv = r.get("kernel_vs_reference")
+    mism = f"{kv['mismatches']} / {kv['elements']:,} ({kv['backend']})" if kv else "n/a"
+    return (f"| {r['bits']} | {r['label']} | {r['fake_top1']:.2f} ± {r['fake_top1_std']:.2f} | {_fmt(r['int_top1'])} | "
+            f"{_fmt(r.get('agreement'), '.1f')} | {mism} | {r['calib_seconds']:.2f} |")
+
+
+def markdown(result: dict) -> str:
+    head = ("| bits | quantizers | fake-quant top-1 (%) | integer top-1 (%) | int-vs-fake agreement (%) | "
+            "kernel-vs-reference mismatches / elements (backend) | calibration (s) |\n"
+            "|---|---|---|---|---|---|---|\n"
+            f"| FP32 | full precision | {result['fp32_top1']:.2f} | — | — | — | — |\n")
+    return head + "\n".join(_row_md(r) for r in result["rows"])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="pyqsim-report/repqvit", help="folder for table.json and parameter files")
+    ap.add_argument("--seeds", type=int, default=5, help="calibration-set draws averaged per row")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--quick", action="store_true", help="one calibration seed")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for this model)")
+    ap.add_argument("--deit-s", action="store_true", help="only time RepQ-ViT calibration of a random DeiT-S")
+    ap.add_argument("--json", action="store_true", help="print the JSON result instead of Markdown")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.deit_s:
+        from ..calib.repqvit import time_deit_small
+
+        print(json.dumps(time_deit_small(threads=max(args.threads, 2)), indent=1))
+        return 0
+    result = run_table(args.out, seeds=1 if args.quick else args.seeds, backend=args.backend,
+                       log=(lambda r: None) if args.json else print)
+    print(json.dumps(result, indent=1) if args.json else "\n" + markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
