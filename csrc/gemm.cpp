@@ -11,7 +11,21 @@ namespace qsim {
 namespace detail {
 
 namespace {
-constexpr int64_t kMC = 64;
+constexpr int64_t kMC = 64;          // rows per task (upper bound)
+constexpr int64_t kABlockBytes = 160 * 1024;  // packed A block (x' and second half) kept within L2
+
+// Rows per task: at most 64, fewer for long K so that the task's packed A block stays in L2 while
+// the weight panels stream past it.
+int64_t rows_per_task(const std::vector<GemmJob>& jobs) {
+  int64_t kp = 0;
+  for (const GemmJob& jb : jobs) {
+    int64_t sum = 0;
+    for (int b = 0; b < jb.nbranch; ++b) sum += jb.br[b].b->kp;
+    kp = std::max(kp, sum);
+  }
+  const int64_t mc = kp > 0 ? kABlockBytes / (2 * kp) : kMC;
+  return std::max<int64_t>(kMR, std::min<int64_t>(kMC, mc / kMR * kMR));
+}
 
 // Per-OS-thread scratch, grown on demand and kept (workers are persistent).
 uint8_t* scratch(size_t bytes) {
@@ -136,18 +150,19 @@ void prepare_split_out(EpiStorage& st, int64_t n, const SplitOutStage& out) {
 void run_jobs(const std::vector<GemmJob>& jobs, Isa isa) {
   const KernelSet& ks = kernels_for(isa);
   const int nt = ThreadPool::instance().num_threads();
+  const int64_t MC = rows_per_task(jobs);
   std::vector<int64_t> mblocks(jobs.size(), 0);
   int64_t total_mb = 0, max_panels = 0;
   size_t abytes[2] = {0, 0}, ubytes[2] = {0, 0};
   for (size_t j = 0; j < jobs.size(); ++j) {
     const GemmJob& jb = jobs[j];
     if (jb.m <= 0 || jb.n <= 0) continue;
-    mblocks[j] = ceil_div(jb.m, kMC);
+    mblocks[j] = ceil_div(jb.m, MC);
     total_mb += mblocks[j];
     max_panels = std::max(max_panels, ceil_div(jb.n, kNR));
     for (int b = 0; b < jb.nbranch; ++b) {
       const PackedMatrix& pm = *jb.br[b].b;
-      abytes[b] = std::max(abytes[b], align64(static_cast<size_t>(2 * kMC * pm.kp)));
+      abytes[b] = std::max(abytes[b], align64(static_cast<size_t>(2 * MC * pm.kp)));
       if (pm.format != WFormat::S8) ubytes[b] = std::max(ubytes[b], align64(static_cast<size_t>(pm.kg * 64)));
     }
   }
@@ -157,7 +172,7 @@ void run_jobs(const std::vector<GemmJob>& jobs, Isa isa) {
   std::vector<int64_t> first(jobs.size() + 1, 0);
   for (size_t j = 0; j < jobs.size(); ++j) first[j + 1] = first[j] + mblocks[j] * nsplit;
   const int64_t ntasks = first.back();
-  const size_t rs_bytes = align64(kMC * sizeof(int32_t));
+  const size_t rs_bytes = align64(MC * sizeof(int32_t));
   const size_t ws_bytes = abytes[0] + abytes[1] + ubytes[0] + ubytes[1] + 2 * rs_bytes;
 
   ThreadPool::instance().run(ntasks, [&](int64_t task, int) {
@@ -165,7 +180,7 @@ void run_jobs(const std::vector<GemmJob>& jobs, Isa isa) {
     const GemmJob& jb = jobs[j];
     const int64_t local = task - first[j];
     const int64_t mb = local / nsplit, ns = local % nsplit;
-    const int64_t m0 = mb * kMC, mc = std::min(kMC, jb.m - m0);
+    const int64_t m0 = mb * MC, mc = std::min(MC, jb.m - m0);
     const int64_t panels = ceil_div(jb.n, kNR);
     const int64_t pp = ceil_div(panels, nsplit);
     const int64_t p0 = ns * pp, p1 = std::min(panels, p0 + pp);
