@@ -182,6 +182,12 @@ def test_gemm_larger_blocks(isa):
         same("int_gemm", gemm_kw(197, 150, 77, out=out, zw=np.arange(150, dtype=np.int32) % 11 - 5))
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_gemm_long_k_smaller_row_blocks(isa, fmt):
+    """Long K shrinks the rows per task (A block kept in L2): several row blocks of a non-multiple size."""
+    same("int_gemm", gemm_kw(70, 33, 3001, fmt=fmt, out="int8", zx=3, zw=np.arange(33, dtype=np.int32) % 5))
+
+
 # ------------------------------------------------------------------------------------------ extremes
 
 
