@@ -7,6 +7,9 @@
 // written to NCHW with a column stride of OH*OW.
 #include <algorithm>
 #include <cstring>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "driver.h"
 #include "threadpool.h"
@@ -51,23 +54,57 @@ struct ConvA final : ASource {
   }
 };
 
-// x [B, C, H, W] -> x' [B, H, W, C], transposed in 32 x 32 byte tiles (cache-friendly both ways)
+#if defined(__SSE2__)
+// 16 x 16 byte transpose (rows of src -> columns of dst) with the x' mapping (XOR mask), SSE2 only
+// (baseline x86-64): unpack bytes, words, dwords, qwords.
+inline void transpose16(const uint8_t* src, int64_t ss, int8_t* dst, int64_t ds, __m128i mask) {
+  __m128i a[16], s1[8][2], s2[4][4], s3[2][8];
+  for (int i = 0; i < 16; ++i)
+    a[i] = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * ss)), mask);
+  for (int g = 0; g < 8; ++g) {
+    s1[g][0] = _mm_unpacklo_epi8(a[2 * g], a[2 * g + 1]);  // columns 0..7, rows 2g, 2g+1
+    s1[g][1] = _mm_unpackhi_epi8(a[2 * g], a[2 * g + 1]);  // columns 8..15
+  }
+  for (int q = 0; q < 4; ++q)
+    for (int h = 0; h < 2; ++h) {
+      s2[q][2 * h] = _mm_unpacklo_epi16(s1[2 * q][h], s1[2 * q + 1][h]);      // columns 8h..8h+3
+      s2[q][2 * h + 1] = _mm_unpackhi_epi16(s1[2 * q][h], s1[2 * q + 1][h]);  // columns 8h+4..8h+7
+    }
+  for (int o = 0; o < 2; ++o)
+    for (int j = 0; j < 4; ++j) {
+      s3[o][2 * j] = _mm_unpacklo_epi32(s2[2 * o][j], s2[2 * o + 1][j]);      // columns 4j, 4j+1
+      s3[o][2 * j + 1] = _mm_unpackhi_epi32(s2[2 * o][j], s2[2 * o + 1][j]);  // columns 4j+2, 4j+3
+    }
+  for (int i = 0; i < 8; ++i) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (2 * i) * ds), _mm_unpacklo_epi64(s3[0][i], s3[1][i]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (2 * i + 1) * ds), _mm_unpackhi_epi64(s3[0][i], s3[1][i]));
+  }
+}
+#endif
+
+// x [B, C, H, W] -> x' [B, H, W, C]: 16 x 16 byte tiles (SSE2), scalar edges
 std::vector<int8_t> to_nhwc(const void* x, ActType t, int64_t b, int64_t c, int64_t h, int64_t w) {
   std::vector<int8_t> out(static_cast<size_t>(b * c * h * w));
   const uint8_t* src = static_cast<const uint8_t*>(x);
   const uint8_t mask = t == ActType::U8 ? 0x80 : 0;
   const int64_t hw = h * w;
-  constexpr int64_t kT = 32;
+  constexpr int64_t kT = 64;  // positions per task
   const int64_t pblocks = ceil_div(hw, kT);
   ThreadPool::instance().run(b * pblocks, [&](int64_t task, int) {
     const int64_t bi = task / pblocks, p0 = (task % pblocks) * kT, p1 = std::min(hw, p0 + kT);
     const uint8_t* s = src + bi * c * hw;
     int8_t* d = out.data() + bi * hw * c;
-    for (int64_t c0 = 0; c0 < c; c0 += kT) {
-      const int64_t c1 = std::min(c, c0 + kT);
-      for (int64_t p = p0; p < p1; ++p)
-        for (int64_t ci = c0; ci < c1; ++ci) d[p * c + ci] = static_cast<int8_t>(s[ci * hw + p] ^ mask);
-    }
+    int64_t pf = p0;
+#if defined(__SSE2__)
+    const __m128i vm = _mm_set1_epi8(static_cast<char>(mask));
+    const int64_t c16 = c / 16 * 16;
+    for (; pf + 16 <= p1; pf += 16)
+      for (int64_t ci = 0; ci < c16; ci += 16) transpose16(s + ci * hw + pf, hw, d + pf * c + ci, c, vm);
+    for (int64_t p = p0; p < pf; ++p)
+      for (int64_t ci = c16; ci < c; ++ci) d[p * c + ci] = static_cast<int8_t>(s[ci * hw + p] ^ mask);
+#endif
+    for (int64_t ci = 0; ci < c; ++ci)
+      for (int64_t p = pf; p < p1; ++p) d[p * c + ci] = static_cast<int8_t>(s[ci * hw + p] ^ mask);
   });
   return out;
 }
