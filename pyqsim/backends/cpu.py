@@ -2,7 +2,9 @@
 
 The compiled extension picks scalar or AVX2 kernels at call time (``PYQSIM_CPU_ISA=auto|scalar|avx2``,
 or :func:`set_isa`) and runs them on :func:`get_num_threads` threads; results are identical either way.
-A weight may be a plain array (packed on every call) or a :func:`pack_weight` result (packed once).
+A weight may be a plain array (packed on every call) or a :func:`pack_weight` result (packed once): the
+canonical arguments may carry it as ``w_packed`` (a ``_C.PackedWeight``, or a dict with a ``"cpu"`` entry)
+next to the plain ``w`` that the other backends use.
 """
 from __future__ import annotations
 
@@ -73,28 +75,36 @@ def pack_weight(w, w_format: str = "int8", *, k: int | None = None, kind: str = 
     raise ValueError(f"kind must be 'gemm' or 'conv', got {kind!r}")
 
 
+def _w(a):
+    """The weight to hand to _C: a prepacked one when the op layer attached it (``w_packed``), else the array."""
+    packed = getattr(a, "w_packed", None)
+    if packed is not None:
+        packed = packed.get("cpu") if isinstance(packed, dict) else packed
+    return packed if packed is not None else a.w
+
+
 def _int_gemm(a):
     o = a.out
-    return _C.int_gemm(a.x, a.w, a.w_format, a.x_zero_point, a.w_zero_point, a.bias, o.dtype, o.multiplier, o.shift,
+    return _C.int_gemm(a.x, _w(a), a.w_format, a.x_zero_point, a.w_zero_point, a.bias, o.dtype, o.multiplier, o.shift,
                        o.zero_point, o.scale)
 
 
 def _split_gemm(s):
     a, b, o = s.a, s.b, s.out
-    return _C.split_gemm(a.x, a.w, a.w_format, b.x, b.w, b.w_format, a.x_zero_point, b.x_zero_point, a.w_zero_point,
+    return _C.split_gemm(a.x, _w(a), a.w_format, b.x, _w(b), b.w_format, a.x_zero_point, b.x_zero_point, a.w_zero_point,
                          b.w_zero_point, a.bias, o.dtype, o.multiplier1, o.multiplier2, o.shift, o.zero_point, o.scale1,
                          o.scale2)
 
 
 def _int_conv2d(a):
     o = a.out
-    return _C.int_conv2d(a.x, a.w, a.w_format, a.kernel_size, a.stride, a.padding, a.dilation, a.groups,
+    return _C.int_conv2d(a.x, _w(a), a.w_format, a.kernel_size, a.stride, a.padding, a.dilation, a.groups,
                          a.x_zero_point, a.w_zero_point, a.bias, o.dtype, o.multiplier, o.shift, o.zero_point, o.scale)
 
 
 def _split_conv2d(s):
     a, b, o = s.a, s.b, s.out
-    return _C.split_conv2d(a.x, a.w, a.w_format, b.x, b.w, b.w_format, a.kernel_size, a.stride, a.padding, a.dilation,
+    return _C.split_conv2d(a.x, _w(a), a.w_format, b.x, _w(b), b.w_format, a.kernel_size, a.stride, a.padding, a.dilation,
                            a.x_zero_point, b.x_zero_point, a.w_zero_point, b.w_zero_point, a.bias, o.dtype,
                            o.multiplier1, o.multiplier2, o.shift, o.zero_point, o.scale1, o.scale2)
 
