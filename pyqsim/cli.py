@@ -47,11 +47,55 @@ def _inputs(program, path, n):
         return program.example_inputs(n)
     if not os.path.isfile(path):
         raise CLIError(f"input file not found: {path}")
-    if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as z:
-            arrays = [z[k] for k in z.files]
-        return tuple(arrays) if len(arrays) > 1 else arrays[0]
-    return np.load(path, allow_pickle=False)
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as z:
+                arrays = [z[k] for k in z.files]
+        else:
+            arrays = [np.load(path, allow_pickle=False)]
+    except Exception as exc:  # noqa: BLE001 - any unreadable file (pickled, truncated, bad zip) is a user error
+        raise CLIError(f"--input {path} is not a readable .npy/.npz file of arrays: {type(exc).__name__}: {exc}") from None
+    if not arrays:
+        raise CLIError(f"--input {path} holds no arrays")
+    for a in arrays:
+        if not isinstance(a, np.ndarray) or a.dtype.kind not in "biuf":
+            raise CLIError(f"--input {path} must hold numeric arrays, got dtype {getattr(a, 'dtype', type(a))}")
+        if a.size == 0:
+            raise CLIError(f"--input {path} holds an empty array of shape {a.shape}")
+    return tuple(arrays) if len(arrays) > 1 else arrays[0]
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (sample and batch counts)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {v}")
+    return v
+
+
+def _int_in(lo: int, hi: int):
+    """argparse type: an integer in [lo, hi] (bit widths)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{lo}, {hi}], got {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{lo}, {hi}], got {v}")
+        return v
+    return parse
+
+
+def _check_out_file(path: str, flag: str) -> None:
+    """Fail before a long computation when the output file cannot be created."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CLIError(f"{flag} {path} is a directory; give a file name")
+    if not os.path.isdir(parent):
+        raise CLIError(f"{flag} {path}: directory {parent} does not exist")
 
 
 # --------------------------------------------------------------------------- commands
@@ -157,6 +201,9 @@ def cmd_cost(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    _check_out_file(args.out, "--out")
+    if args.model is not None and not os.path.isfile(args.model):
+        raise CLIError(f"--model file not found: {args.model}")
     from . import app
     res = app.calibrate(args.method, out=args.out, w_bits=args.w_bits, a_bits=args.a_bits, calib_n=args.calib_n,
                         model_file=args.model, quick=args.quick, progress=not args.json)
@@ -165,6 +212,8 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CLIError(f"--out {args.out} exists and is not a directory")
     from . import app
     res = app.demo(out_dir=args.out, quick=args.quick, backend=args.backend, progress=not args.json)
     _emit(args, res, res["summary"])
@@ -194,25 +243,25 @@ def build_parser() -> argparse.ArgumentParser:
     c = add("calibrate", cmd_calibrate, "calibrate a bundled model or a user's model file; write a parameter file")
     c.add_argument("method", choices=["repq-vit", "qdiffusion"])
     c.add_argument("--out", required=True, help="parameter file to write")
-    c.add_argument("--w-bits", type=int, default=4)
-    c.add_argument("--a-bits", type=int, default=None, help="default: 4 for repq-vit, 8 for qdiffusion")
-    c.add_argument("--calib-n", type=int, default=None, help="calibration samples (default: the method's)")
+    c.add_argument("--w-bits", type=_int_in(2, 8), default=4)
+    c.add_argument("--a-bits", type=_int_in(2, 32), default=None, help="default: 4 for repq-vit, 8 for qdiffusion")
+    c.add_argument("--calib-n", type=_positive_int, default=None, help="calibration samples (default: the method's)")
     c.add_argument("--model", default=None, help="a model file of the user's (torch.save of a full module)")
     c.add_argument("--quick", action="store_true", help="CPU-light settings")
     r = add("run", cmd_run, "run inference from a parameter file")
     r.add_argument("params")
     r.add_argument("--input", help=".npy/.npz input (default: the file's example inputs)")
-    r.add_argument("--n", type=int, default=8, help="number of example inputs when --input is not given")
+    r.add_argument("--n", type=_positive_int, default=8, help="number of example inputs when --input is not given")
     r.add_argument("--out", help="save the output as .npy")
     r.add_argument("--backend", **backend)
     v = add("verify", cmd_verify, "run on every backend and on the reference; exit 1 on any mismatch")
     v.add_argument("params")
-    v.add_argument("--n", type=int, default=4, help="example inputs to run")
+    v.add_argument("--n", type=_positive_int, default=4, help="example inputs to run")
     v.add_argument("--backends", nargs="*", default=None, help="backends to check (default: all available)")
     g = add("vectors", cmd_vectors, "write golden per-layer test vectors (.npz, $readmemh hex, manifest.json)")
     g.add_argument("params")
     g.add_argument("--out", required=True, help="output folder")
-    g.add_argument("--n", type=int, default=1, help="batch size of the recorded run")
+    g.add_argument("--n", type=_positive_int, default=1, help="batch size of the recorded run")
     g.add_argument("--backend", **backend)
     k = add("cost", cmd_cost, "model size (Mb) and bit-operations per forward, per layer and total")
     k.add_argument("params")
@@ -227,7 +276,7 @@ def main(argv=None) -> int:
     except CLIError as exc:
         print(f"pyqsim {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError, RuntimeError, OSError, MemoryError) as exc:
+    except (ValueError, TypeError, RuntimeError, OSError, MemoryError, KeyError) as exc:  # KeyError: a tensor missing from a parameter file
         if os.environ.get("PYQSIM_DEBUG"):
             raise
         print(f"pyqsim {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -1,0 +1,325 @@
+"""The main job (``pyqsim demo``) and ``pyqsim calibrate``: calibration, export, integer runs, verification, report.
+
+Needs the ``full`` extra (PyTorch, scikit-learn, matplotlib) for calibration; the exported parameter files then
+run on the integer ops without it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import build_info, ops
+
+
+class Progress:
+    """Stage progress on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+        self.enabled = enabled and sys.stderr.isatty()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if self.enabled:
+            width = 30
+            fill = int(width * self.done / self.total)
+            sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} "
+                             f"{time.perf_counter() - self.t0:6.1f}s {label[:48]:48s}")
+            if self.done == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+@dataclass
+class DemoSettings:
+    """Sizes of the demo run; ``quick`` shrinks every one."""
+
+    vit_calib: int = 32
+    unet_cali_n: int = 32
+    unet_cali_st: int = 10
+    unet_weight_iters: int = 150
+    unet_act_iters: int = 50
+    unet_samples: int = 1000
+    unet_steps: int = 20
+    check_samples: int = 4
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def quick(cls) -> "DemoSettings":
+        return cls(vit_calib=32, unet_cali_n=8, unet_cali_st=5, unet_weight_iters=20, unet_act_iters=10,
+                   unet_samples=200, unet_steps=10, check_samples=2)
+
+
+def _sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
+    noise = float(np.mean((ref.astype(np.float64) - test) ** 2))
+    power = float(np.mean(ref.astype(np.float64) ** 2))
+    return float("inf") if noise == 0 else 10 * np.log10(max(power, 1e-30) / noise)
+
+
+def layer_errors(fp_model, q_model, inputs: tuple, names=None) -> dict:
+    """SQNR (dB) of each Linear/Conv2d output of ``q_model`` against the same-named module of ``fp_model``."""
+    import torch
+
+    kinds = (torch.nn.Linear, torch.nn.Conv2d)
+    names = names or [n for n, m in fp_model.named_modules() if isinstance(m, kinds)]
+    q_mods = dict(q_model.named_modules())
+    got: dict = {"fp": {}, "q": {}}
+    hooks = []
+
+    def keep(tag, name):
+        def hook(module, inputs, output):
+            got[tag].setdefault(name, output.detach().float().numpy().copy())
+        return hook
+
+    for n in names:
+        if n not in q_mods:
+            continue
+        for tag, mod in (("fp", fp_model.get_submodule(n)), ("q", q_mods[n])):
+            hooks.append(mod.register_forward_hook(keep(tag, n)))
+    try:
+        with torch.no_grad():
+            fp_model(*inputs)
+            q_model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: _sqnr_db(got["fp"][n], got["q"][n]) for n in names
+            if n in got["fp"] and n in got["q"] and got["fp"][n].shape == got["q"][n].shape}
+
+
+# --------------------------------------------------------------------------- ViT
+
+
+def demo_vit(out: Path, st: DemoSettings, backend: str, prog: Progress) -> dict:
+    import torch
+
+    from .calib.repqvit import RepQConfig, calibrate, calibration_batch, export_vit
+    from .experiments.repqvit_table import count_mismatches
+    from .models.vit import DIGITS_WEIGHTS, digits_split, load_npz
+    from .runtime import load
+
+    model, _ = load_npz(DIGITS_WEIGHTS)
+    x_tr, _, x_te, y_te = digits_split()
+    x_te_t = torch.from_numpy(x_te)
+    with torch.no_grad():
+        fp_logits = model(x_te_t).numpy()
+    t0 = time.perf_counter()
+    res = calibrate(model, calibration_batch(torch.from_numpy(x_tr), st.vit_calib, 0), RepQConfig(4, 4))
+    calib_s = time.perf_counter() - t0
+    prog.step("ViT: RepQ-ViT W4A4 calibrated")
+    fake_logits = res(x_te_t).numpy()
+    path = out / "vit_w4a4.safetensors"
+    export_vit(res, path, examples=(x_te[:16], y_te[:16]))
+    program = load(path)
+    t0 = time.perf_counter()
+    with ops.record() as calls:
+        int_logits = program.run(x_te, backend=backend)
+    int_s = time.perf_counter() - t0
+    prog.step("ViT: integer inference on the test set")
+    check = count_mismatches(program, x_te, backend)
+    prog.step("ViT: every integer op re-run on the reference")
+    codes = np.concatenate([a.codes.ravel() for _, op, a, _ in calls if op == "log2_attn_matmul"])
+    errors = layer_errors(model, res.model, (x_te_t[:64],))
+    top1 = lambda lg: float((lg.argmax(1) == y_te).mean() * 100)  # noqa: E731
+    return {
+        "model": "digits ViT", "bits": "W4A4", "params": path.name, "test_images": int(len(y_te)),
+        "fp32_top1": top1(fp_logits), "fake_top1": top1(fake_logits), "int_top1": top1(int_logits),
+        "int_vs_fake_agreement": float((int_logits.argmax(1) == fake_logits.argmax(1)).mean() * 100),
+        "calib_seconds": calib_s, "int_seconds": int_s, "backend": check["backend"], "check": check,
+        "attn_code_hist": np.bincount(codes, minlength=16).tolist(), "layer_sqnr_db": errors,
+    }
+
+
+# --------------------------------------------------------------------------- UNet
+
+
+def demo_unet(out: Path, st: DemoSettings, backend: str, prog: Progress) -> dict:
+    import torch
+
+    from .calib.qdiffusion import QDiffConfig, calibrate, export_params, generate_calibration_data
+    from .eval.fid import fid, inception_score
+    from .experiments.qdiffusion_table import count_mismatches
+    from .models.ddim import DDIMSampler, torch_eps_fn
+    from .models.digits_classifier import load_digits_classifier
+    from .models.unet import load_digits_unet
+    from .runtime import load
+
+    model, clf = load_digits_unet(), load_digits_classifier()
+    cfg = model.cfg
+    shape = (cfg.in_channels, cfg.resolution, cfg.resolution)
+    sampler = DDIMSampler(steps=st.unet_steps, eta=0.0, skip="quadratic")
+
+    def sample(eps_fn):
+        t0 = time.perf_counter()
+        x = np.clip(sampler.sample(eps_fn, (st.unet_samples, *shape), seed=0), -1, 1)
+        return x, time.perf_counter() - t0
+
+    fp_x, fp_s = sample(torch_eps_fn(model))
+    prog.step("UNet: full-precision samples")
+    t0 = time.perf_counter()
+    cali = generate_calibration_data(model, sampler, st.unet_cali_n, st.unet_cali_st, shape, seed=1)
+    qcfg = QDiffConfig(w_bits=4, a_bits=8, weight_iters=st.unet_weight_iters, act_iters=st.unet_act_iters, **st.extra)
+    qmodel = calibrate(model, cali, qcfg)
+    calib_s = time.perf_counter() - t0
+    prog.step("UNet: Q-Diffusion W4A8 calibrated")
+    fq_x, fq_s = sample(torch_eps_fn(qmodel))
+    prog.step("UNet: fake-quant samples")
+    path = out / "unet_w4a8.safetensors"
+    export_params(qmodel, path)
+    program = load(path)
+    program.backend = backend
+    int_x, int_s = sample(program)
+    prog.step("UNet: integer samples")
+    check = count_mismatches(program, sampler, st.check_samples, 0)
+    prog.step("UNet: integer sampling re-run on the reference")
+    xt = torch.from_numpy(np.random.default_rng(3).standard_normal((16, *shape), dtype=np.float32))
+    tt = torch.full((16,), 500, dtype=torch.long)
+    errors = layer_errors(model, qmodel, (xt, tt))
+    scores = lambda x: {"fid": fid(x, clf=clf), "is": inception_score(x, clf=clf)}  # noqa: E731
+    return {
+        "model": "digits UNet", "bits": "W4A8", "params": path.name, "samples": st.unet_samples,
+        "ddim_steps": st.unet_steps, "fp32": {**scores(fp_x), "seconds": fp_s},
+        "fake": {**scores(fq_x), "seconds": fq_s}, "integer": {**scores(int_x), "seconds": int_s},
+        "mean_abs_pixel_diff_int_vs_fake": float(np.abs(int_x - fq_x).mean()),
+        "calib_seconds": calib_s, "check": check, "layer_sqnr_db": errors,
+        "_grids": {"FP32": fp_x, "Q-Diffusion W4A8 fake-quant": fq_x, "Q-Diffusion W4A8 integer": int_x},
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _figures(out: Path, vit: dict, unet: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .experiments.qdiffusion_table import save_grid
+
+    save_grid(out / "samples.png", unet.pop("_grids"))
+    fig, axes = plt.subplots(2, 1, figsize=(11, 7))
+    for ax, res in zip(axes, (vit, unet)):
+        names = list(res["layer_sqnr_db"])
+        vals = [min(v, 80.0) for v in res["layer_sqnr_db"].values()]
+        ax.bar(range(len(vals)), vals, color="tab:blue")
+        ax.set_xticks(range(len(vals)))
+        ax.set_xticklabels(names, rotation=90, fontsize=5)
+        ax.set_ylabel("SQNR vs FP32 (dB)")
+        ax.set_title(f"{res['model']} {res['bits']}: per-layer output quantization error (fake-quant vs FP32)")
+    fig.tight_layout()
+    fig.savefig(out / "layer_error.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    hist = vit["attn_code_hist"]
+    ax.bar(range(len(hist)), hist, color=["tab:orange"] * (len(hist) - 1) + ["tab:gray"])
+    ax.set_xlabel("log-sqrt2 code c (value delta * 2^(-c/2)); last bar: reserved zero code")
+    ax.set_ylabel("count")
+    ax.set_yscale("log")
+    ax.set_title("digits ViT W4A4: post-softmax attention codes (integer run, test set)")
+    fig.tight_layout()
+    fig.savefig(out / "attn_codes.png", dpi=120)
+    plt.close(fig)
+    return ["samples.png", "layer_error.png", "attn_codes.png"]
+
+
+def _summary(vit: dict, unet: dict, total_s: float, info: dict) -> str:
+    vc, uc = vit["check"], unet["check"]
+    lines = [
+        f"pyqsim demo: backend {vc['backend']} ({info.get('cpu', {}).get('isa', 'reference')}), total {total_s:.1f} s",
+        "",
+        "model              bits   metric   FP32    fake-quant  integer   int-vs-fake          kernel-vs-reference mismatches",
+        f"digits ViT         W4A4   top-1 %  {vit['fp32_top1']:6.2f}  {vit['fake_top1']:9.2f}  {vit['int_top1']:8.2f}  "
+        f"{vit['int_vs_fake_agreement']:5.1f}% agree          {vc['mismatches']} / {vc['elements']:,} elements",
+        f"digits UNet        W4A8   FID      {unet['fp32']['fid']:6.2f}  {unet['fake']['fid']:9.2f}  {unet['integer']['fid']:8.2f}  "
+        f"|dx| {unet['mean_abs_pixel_diff_int_vs_fake']:.4f}          {uc['mismatches']} / {uc['elements']:,} elements",
+        f"                          IS       {unet['fp32']['is']:6.2f}  {unet['fake']['is']:9.2f}  {unet['integer']['is']:8.2f}",
+        "",
+        f"calibration: RepQ-ViT {vit['calib_seconds']:.1f} s, Q-Diffusion {unet['calib_seconds']:.1f} s; "
+        f"FID/IS over {unet['samples']} samples, {unet['ddim_steps']} DDIM steps",
+    ]
+    return "\n".join(lines)
+
+
+def demo(out_dir="pyqsim-report", quick: bool = False, backend: str = "auto", progress: bool = True,
+         settings: DemoSettings | None = None) -> dict:
+    """Run the main job on the bundled models; writes report.md, report.json, parameter files and PNGs."""
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    st = settings or (DemoSettings.quick() if quick else DemoSettings())
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prog = Progress(10, progress)
+    t0 = time.perf_counter()
+    vit = demo_vit(out, st, backend, prog)
+    unet = demo_unet(out, st, backend, prog)
+    figures = _figures(out, vit, unet)
+    prog.step("report written")
+    total = time.perf_counter() - t0
+    info = build_info()
+    summary = _summary(vit, unet, total, info)
+    ok = vit["check"]["mismatches"] == 0 and unet["check"]["mismatches"] == 0
+    result = {"ok": ok, "quick": quick, "seconds": total, "build": info, "vit": vit, "unet": unet,
+              "settings": st.__dict__, "figures": figures, "summary": summary}
+    (out / "report.json").write_text(json.dumps(result, indent=1, default=str))
+    md = ["# pyqsim demo report", "", "```", summary, "```", ""] + [f"![{f}]({f})" for f in figures]
+    md += ["", f"Parameter files: `{vit['params']}`, `{unet['params']}` "
+           "(run them with `pyqsim run`, check them with `pyqsim verify`, export vectors with `pyqsim vectors`)."]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    result["summary"] = summary + f"\n\nreport: {out / 'report.md'}" + ("" if ok else "\nFAILED: mismatches found")
+    return result
+
+
+# --------------------------------------------------------------------------- calibrate
+
+
+def calibrate(method: str, out, w_bits: int = 4, a_bits: int | None = None, calib_n: int | None = None,
+              model_file=None, quick: bool = False, progress: bool = True) -> dict:
+    """Calibrate the bundled model (or a user's ``model_file``) with ``method``; write the parameter file ``out``."""
+    import torch
+
+    prog = Progress(2, progress)
+    t0 = time.perf_counter()
+    user_model = None
+    if model_file is not None:
+        if not os.path.isfile(model_file):
+            raise ValueError(f"model file not found: {model_file}")
+        user_model = torch.load(model_file, weights_only=False)  # the user's own file: a full pickled module
+        if not isinstance(user_model, torch.nn.Module):
+            raise TypeError(f"{model_file} must hold a torch.nn.Module, got {type(user_model).__name__}")
+    if method == "repq-vit":
+        from .calib.repqvit import RepQConfig, calibrate as rq_calibrate, calibration_batch, export_vit
+        from .models.vit import DIGITS_WEIGHTS, digits_split, load_npz
+
+        model = user_model or load_npz(DIGITS_WEIGHTS)[0]
+        x_tr, _, x_te, y_te = digits_split()
+        res = rq_calibrate(model, calibration_batch(torch.from_numpy(x_tr), calib_n or 32, 0),
+                           RepQConfig(w_bits, a_bits or 4))
+        prog.step("calibrated")
+        export_vit(res, out, examples=(x_te[:16], y_te[:16]))
+    elif method == "qdiffusion":
+        from .calib.qdiffusion import QDiffConfig, calibrate as qd_calibrate, export_params, generate_calibration_data
+        from .models.ddim import DDIMSampler
+        from .models.unet import load_digits_unet
+
+        model = user_model or load_digits_unet()
+        cfg = model.cfg
+        shape = (cfg.in_channels, cfg.resolution, cfg.resolution)
+        sampler = DDIMSampler(steps=10 if quick else 20, eta=0.0, skip="quadratic")
+        cali = generate_calibration_data(model, sampler, calib_n or (8 if quick else 64), 5 if quick else 10, shape,
+                                         seed=1)
+        kw = dict(weight_iters=20, act_iters=10) if quick else {}
+        qmodel = qd_calibrate(model, cali, QDiffConfig(w_bits=w_bits, a_bits=a_bits or 8, **kw))
+        prog.step("calibrated")
+        export_params(qmodel, out)
+    else:
+        raise ValueError(f"method must be 'repq-vit' or 'qdiffusion', got {method!r}")
+    prog.step(f"wrote {out}")
+    return {"params": str(out), "method": method, "seconds": time.perf_counter() - t0}
