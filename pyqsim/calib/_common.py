@@ -2,8 +2,8 @@
 
 Both calibrate themselves from the first tensor they see while ``calibrating`` is set, with a
 clipping search: percentile candidates for the clipping range (optionally also the min/max range
-shrunk by given ratios), each scored by the squared error of the quantized tensor, the best kept
-(per channel when per-channel).
+shrunk by given ratios), each scored by the squared error of the quantized tensor (on at most
+SCORE_MAX evenly strided elements), the best kept (per channel when per-channel).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from torch import nn
 from ..reference.quant import SQRT2, T_HALF, T_QUARTER, T_THREE_QUARTERS, uniform_qparams
 
 PERCENTILES = (0.999, 0.9999, 0.99999, 1.0)
+SCORE_MAX = 1 << 21  # candidates are scored on at most this many evenly strided elements
 WEIGHT_SHRINK = tuple(round(1.0 - 0.05 * i, 2) for i in range(1, 11))  # min/max scaled by 0.95 .. 0.50
 LOG2_Q_OVER_P = 92682 / 65536  # the fixed-point sqrt(2) of the shift-based log2 attention (spec §7)
 
@@ -101,6 +102,7 @@ class UniformQuantizer(nn.Module):
         lo_max, hi_max = xc.min(dim=1).values.double().numpy(), xc.max(dim=1).values.double().numpy()
         candidates = list(tail_quantiles(xc, self.percentiles).values())
         candidates += [(r * lo_max, r * hi_max) for r in self.shrink]
+        xc = xc[:, ::-(-xc.numel() // SCORE_MAX)].contiguous()
         best_err = torch.full((xc.shape[0],), float("inf"))
         best_s = np.ones(xc.shape[0], np.float32)
         best_z = np.zeros(xc.shape[0], np.int32)
@@ -145,33 +147,45 @@ class LogQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return f"bits={self.bits}, mode={self.mode}, shift_form={self.shift_form}"
 
+    def _boundaries(self) -> torch.Tensor:
+        """Ascending float64 B_j, j = Z..1: the largest doubles below 2^(-(j - 1/2)/k), so c >= j iff r <= B_j."""
+        bounds = []
+        for j in range(1, 2 ** self.bits):
+            if self.k == 1:  # 2^-(j - 1/2) = 2^-(j-1) * 2^(-1/2)
+                bounds.append(math.ldexp(T_HALF, -(j - 1)))
+            elif j % 2:  # (j - 1/2)/2 = (j-1)/2 + 1/4
+                bounds.append(math.ldexp(T_QUARTER, -((j - 1) // 2)))
+            else:  # (j - 1/2)/2 = (j/2 - 1) + 3/4
+                bounds.append(math.ldexp(T_THREE_QUARTERS, -(j // 2 - 1)))
+        return torch.tensor(bounds[::-1], dtype=torch.float64)
+
     def codes(self, p: torch.Tensor, delta=None) -> torch.Tensor:
-        """int64 codes: round(-k*log2(p/delta)) by exact frexp thresholds; 2**bits - 1 for zero/underflow."""
+        """int64 codes of spec §3: round(-k*log2(fl64(p)/fl64(delta))) clamped at 0, 2**bits - 1 for zero/underflow.
+
+        Counts the exact code boundaries at or above r (the frexp thresholds of the spec, scaled by powers of 2).
+        """
         d = float(self.delta if delta is None else delta)
-        r = p.double() / d
-        m, e = torch.frexp(r)
-        e = e.long()
-        if self.k == 1:
-            c = -e + (m <= T_HALF).long()
-        else:
-            c = -2 * e + (m <= T_QUARTER).long() + (m <= T_THREE_QUARTERS).long()
-        zero_code = 2 ** self.bits - 1
-        c = c.clamp_min(0)
-        return torch.where((c >= zero_code) | (r == 0), torch.full_like(c, zero_code), c)
+        r = p.double().div_(d)
+        return (2 ** self.bits - 1) - torch.bucketize(r, self._boundaries())
+
+    def _table(self, d: float) -> torch.Tensor:
+        """float32 value of every code (spec §3 decoding; odd log-sqrt2 codes in shift form if set)."""
+        c = torch.arange(2 ** self.bits, dtype=torch.int64)
+        e = -torch.div(-c, self.k, rounding_mode="floor")
+        odd = (c % 2 == 1) & (self.k == 2)
+        base = torch.where(odd, torch.tensor(d * (LOG2_Q_OVER_P if self.shift_form else SQRT2), dtype=torch.float64),
+                           torch.tensor(d, dtype=torch.float64))
+        v = torch.ldexp(base, (-e).double()).float()
+        v[-1] = 0.0
+        return v
 
     def dequant(self, c: torch.Tensor, delta=None) -> torch.Tensor:
-        d = float(self.delta if delta is None else delta)
-        e = -torch.div(-c, self.k, rounding_mode="floor")
-        odd = (c % 2 == 1) if self.k == 2 else torch.zeros_like(c, dtype=torch.bool)
-        odd_base = torch.tensor(d * (LOG2_Q_OVER_P if self.shift_form else SQRT2), dtype=torch.float64)
-        base = torch.where(odd, odd_base, torch.tensor(d, dtype=torch.float64))
-        v = torch.ldexp(base, (-e).double()).float()
-        return torch.where(c == 2 ** self.bits - 1, torch.zeros_like(v), v)
+        return self._table(float(self.delta if delta is None else delta))[c]
 
     def calibrate(self, p: torch.Tensor) -> None:
-        """Clipping search over delta = percentiles of p, scored by squared error (float32 scoring)."""
+        """Clipping search over delta = percentiles of p, scored by squared error (in float32)."""
         flat = p.detach().float().reshape(1, -1)
-        pos = flat[flat > 0]  # zeros always take the zero code (no error)
+        pos = flat[flat > 0][::-(-flat.numel() // SCORE_MAX)]  # zeros take the zero code (no error)
         neg_log = pos.log2().mul_(-self.k)
         zero_code = 2 ** self.bits - 1
         best, best_err = float(flat.max()), float("inf")

@@ -123,16 +123,20 @@ class _QWeighted(nn.Module):
     def input_quantizer(self) -> UniformQuantizer:
         return self.in_quant if self.in_quant is not None else self._act_source[0]
 
+    def fake_weight_bias(self):
+        """Fake-quantized weight and bias; the bias is rounded to int32 at scale fl32(s_x * s_w) once the
+        input scale is per tensor (as exported)."""
+        w, b = self.w_quant(self.weight), self.bias
+        qi = self.input_quantizer() if (self.in_quant is not None or self._act_source) else None
+        if qi is not None and qi.enabled and qi.initialized and qi.scale.dim() == 0 and self.w_quant.enabled:
+            step = (qi.scale.double() * self.w_quant.scale.double()).float()
+            b = torch.round(b.double() / step.double()).float() * step
+        return w, b
+
     def _quant_input_and_bias(self, x):
         if self.in_quant is not None:
             x = self.in_quant(x)
-        w = self.w_quant(self.weight)
-        b = self.bias
-        qi = self.input_quantizer() if (self.in_quant is not None or self._act_source) else None
-        if qi is not None and qi.enabled and qi.initialized and qi.scale.dim() == 0 and self.w_quant.enabled:
-            step = (qi.scale.double() * self.w_quant.scale.double()).float()  # int32 bias at s_x * s_w
-            b = torch.round(b.double() / step.double()).float() * step
-        return x, w, b
+        return (x, *self.fake_weight_bias())
 
 
 class QLinear(_QWeighted):
