@@ -43,6 +43,11 @@ def tail_quantiles(xc: torch.Tensor, pcts) -> dict:
     return {p: (quantile(1.0 - p), quantile(p)) for p in pcts}
 
 
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name}: non-finite values (NaN or inf) in the tensor it calibrates on")
+
+
 def _channels_first(x: torch.Tensor, axis: int | None) -> torch.Tensor:
     """[C, n] view of x with channel ``axis`` first ([1, n] when per-tensor)."""
     if axis is None:
@@ -58,6 +63,7 @@ class UniformQuantizer(nn.Module):
         if not 2 <= bits <= 8:
             raise ValueError(f"bits must be in [2, 8], got {bits}")
         self.bits, self.axis, self.percentiles, self.shrink = bits, axis, tuple(percentiles), tuple(shrink)
+        self.name = "quantizer"  # set to the module path by the calibration driver, for error messages
         self.enabled = True
         self.calibrating = False
         self.register_buffer("scale", torch.ones(()))
@@ -98,6 +104,7 @@ class UniformQuantizer(nn.Module):
 
         The chosen parameters follow spec §2.1.
         """
+        _check_finite(x, self.name)
         xc = _channels_first(x.detach().float(), self.axis).contiguous()
         lo_max, hi_max = xc.min(dim=1).values.double().numpy(), xc.max(dim=1).values.double().numpy()
         candidates = list(tail_quantiles(xc, self.percentiles).values())
@@ -139,6 +146,7 @@ class LogQuantizer(nn.Module):
             raise ValueError(f"mode must be 'log2' or 'sqrt2', got {mode!r}")
         self.bits, self.mode, self.shift_form, self.percentiles = bits, mode, shift_form, tuple(percentiles)
         self.k = 1 if mode == "log2" else 2
+        self.name = "quantizer"
         self.enabled = True
         self.calibrating = False
         self.register_buffer("delta", torch.ones(()))
@@ -184,6 +192,7 @@ class LogQuantizer(nn.Module):
 
     def calibrate(self, p: torch.Tensor) -> None:
         """Clipping search over delta = percentiles of p, scored by squared error (in float32)."""
+        _check_finite(p, self.name)
         flat = p.detach().float().reshape(1, -1)
         pos = flat[flat > 0][::-(-flat.numel() // SCORE_MAX)]  # zeros take the zero code (no error)
         neg_log = pos.log2().mul_(-self.k)

@@ -650,11 +650,19 @@ def reparameterize(gm: fx.GraphModule, groups) -> None:
 @torch.no_grad()
 def calibrate(model: nn.Module, calib: torch.Tensor, cfg: RepQConfig = RepQConfig()) -> RepQViT:
     """RepQ-ViT: build the fake-quant graph, calibrate every quantizer on ``calib`` in one pass, reparameterize."""
+    if not torch.is_tensor(calib) or not calib.is_floating_point():
+        raise TypeError(f"calib must be a floating-point torch.Tensor of model inputs, got "
+                        f"{getattr(calib, 'dtype', type(calib).__name__)}")
+    if len(calib) == 0:
+        raise ValueError("calib is empty: RepQ-ViT needs at least one calibration input")
+    if not bool(torch.isfinite(calib).all()):
+        raise ValueError("calib contains NaN or infinite values")
     t0 = time.perf_counter()
     gm, post_ln, attention = build(model, cfg, calib[:1])
-    quants = [m for m in gm.modules() if isinstance(m, (UniformQuantizer, LogQuantizer))]
-    for q in quants:
-        q.calibrating = True
+    quants = [(n, m) for n, m in gm.named_modules() if isinstance(m, (UniformQuantizer, LogQuantizer))]
+    for name, q in quants:
+        q.name, q.calibrating = name, True
+    quants = [q for _, q in quants]
     gm(calib)
     for q in quants:
         q.calibrating = False
