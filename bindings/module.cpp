@@ -55,7 +55,11 @@ bool dtype_is(const py::dtype& dt, DT d) {
 
 py::array as_array(py::handle obj, const std::string& name) {
   if (py::isinstance<py::array>(obj)) return py::reinterpret_borrow<py::array>(obj);
-  if (obj && PyObject_CheckBuffer(obj.ptr())) return py::array::ensure(obj);  // a view, no copy
+  if (obj && PyObject_CheckBuffer(obj.ptr())) {
+    py::array a = py::array::ensure(obj);  // a view, no copy
+    if (a) return a;
+    throw py::type_error(name + ": the buffer of this " + type_name(obj) + " cannot be read as an array");
+  }
   throw py::type_error(name + " must be a NumPy array or expose the buffer protocol, got " + type_name(obj));
 }
 
@@ -406,7 +410,12 @@ py::array split_gemm(py::handle x1_, py::handle w1_, const std::string& w1_forma
 }
 
 std::pair<int64_t, int64_t> pair_of(py::handle v, const std::string& name, int64_t minimum) {
-  auto t = v.cast<std::vector<int64_t>>();
+  std::vector<int64_t> t;
+  try {
+    t = v.cast<std::vector<int64_t>>();
+  } catch (const py::cast_error&) {
+    throw py::type_error(name + " must be a pair of ints, got " + type_name(v));
+  }
   if (t.size() != 2) throw py::value_error(name + " must be a pair of ints");
   if (t[0] < minimum || t[1] < minimum) throw py::value_error(name + " must be >= " + std::to_string(minimum));
   return {t[0], t[1]};
