@@ -474,8 +474,13 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
         raise PatternError(
             f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {exc}); RepQ-ViT needs the "
             "LayerNorm -> Linear and matmul -> softmax -> matmul attention patterns to be traceable") from exc
-    with torch.no_grad():
-        ShapeProp(gm).propagate(example)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example)
+    except Exception as exc:  # noqa: BLE001 - the model cannot run on the given inputs
+        err = ValueError if example.is_floating_point() else TypeError
+        raise err(f"calib: the model does not run on inputs of shape {tuple(example.shape)} and dtype "
+                  f"{example.dtype} ({type(exc).__name__}: {exc})") from exc
     return gm
 
 
@@ -650,12 +655,11 @@ def reparameterize(gm: fx.GraphModule, groups) -> None:
 @torch.no_grad()
 def calibrate(model: nn.Module, calib: torch.Tensor, cfg: RepQConfig = RepQConfig()) -> RepQViT:
     """RepQ-ViT: build the fake-quant graph, calibrate every quantizer on ``calib`` in one pass, reparameterize."""
-    if not torch.is_tensor(calib) or not calib.is_floating_point():
-        raise TypeError(f"calib must be a floating-point torch.Tensor of model inputs, got "
-                        f"{getattr(calib, 'dtype', type(calib).__name__)}")
+    if not torch.is_tensor(calib):
+        raise TypeError(f"calib must be a torch.Tensor of model inputs, got {type(calib).__name__}")
     if len(calib) == 0:
         raise ValueError("calib is empty: RepQ-ViT needs at least one calibration input")
-    if not bool(torch.isfinite(calib).all()):
+    if calib.is_floating_point() and not bool(torch.isfinite(calib).all()):
         raise ValueError("calib contains NaN or infinite values")
     t0 = time.perf_counter()
     gm, post_ln, attention = build(model, cfg, calib[:1])
