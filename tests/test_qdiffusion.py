@@ -38,7 +38,7 @@ def cali(model):
 
 @pytest.fixture(scope="module")
 def qmodel(model, cali):  # W4A8 Q-Diffusion quantizers with short reconstruction
-    return Q.calibrate(model, cali, Q.QDiffConfig(w_bits=4, a_bits=8, weight_iters=5, act_iters=5, init_samples=32))
+    return Q.calibrate(model, cali, Q.QDiffConfig(w_bits=4, a_bits=8, weight_iters=2, act_iters=2, init_samples=32))
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +166,40 @@ def test_mismatch_count_whole_sampling_run(exported):
     path, _ = exported
     res = count_mismatches(IntUNet.load(path, backend="auto"), DDIMSampler(steps=5), n=2, seed=0)
     assert res["op_calls"] > 0 and res["mismatches"] == 0
+
+
+@pytest.fixture(scope="module")
+def cifar():
+    from pyqsim.models.unet import ddpm_cifar10_unet
+    torch.manual_seed(0)
+    return ddpm_cifar10_unet().eval(), (torch.randn(1, 3, 32, 32), torch.tensor([10]))
+
+
+def test_ddpm_cifar10_config_is_wrapped_generically(cifar):
+    m, example = cifar
+    q = Q.quantize_model(m, Q.QDiffConfig(w_bits=4, a_bits=8), example)
+    layers = {n: mod for n, mod in q.named_modules() if isinstance(mod, Q.QuantLayer)}
+    assert len(layers) == sum(isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) for mod in m.modules())
+    assert sum(mod.split > 0 for mod in layers.values()) == 24  # conv1 + nin_shortcut of the 12 up-path blocks
+    assert {n for n, mod in layers.items() if mod.w_bits == 8} == {"conv_in", "conv_out"}
+    assert sum(isinstance(mod, Q.QuantAttnCore) for mod in q.modules()) == 6
+    units = [n for n, _ in Q._units(q, example)]
+    assert len(units) == 22 + 6 + 10 and units[:3] == ["temb_dense.0", "temb_dense.1", "conv_in"]
+    assert units[-1] == "conv_out"
+
+
+@pytest.mark.slow
+def test_ddpm_cifar10_config_calibrates_exports_and_runs(cifar, tmp_path):
+    m, _ = cifar
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 900])
+    cfg = Q.QDiffConfig(w_bits=4, a_bits=8, weight_iters=2, act_iters=2, batch_size=2, init_samples=2)
+    q = Q.calibrate(m, {"x": x.numpy(), "t": t.numpy()}, cfg)
+    Q.export_params(q, tmp_path / "cifar.params")
+    runner = IntUNet.load(tmp_path / "cifar.params")
+    eps_int = runner(x[:1].numpy(), t[:1].numpy())
+    with torch.no_grad():
+        eps_fq = q(x[:1], t[:1]).numpy()
+    assert runner.op_counts["split_conv2d"] == 24
+    diff = np.abs(eps_int - eps_fq)
+    assert np.mean(diff <= ATOL_REL * np.abs(eps_fq).max()) >= FRAC_CLOSE
+    assert diff.mean() <= MEAN_TOL * np.abs(eps_fq).mean()

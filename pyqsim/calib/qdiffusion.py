@@ -607,3 +607,23 @@ def export_params(qmodel: nn.Module, path) -> dict:
             "cost_layers": collect_layers(qmodel, *example)}
     save_params(path, tensors, meta)
     return meta
+
+
+def calibrate_digits(out_path, w_bits: int = 4, a_bits: int = 8, method: str = "qdiffusion", cali_n: int = 64,
+                     cali_st: int = 10, steps: int = 20, skip: str = "quadratic", quick: bool = False,
+                     seed: int = 0) -> dict:
+    """Calibrate the bundled digits UNet and export it to ``out_path`` (the CLI's ``calibrate qdiffusion``).
+    ``quick`` shortens the reconstruction (100/50 iterations, 32 trajectories)."""
+    from ..models.unet import load_digits_unet
+
+    t0 = time.time()
+    model = load_digits_unet()
+    cfg = model.cfg
+    shape = (cfg.in_channels, cfg.resolution, cfg.resolution)
+    cali = generate_calibration_data(model, DDIMSampler(steps=steps, skip=skip), 32 if quick else cali_n, cali_st,
+                                     shape, seed=seed + 1)
+    extra = {"weight_iters": 100, "act_iters": 50} if quick else {}
+    qmodel = calibrate(model, cali, QDiffConfig(w_bits=w_bits, a_bits=a_bits, method=method, seed=seed, **extra))
+    export_params(qmodel, out_path)
+    return {"params": str(out_path), "seconds": time.time() - t0, "calib_seconds": qmodel.calib_report["seconds"],
+            "cali_samples": int(len(cali["x"]))}

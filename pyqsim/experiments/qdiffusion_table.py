@@ -42,7 +42,7 @@ def save_grid(path: Path, panels: dict[str, np.ndarray], n: int = 64) -> None:
     side = int(np.sqrt(n))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
     for ax, (title, imgs) in zip(np.atleast_1d(axes), panels.items()):
-        im = np.clip(imgs[:side * side, 0], -1, 1)
+        im = np.pad(np.clip(imgs[:side * side, 0], -1, 1), ((0, 0), (1, 1), (1, 1)), constant_values=-1)
         r = im.shape[-1]
         grid = im.reshape(side, side, r, r).transpose(0, 2, 1, 3).reshape(side * r, side * r)
         ax.imshow(-grid, cmap="gray", vmin=-1, vmax=1)
@@ -133,7 +133,7 @@ def markdown(result: dict) -> str:
         fmt = (lambda v, f: f.format(v) if v is not None else "")
         lines.append(f"| {r['method']} | {r['bits']} | {r['size_mb']:.3f} | {r['gbitops']:.3f} | "
                      f"{r['fake']['fid']:.2f} | {r['fake']['is']:.2f} | {fmt(i.get('fid'), '{:.2f}')} | "
-                     f"{fmt(i.get('is'), '{:.2f}')} | {fmt(i.get('mean_abs_pixel_diff_vs_fake'), '{:.4f}')} | {mm} | "
+                     f"{fmt(i.get('is'), '{:.2f}')} | {fmt(i.get('mean_abs_pixel_diff_vs_fake'), '{:.1e}')} | {mm} | "
                      f"{fmt(r.get('calib_seconds'), '{:.0f}')} |")
     return "\n".join(lines)
 
