@@ -2,12 +2,15 @@
 channel-wise or reparameterized; post-softmax attention log2, log-sqrt2 or reparameterized (log-sqrt2 run as
 shift-based log2); at W4A4 and W6A6. Per row: fake-quant and integer top-1 (mean over calibration seeds),
 integer-vs-fake top-1 agreement, kernel-vs-reference mismatches over a whole test-set run, calibration time.
+A second table repeats the post-LN rows on a function-preserving variant of the model whose post-LN
+activations have outlier channels, as large trained ViTs do (the case RepQ-ViT is designed for).
 
 Usage: python -m pyqsim.experiments.repqvit_table [--quick] [--seeds N] [--out DIR] [--deit-s]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -24,10 +27,30 @@ ROWS = (
     ("softmax log-sqrt2", "reparam", "log-sqrt2"),
     ("RepQ-ViT (both reparameterized)", "reparam", "reparam"),
 )
+OUTLIER_ROWS = ROWS[:2] + ROWS[4:]
+OUTLIERS = {"channels": 4, "factor": 10.0, "seed": 0}
 NO_INTEGER_FORM = {
     "channel": "per-channel activation scales do not factor out of an integer GEMM",
     "log-sqrt2": "float sqrt(2) weights are not shifts; its integer form is the reparameterized row",
 }
+
+
+def with_outlier_channels(model, channels: int = 4, factor: float = 10.0, seed: int = 0):
+    """Copy of a pyqsim ViT computing the same function whose post-LN activations have outlier channels:
+    gamma and beta of ``channels`` random channels of every LayerNorm times ``factor``, the input columns of the
+    Linear that reads it divided by ``factor``."""
+    import torch
+
+    m = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    pairs = [(b.norm1, b.attn.qkv) for b in m.blocks] + [(b.norm2, b.mlp.fc1) for b in m.blocks] + [(m.norm, m.head)]
+    with torch.no_grad():
+        for ln, lin in pairs:
+            idx = torch.randperm(ln.weight.numel(), generator=gen)[:channels]
+            ln.weight[idx] *= factor
+            ln.bias[idx] *= factor
+            lin.weight[:, idx] /= factor
+    return m
 
 
 def count_mismatches(program, images: np.ndarray, backend: str, chunk: int = 90) -> dict:
@@ -52,58 +75,74 @@ def _top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(1) == labels).mean() * 100)
 
 
-def run_table(out_dir="pyqsim-report/repqvit", seeds: int = 5, bits=BITS, rows=ROWS, calib_images: int = 32,
-              backend: str = "auto", log=print) -> dict:
+def _run_row(model, cfg, label, x_tr_t, x_te, y_te, seeds, calib_images, backend, stem) -> dict:
+    """One table row: calibrate on ``seeds`` calibration draws, fake-quant and integer top-1, agreement,
+    and (first seed) the kernel-vs-reference mismatch count; keeps the first seed's parameter file."""
+    import torch
+
+    from ..calib.repqvit import calibrate, calibration_batch, export_vit
+    from ..runtime.vit import IntViT
+
+    fake, integer, agree, secs = [], [], [], []
+    row = {"bits": f"W{cfg.w_bits}A{cfg.a_bits}", "label": label, "post_ln": cfg.post_ln, "softmax": cfg.softmax}
+    exportable = cfg.post_ln not in NO_INTEGER_FORM and cfg.softmax not in NO_INTEGER_FORM
+    for seed in range(seeds):
+        res = calibrate(model, calibration_batch(x_tr_t, calib_images, seed), cfg)
+        secs.append(res.seconds)
+        fake_logits = res(torch.from_numpy(x_te)).numpy()
+        fake.append(_top1(fake_logits, y_te))
+        if not exportable:
+            continue
+        path = Path(f"{stem}_s{seed}.safetensors")
+        export_vit(res, path, examples=(x_te[:16], y_te[:16]))
+        program = IntViT.load(path)
+        int_logits = program.run(x_te, backend=backend)
+        integer.append(_top1(int_logits, y_te))
+        agree.append(float((int_logits.argmax(1) == fake_logits.argmax(1)).mean() * 100))
+        if seed == 0:
+            row["kernel_vs_reference"] = count_mismatches(program, x_te, backend)
+        else:
+            path.unlink()
+    row.update(fake_top1=float(np.mean(fake)), fake_top1_std=float(np.std(fake)), fake_top1_seeds=fake,
+               calib_seconds=float(np.mean(secs)))
+    if integer:
+        row.update(int_top1=float(np.mean(integer)), int_top1_seeds=integer, agreement=float(np.mean(agree)))
+    else:
+        row["int_top1"] = None
+        row["no_integer_form"] = NO_INTEGER_FORM.get(cfg.post_ln) or NO_INTEGER_FORM[cfg.softmax]
+    return row
+
+
+def run_table(out_dir="pyqsim-report/repqvit", seeds: int = 5, bits=BITS, rows=ROWS, outlier_rows=OUTLIER_ROWS,
+              calib_images: int = 32, backend: str = "auto", log=print) -> dict:
     """Compute the table (see module doc); writes ``table.json`` and the RepQ-ViT parameter files to ``out_dir``."""
     import torch
 
-    from ..calib.repqvit import RepQConfig, calibrate, calibration_batch, export_vit
+    from ..calib.repqvit import RepQConfig
     from ..models.vit import DIGITS_WEIGHTS, digits_split, load_npz
-    from ..runtime.vit import IntViT
 
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, info = load_npz(DIGITS_WEIGHTS)
+    model, _ = load_npz(DIGITS_WEIGHTS)
     x_tr, _, x_te, y_te = digits_split()
     x_tr_t, x_te_t = torch.from_numpy(x_tr), torch.from_numpy(x_te)
     with torch.no_grad():
         fp = _top1(model(x_te_t).numpy(), y_te)
     result = {"model": "digits ViT (pyqsim/models/weights/digits_vit.npz)", "test_images": int(len(y_te)),
               "calib_images": calib_images, "seeds": seeds, "torch_threads": torch.get_num_threads(),
-              "fp32_top1": fp, "rows": []}
+              "fp32_top1": fp, "rows": [], "outliers": dict(OUTLIERS), "outlier_rows": []}
     log(f"FP32 top-1 {fp:.2f}% on {len(y_te)} test images")
-    for w_bits, a_bits in bits:
-        for label, post_ln, softmax in rows:
-            cfg = RepQConfig(w_bits, a_bits, post_ln, softmax)
-            fake, integer, agree, secs = [], [], [], []
-            row = {"bits": f"W{w_bits}A{a_bits}", "label": label, "post_ln": post_ln, "softmax": softmax}
-            for seed in range(seeds):
-                res = calibrate(model, calibration_batch(x_tr_t, calib_images, seed), cfg)
-                secs.append(res.seconds)
-                fake_logits = res(x_te_t).numpy()
-                fake.append(_top1(fake_logits, y_te))
-                if post_ln in NO_INTEGER_FORM or softmax in NO_INTEGER_FORM:
-                    continue
-                path = out / f"repqvit_w{w_bits}a{a_bits}_{post_ln}_{softmax}_s{seed}.safetensors"
-                export_vit(res, path, examples=(x_te[:16], y_te[:16]))
-                program = IntViT.load(path)
-                int_logits = program.run(x_te, backend=backend)
-                integer.append(_top1(int_logits, y_te))
-                agree.append(float((int_logits.argmax(1) == fake_logits.argmax(1)).mean() * 100))
-                if seed == 0:
-                    row["kernel_vs_reference"] = count_mismatches(program, x_te, backend)
-                if seed > 0:
-                    path.unlink()
-            row.update(fake_top1=float(np.mean(fake)), fake_top1_std=float(np.std(fake)), fake_top1_seeds=fake,
-                       calib_seconds=float(np.mean(secs)))
-            if integer:
-                row.update(int_top1=float(np.mean(integer)), int_top1_seeds=integer, agreement=float(np.mean(agree)))
-            else:
-                row["int_top1"] = None
-                row["no_integer_form"] = NO_INTEGER_FORM.get(post_ln) or NO_INTEGER_FORM[softmax]
-            result["rows"].append(row)
-            log(_row_md(row))
+    variant = with_outlier_channels(model, **OUTLIERS)
+    with torch.no_grad():
+        result["outliers"]["fp32_top1"] = _top1(variant(x_te_t).numpy(), y_te)
+    for key, net, table_rows, tag in (("rows", model, rows, ""), ("outlier_rows", variant, outlier_rows, "_outl")):
+        for w_bits, a_bits in bits:
+            for label, post_ln, softmax in table_rows:
+                row = _run_row(net, RepQConfig(w_bits, a_bits, post_ln, softmax), label, x_tr_t, x_te, y_te, seeds,
+                               calib_images, backend, out / f"repqvit_w{w_bits}a{a_bits}_{post_ln}_{softmax}{tag}")
+                result[key].append(row)
+                log(_row_md(row))
     result.update(wall_seconds=round(time.perf_counter() - t0, 1), load_average=os.getloadavg()[0])
     (out / "table.json").write_text(json.dumps(result, indent=1))
     return result
@@ -121,11 +160,16 @@ def _row_md(r: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    head = ("| bits | quantizers | fake-quant top-1 (%) | integer top-1 (%) | int-vs-fake agreement (%) | "
-            "kernel-vs-reference mismatches / elements (backend) | calibration (s) |\n"
-            "|---|---|---|---|---|---|---|\n"
-            f"| FP32 | full precision | {result['fp32_top1']:.2f} | — | — | — | — |\n")
-    return head + "\n".join(_row_md(r) for r in result["rows"])
+    def table(fp, rows):
+        return ("| bits | quantizers | fake-quant top-1 (%) | integer top-1 (%) | int-vs-fake agreement (%) | "
+                "kernel-vs-reference mismatches / elements (backend) | calibration (s) |\n"
+                "|---|---|---|---|---|---|---|\n"
+                f"| FP32 | full precision | {fp:.2f} | — | — | — | — |\n" + "\n".join(_row_md(r) for r in rows))
+
+    o = result["outliers"]
+    return (table(result["fp32_top1"], result["rows"])
+            + f"\n\nSame model with outlier channels ({o['channels']} per LayerNorm, x{o['factor']:g}, function-preserving):\n\n"
+            + table(o["fp32_top1"], result["outlier_rows"]))
 
 
 def main(argv=None) -> int:
