@@ -120,14 +120,16 @@ class _QWeighted(nn.Module):
         self.in_quant = UniformQuantizer(in_bits, percentiles=cfg.percentiles) if in_bits else None
         self._act_source = []  # the upstream QAct's quantizer when the input arrives quantized
 
-    def input_quantizer(self) -> UniformQuantizer:
-        return self.in_quant if self.in_quant is not None else self._act_source[0]
+    def input_quantizer(self) -> UniformQuantizer | None:
+        if self.in_quant is not None:
+            return self.in_quant
+        return self._act_source[0] if self._act_source else None
 
     def fake_weight_bias(self):
         """Fake-quantized weight and bias; the bias is rounded to int32 at scale fl32(s_x * s_w) once the
         input scale is per tensor (as exported)."""
         w, b = self.w_quant(self.weight), self.bias
-        qi = self.input_quantizer() if (self.in_quant is not None or self._act_source) else None
+        qi = self.input_quantizer()
         if qi is not None and qi.enabled and qi.initialized and qi.scale.dim() == 0 and self.w_quant.enabled:
             step = (qi.scale.double() * self.w_quant.scale.double()).float()
             b = torch.round(b.double() / step.double()).float() * step
@@ -484,122 +486,123 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     return gm
 
 
+def _find_attention(gm, model_name: str):
+    """(qk matmul, av matmul) pairs around softmax(dim=-1) nodes, and F.scaled_dot_product_attention nodes."""
+    sites, softmaxes = [], []
+    for sm in gm.graph.nodes:
+        dim = _softmax_dim(gm, sm)
+        if dim is False:
+            continue
+        softmaxes.append(sm.name)
+        if dim is None or dim not in (-1, (_ndim(sm) or 0) - 1):
+            continue
+        qk, av = _score_matmul(gm, sm.args[0]), _value_matmuls(gm, sm)
+        if len(qk) == 1 and len(av) == 1:
+            sites.append((qk[0], av[0]))
+    sdpa = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.scaled_dot_product_attention]
+    if not sites and not sdpa:
+        raise PatternError(
+            f"no softmax attention pattern in {model_name}: expected matmul(q, k^T) -> [scale/mask] -> "
+            "softmax(dim=-1) -> matmul(attn, v), F.scaled_dot_product_attention or nn.MultiheadAttention"
+            + (f"; softmax nodes found but not in that pattern: {softmaxes}" if softmaxes else "; no softmax found"))
+    return sites, sdpa
+
+
+def _find_post_ln(gm, model_name: str):
+    """(LayerNorm node, paths to its Linear consumers, has other consumers) for every LayerNorm -> Linear."""
+    groups = []
+    for node in gm.graph.nodes:
+        mod = _module(gm, node)
+        if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) == 1:
+            paths, others = _ln_paths(gm, node)
+            if paths:
+                groups.append((node, paths, bool(others)))
+    if not groups:
+        lns = [n.target for n in gm.graph.nodes if isinstance(_module(gm, n), nn.LayerNorm)]
+        raise PatternError(
+            f"no LayerNorm -> Linear pattern in {model_name}: post-LayerNorm activations must feed "
+            f"nn.Linear layers (directly or through channel-preserving selections); LayerNorm modules found: {lns}")
+    return groups
+
+
+def _insert_post_ln_quantizer(gm, cfg: RepQConfig, ln_node, paths, shared: bool) -> PostLNGroup:
+    """Quantize a LayerNorm output feeding Linears (QAct node); the LayerNorm gets affine parameters to fold
+    into, and is duplicated for the Linear branch when its output also feeds other consumers."""
+    graph, ln = gm.graph, gm.get_submodule(ln_node.target)
+    affine = nn.LayerNorm(ln.normalized_shape, eps=ln.eps)
+    with torch.no_grad():
+        if ln.weight is not None:
+            affine.weight.copy_(ln.weight)
+        if ln.bias is not None:
+            affine.bias.copy_(ln.bias)
+    act = QAct(UniformQuantizer(cfg.a_bits, axis=None if cfg.post_ln == "layer" else -1, percentiles=cfg.percentiles))
+    act_name = _unique(gm, f"{ln_node.target}_act")
+    gm.add_submodule(act_name, act)
+    if shared:
+        ln_name = _unique(gm, f"{ln_node.target}_rq")
+        gm.add_submodule(ln_name, affine)
+        with graph.inserting_after(ln_node):
+            src = graph.call_module(ln_name, ln_node.args, ln_node.kwargs)
+        with graph.inserting_after(src):
+            act_node = graph.call_module(act_name, (src,))
+        mapping = {ln_node: act_node}
+        for path in paths:  # copy the selections between the LayerNorm and each Linear onto the new branch
+            for n in path[1:-1]:
+                if n not in mapping:
+                    with graph.inserting_after(n):
+                        mapping[n] = graph.node_copy(n, lambda a: mapping.get(a, a))
+            path[-1].replace_input_with(path[-2], mapping[path[-2]])
+    else:
+        ln_name = ln_node.target
+        _set_submodule(gm, ln_name, affine)
+        with graph.inserting_after(ln_node):
+            act_node = graph.call_module(act_name, (ln_node,))
+        ln_node.replace_all_uses_with(act_node, delete_user_cb=lambda u: u is not act_node)
+    linears = list(dict.fromkeys(path[-1].target for path in paths))
+    for name in linears:
+        gm.get_submodule(name)._act_source.append(act.quant)
+    return PostLNGroup(ln_name, act_name, linears, shared)
+
+
+def _replace_with_module(gm, node, name: str, module: nn.Module, args, kwargs=None):
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(name, tuple(args), kwargs or {})
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
 def build(model: nn.Module, cfg: RepQConfig, example: torch.Tensor):
-    """Fake-quant GraphModule of ``model`` (uncalibrated) and its (post-LN groups, attention sites).
+    """Fake-quant GraphModule of ``model`` (uncalibrated), its post-LN groups and attention sites.
 
     Raises PatternError naming the missing pattern when the model has no LayerNorm -> Linear or no
     softmax attention.
     """
     gm = trace(model, example)
-    graph = gm.graph
-
-    sites = []
-    softmaxes = [(n, _softmax_dim(gm, n)) for n in graph.nodes]
-    softmaxes = [(n, d) for n, d in softmaxes if d is not False]
-    for sm, dim in softmaxes:
-        nd = _ndim(sm)
-        if dim is None or (dim != -1 and dim != (nd or 0) - 1):
-            continue
-        qk, av = _score_matmul(gm, sm.args[0]), _value_matmuls(gm, sm)
-        if len(qk) == 1 and len(av) == 1:
-            sites.append((qk[0], av[0]))
-    sdpa = [n for n in graph.nodes if n.op == "call_function" and n.target is F.scaled_dot_product_attention]
-    if not sites and not sdpa:
-        names = [n.name for n, _ in softmaxes]
-        raise PatternError(
-            f"no softmax attention pattern in {type(model).__name__}: expected matmul(q, k^T) -> [scale/mask] -> "
-            "softmax(dim=-1) -> matmul(attn, v), F.scaled_dot_product_attention or nn.MultiheadAttention"
-            + (f"; softmax nodes found but not in that pattern: {names}" if names else "; no softmax found"))
-
-    groups = []
-    for node in list(graph.nodes):
-        mod = _module(gm, node)
-        if not isinstance(mod, nn.LayerNorm) or len(mod.normalized_shape) != 1:
-            continue
-        paths, others = _ln_paths(gm, node)
-        if paths:
-            groups.append((node, paths, bool(others)))
-    if not groups:
-        lns = [n.target for n in graph.nodes if isinstance(_module(gm, n), nn.LayerNorm)]
-        raise PatternError(
-            f"no LayerNorm -> Linear pattern in {type(model).__name__}: post-LayerNorm activations must feed "
-            f"nn.Linear layers (directly or through channel-preserving selections); LayerNorm modules found: {lns}")
-
-    # Linear and conv layers
+    name = type(model).__name__
+    sites, sdpa = _find_attention(gm, name)
+    groups = _find_post_ln(gm, name)
     in_group = {p[-1] for _, paths, _ in groups for p in paths}
-    for node in graph.nodes:
+    for node in gm.graph.nodes:
         mod = _module(gm, node)
         if isinstance(mod, nn.Linear):
             _set_submodule(gm, node.target, QLinear(mod, cfg, quant_input=node not in in_group))
         elif isinstance(mod, nn.Conv2d):
             _set_submodule(gm, node.target, QConv2d(mod, cfg))
-
-    # post-LN activation quantizers
-    post_ln = []
-    for ln_node, paths, shared in groups:
-        ln = gm.get_submodule(ln_node.target)
-        affine = nn.LayerNorm(ln.normalized_shape, eps=ln.eps)
-        with torch.no_grad():
-            if ln.weight is not None:
-                affine.weight.copy_(ln.weight)
-            if ln.bias is not None:
-                affine.bias.copy_(ln.bias)
-        axis = None if cfg.post_ln == "layer" else -1
-        act = QAct(UniformQuantizer(cfg.a_bits, axis=axis, percentiles=cfg.percentiles))
-        act_name = _unique(gm, f"{ln_node.target}_act")
-        gm.add_submodule(act_name, act)
-        if shared:  # keep the original LayerNorm for the other consumers, fold into a copy
-            ln_name = _unique(gm, f"{ln_node.target}_rq")
-            gm.add_submodule(ln_name, affine)
-            with graph.inserting_after(ln_node):
-                src = graph.call_module(ln_name, ln_node.args, ln_node.kwargs)
-            with graph.inserting_after(src):
-                act_node = graph.call_module(act_name, (src,))
-            mapping = {ln_node: act_node}
-            for path in paths:
-                for n in path[1:-1]:
-                    if n not in mapping:
-                        with graph.inserting_after(n):
-                            mapping[n] = graph.node_copy(n, lambda a: mapping.get(a, a))
-                path[-1].replace_input_with(path[-2], mapping[path[-2]])
-        else:
-            ln_name = ln_node.target
-            _set_submodule(gm, ln_name, affine)
-            with graph.inserting_after(ln_node):
-                act_node = graph.call_module(act_name, (ln_node,))
-            ln_node.replace_all_uses_with(act_node, delete_user_cb=lambda u: u is not act_node)
-        linears = []
-        for path in paths:
-            if path[-1].target not in linears:
-                linears.append(path[-1].target)
-                gm.get_submodule(path[-1].target)._act_source.append(act.quant)
-        post_ln.append(PostLNGroup(ln_name, act_name, linears, shared))
-
-    # attention matmuls
+    post_ln = [_insert_post_ln_quantizer(gm, cfg, *g) for g in groups]
     attention = []
     for qk, av in sites:
         scope = _scope(qk, "")
-        names = []
-        for node, cls, suffix in ((qk, QMatMul, "matmul_qk"), (av, QAttnV, "matmul_av")):
-            name = _unique(gm, f"{scope}.{suffix}" if scope else suffix)
-            gm.add_submodule(name, cls(cfg))
-            with graph.inserting_after(node):
-                new = graph.call_module(name, tuple(node.args[:2]))
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
-            names.append(name)
+        names = [_unique(gm, f"{scope}.{suffix}" if scope else suffix) for suffix in ("matmul_qk", "matmul_av")]
+        _replace_with_module(gm, qk, names[0], QMatMul(cfg), qk.args[:2])
+        _replace_with_module(gm, av, names[1], QAttnV(cfg), av.args[:2])
         attention.append(AttentionSite(*names))
     for node in sdpa:
         scope = _scope(node, "")
-        name = _unique(gm, f"{scope}.sdpa" if scope else "sdpa")
-        gm.add_submodule(name, QSDPA(cfg))
-        with graph.inserting_after(node):
-            new = graph.call_module(name, node.args, node.kwargs)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        attention.append(AttentionSite(f"{name}.matmul_qk", f"{name}.matmul_av"))
-
-    graph.eliminate_dead_code()
+        sdpa_name = _unique(gm, f"{scope}.sdpa" if scope else "sdpa")
+        _replace_with_module(gm, node, sdpa_name, QSDPA(cfg), node.args, node.kwargs)
+        attention.append(AttentionSite(f"{sdpa_name}.matmul_qk", f"{sdpa_name}.matmul_av"))
+    gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm, post_ln, attention
