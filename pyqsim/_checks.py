@@ -47,6 +47,12 @@ def as_array(a, name: str) -> np.ndarray:
     raise TypeError(f"{name} must be a NumPy array, got {type(a).__name__}")
 
 
+def canonical(a: np.ndarray, dtype=None) -> np.ndarray:
+    """C-contiguous AND aligned base-class array (a misaligned contiguous view is copied): every backend,
+    the native kernels included, can consume it unchanged."""
+    return np.require(a, dtype, ("C_CONTIGUOUS", "ALIGNED", "ENSUREARRAY"))
+
+
 def check_dtype(a: np.ndarray, name: str, allowed) -> None:
     allowed = [np.dtype(d) for d in allowed]
     if a.dtype not in allowed:
@@ -103,7 +109,7 @@ def per_channel_ints(v, name: str, n: int, lo: int, hi: int, default: int | None
     if arr.size and (int(arr.min()) < lo or int(arr.max()) > hi):
         bad = arr[(arr < lo) | (arr > hi)][0]
         raise ValueError(f"{name} values must be in [{lo}, {hi}], got {int(bad)}")
-    return np.ascontiguousarray(arr, dtype=np.int32)
+    return canonical(arr, np.int32)
 
 
 def per_channel_scales(v, name: str, n: int) -> np.ndarray:
@@ -224,13 +230,23 @@ def bias_vector(bias, n: int) -> np.ndarray:
     check_dtype(b, "bias", [np.int32])
     if b.shape != (n,):
         raise ValueError(f"bias must have shape ({n},), got {b.shape}")
-    return np.ascontiguousarray(b)
+    return canonical(b)
 
 
-def activation(x, name: str, ndim: int, layout: str) -> tuple[np.ndarray, str]:
+# K * A * B of spec §4.1 is at least K * 128 * 8 for every activation type, weight format and zero point
+# (A >= 128 for 8-bit activations, B >= 8 for 4-bit weights): a longer K can never pass check_overflow.
+K_ALWAYS_OVERFLOWS = INT32_MAX // (128 * 8) + 1
+
+
+def activation(x, name: str, ndim: int, layout: str, op: str | None = None) -> tuple[np.ndarray, str]:
+    """Checked activation array. With ``op`` (GEMMs: K = last axis), a K that overflows for every zero point
+    is rejected before the array is copied (a zero-stride view of a huge K must not be materialized)."""
     x = as_array(x, name)
     check_dtype(x, name, [np.int8, np.uint8])
     check_ndim(x, name, ndim, layout)
+    if op is not None and x.shape[-1] >= K_ALWAYS_OVERFLOWS:
+        raise ValueError(f"{op}: K={x.shape[-1]} of {name}: the worst-case accumulation exceeds 2^31-1 (spec §4.1) "
+                         f"for every zero point (K must be < {K_ALWAYS_OVERFLOWS}); reduce K")
     return np.ascontiguousarray(x), ACT_DTYPES[x.dtype]
 
 
@@ -251,7 +267,7 @@ class GemmArgs:
 
 
 def gemm_args(x, w, x_zero_point, w_zero_point, bias, w_format, out_dtype, multiplier, shift, out_zero_point, out_scale) -> GemmArgs:
-    x, x_type = activation(x, "x", 2, "[M, K]")
+    x, x_type = activation(x, "x", 2, "[M, K]", "int_gemm")
     k = x.shape[1]
     w = weight_matrix(w, "w", w_format, None, k)
     n = w.shape[0]
@@ -386,7 +402,7 @@ class SplitGemmArgs:
 
 
 def _branch_gemm(x, w, zx, zw, w_format, suffix, n_expected, bias):
-    x, x_type = activation(x, f"x{suffix}", 2, f"[M, K{suffix}]")
+    x, x_type = activation(x, f"x{suffix}", 2, f"[M, K{suffix}]", "split_gemm")
     k = x.shape[1]
     w = weight_matrix(w, f"w{suffix}", w_format, n_expected, k)
     n = w.shape[0]
@@ -518,7 +534,7 @@ def requantize_args(acc, multiplier, shift, zero_point, out_dtype, axis) -> Requ
     out = out_stage(out_dtype, n, multiplier, shift, zero_point, None, REQUANT_OUT)
     outer = int(np.prod(acc.shape[:ax], dtype=np.int64))
     inner = int(np.prod(acc.shape[ax + 1:], dtype=np.int64))
-    return RequantArgs(np.ascontiguousarray(acc).reshape(outer, n, inner), acc.shape, ax, out)
+    return RequantArgs(canonical(acc).reshape(outer, n, inner), acc.shape, ax, out)
 
 
 # --------------------------------------------------------------------------- float inputs
