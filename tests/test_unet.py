@@ -117,3 +117,10 @@ def test_fid_and_is():
     assert 8.0 < inception_score(real, clf=clf) <= 10.0
     c = np.diag([1.0, 2.0])
     assert abs(frechet_distance(np.zeros(2), c, np.ones(2), c) - 2.0) < 1e-9
+
+
+def test_integer_runtime_does_not_import_torch():
+    import subprocess
+    import sys
+    code = "import sys, pyqsim.runtime.unet, pyqsim.eval.fid; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
