@@ -16,8 +16,8 @@ from torch import nn
 from ..reference.quant import SQRT2, T_HALF, T_QUARTER, T_THREE_QUARTERS, uniform_qparams
 
 PERCENTILES = (0.999, 0.9999, 0.99999, 1.0)
-SCORE_MAX = 1 << 21  # candidates are scored on at most this many evenly strided elements
-WEIGHT_SHRINK = tuple(round(1.0 - 0.05 * i, 2) for i in range(1, 11))  # min/max scaled by 0.95 .. 0.50
+SCORE_MAX = 1 << 20  # candidates are scored on at most this many evenly strided elements
+WEIGHT_SHRINK = (0.9, 0.8, 0.7, 0.6, 0.5)  # min/max ranges shrunk, extra weight candidates
 LOG2_Q_OVER_P = 92682 / 65536  # the fixed-point sqrt(2) of the shift-based log2 attention (spec §7)
 
 
