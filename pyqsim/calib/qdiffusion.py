@@ -224,6 +224,14 @@ class QuantLayer(nn.Module):
         self.wq = nn.ModuleList([WeightQuantizer(w_bits, out) for _ in range(n)])
         self.aq = nn.ModuleList([ActQuantizer(a_bits) for _ in range(n)])
         self.w_enabled = w_bits < 32
+        self.frozen: tuple | None = None  # (weight, bias) fixed after calibration
+
+    def freeze(self) -> None:
+        """Cache the final fake-quant weight and bias (calibration of this layer is done)."""
+        with torch.no_grad():
+            self.frozen = (self.quant_weight().detach(), self.quant_bias())
+        if self.frozen[1] is not None:
+            self.frozen = (self.frozen[0], self.frozen[1].detach())
 
     def halves(self, t: torch.Tensor, dim: int) -> list[torch.Tensor]:
         if not self.split:
@@ -254,7 +262,7 @@ class QuantLayer(nn.Module):
         dim = 1 if self.kind == "conv" else -1
         xs = [q(t) for q, t in zip(self.aq, self.halves(x, dim))]
         x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=dim)
-        w, b = self.quant_weight(), self.quant_bias()
+        w, b = self.frozen or (self.quant_weight(), self.quant_bias())
         if self.kind == "linear":
             return F.linear(x, w, b)
         m = self.module
@@ -540,6 +548,8 @@ def calibrate(model: nn.Module, cali: dict, cfg: QDiffConfig, log=None) -> nn.Mo
             if cfg.method == "qdiffusion" and cfg.act_iters > 0:
                 _learn_act_scales(unit, acts, args, tgt, cfg, gen)
             entry["with_acts"] = _unit_error(unit, args, tgt)
+        for m in layers:
+            m.freeze()
         report.append(entry)
         if log:
             log(entry)
