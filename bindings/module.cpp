@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <memory>
@@ -24,6 +25,16 @@ using qsim::WFormat;
 namespace {
 
 constexpr int64_t kInt32Max = 2147483647LL;
+constexpr int64_t kPtrdiffMax = static_cast<int64_t>(PTRDIFF_MAX);
+// Bound of kernel_size, stride, padding and dilation (R3/R4): with H, W <= 2^40 every geometry term
+// (d * (k - 1), h + 2 * p, ...) stays far below 2^63.
+constexpr int64_t kGeomMax = int64_t(1) << 20;
+// Bound of a reduction length K (GEMM k, C/groups*KH*KW): K + 1 and K rounded up to a multiple of 8 fit int64.
+constexpr int64_t kKMax = int64_t(1) << 62;
+
+// Overflow-checked size arithmetic: false when a * b (or a + b) does not fit int64.
+bool mul_ok(int64_t a, int64_t b, int64_t& r) { return !__builtin_mul_overflow(a, b, &r); }
+bool add_ok(int64_t a, int64_t b, int64_t& r) { return !__builtin_add_overflow(a, b, &r); }
 
 std::string type_name(py::handle h) { return py::str(py::type::handle_of(h).attr("__name__")).cast<std::string>(); }
 
@@ -194,7 +205,27 @@ qsim::OutStage make_stage(const std::string& out_dtype, int64_t n, py::handle mu
   return s;
 }
 
-py::array alloc_out(OutType t, const std::vector<py::ssize_t>& shape) {
+int64_t out_itemsize(OutType t) {
+  switch (t) {
+    case OutType::I32:
+    case OutType::F32: return 4;
+    case OutType::I64: return 8;
+    default: return 1;
+  }
+}
+
+// Every output is allocated through here: its byte size is checked (overflow-free, <= PTRDIFF_MAX) before
+// NumPy is asked for it; NumPy then raises MemoryError for what the system cannot give.
+py::array alloc_out(OutType t, const std::vector<int64_t>& dims) {
+  int64_t bytes = out_itemsize(t);
+  bool ok = true;
+  for (int64_t d : dims) ok = ok && mul_ok(bytes, d, bytes);
+  if (!ok || bytes > kPtrdiffMax) {
+    std::string s = "(";
+    for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+    throw py::value_error("the output of shape " + s + ") is too large: its size in bytes exceeds PTRDIFF_MAX");
+  }
+  const std::vector<py::ssize_t> shape(dims.begin(), dims.end());
   switch (t) {
     case OutType::I32: return py::array_t<int32_t>(shape);
     case OutType::F32: return py::array_t<float>(shape);
@@ -203,6 +234,23 @@ py::array alloc_out(OutType t, const std::vector<py::ssize_t>& shape) {
     case OutType::S4: return py::array_t<int8_t>(shape);
     default: return py::array_t<uint8_t>(shape);
   }
+}
+
+// The output allocated before a plain weight is packed (R1: packing a weight with huge N and K = 0 used to
+// run before the output size was looked at). None when out_dtype does not parse: make_stage reports it.
+py::object early_out(const std::string& out_dtype, std::initializer_list<OutType> allowed, const std::vector<int64_t>& dims) {
+  static const std::pair<const char*, OutType> names[] = {
+      {"int32", OutType::I32}, {"float32", OutType::F32}, {"int8", OutType::S8}, {"uint8", OutType::U8},
+      {"int4", OutType::S4},   {"uint4", OutType::U4},    {"int64", OutType::I64}};
+  for (auto& nm : names)
+    if (out_dtype == nm.first)
+      for (OutType t : allowed)
+        if (t == nm.second) return alloc_out(t, dims);
+  return py::none();
+}
+
+py::array take_out(const py::object& early, OutType t, const std::vector<int64_t>& dims) {
+  return early.is_none() ? alloc_out(t, dims) : py::reinterpret_borrow<py::array>(early);
 }
 
 // ------------------------------------------------------------------------------------------ weights
@@ -217,13 +265,27 @@ void check_padding(const uint8_t* w, int64_t rows, int64_t k, const std::string&
       throw py::value_error(name + " padding nibble (high nibble of the last byte of each row, K odd) must be 0");
 }
 
+// The packed panels of `rows` output channels in `groups` matrices of kp codes each, plus the column sums,
+// must have a size that fits PTRDIFF_MAX (an upper bound is checked; overflow-free).
+void check_packed_size(int64_t rows, int64_t kp, int64_t groups, const std::string& name) {
+  int64_t padded_rows = 0, per_row = 0, bytes = 0, slack = 0;
+  const bool ok = mul_ok(groups, qsim::kNR, slack) && add_ok(rows, slack, padded_rows) && add_ok(kp, 4, per_row) &&
+                  mul_ok(padded_rows, per_row, bytes) && bytes <= kPtrdiffMax;
+  if (!ok)
+    throw py::value_error(name + " is too large to pack: " + std::to_string(rows) + " rows of " + std::to_string(kp) +
+                          " padded codes exceed PTRDIFF_MAX bytes");
+}
+
 PW pack_gemm(py::handle w, const std::string& fmt_s, int64_t k, const std::string& name) {
   const WFormat fmt = parse_format(fmt_s, "w_format");
   if (k < 0) throw py::value_error("k must be >= 0");
+  if (k > kKMax) throw py::value_error("k must be <= 2^62, got " + std::to_string(k));
+  const int64_t kp = (k + 7) / 8 * 8;  // the packer pads K to 4 (int8) or 8 (int4): bound by 8
   if (fmt == WFormat::S8) {
     Arr a = take(w, name, {DT::I8}, 2, "[N, K]");
     if (a.dim(1) != k)
       throw py::value_error(name + " must have K=" + std::to_string(k) + " columns, got shape " + shape_str(a.shape));
+    check_packed_size(a.dim(0), kp, 1, name);
     py::gil_scoped_release nogil;
     return qsim::pack_gemm_weight(a.ptr, fmt, a.dim(0), k);
   }
@@ -232,6 +294,7 @@ PW pack_gemm(py::handle w, const std::string& fmt_s, int64_t k, const std::strin
     throw py::value_error(name + " (packed " + fmt_s + ") must have ceil(K/2)=" + std::to_string((k + 1) / 2) +
                           " bytes per row for K=" + std::to_string(k) + ", got shape " + shape_str(a.shape));
   check_padding(static_cast<const uint8_t*>(a.ptr), a.dim(0), k, name);
+  check_packed_size(a.dim(0), kp, 1, name);
   py::gil_scoped_release nogil;
   return qsim::pack_gemm_weight(a.ptr, fmt, a.dim(0), k);
 }
@@ -241,6 +304,21 @@ PW pack_conv(py::handle w, const std::string& fmt_s, int64_t cin_g, int64_t kh, 
   const WFormat fmt = parse_format(fmt_s, "w_format");
   if (groups < 1) throw py::value_error("groups must be >= 1");
   if (kh < 1 || kw < 1) throw py::value_error("kernel_size must be >= 1");
+  if (kh > kGeomMax || kw > kGeomMax)
+    throw py::value_error("conv2d geometry is out of range: kernel_size must be <= 2^20, got (" + std::to_string(kh) + ", " +
+                          std::to_string(kw) + ")");
+  if (cin_g < 0) throw py::value_error("cin_per_group must be >= 0, got " + std::to_string(cin_g));
+  // For C = 0 only groups = 1 means anything (R2): groups must be <= max(C, 1), C = cin_per_group * groups.
+  if (cin_g == 0 && groups > 1)
+    throw py::value_error("groups=" + std::to_string(groups) + " must be <= max(C, 1) = 1 for cin_per_group=0");
+  int64_t taps = 0, kk_checked = 0, padded = 0;
+  if (!mul_ok(kh, kw, taps) || !mul_ok(cin_g, taps, kk_checked) || kk_checked > kKMax)
+    throw py::value_error("cin_per_group * KH * KW must be <= 2^62, got cin_per_group=" + std::to_string(cin_g) +
+                          " with kernel (" + std::to_string(kh) + ", " + std::to_string(kw) + ")");
+  // the packer's k length: KH*KW taps of C/groups channels padded to 4, the whole padded to 8 (bounded here)
+  if (!mul_ok(taps, (cin_g + 3) / 4 * 4, padded) || !add_ok(padded, 7, padded))
+    throw py::value_error("cin_per_group * KH * KW is out of range for cin_per_group=" + std::to_string(cin_g));
+  const int64_t kp_bound = padded / 8 * 8;
   int64_t o;
   if (fmt == WFormat::S8) {
     Arr a = take(w, name, {DT::I8}, 4, "[O, C/groups, KH, KW]");
@@ -249,10 +327,11 @@ PW pack_conv(py::handle w, const std::string& fmt_s, int64_t cin_g, int64_t kh, 
                             std::to_string(kw) + "], got " + shape_str(a.shape));
     o = a.dim(0);
     if (o % groups) throw py::value_error("groups must divide the output channels of " + name);
+    check_packed_size(o, kp_bound, groups, name);
     py::gil_scoped_release nogil;
     return qsim::pack_conv_weight(a.ptr, fmt, o, cin_g, kh, kw, groups);
   }
-  const int64_t kk = cin_g * kh * kw;
+  const int64_t kk = kk_checked;
   Arr a = take(w, name, {DT::U8}, 2, "[O, ceil(C/groups*KH*KW/2)] packed");
   if (a.dim(1) != (kk + 1) / 2)
     throw py::value_error(name + " (packed " + fmt_s + ") must have ceil(" + std::to_string(kk) + "/2) bytes per row, got shape " +
@@ -260,8 +339,20 @@ PW pack_conv(py::handle w, const std::string& fmt_s, int64_t cin_g, int64_t kh, 
   o = a.dim(0);
   if (o % groups) throw py::value_error("groups must divide the output channels of " + name);
   check_padding(static_cast<const uint8_t*>(a.ptr), o, kk, name);
+  check_packed_size(o, kp_bound, groups, name);
   py::gil_scoped_release nogil;
   return qsim::pack_conv_weight(a.ptr, fmt, o, cin_g, kh, kw, groups);
+}
+
+// Output channels of a weight, read without packing it (so that the output can be allocated first). The
+// checks are those of pack_gemm / pack_conv, which repeat them.
+int64_t weight_rows(py::handle w, const std::string& fmt_s, bool conv, const std::string& name) {
+  if (py::isinstance<qsim::PackedWeight>(w)) return w.cast<PW>()->n;
+  const WFormat fmt = parse_format(fmt_s, "w_format");
+  if (fmt == WFormat::S8)
+    return conv ? take(w, name, {DT::I8}, 4, "[O, C/groups, KH, KW]").dim(0) : take(w, name, {DT::I8}, 2, "[N, K]").dim(0);
+  return conv ? take(w, name, {DT::U8}, 2, "[O, ceil(C/groups*KH*KW/2)] packed").dim(0)
+              : take(w, name, {DT::U8}, 2, "[N, ceil(K/2)] packed").dim(0);
 }
 
 // A plain weight array is packed on the fly; a PackedWeight must match.
@@ -337,6 +428,9 @@ py::array int_gemm(py::handle x_, py::handle w_, const std::string& w_format, in
   Arr x = take(x_, "x", {DT::I8, DT::U8}, 2, "[M, K]");
   const ActType xt = act_type_of(x);
   const int64_t m = x.dim(0), k = x.dim(1);
+  const std::vector<int64_t> out_dims = {m, weight_rows(w_, w_format, false, "w")};
+  const py::object early = early_out(out_dtype, {OutType::I32, OutType::F32, OutType::S8, OutType::U8, OutType::S4, OutType::U4},
+                                     out_dims);
   PW w = gemm_weight(w_, w_format, k, "w");
   const int64_t n = w->n;
   const Range wr = w_range(w->format);
@@ -347,7 +441,7 @@ py::array int_gemm(py::handle x_, py::handle w_, const std::string& w_format, in
                  "K=" + std::to_string(k));
   const qsim::OutStage st = make_stage(out_dtype, n, multiplier, shift, out_zero_point, out_scale,
                                        {OutType::I32, OutType::F32, OutType::S8, OutType::U8, OutType::S4, OutType::U4});
-  py::array y = alloc_out(st.type, {static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(n)});
+  py::array y = take_out(early, st.type, out_dims);
   void* yp = y.mutable_data();
   {
     py::gil_scoped_release nogil;
@@ -385,6 +479,9 @@ py::array split_gemm(py::handle x1_, py::handle w1_, const std::string& w1_forma
     throw py::value_error("x1 and x2 must have the same number of rows M, got " + std::to_string(x1.dim(0)) + " and " +
                           std::to_string(x2.dim(0)));
   const ActType t1 = act_type_of(x1), t2 = act_type_of(x2);
+  const std::vector<int64_t> out_dims = {x1.dim(0), weight_rows(w1_, w1_format, false, "w1")};
+  weight_rows(w2_, w2_format, false, "w2");
+  const py::object early = early_out(out_dtype, {OutType::F32, OutType::S8, OutType::U8, OutType::S4, OutType::U4}, out_dims);
   PW w1 = gemm_weight(w1_, w1_format, x1.dim(1), "w1");
   PW w2 = gemm_weight(w2_, w2_format, x2.dim(1), "w2");
   const int64_t n = w1->n, m = x1.dim(0);
@@ -399,7 +496,7 @@ py::array split_gemm(py::handle x1_, py::handle w1_, const std::string& w1_forma
                      bias_max(bias, n),
                  "split_gemm", "K1 + K2");
   const qsim::SplitOutStage st = make_split_stage(out_dtype, n, m1, m2, shift, out_zero_point, s1, s2);
-  py::array y = alloc_out(st.type, {static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(n)});
+  py::array y = take_out(early, st.type, out_dims);
   void* yp = y.mutable_data();
   {
     py::gil_scoped_release nogil;
@@ -418,6 +515,9 @@ std::pair<int64_t, int64_t> pair_of(py::handle v, const std::string& name, int64
   }
   if (t.size() != 2) throw py::value_error(name + " must be a pair of ints");
   if (t[0] < minimum || t[1] < minimum) throw py::value_error(name + " must be >= " + std::to_string(minimum));
+  if (t[0] > kGeomMax || t[1] > kGeomMax)
+    throw py::value_error("conv2d geometry is out of range: " + name + " must be <= 2^20, got (" + std::to_string(t[0]) +
+                          ", " + std::to_string(t[1]) + ")");
   return {t[0], t[1]};
 }
 
@@ -431,15 +531,25 @@ qsim::ConvGeom geometry(const Arr& x, int64_t kh, int64_t kw, py::handle stride,
   std::tie(g.ph, g.pw) = pair_of(padding, "padding", 0);
   std::tie(g.dh, g.dw) = pair_of(dilation, "dilation", 1);
   const int64_t big = int64_t(1) << 40;
-  if (g.h > big || g.w > big || g.ph > big || g.pw > big || g.dh > big || g.dw > big || kh > big || kw > big)
+  if (g.h > big || g.w > big)
+    throw py::value_error("conv2d geometry is out of range: H and W of x must be <= 2^40, got (" + std::to_string(g.h) + ", " +
+                          std::to_string(g.w) + ")");
+  if (kh < 1 || kw < 1 || kh > kGeomMax || kw > kGeomMax)
+    throw py::value_error("conv2d geometry is out of range: kernel_size must be in [1, 2^20], got (" + std::to_string(kh) +
+                          ", " + std::to_string(kw) + ")");
+  // With H, W <= 2^40 and kernel, padding, dilation <= 2^20 (pair_of) nothing below can overflow; checked anyway.
+  auto extent = [](int64_t n, int64_t p, int64_t d, int64_t k, int64_t& r) {
+    int64_t span = 0, pad2 = 0, sum = 0;
+    return mul_ok(d, k - 1, span) && mul_ok(p, 2, pad2) && add_ok(n, pad2, sum) && !__builtin_sub_overflow(sum, span + 1, &r);
+  };
+  int64_t eh = 0, ew = 0;
+  if (!extent(g.h, g.ph, g.dh, kh, eh) || !extent(g.w, g.pw, g.dw, kw, ew))
     throw py::value_error("conv2d geometry is out of range");
-  g.oh = (g.h + 2 * g.ph - g.dh * (kh - 1) - 1);
-  g.ow = (g.w + 2 * g.pw - g.dw * (kw - 1) - 1);
-  g.oh = g.oh < 0 ? 0 : g.oh / g.sh + 1;
-  g.ow = g.ow < 0 ? 0 : g.ow / g.sw + 1;
-  if ((g.h + 2 * g.ph - g.dh * (kh - 1) - 1) < 0 || (g.w + 2 * g.pw - g.dw * (kw - 1) - 1) < 0)
+  if (eh < 0 || ew < 0)
     throw py::value_error("output size is not positive for input (" + std::to_string(g.h) + ", " + std::to_string(g.w) +
                           ") and this kernel/stride/padding/dilation");
+  g.oh = eh / g.sh + 1;
+  g.ow = ew / g.sw + 1;
   return g;
 }
 
@@ -450,12 +560,18 @@ py::array int_conv2d(py::handle x_, py::handle w_, const std::string& w_format, 
   Arr x = take(x_, "x", {DT::I8, DT::U8}, 4, "NCHW [B, C, H, W]");
   const ActType xt = act_type_of(x);
   if (groups < 1) throw py::value_error("groups must be >= 1, got " + std::to_string(groups));
+  if (groups > std::max<int64_t>(x.dim(1), 1))
+    throw py::value_error("groups=" + std::to_string(groups) + " must be <= max(C, 1) = " +
+                          std::to_string(std::max<int64_t>(x.dim(1), 1)) + " (C = input channels)");
   if (x.dim(1) % groups)
     throw py::value_error("groups=" + std::to_string(groups) + " must divide the input channels C=" + std::to_string(x.dim(1)));
   const auto ks = pair_of(kernel_size, "kernel_size", 1);
   const int64_t cin_g = x.dim(1) / groups;
-  PW w = conv_weight(w_, w_format, cin_g, ks.first, ks.second, groups, "w");
   const qsim::ConvGeom g = geometry(x, ks.first, ks.second, stride, padding, dilation);
+  const std::vector<int64_t> out_dims = {g.batch, weight_rows(w_, w_format, true, "w"), g.oh, g.ow};
+  const py::object early = early_out(out_dtype, {OutType::I32, OutType::F32, OutType::S8, OutType::U8, OutType::S4, OutType::U4},
+                                     out_dims);
+  PW w = conv_weight(w_, w_format, cin_g, ks.first, ks.second, groups, "w");
   const int64_t o = w->n;
   const Range wr = w_range(w->format);
   check_zero_point(x_zero_point, "x_zero_point", act_range(xt), xt == ActType::U8 ? "uint8" : "int8");
@@ -465,8 +581,7 @@ py::array int_conv2d(py::handle x_, py::handle w_, const std::string& w_format, 
                  "C/groups*KH*KW=" + std::to_string(w->k));
   const qsim::OutStage st = make_stage(out_dtype, o, multiplier, shift, out_zero_point, out_scale,
                                        {OutType::I32, OutType::F32, OutType::S8, OutType::U8, OutType::S4, OutType::U4});
-  py::array y = alloc_out(st.type, {static_cast<py::ssize_t>(g.batch), static_cast<py::ssize_t>(o),
-                                    static_cast<py::ssize_t>(g.oh), static_cast<py::ssize_t>(g.ow)});
+  py::array y = take_out(early, st.type, out_dims);
   void* yp = y.mutable_data();
   {
     py::gil_scoped_release nogil;
@@ -487,11 +602,14 @@ py::array split_conv2d(py::handle x1_, py::handle w1_, const std::string& w1_for
                           shape_str(x2.shape));
   const ActType t1 = act_type_of(x1), t2 = act_type_of(x2);
   const auto ks = pair_of(kernel_size, "kernel_size", 1);
+  const qsim::ConvGeom g = geometry(x1, ks.first, ks.second, stride, padding, dilation);
+  const std::vector<int64_t> out_dims = {g.batch, weight_rows(w1_, w1_format, true, "w1"), g.oh, g.ow};
+  weight_rows(w2_, w2_format, true, "w2");
+  const py::object early = early_out(out_dtype, {OutType::F32, OutType::S8, OutType::U8, OutType::S4, OutType::U4}, out_dims);
   PW w1 = conv_weight(w1_, w1_format, x1.dim(1), ks.first, ks.second, 1, "w1");
   PW w2 = conv_weight(w2_, w2_format, x2.dim(1), ks.first, ks.second, 1, "w2");
   const int64_t o = w1->n;
   if (w2->n != o) throw py::value_error("w1 and w2 must have the same output channels");
-  const qsim::ConvGeom g = geometry(x1, ks.first, ks.second, stride, padding, dilation);
   check_zero_point(zx1, "x1_zero_point", act_range(t1), t1 == ActType::U8 ? "uint8" : "int8");
   check_zero_point(zx2, "x2_zero_point", act_range(t2), t2 == ActType::U8 ? "uint8" : "int8");
   const Range r1 = w_range(w1->format), r2 = w_range(w2->format);
@@ -502,8 +620,7 @@ py::array split_conv2d(py::handle x1_, py::handle w1_, const std::string& w1_for
                      bias_max(bias, o),
                  "split_conv2d", "C1*KH*KW + C2*KH*KW");
   const qsim::SplitOutStage st = make_split_stage(out_dtype, o, m1, m2, shift, out_zero_point, s1, s2);
-  py::array y = alloc_out(st.type, {static_cast<py::ssize_t>(g.batch), static_cast<py::ssize_t>(o),
-                                    static_cast<py::ssize_t>(g.oh), static_cast<py::ssize_t>(g.ow)});
+  py::array y = take_out(early, st.type, out_dims);
   void* yp = y.mutable_data();
   {
     py::gil_scoped_release nogil;
@@ -519,8 +636,7 @@ py::array requantize(py::handle acc_, py::handle multiplier, py::handle shift, i
   const int64_t n = acc.dim(1);
   const qsim::OutStage st = make_stage(out_dtype, n, multiplier, shift, zero_point, py::none(),
                                        {OutType::S8, OutType::U8, OutType::S4, OutType::U4});
-  py::array y = alloc_out(st.type, {static_cast<py::ssize_t>(acc.dim(0)), static_cast<py::ssize_t>(n),
-                                    static_cast<py::ssize_t>(acc.dim(2))});
+  py::array y = alloc_out(st.type, {acc.dim(0), n, acc.dim(2)});
   void* yp = y.mutable_data();
   {
     py::gil_scoped_release nogil;
@@ -555,7 +671,7 @@ py::array log2_attn_matmul(py::handle codes_, py::handle v_, int64_t v_zero_poin
                             ", got " + std::to_string(cp[i]));
   const qsim::OutStage st = make_stage(out_dtype, n, multiplier, shift, out_zero_point, out_scale,
                                        {OutType::I64, OutType::F32, OutType::S8, OutType::U8, OutType::S4, OutType::U4});
-  py::array y = alloc_out(st.type, {static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(n)});
+  py::array y = alloc_out(st.type, {m, n});
   void* yp = y.mutable_data();
   {
     py::gil_scoped_release nogil;
@@ -671,7 +787,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_num_threads", &qsim::set_num_threads, py::arg("n"), "Threads used by the kernels (>= 1)");
   m.def("get_num_threads", &qsim::get_num_threads);
   m.def("set_cpu_isa",
-        [](py::object name) { qsim::set_isa_override(name.is_none() ? std::string() : name.cast<std::string>()); },
+        [](py::object name) {
+          if (!name.is_none() && !py::isinstance<py::str>(name)) throw py::type_error("name must be a str or None");
+          qsim::set_isa_override(name.is_none() ? std::string() : name.cast<std::string>());
+        },
         py::arg("name"),
         "Force 'scalar', 'avx2' or 'auto' for later calls; None clears it (PYQSIM_CPU_ISA then decides)");
   m.def("get_cpu_isa", [] { return std::string(qsim::isa_name(qsim::resolve_isa())); },

@@ -33,20 +33,24 @@ struct ConvA final : ASource {
     const int64_t kp = kg * 4;
     thread_local std::vector<int8_t> rows;
     if (rows.size() < static_cast<size_t>(kMR * kp)) rows.resize(static_cast<size_t>(kMR * kp));
-    for (int r = 0; r < mr; ++r) {
-      int8_t* row = rows.data() + r * kp;
-      std::memset(row, 0, static_cast<size_t>(kp));
-      const int64_t p = m0 + r;
-      const int64_t oi = p / ow, oj = p % ow;
-      for (int64_t i = 0; i < kh; ++i) {
-        const int64_t ih = oi * sh + i * dh - ph;
-        for (int64_t j = 0; j < kw; ++j) {
-          const int64_t iw = oj * sw + j * dw - pw;
-          int8_t* d = row + (i * kw + j) * cg4;
-          if (ih < 0 || ih >= h || iw < 0 || iw >= w)
-            std::memset(d, static_cast<uint8_t>(fill), static_cast<size_t>(cg));
-          else
-            std::memcpy(d, xn + (ih * w + iw) * c + c0, static_cast<size_t>(cg));
+    // Empty reduction (C/groups = 0, so kp = 0): no tap holds a channel; visiting KH x KW taps per output
+    // pixel would be pure waste (and rows.data() may be null). The GEMM then gives bias + output stage.
+    if (cg > 0) {
+      for (int r = 0; r < mr; ++r) {
+        int8_t* row = rows.data() + r * kp;
+        std::memset(row, 0, static_cast<size_t>(kp));
+        const int64_t p = m0 + r;
+        const int64_t oi = p / ow, oj = p % ow;
+        for (int64_t i = 0; i < kh; ++i) {
+          const int64_t ih = oi * sh + i * dh - ph;
+          for (int64_t j = 0; j < kw; ++j) {
+            const int64_t iw = oj * sw + j * dw - pw;
+            int8_t* d = row + (i * kw + j) * cg4;
+            if (ih < 0 || ih >= h || iw < 0 || iw >= w)
+              std::memset(d, static_cast<uint8_t>(fill), static_cast<size_t>(cg));
+            else
+              std::memcpy(d, xn + (ih * w + iw) * c + c0, static_cast<size_t>(cg));
+          }
         }
       }
     }
@@ -84,6 +88,8 @@ inline void transpose16(const uint8_t* src, int64_t ss, int8_t* dst, int64_t ds,
 
 // x [B, C, H, W] -> x' [B, H, W, C]: 16 x 16 byte tiles (SSE2), scalar edges
 std::vector<int8_t> to_nhwc(const void* x, ActType t, int64_t b, int64_t c, int64_t h, int64_t w) {
+  // An empty input has nothing to transpose (with C = 0, B * H * W alone may be huge).
+  if (b == 0 || c == 0 || h == 0 || w == 0) return {};
   std::vector<int8_t> out(static_cast<size_t>(b * c * h * w));
   const uint8_t* src = static_cast<const uint8_t*>(x);
   const uint8_t mask = t == ActType::U8 ? 0x80 : 0;

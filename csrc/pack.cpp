@@ -10,9 +10,20 @@
 namespace qsim {
 
 namespace {
+// A request for a large block is tried without throwing first: a throwing operator new that fails is fatal
+// under some allocators (AddressSanitizer), a nothrow one returns null, reported here as std::bad_alloc
+// (MemoryError in Python). Small requests go straight through.
+void require_allocatable(size_t bytes) {
+  if (bytes < (size_t(1) << 30)) return;
+  void* p = ::operator new(bytes, std::nothrow);
+  if (!p) throw std::bad_alloc();
+  ::operator delete(p);
+}
+
 std::shared_ptr<uint8_t> aligned_bytes(size_t n) {
   if (n == 0) n = 64;
-  auto* p = static_cast<uint8_t*>(::operator new(n, std::align_val_t(64)));
+  auto* p = static_cast<uint8_t*>(::operator new(n, std::align_val_t(64), std::nothrow));
+  if (!p) throw std::bad_alloc();
   std::memset(p, 0, n);
   return std::shared_ptr<uint8_t>(p, [](uint8_t* q) { ::operator delete(q, std::align_val_t(64)); });
 }
@@ -35,7 +46,9 @@ PackedMatrix pack_codes(const int8_t* codes, int64_t n, int64_t kp, WFormat fmt)
   const bool four = fmt != WFormat::S8;
   pm.panel_bytes = four ? (pm.kg / 2) * 64 : pm.kg * 64;
   pm.buf = aligned_bytes(static_cast<size_t>(pm.panels * pm.panel_bytes));
+  require_allocatable(static_cast<size_t>(pm.panels * kNR) * sizeof(int32_t));
   pm.colsum.assign(static_cast<size_t>(pm.panels * kNR), 0);
+  if (kp == 0) return pm;  // empty reduction: nothing to pack, every column sum is 0
   uint8_t* base = pm.buf.get();
   for (int64_t c = 0; c < n; ++c) {
     const int8_t* row = codes + c * kp;
@@ -65,8 +78,12 @@ std::shared_ptr<PackedWeight> pack_gemm_weight(const void* w, WFormat fmt, int64
   using detail::round_up;
   const bool four = fmt != WFormat::S8;
   const int64_t kp = round_up(k, four ? 8 : 4);
+  // The caller checked n * kp <= PTRDIFF_MAX. K = 0: no rows to copy (and codes.data() may be null).
+  require_allocatable(static_cast<size_t>(n * kp));
   std::vector<int8_t> codes(static_cast<size_t>(n * kp), 0);
-  if (!four) {
+  if (k == 0) {
+    // nothing to copy
+  } else if (!four) {
     const int8_t* src = static_cast<const int8_t*>(w);
     for (int64_t r = 0; r < n; ++r) std::memcpy(codes.data() + r * kp, src + r * k, static_cast<size_t>(k));
   } else {
@@ -104,6 +121,10 @@ std::shared_ptr<PackedWeight> pack_conv_weight(const void* w, WFormat fmt, int64
   pw->kw = kw;
   pw->groups = groups;
   const int64_t rb = four ? (kk + 1) / 2 : kk;
+  // No output channels: the kernels return before reading any group's matrix, so none is built (groups
+  // can then be as large as the caller allowed without any per-group work).
+  if (o == 0) return pw;
+  require_allocatable(static_cast<size_t>(og * kp));
   std::vector<int8_t> codes(static_cast<size_t>(std::max<int64_t>(og * kp, 1)), 0);
   for (int64_t g = 0; g < groups; ++g) {
     std::fill(codes.begin(), codes.end(), 0);

@@ -77,6 +77,9 @@ std::string isa_override() {
 int get_num_threads() { return ThreadPool::instance().num_threads(); }
 void set_num_threads(int n) {
   if (n < 1) throw std::invalid_argument("number of threads must be >= 1, got " + std::to_string(n));
+  if (n > ThreadPool::max_threads())
+    throw std::invalid_argument("number of threads must be <= " + std::to_string(ThreadPool::max_threads()) +
+                                " (max(1024, 64 x hardware threads)), got " + std::to_string(n));
   ThreadPool::instance().set_num_threads(n);
 }
 

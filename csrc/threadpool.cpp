@@ -1,7 +1,9 @@
 #include "threadpool.h"
 
 #include <cstdlib>
+#include <stdexcept>
 #include <string>
+#include <system_error>
 #if defined(__unix__) || defined(__APPLE__)
 #include <unistd.h>
 #endif
@@ -23,7 +25,7 @@ long current_pid() {
 int default_threads() {
   if (const char* env = std::getenv("PYQSIM_NUM_THREADS")) {
     int v = std::atoi(env);
-    if (v >= 1) return v;
+    if (v >= 1) return v < ThreadPool::max_threads() ? v : ThreadPool::max_threads();
   }
 #if defined(__linux__)
   cpu_set_t set;
@@ -36,6 +38,12 @@ int default_threads() {
   return hc ? static_cast<int>(hc) : 1;
 }
 }  // namespace
+
+int ThreadPool::max_threads() {
+  const unsigned hc = std::thread::hardware_concurrency();
+  const long scaled = 64L * static_cast<long>(hc);
+  return scaled > 1024 ? static_cast<int>(scaled) : 1024;
+}
 
 ThreadPool& ThreadPool::instance() {
   // Leaked on purpose: worker threads must not be joined during interpreter teardown.
@@ -59,7 +67,16 @@ void ThreadPool::set_num_threads(int n) {
 
 void ThreadPool::start_workers(int n) {
   stop_ = false;
-  for (int i = 1; i < n; ++i) workers_.emplace_back(&ThreadPool::worker_main, this, i, generation_);
+  try {
+    for (int i = 1; i < n; ++i) workers_.emplace_back(&ThreadPool::worker_main, this, i, generation_);
+  } catch (const std::system_error& e) {
+    // The OS refused a thread: do not keep a half-started pool (the next run would wait for workers that do
+    // not exist); stop the ones that started and report. The next call tries again.
+    const size_t started = workers_.size();
+    stop_workers();
+    throw std::runtime_error("could not start " + std::to_string(n - 1) + " worker threads (the system refused after " +
+                             std::to_string(started) + "): " + e.what() + "; use fewer threads (set_num_threads)");
+  }
 }
 
 void ThreadPool::stop_workers() {

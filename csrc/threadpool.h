@@ -17,6 +17,8 @@ namespace qsim {
 class ThreadPool {
  public:
   static ThreadPool& instance();
+  // Largest accepted thread count: max(1024, 64 x hardware threads).
+  static int max_threads();
   int num_threads() const { return nthreads_.load(); }
   void set_num_threads(int n);
   // Serialized: concurrent callers (e.g. Python threads with the GIL released) take turns.
