@@ -252,7 +252,7 @@ def demo(out_dir="pyqsim-report", quick: bool = False, backend: str = "auto", pr
     """Run the main job on the bundled models; writes report.md, report.json, parameter files and PNGs."""
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(1)  # the bundled models are small: one thread is fastest and never oversubscribes
     st = settings or (DemoSettings.quick() if quick else DemoSettings())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -285,6 +285,7 @@ def calibrate(method: str, out, w_bits: int = 4, a_bits: int | None = None, cali
     """Calibrate the bundled model (or a user's ``model_file``) with ``method``; write the parameter file ``out``."""
     import torch
 
+    torch.set_num_threads(1)
     prog = Progress(2, progress)
     t0 = time.perf_counter()
     user_model = None
