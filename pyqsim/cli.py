@@ -190,12 +190,17 @@ def cmd_cost(args) -> int:
     desc = program.describe()
     a_bits = int(desc.get("a_bits", 8)) if isinstance(desc, dict) else int(program.meta["quant"]["a_bits"])
     res = program_cost(program, min(a_bits, 32))
-    lines = [f"{'layer':40s} {'op':16s} {'MACs':>12s} {'W':>2s} {'A':>2s} {'size Mb':>9s}"]
+    lines = [f"{'layer':40s} {'op':16s} {'MACs':>12s} {'W':>2s} {'A':>2s} {'size MB':>9s}"]
     for l in res["layers"]:
-        lines.append(f"{l['layer'][:40]:40s} {l['op']:16s} {l['macs']:12d} {l['w_bits']:2d} {l['a_bits']:2d} {l['size_mbit']:9.4f}")
+        lines.append(f"{l['layer'][:40]:40s} {l['op']:16s} {l['macs']:12d} {l['w_bits']:2d} {l['a_bits']:2d} {l['size_mb']:9.4f}")
     t = res["total"]
-    lines.append(f"total: {t['weight_params']} weight parameters, {t['size_mbit']:.4f} Mb, {t['macs']} MACs, "
+    lines.append(f"integer ops: {t['weight_params']} weight parameters, {t['size_mb']:.4f} MB, {t['macs']} MACs, "
                  f"{t['gbitops']:.4f} Gbit-ops per forward (batch 1)")
+    if hasattr(program, "cost"):  # the model's own accounting: every parameter, float-executed layers included
+        res["model"] = program.cost()
+        m = res["model"]
+        lines.append(f"whole model (paper convention): {m['params']} parameters, {m['size_mb']:.4f} MB, "
+                     f"{m['gbitops']:.4f} Gbit-ops per forward")
     _emit(args, res, "\n".join(lines))
     return 0
 

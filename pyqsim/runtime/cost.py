@@ -2,7 +2,9 @@
 
 Counted from one recorded forward pass: each integer op contributes its multiply-accumulates times the
 weight bits times the activation bits (the convention of the Q-Diffusion and RepQ-ViT tables); the size is
-the weight parameters times the weight bits, in megabits (10^6 bits).
+the weight parameters times the weight bits, in megabytes (10^6 bytes; the papers' "Mb" column). Only arrays
+stored in the parameter file count as weights: an op whose second operand is an activation (q @ k^T, attention
+times V) counts activation bits twice and no size.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ def _weights(op: str, args) -> list:
 
 def program_cost(program, a_bits: int, n: int = 1) -> dict:
     """Per-layer and total MACs, bit-operations and weight size of ``program`` for a batch of one."""
+    stored = {id(v) for v in getattr(program, "t", {}).values()}
     with ops.record() as calls:
         program.run(program.example_inputs(n), backend="reference")
     layers, seen = [], set()
@@ -49,7 +52,7 @@ def program_cost(program, a_bits: int, n: int = 1) -> dict:
         macs = op_macs(op, args) // n
         if macs == 0:
             continue
-        ws = _weights(op, args)
+        ws = [w for w in _weights(op, args) if id(w.w) in stored or not stored]
         w_bits = _weight_bits(ws[0].w_format) if ws else a_bits
         params = 0
         for w in ws:
@@ -60,12 +63,12 @@ def program_cost(program, a_bits: int, n: int = 1) -> dict:
                 kk = w.k if hasattr(w, "k") else w.x.shape[1] // w.groups * w.kernel_size[0] * w.kernel_size[1]
                 params += rows * kk
         layers.append({"layer": scope_name, "op": op, "macs": macs, "w_bits": w_bits, "a_bits": a_bits,
-                       "bitops": macs * w_bits * a_bits, "weight_params": params, "size_mbit": params * w_bits / 1e6})
+                       "bitops": macs * w_bits * a_bits, "weight_params": params, "size_mb": params * w_bits / 8e6})
     total = {
         "macs": int(sum(l["macs"] for l in layers)),
         "bitops": int(sum(l["bitops"] for l in layers)),
         "weight_params": int(sum(l["weight_params"] for l in layers)),
-        "size_mbit": float(sum(l["size_mbit"] for l in layers)),
+        "size_mb": float(sum(l["size_mb"] for l in layers)),
     }
     total["gbitops"] = total["bitops"] / 1e9
     return {"layers": layers, "total": total}

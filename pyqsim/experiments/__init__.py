@@ -1,0 +1,1 @@
+"""Reproductions of the papers' tables on the bundled models (RepQ-ViT ablation, Q-Diffusion table)."""
