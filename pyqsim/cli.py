@@ -225,6 +225,14 @@ def cmd_demo(args) -> int:
     return 0 if res["ok"] else 1
 
 
+def cmd_table(args) -> int:
+    if args.which == "repq-vit":
+        from .experiments.repqvit_table import main as table_main
+    else:
+        from .experiments.qdiffusion_table import main as table_main
+    return table_main(args.rest + (["--json"] if args.json else []))
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -271,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     k = add("cost", cmd_cost, "model size (Mb) and bit-operations per forward, per layer and total")
     k.add_argument("params")
     add("info", cmd_info, "the build: version, SIMD level, CUDA compiled, GPUs seen")
+    tb = add("table", cmd_table, "reproduce a paper's table on the bundled model (options after the name are "
+                                 "passed on; see `pyqsim table repq-vit -- --help`)")
+    tb.add_argument("which", choices=["repq-vit", "qdiffusion"])
+    tb.add_argument("rest", nargs=argparse.REMAINDER, help="options of the table command (e.g. --quick --out DIR)")
     return p
 
 
