@@ -142,7 +142,11 @@ def positive_scale(v, name: str) -> float:
     return f
 
 
+GEOMETRY_MAX = 2**20  # kernel size, stride, padding and dilation: products of these stay far below 2^62
+
+
 def pair(v, name: str, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints in [minimum, 2^20] (conv geometry)."""
     if isinstance(v, (tuple, list)):
         if len(v) != 2:
             raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
@@ -151,6 +155,8 @@ def pair(v, name: str, minimum: int) -> tuple[int, int]:
         a = b = as_int(v, name)
     if a < minimum or b < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v!r}")
+    if a > GEOMETRY_MAX or b > GEOMETRY_MAX:
+        raise ValueError(f"{name} must be <= {GEOMETRY_MAX}, got {v!r}")
     return a, b
 
 
@@ -312,8 +318,8 @@ def conv_weight(w, name: str, w_format: str, cin_g: int, kernel_size) -> tuple[n
         kh, kw = w.shape[2], w.shape[3]
         if kernel_size is not None and pair(kernel_size, "kernel_size", 1) != (kh, kw):
             raise ValueError(f"kernel_size {kernel_size!r} disagrees with {name} shape {w.shape}")
-        if kh < 1 or kw < 1:
-            raise ValueError(f"{name} kernel must be at least 1x1, got shape {w.shape}")
+        if not (1 <= kh <= GEOMETRY_MAX and 1 <= kw <= GEOMETRY_MAX):
+            raise ValueError(f"{name} kernel must be between 1x1 and {GEOMETRY_MAX}x{GEOMETRY_MAX}, got shape {w.shape}")
     else:
         check_dtype(w, name, [np.uint8])
         check_ndim(w, name, 2, "[O, ceil(C/groups*KH*KW/2)] packed")
@@ -344,9 +350,9 @@ def conv_args(x, w, stride, padding, dilation, groups, x_zero_point, w_zero_poin
     xn, wn = f"x{sfx}", f"w{sfx}"
     x, x_type = activation(x, xn, 4, "NCHW [B, C, H, W]")
     g = as_int(groups, "groups")
-    if g < 1:
-        raise ValueError(f"groups must be >= 1, got {g}")
     c = x.shape[1]
+    if not 1 <= g <= max(c, 1):
+        raise ValueError(f"groups must be in [1, max(C, 1)] = [1, {max(c, 1)}] for C={c} input channels, got {g}")
     if c % g:
         raise ValueError(f"groups={g} must divide the input channels C={c} of {xn}")
     w, kernel = conv_weight(w, wn, w_format, c // g, kernel_size)
