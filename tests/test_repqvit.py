@@ -180,6 +180,26 @@ def test_export_round_trip_gives_identical_integers(calibrated, digits):
     assert all(np.array_equal(a[3], b[3]) for a, b in zip(c1, c2))
 
 
+def test_runtime_runs_without_torch(calibrated, digits, tmp_path):
+    """Loading and running a parameter file imports neither torch nor the calibration code."""
+    import os
+    import subprocess
+    import sys
+
+    import pyqsim
+
+    _, path, _, _ = calibrated
+    np.save(tmp_path / "x.npy", digits[2][:4])
+    code = ("import sys, numpy as np; from pyqsim.runtime import load; "
+            f"y = load({str(path)!r}).run(np.load({str(tmp_path / 'x.npy')!r}), backend='reference'); "
+            "assert y.shape == (4, 10) and np.isfinite(y).all(); "
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'pyqsim.calib', 'pyqsim.models'))]; "
+            "assert not bad, bad")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(os.path.dirname(os.path.dirname(pyqsim.__file__))),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
 def _near_half(t: np.ndarray, slack: np.ndarray) -> np.ndarray:
     return np.abs(t - np.floor(t) - 0.5) <= slack
 
