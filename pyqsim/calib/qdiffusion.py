@@ -376,6 +376,9 @@ def generate_calibration_data(model, sampler: DDIMSampler, cali_n: int, cali_st:
     """Timestep-aware calibration set: run the FP sampler on ``cali_n`` trajectories and keep the model
     inputs (x_t, t) at ``cali_st`` steps spread uniformly (every c-th step) over the whole trajectory,
     first and last step included. ``model`` is a torch eps model or a NumPy eps function."""
+    for name, v in (("cali_n", cali_n), ("cali_st", cali_st)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     eps_fn = torch_eps_fn(model) if isinstance(model, nn.Module) else model
     n_steps = len(sampler.timesteps)
     keep = np.unique(np.round(np.linspace(0, n_steps - 1, min(cali_st, n_steps))).astype(np.int64))
@@ -510,13 +513,27 @@ def _unit_error(unit, args, tgt, batch: int = 256) -> float:
                      for s in range(0, len(tgt), batch)) / len(tgt))
 
 
+def _check_cali(cali) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, t) tensors of a calibration set, or ValueError naming what is wrong with ``cali``."""
+    if not isinstance(cali, dict) or "x" not in cali or "t" not in cali:
+        raise ValueError("cali must be a dict with 'x' (inputs) and 't' (timesteps), as generate_calibration_data returns")
+    xs, ts = torch.as_tensor(np.asarray(cali["x"])), torch.as_tensor(np.asarray(cali["t"]))
+    if len(xs) == 0:
+        raise ValueError("cali holds no samples: the calibration set must not be empty")
+    if len(xs) != len(ts):
+        raise ValueError(f"cali['x'] has {len(xs)} samples but cali['t'] has {len(ts)}")
+    if not xs.is_floating_point() or not torch.isfinite(xs).all():
+        raise ValueError("cali['x'] must be finite floats (no NaN or inf)")
+    return xs, ts
+
+
 def calibrate(model: nn.Module, cali: dict, cfg: QDiffConfig, log=None) -> nn.Module:
     """Quantize ``model`` with ``cfg`` on calibration data ``cali`` ({"x", "t"} from
     :func:`generate_calibration_data`). Units are processed in execution order; each sees inputs from the
     partly quantized model and is fitted to the FP model's output (BRECQ's asymmetric reconstruction)."""
     t0 = time.time()
+    xs, ts = _check_cali(cali)
     gen = torch.Generator().manual_seed(cfg.seed)
-    xs, ts = torch.as_tensor(cali["x"]), torch.as_tensor(cali["t"])
     fp = copy.deepcopy(model).eval()
     for p in fp.parameters():
         p.requires_grad_(False)
@@ -532,6 +549,10 @@ def calibrate(model: nn.Module, cali: dict, cfg: QDiffConfig, log=None) -> nn.Mo
                     q.init(w, init)
         args, _ = _capture(qmodel, unit, xs, ts)
         _, tgt = _capture(fp, fp_modules[name], xs, ts)
+        for tensor in (*[a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()], tgt):
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"non-finite activations at unit {name!r} on the calibration data "
+                                 "(NaN/inf in the model's parameters or inputs)")
         entry = {"unit": name, "nearest": _unit_error(unit, args, tgt)}
         if cfg.method == "qdiffusion" and cfg.weight_iters > 0 and any(m.w_enabled for m in layers):
             _reconstruct_weights(unit, layers, args, tgt, cfg, gen)
