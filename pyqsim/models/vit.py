@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DIGITS_WEIGHTS = WEIGHTS_DIR / "digits_vit.npz"
