@@ -6,7 +6,7 @@
 #
 # Environment: PYTHON (default python3), CXX (default g++; its libasan/libubsan are preloaded),
 # PYQSIM_SANITIZE_DIR (default build/asan: build tree and venv), PYQSIM_SANITIZE_EXTRA_FLAGS (extra compile
-# flags, default: the temporary exclusion below),
+# flags, default none),
 # PYQSIM_SANITIZE_FUZZ_SECONDS (default 30), PYQSIM_SANITIZE_JOBS (default 2).
 # Extra arguments are passed to pytest (e.g. `.ci/sanitize.sh -x -k gemm`).
 set -euo pipefail
@@ -26,9 +26,7 @@ mkdir -p "$DIR"
 VPY=$VENV/bin/python
 "$VPY" -m pip install --quiet --disable-pip-version-check "numpy>=1.24" "hypothesis>=6.80" "pytest>=7"
 
-# -fno-sanitize=nonnull-attribute: TEMPORARY, finding R13 of docs/reliability.md (csrc/pack.cpp passes a null
-# pointer with size 0 to memcpy for K = 0, hit by the property tests). Drop it together with that fix.
-SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer ${PYQSIM_SANITIZE_EXTRA_FLAGS--fno-sanitize=nonnull-attribute}"
+SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer ${PYQSIM_SANITIZE_EXTRA_FLAGS-}"
 CMAKE_BUILD_PARALLEL_LEVEL=${PYQSIM_SANITIZE_JOBS:-2} CXX=$CXX_BIN \
 "$VPY" -m pip install --quiet --disable-pip-version-check --no-deps . \
   -Cbuild-dir="$DIR/cmake" \

@@ -351,8 +351,10 @@ def conv_args(x, w, stride, padding, dilation, groups, x_zero_point, w_zero_poin
     x, x_type = activation(x, xn, 4, "NCHW [B, C, H, W]")
     g = as_int(groups, "groups")
     c = x.shape[1]
-    if not 1 <= g <= max(c, 1):
-        raise ValueError(f"groups must be in [1, max(C, 1)] = [1, {max(c, 1)}] for C={c} input channels, got {g}")
+    if g < 1:
+        raise ValueError(f"groups must be >= 1, got {g}")
+    if g > max(c, 1):
+        raise ValueError(f"groups must be <= max(C, 1) = {max(c, 1)} for C={c} input channels, got {g}")
     if c % g:
         raise ValueError(f"groups={g} must divide the input channels C={c} of {xn}")
     w, kernel = conv_weight(w, wn, w_format, c // g, kernel_size)

@@ -840,11 +840,10 @@ def test_output_index_beyond_2_31():
     assert y.shape == (m, n) and y[0, 0] == 1 and y[-1, -1] == 6 and y[-1, 0] == 2 and y[0, -1] == 3
 
 
-@pytest.mark.xfail(strict=True, reason="R2: degenerate conv sizes are not bounded; docs/reliability.md")
-def test_known_gap_conv_groups_with_no_channels_on_the_op_layer():
-    """R2 through pyqsim.ops (the op layer does not stop it either): C = O = 0 with groups = 2^40 loops over
-    the groups (reference: a Python loop; cpu: one packed matrix per group). Run isolated: it must raise a
-    ValueError naming groups at once."""
+def test_conv_groups_with_no_channels_on_the_op_layer():
+    """Guards R2 (fixed) through pyqsim.ops: C = O = 0 with groups = 2^40 once looped over the groups
+    (reference: a Python loop; cpu: one packed matrix per group). Run isolated: it raises a ValueError naming
+    groups at once."""
     from test_bindings_errors import HANG_TIMEOUT, assert_isolated_raises
     code = ("from pyqsim import ops\n"
             "report(lambda: ops.int_conv2d(Z(1, 0, 3, 3), Z(0, 0, 1, 1), groups=2**40, backend='reference'))")
@@ -853,7 +852,7 @@ def test_known_gap_conv_groups_with_no_channels_on_the_op_layer():
 
 # --------------------------------------------------------------------------------------------- calibration
 
-CALIB_XFAIL = pytest.mark.needs_torch  # R11 fixed: the Q-Diffusion calibration validates its data
+CALIB_GUARD = pytest.mark.needs_torch  # R11 fixed: the Q-Diffusion calibration validates its data
 
 
 @pytest.fixture(scope="module")
@@ -933,7 +932,7 @@ def test_repqvit_valid_calibration_still_works(vit, torch_mod):
 
 
 @pytest.mark.needs_torch
-@CALIB_XFAIL
+@CALIB_GUARD
 def test_qdiffusion_rejects_empty_calibration_set(unet):
     """R11: ``qdiffusion.calibrate`` with zero samples must raise ValueError naming cali (today: IndexError)."""
     c = _cali()
@@ -942,7 +941,7 @@ def test_qdiffusion_rejects_empty_calibration_set(unet):
 
 
 @pytest.mark.needs_torch
-@CALIB_XFAIL
+@CALIB_GUARD
 def test_qdiffusion_rejects_nan_calibration_inputs(unet):
     """R11: NaN in cali['x'] must be rejected (today: accepted silently, calibration completes)."""
     c = _cali()
@@ -952,7 +951,7 @@ def test_qdiffusion_rejects_nan_calibration_inputs(unet):
 
 
 @pytest.mark.needs_torch
-@CALIB_XFAIL
+@CALIB_GUARD
 def test_qdiffusion_names_the_layer_with_nan_activations(unet, torch_mod):
     """R11: a NaN bias inside the UNet: the error must name the layer whose activations are NaN (today:
     'cannot convert float NaN to integer')."""
@@ -965,7 +964,7 @@ def test_qdiffusion_names_the_layer_with_nan_activations(unet, torch_mod):
 
 
 @pytest.mark.needs_torch
-@CALIB_XFAIL
+@CALIB_GUARD
 def test_qdiffusion_rejects_mismatched_x_and_t(unet):
     """R11: len(cali['x']) != len(cali['t']) must raise ValueError naming them (today: RuntimeError from torch)."""
     c = _cali()
@@ -975,7 +974,7 @@ def test_qdiffusion_rejects_mismatched_x_and_t(unet):
 
 
 @pytest.mark.needs_torch
-@CALIB_XFAIL
+@CALIB_GUARD
 def test_qdiffusion_generate_calibration_data_rejects_zero_samples(unet):
     """R11: ``generate_calibration_data(cali_n=0)`` must raise ValueError naming cali_n (today: numpy's
     'need at least one array to concatenate')."""
@@ -1010,15 +1009,15 @@ def battery_counts() -> list[tuple[str, str, int, int, int]]:
         add("op", next(op for p, op in prefixes if c[0].startswith(p)))
     for c in KERNEL_CASES + HOST_CASES:
         add("op", c[0])
-    add("op", "int_conv2d", isolated=1, known=1)  # test_known_gap_conv_groups_with_no_channels_on_the_op_layer
+    add("op", "int_conv2d", isolated=1)  # test_conv_groups_with_no_channels_on_the_op_layer
     for c in B.CASES + B.MISC:
         add("binding", c[0])
     for c in B.KNOWN:
-        add("binding", c[0], known=1)
+        add("binding", c[0])
     for name, *_ in B.ISOLATED:
         add("binding", name.split(":")[0], isolated=1)
     for name, *_ in B.KNOWN_ISOLATED:
-        add("binding", name.split(":")[0], isolated=1, known=1)
+        add("binding", name.split(":")[0], isolated=1)
     for c in L.CASES:
         add("cli", c.command or "(no command)", isolated=int(c.subprocess), known=int(c.known))
     for name, fn in sorted(globals().items()):
