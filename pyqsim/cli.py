@@ -230,7 +230,7 @@ def cmd_table(args) -> int:
         from .experiments.repqvit_table import main as table_main
     else:
         from .experiments.qdiffusion_table import main as table_main
-    return table_main(args.rest + (["--json"] if args.json else []))
+    return table_main(args.rest + (["--json"] if args.json else []), prog="pyqsim table")
 
 
 # --------------------------------------------------------------------------- parser

@@ -120,6 +120,11 @@ CASES = [
     Case("demo", "--backend bogus", ("demo", "--backend", "tpu"), "argument --backend"),
     Case("demo", "--out is a file", ("demo", "--out", "{tmp}/junk.bin"), "--out .* is not a directory"),
     Case("demo", "unknown option", ("demo", "--slow"), "unrecognized arguments"),
+    # table
+    Case("table", "missing table name", ("table",), "the following arguments are required: which"),
+    Case("table", "unknown table", ("table", "gptq"), "invalid choice: 'gptq'"),
+    Case("table", "unknown table option", ("table", "repq-vit", "--frob"), "unrecognized arguments: --frob"),
+    Case("table", "bad seeds", ("table", "repq-vit", "--seeds", "x"), "argument --seeds"),
 ]
 
 

@@ -138,8 +138,8 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="pyqsim-report/qdiffusion", help="folder for table.json, PNGs and params")
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=20)

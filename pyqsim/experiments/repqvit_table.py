@@ -172,8 +172,8 @@ def markdown(result: dict) -> str:
             + table(o["fp32_top1"], result["outlier_rows"]))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="pyqsim-report/repqvit", help="folder for table.json and parameter files")
     ap.add_argument("--seeds", type=int, default=5, help="calibration-set draws averaged per row")
     ap.add_argument("--backend", default="auto")
