@@ -20,6 +20,7 @@ parametrization of this file, test_bindings_errors.py, test_cli_errors.py and te
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import hashlib
 import os
@@ -724,15 +725,26 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _trim() -> None:
+    """Return free heap pages to the OS (glibc), so that RSS counts live memory only: memory freed by earlier
+    tests stays resident otherwise, and a leak could grow into it without growing RSS."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _growth(fn, repeats=REPEATS) -> float:
     """RSS growth in MiB over ``repeats`` calls of fn after WARMUP calls."""
     for _ in range(WARMUP):
         fn()
     gc.collect()
+    _trim()
     before = rss_bytes()
     for _ in range(repeats):
         fn()
     gc.collect()
+    _trim()
     return (rss_bytes() - before) / 2**20
 
 
