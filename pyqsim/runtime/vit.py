@@ -59,6 +59,13 @@ class IntViT:
         model = meta.get("model")
         if not isinstance(model, dict) or model.get("kind") != "vit" or meta.get("graph") != GRAPH:
             raise ValueError(f"not a RepQ-ViT parameter file (model {model!r}, graph {meta.get('graph')!r})")
+        cfg = meta.get("config")
+        if not isinstance(cfg, dict):
+            raise ValueError("RepQ-ViT parameter file lacks its config")
+        for name in ("w_bits", "a_bits", "input_bits"):
+            v = cfg.get(name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 8:
+                raise ValueError(f"parameter file config {name} must be an integer in [2, 8], got {v!r}")
         self.t, self.meta, self.steps = tensors, meta, meta["steps"]
 
     @classmethod
@@ -107,6 +114,10 @@ class IntViT:
     def run(self, images: np.ndarray, backend: str = "auto") -> np.ndarray:
         """Float32 logits of float32 images [B, C, H, W]; integer ops on ``backend``."""
         t = self.t
+        m = self.meta["model"]
+        want = (m["in_chans"], m["img_size"], m["img_size"])
+        if np.ndim(images) != 4 or tuple(np.shape(images)[1:]) != want:
+            raise ValueError(f"images must have shape [B, {want[0]}, {want[1]}, {want[2]}], got {np.shape(images)}")
         reg = {"image": np.ascontiguousarray(images, dtype=np.float32)}
         for step in self.steps:
             op, n, src = step["op"], step.get("name"), step["in"]
