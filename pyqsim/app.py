@@ -100,9 +100,9 @@ def demo_vit(out: Path, st: DemoSettings, backend: str, prog: Progress) -> dict:
     import torch
 
     from .calib.repqvit import RepQConfig, calibrate, calibration_batch, export_vit
-    from .experiments.repqvit_table import count_mismatches
     from .models.vit import DIGITS_WEIGHTS, digits_split, load_npz
     from .runtime import load
+    from .runtime.verify import replay_counts
 
     model, _ = load_npz(DIGITS_WEIGHTS)
     x_tr, _, x_te, y_te = digits_split()
@@ -122,7 +122,7 @@ def demo_vit(out: Path, st: DemoSettings, backend: str, prog: Progress) -> dict:
         int_logits = program.run(x_te, backend=backend)
     int_s = time.perf_counter() - t0
     prog.step("ViT: integer inference on the test set")
-    check = count_mismatches(program, x_te, backend)
+    check = {"backend": ops.resolve_backend(backend, "int_gemm"), **replay_counts(calls)}
     prog.step("ViT: every integer op re-run on the reference")
     codes = np.concatenate([a.codes.ravel() for _, op, a, _ in calls if op == "log2_attn_matmul"])
     errors = layer_errors(model, res.model, (x_te_t[:64],))

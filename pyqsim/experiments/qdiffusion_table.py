@@ -21,16 +21,11 @@ def count_mismatches(runner, sampler, n: int, seed: int) -> dict:
     """Integer sampling of ``n`` images on the runner's backend; every recorded integer-op call is re-run on
     backend="reference" with the same inputs and its output compared with ==."""
     from .. import ops
+    from ..runtime.verify import replay_counts
 
     with ops.record() as calls:
         runner.sample(n, sampler, seed=seed)
-    bad = compared = 0
-    for _, op, args, result in calls:
-        ref = ops.run_canonical(op, args, "reference")
-        compared += np.size(result)
-        bad += int(np.count_nonzero(np.asarray(ref) != np.asarray(result)))
-    return {"backend": ops.resolve_backend(runner.backend, "int_conv2d"), "op_calls": len(calls),
-            "elements": int(compared), "mismatches": bad}
+    return {"backend": ops.resolve_backend(runner.backend, "int_conv2d"), **replay_counts(calls)}
 
 
 def save_grid(path: Path, panels: dict[str, np.ndarray], n: int = 64) -> None:

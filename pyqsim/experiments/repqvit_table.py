@@ -57,18 +57,15 @@ def count_mismatches(program, images: np.ndarray, backend: str, chunk: int = 90)
     """Integer run on ``backend``; every recorded integer-op call is re-run on backend="reference" with the
     same inputs and its output compared with ==."""
     from .. import ops
+    from ..runtime.verify import replay_counts
 
-    calls_n = compared = bad = 0
+    total = {"op_calls": 0, "elements": 0, "mismatches": 0}
     for i in range(0, len(images), chunk):
         with ops.record() as calls:
             program.run(images[i:i + chunk], backend=backend)
-        for _, op, args, result in calls:
-            ref = ops.run_canonical(op, args, "reference")
-            compared += np.size(result)
-            bad += int(np.count_nonzero(np.asarray(ref) != np.asarray(result)))
-        calls_n += len(calls)
-    return {"backend": ops.resolve_backend(backend, "int_gemm"), "op_calls": calls_n, "elements": compared,
-            "mismatches": bad}
+        for k, v in replay_counts(calls).items():
+            total[k] += v
+    return {"backend": ops.resolve_backend(backend, "int_gemm"), **total}
 
 
 def _top1(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -38,6 +38,15 @@ def compare(expected: np.ndarray, got: np.ndarray, limit: int = 5):
     return [(tuple(int(v) for v in i), expected[tuple(i)].item(), got[tuple(i)].item()) for i in idx[:limit]], int(bad.sum())
 
 
+def replay_counts(calls: list, reference: str = "reference") -> dict:
+    """Re-run recorded ``(scope, op, args, result)`` calls on ``reference``; count differing output elements."""
+    compared = bad = 0
+    for _, op, args, result in calls:
+        compared += int(np.size(result))
+        bad += compare(ops.run_canonical(op, args, reference), np.asarray(result), limit=0)[1]
+    return {"op_calls": len(calls), "elements": compared, "mismatches": bad}
+
+
 def verify_calls(calls: list, backends=None, reference: str = "reference", limit: int = 20):
     """Replay ``ops.record()`` calls on ``backends`` against ``reference``; returns (mismatches, counts)."""
     backends = [b for b in (backends or ops.available_backends()) if b != reference]
