@@ -18,6 +18,9 @@
 #include "qsim.h"
 
 namespace py = pybind11;
+#if defined(PYQSIM_HAVE_CUDA)
+void register_cuda(py::module_& parent);  // bindings/cuda.cpp
+#endif
 using qsim::ActType;
 using qsim::OutType;
 using qsim::WFormat;
@@ -799,6 +802,9 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     return qsim::cuda_selftest();
   }, "Launch the CUDA probe kernel on device 0; '' on success");
+#if defined(PYQSIM_HAVE_CUDA)
+  register_cuda(m);
+#endif
   m.def("_peak_int8_gops", [](int64_t iterations) {
     if (!qsim::avx2_compiled() || !qsim::cpu_has_avx2()) throw std::runtime_error("AVX2 is not available");
     py::gil_scoped_release nogil;

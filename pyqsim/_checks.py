@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._device import DeviceArray, device_array, host, is_device
+
 INT32_MAX = 2**31 - 1
 
 # code ranges of the storage types (spec §1)
@@ -35,9 +37,12 @@ FRAC_BITS_MAX = 24
 
 
 def as_array(a, name: str) -> np.ndarray:
-    """Return ``a`` as an ndarray (buffer protocol / DLPack / array interface), or raise TypeError."""
-    if isinstance(a, np.ndarray):
+    """Return ``a`` as an ndarray (buffer protocol / DLPack / array interface) or, for a CUDA tensor/array,
+    as a :class:`~pyqsim._device.DeviceArray` (no copy); otherwise raise TypeError."""
+    if isinstance(a, (np.ndarray, DeviceArray)):
         return a
+    if is_device(a):
+        return device_array(a, name)
     if hasattr(a, "__dlpack__") and not hasattr(a, "__array__"):
         return np.from_dlpack(a)
     if hasattr(a, "__array__") or hasattr(a, "__array_interface__") or isinstance(a, (memoryview, bytes, bytearray)):
@@ -49,8 +54,15 @@ def as_array(a, name: str) -> np.ndarray:
 
 def canonical(a: np.ndarray, dtype=None) -> np.ndarray:
     """C-contiguous AND aligned base-class array (a misaligned contiguous view is copied): every backend,
-    the native kernels included, can consume it unchanged."""
+    the native kernels included, can consume it unchanged. Device arrays are contiguous already."""
+    if isinstance(a, DeviceArray):
+        return a
     return np.require(a, dtype, ("C_CONTIGUOUS", "ALIGNED", "ENSUREARRAY"))
+
+
+def contiguous(a):
+    """C-contiguous host array (copied when needed); device arrays are contiguous already."""
+    return a if isinstance(a, DeviceArray) else np.ascontiguousarray(a)
 
 
 def check_dtype(a: np.ndarray, name: str, allowed) -> None:
@@ -99,7 +111,7 @@ def per_channel_ints(v, name: str, n: int, lo: int, hi: int, default: int | None
         v = default
     if isinstance(v, (bool, np.bool_)):
         raise TypeError(f"{name} must be an integer or an integer array, got bool")
-    arr = np.asarray(v)
+    arr = np.asarray(host(v))
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer or an integer array, got dtype {arr.dtype}")
     if arr.ndim == 0:
@@ -116,7 +128,7 @@ def per_channel_scales(v, name: str, n: int) -> np.ndarray:
     """Broadcast a positive finite float scale (scalar or [n]) to float32 [n]."""
     if v is None:
         raise ValueError(f"{name} is required")
-    arr = np.asarray(v)
+    arr = np.asarray(host(v))
     if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
         raise TypeError(f"{name} must be a float or a float array, got dtype {arr.dtype}")
     arr = arr.astype(np.float32)
@@ -209,7 +221,7 @@ def weight_matrix(w, name: str, w_format: str, n_expected: int | None, k: int) -
             raise ValueError(f"{name} (packed {w_format}) must have ceil(K/2)={(k + 1) // 2} bytes per row for K={k}, got shape {w.shape}")
     if n_expected is not None and w.shape[0] != n_expected:
         raise ValueError(f"{name} must have {n_expected} rows, got shape {w.shape}")
-    return np.ascontiguousarray(w)
+    return contiguous(w)
 
 
 def overflow_term(k: int, act_type: str, zx: int, w_format: str, zw: np.ndarray) -> int:
@@ -232,7 +244,7 @@ def check_overflow(total: int, name: str, k_desc: str) -> None:
 def bias_vector(bias, n: int) -> np.ndarray:
     if bias is None:
         return np.zeros(n, np.int32)
-    b = as_array(bias, "bias")
+    b = host(as_array(bias, "bias"))
     check_dtype(b, "bias", [np.int32])
     if b.shape != (n,):
         raise ValueError(f"bias must have shape ({n},), got {b.shape}")
@@ -253,7 +265,7 @@ def activation(x, name: str, ndim: int, layout: str, op: str | None = None) -> t
     if op is not None and x.shape[-1] >= K_ALWAYS_OVERFLOWS:
         raise ValueError(f"{op}: K={x.shape[-1]} of {name}: the worst-case accumulation exceeds 2^31-1 (spec §4.1) "
                          f"for every zero point (K must be < {K_ALWAYS_OVERFLOWS}); reduce K")
-    return np.ascontiguousarray(x), ACT_DTYPES[x.dtype]
+    return contiguous(x), ACT_DTYPES[x.dtype]
 
 
 # --------------------------------------------------------------------------- GEMM
@@ -329,7 +341,7 @@ def conv_weight(w, name: str, w_format: str, cin_g: int, kernel_size) -> tuple[n
         kk = cin_g * kh * kw
         if w.shape[1] != (kk + 1) // 2:
             raise ValueError(f"{name} (packed {w_format}) must have ceil({kk}/2)={(kk + 1) // 2} bytes per row, got shape {w.shape}")
-    return np.ascontiguousarray(w), (kh, kw)
+    return contiguous(w), (kh, kw)
 
 
 def conv_geometry(h, w_, kernel, stride, padding, dilation):
@@ -514,7 +526,7 @@ def log2_attn_args(codes, v, v_zero_point, bits, mode, frac_bits, out_dtype, mul
         raise ValueError(f"L={length} is too long for frac_bits={f}: the int64 accumulator could overflow (spec §7)")
     n = v.shape[1]
     out = out_stage(out_dtype, n, multiplier, shift, out_zero_point, out_scale, ("int64", "float32") + REQUANT_OUT)
-    return Log2AttnArgs(np.ascontiguousarray(codes), v, v_type, zv, b, kk, f, out)
+    return Log2AttnArgs(contiguous(codes), v, v_type, zv, b, kk, f, out)
 
 
 # --------------------------------------------------------------------------- requantize
@@ -549,7 +561,7 @@ def requantize_args(acc, multiplier, shift, zero_point, out_dtype, axis) -> Requ
 
 
 def finite_float(x, name: str) -> np.ndarray:
-    x = as_array(x, name)
+    x = host(as_array(x, name))
     if x.dtype.kind != "f":
         raise TypeError(f"{name} must be a float array, got dtype {x.dtype}")
     x = np.ascontiguousarray(x, dtype=np.float32)

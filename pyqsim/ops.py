@@ -16,6 +16,7 @@ from functools import lru_cache
 import numpy as np
 
 from . import _checks as C
+from . import _device
 from ._version import __version__
 from .reference import conv as _rconv, gemm as _rgemm, int4 as _rint4, log2attn as _rlog, quant as _rquant
 from .reference import requant as _rreq
@@ -123,13 +124,20 @@ def record():
         _RECORDER.reset(token)
 
 
+def _dispatch(op: str, backend: str, args):
+    name = resolve_backend(backend, op)
+    if name != "cuda" and _device.has_device_arrays(args):
+        args = _device.to_host_args(args)  # the host backends compute on copies of device operands
+    return _table(name)[op](args)
+
+
 def run_canonical(op: str, args, backend: str = "auto"):
     """Run a kernel op on already-canonical arguments (replay of a recorded call)."""
-    return _table(resolve_backend(backend, op))[op](args)
+    return _dispatch(op, backend, args)
 
 
 def _run(op: str, backend: str, args):
-    result = _table(resolve_backend(backend, op))[op](args)
+    result = _dispatch(op, backend, args)
     calls = _RECORDER.get()
     if calls is not None:
         calls.append((".".join(_SCOPE.get()), op, args, result))
@@ -264,4 +272,5 @@ def build_info() -> dict:
             info[name] = {"compiled": False, "reason": str(exc)}
             continue
         info[name] = mod.info()
+    info["cuda_devices"] = int(info["cuda"].get("devices", 0) or 0)
     return info

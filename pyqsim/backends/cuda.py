@@ -1,0 +1,175 @@
+"""CUDA backend: canonical op arguments (``pyqsim._checks``) -> ``pyqsim._C.cuda`` kernels. No math here.
+
+Device operands (PyTorch CUDA tensors, CuPy arrays, any ``__cuda_array_interface__`` producer) are used
+in place and the result is allocated by the same library on the same device, computed asynchronously
+on the caller's current stream (the activation's library decides it). NumPy operands are copied to the
+device; when every operand is NumPy the result is copied back (a synchronizing call).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .._device import DeviceArray
+
+try:
+    from .. import _C
+except ImportError as _exc:  # pragma: no cover - builds without the extension
+    _C, _cu, _IMPORT_ERROR = None, None, str(_exc)
+else:
+    _cu = getattr(_C, "cuda", None)
+    _IMPORT_ERROR = None if _cu is not None else "pyqsim._C was built without CUDA (PYQSIM_CUDA=OFF or no nvcc)"
+
+
+def _devices() -> int:
+    return _cu.device_count() if _cu is not None else 0
+
+
+def available() -> bool:
+    """Compiled with CUDA and at least one device visible."""
+    return _cu is not None and _devices() > 0
+
+
+def info() -> dict:
+    if _C is None:
+        return {"compiled": False, "devices": 0, "reason": _IMPORT_ERROR}
+    d = dict(_C.build_info()["cuda"])
+    d["compiled"] = _cu is not None
+    if _cu is None:
+        d["reason"] = _IMPORT_ERROR
+        d["devices"] = 0
+        return d
+    d["device_names"] = [_cu.device_name(i) for i in range(d["devices"])]
+    if not d["devices"]:
+        d["reason"] = f"no CUDA device visible ({d.get('error') or 'cudaGetDeviceCount returned 0'})"
+    return d
+
+
+_TORCH_OUT = {"int8": "int8", "uint8": "uint8", "int4": "int8", "uint4": "uint8", "int32": "int32",
+              "int64": "int64", "float32": "float32"}
+_NP_OUT = {"int8": np.int8, "uint8": np.uint8, "int4": np.int8, "uint4": np.uint8, "int32": np.int32,
+           "int64": np.int64, "float32": np.float32}
+
+
+class _Call:
+    """Device addresses for one op call: device operands in place, NumPy ones uploaded, one output."""
+
+    def __init__(self, *arrays):
+        dev = [a for a in arrays if isinstance(a, DeviceArray)]
+        self.lead = dev[0] if dev else None
+        if self.lead is not None:
+            for a in dev[1:]:
+                if a.device != self.lead.device:
+                    raise ValueError(f"all CUDA operands must be on one device, got devices {self.lead.device} "
+                                     f"and {a.device}")
+            _cu.set_device(self.lead.device)
+        self.stream = self.lead.stream if self.lead is not None else 0
+        self._keep = []
+
+    def ptr(self, a) -> int:
+        if isinstance(a, DeviceArray):
+            return a.ptr
+        a = np.ascontiguousarray(a)
+        buf = _cu.Buffer(a.nbytes, self.stream)
+        if a.nbytes:
+            buf.upload(a)
+        self._keep.append(buf)
+        return buf.ptr
+
+    def output(self, shape, dtype: str):
+        """(device address, finisher returning the result array)."""
+        shape = tuple(int(s) for s in shape)
+        if self.lead is None:
+            host = np.empty(shape, _NP_OUT[dtype])
+            buf = _cu.Buffer(host.nbytes, self.stream)
+            self._keep.append(buf)
+
+            def finish():
+                if host.nbytes:
+                    buf.download(host)
+                return host
+            return buf.ptr, finish
+        kind = self.lead.kind
+        if kind == "torch":
+            import torch
+            out = torch.empty(shape, dtype=getattr(torch, _TORCH_OUT[dtype]), device=f"cuda:{self.lead.device}")
+            return int(out.data_ptr()), lambda: out
+        import cupy  # "cupy" and other __cuda_array_interface__ producers get CuPy arrays
+        with cupy.cuda.Device(self.lead.device):
+            out = cupy.empty(shape, dtype=_NP_OUT[dtype])
+        return int(out.data.ptr), lambda: out
+
+
+def _int_gemm(a):
+    o = a.out
+    c = _Call(a.x, a.w)
+    m, n = a.x.shape[0], a.w.shape[0]
+    y, finish = c.output((m, n), o.dtype)
+    _cu.int_gemm(c.ptr(a.x), a.x_type, a.x_zero_point, c.ptr(a.w), a.w_format, a.w_zero_point, m, n, a.k, a.bias,
+                 o.dtype, o.multiplier, o.shift, o.zero_point, o.scale, y, c.stream)
+    return finish()
+
+
+def _int_conv2d(a):
+    o = a.out
+    c = _Call(a.x, a.w)
+    b, _, _, _ = a.x.shape
+    n = a.w.shape[0]
+    y, finish = c.output((b, n) + tuple(a.out_hw), o.dtype)
+    _cu.int_conv2d(c.ptr(a.x), a.x_type, a.x_zero_point, c.ptr(a.w), a.w_format, a.w_zero_point, tuple(a.x.shape), n,
+                   a.kernel_size, a.stride, a.padding, a.dilation, a.groups, a.out_hw, a.bias, o.dtype, o.multiplier,
+                   o.shift, o.zero_point, o.scale, y, c.stream)
+    return finish()
+
+
+def _split_gemm(s):
+    a, b, o = s.a, s.b, s.out
+    c = _Call(a.x, b.x, a.w, b.w)
+    m, n = a.x.shape[0], a.w.shape[0]
+    y, finish = c.output((m, n), o.dtype)
+    _cu.split_gemm(c.ptr(a.x), a.x_type, a.x_zero_point, c.ptr(a.w), a.w_format, a.w_zero_point, a.k,
+                   c.ptr(b.x), b.x_type, b.x_zero_point, c.ptr(b.w), b.w_format, b.w_zero_point, b.k, m, n, a.bias,
+                   o.dtype, o.multiplier1, o.multiplier2, o.shift, o.zero_point, o.scale1, o.scale2, y, c.stream)
+    return finish()
+
+
+def _split_conv2d(s):
+    a, b, o = s.a, s.b, s.out
+    c = _Call(a.x, b.x, a.w, b.w)
+    bt, c1, h, w = a.x.shape
+    n = a.w.shape[0]
+    y, finish = c.output((bt, n) + tuple(a.out_hw), o.dtype)
+    _cu.split_conv2d(c.ptr(a.x), a.x_type, a.x_zero_point, c.ptr(a.w), a.w_format, a.w_zero_point, c1,
+                     c.ptr(b.x), b.x_type, b.x_zero_point, c.ptr(b.w), b.w_format, b.w_zero_point, b.x.shape[1],
+                     (bt, h, w), n, a.kernel_size, a.stride, a.padding, a.dilation, a.out_hw, a.bias, o.dtype,
+                     o.multiplier1, o.multiplier2, o.shift, o.zero_point, o.scale1, o.scale2, y, c.stream)
+    return finish()
+
+
+def _requantize(a):
+    o = a.out
+    c = _Call(a.acc)
+    outer, n, inner = a.acc.shape
+    y, finish = c.output(a.shape, o.dtype)
+    _cu.requantize(c.ptr(a.acc), outer, n, inner, o.dtype, o.multiplier, o.shift, o.zero_point, y, c.stream)
+    return finish()
+
+
+def _log2_attn_matmul(a):
+    o = a.out
+    c = _Call(a.codes, a.v)
+    m, length = a.codes.shape
+    n = a.v.shape[1]
+    y, finish = c.output((m, n), o.dtype)
+    _cu.log2_attn_matmul(c.ptr(a.codes), c.ptr(a.v), a.v_type, a.v_zero_point, m, length, n, a.bits, a.k, a.frac_bits,
+                         o.dtype, o.multiplier, o.shift, o.zero_point, o.scale, y, c.stream)
+    return finish()
+
+
+OPS = {} if _cu is None else {
+    "int_gemm": _int_gemm,
+    "split_gemm": _split_gemm,
+    "int_conv2d": _int_conv2d,
+    "split_conv2d": _split_conv2d,
+    "requantize": _requantize,
+    "log2_attn_matmul": _log2_attn_matmul,
+}
