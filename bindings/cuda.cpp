@@ -220,6 +220,8 @@ void register_cuda(py::module_& parent) {
 
   m.def("device_count", &qsim::cuda::device_count);
   m.def("device_name", &qsim::cuda::device_name, py::arg("ordinal"));
+  m.def("device_capability", &qsim::cuda::device_capability, py::arg("ordinal"),
+        "Compute capability as major * 10 + minor");
   m.def("current_device", &qsim::cuda::current_device);
   m.def("set_device", &qsim::cuda::set_device, py::arg("ordinal"));
   m.def("pointer_device", [](uintptr_t p) { return qsim::cuda::pointer_device(reinterpret_cast<const void*>(p)); },

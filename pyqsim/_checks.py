@@ -221,7 +221,16 @@ def weight_matrix(w, name: str, w_format: str, n_expected: int | None, k: int) -
             raise ValueError(f"{name} (packed {w_format}) must have ceil(K/2)={(k + 1) // 2} bytes per row for K={k}, got shape {w.shape}")
     if n_expected is not None and w.shape[0] != n_expected:
         raise ValueError(f"{name} must have {n_expected} rows, got shape {w.shape}")
+    if w_format != "int8":
+        padding_nibble(w, name, k)
     return contiguous(w)
+
+
+def padding_nibble(w, name: str, k: int) -> None:
+    """§1.1/§11: for an odd K the high nibble of each packed row's last byte is padding and must be 0.
+    (Host arrays; a device weight is not read back here, and every backend ignores that nibble.)"""
+    if k % 2 and isinstance(w, np.ndarray) and w.size and np.any(w[:, -1] >> 4):
+        raise ValueError(f"{name} padding nibble (high nibble of the last byte of each row, K={k} odd) must be 0")
 
 
 def overflow_term(k: int, act_type: str, zx: int, w_format: str, zw: np.ndarray) -> int:
@@ -341,6 +350,7 @@ def conv_weight(w, name: str, w_format: str, cin_g: int, kernel_size) -> tuple[n
         kk = cin_g * kh * kw
         if w.shape[1] != (kk + 1) // 2:
             raise ValueError(f"{name} (packed {w_format}) must have ceil({kk}/2)={(kk + 1) // 2} bytes per row, got shape {w.shape}")
+        padding_nibble(w, name, kk)
     return contiguous(w), (kh, kw)
 
 

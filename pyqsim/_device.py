@@ -49,8 +49,12 @@ class DeviceArray:
         out = np.empty(self.shape, self.dtype)
         if out.size:
             cu = _cuda_module()
+            saved = cu.current_device()
             cu.set_device(self.device)
-            cu.download(self.ptr, out.nbytes, out, self.stream)
+            try:
+                cu.download(self.ptr, out.nbytes, out, self.stream)
+            finally:
+                cu.set_device(saved)
         return out
 
     def max(self) -> int:
@@ -58,8 +62,12 @@ class DeviceArray:
         if self.size == 0:
             raise ValueError("max of an empty array")
         cu = _cuda_module()
+        saved = cu.current_device()
         cu.set_device(self.device)
-        return int(cu.max_byte(self.ptr, self.size, self.stream))
+        try:
+            return int(cu.max_byte(self.ptr, self.size, self.stream))
+        finally:
+            cu.set_device(saved)
 
 
 def _cuda_module():
@@ -98,7 +106,9 @@ def _cai_array(a, name: str) -> DeviceArray:
         for s in reversed(shape):
             c_strides.append(acc)
             acc *= s
-        if tuple(reversed(c_strides)) != tuple(strides) and int(np.prod(shape, dtype=np.int64)) > 1:
+        c_strides = tuple(reversed(c_strides))
+        mismatch = any(d > 1 and st != cs for d, st, cs in zip(shape, strides, c_strides))
+        if mismatch and 0 not in shape:
             kind = type(a).__module__.split(".")[0]
             if kind == "cupy":
                 import cupy
@@ -109,7 +119,8 @@ def _cai_array(a, name: str) -> DeviceArray:
     if kind == "cupy":
         device = int(a.device.id)
         import cupy
-        stream = int(cupy.cuda.get_current_stream().ptr)
+        with cupy.cuda.Device(device):
+            stream = int(cupy.cuda.get_current_stream().ptr)
     elif not ptr:
         device, stream = 0, 0  # an empty array: no device memory behind it
     else:

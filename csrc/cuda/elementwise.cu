@@ -43,8 +43,8 @@ struct Log2Params {
 // One thread per output (row m, column c); a warp shares m, so the code decisions are warp-uniform and
 // the code loads are broadcasts, while the V loads are coalesced along c.
 __global__ void log2_kernel(Log2Params P) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + (threadIdx.x & 31);
-  const int64_t mi = static_cast<int64_t>(blockIdx.y) * (blockDim.x / 32) + (threadIdx.x >> 5);
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * 32 + (threadIdx.x & 31);
+  const int64_t mi = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
   if (mi >= P.m || c >= P.n) return;
   const uint8_t* crow = P.codes + mi * P.l;
   int64_t e_acc = 0, o_acc = 0;
@@ -125,7 +125,7 @@ void log2_attn_matmul(const uint8_t* codes, const void* v, ActType vt, int64_t m
   using namespace detail;
   if (m == 0 || n == 0) return;
   const char* op = "log2_attn_matmul";
-  if (ceil_div(m, 8) > 65535) throw std::invalid_argument("log2_attn_matmul: M too large for one launch grid");
+  if (ceil_div(n, 32) > 65535) throw std::invalid_argument("log2_attn_matmul: N too large for one launch grid");
   cudaStream_t s = as_stream(stream);
   Workspace ws(op, s);
   const EpiOffsets eo = stage_out(ws, n, out);
@@ -133,7 +133,7 @@ void log2_attn_matmul(const uint8_t* codes, const void* v, ActType vt, int64_t m
   const Epi e = make_epi(ws, eo, out);
   Log2Params P{codes, static_cast<const uint8_t*>(v), vt == ActType::U8, zv, m, l, n, (1 << bits) - 1, k,
                frac_bits, e.type, e.mult, e.shift, e.zy, e.lo, e.hi, e.scale, y};
-  const dim3 grid(static_cast<unsigned>(ceil_div(n, 32)), static_cast<unsigned>(ceil_div(m, 8)));
+  const dim3 grid(static_cast<unsigned>(ceil_div(m, 8)), static_cast<unsigned>(ceil_div(n, 32)));
   log2_kernel<<<grid, 256, 0, s>>>(P);
   check(cudaGetLastError(), op, "kernel launch");
 }
@@ -215,6 +215,15 @@ std::string device_name(int ordinal) {
   cudaDeviceProp prop{};
   detail::check(cudaGetDeviceProperties(&prop, ordinal), "device_name", "cudaGetDeviceProperties");
   return prop.name;
+}
+
+int device_capability(int ordinal) {
+  int major = 0, minor = 0;
+  detail::check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, ordinal), "device_capability",
+                "cudaDeviceGetAttribute");
+  detail::check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, ordinal), "device_capability",
+                "cudaDeviceGetAttribute");
+  return major * 10 + minor;
 }
 
 }  // namespace cuda

@@ -41,13 +41,9 @@ struct ConvView {
 };
 
 struct Problem {
-  ConvView a;
   int64_t m = 0, k = 0;           // rows and reduction length of one group
   bool xu8 = false;
-  const uint8_t* w = nullptr;     // weights of group 0
-  int64_t ldw = 0;                // bytes per weight row
   int64_t ng = 0, ntot = 0;       // channels per group, all channels
-  int nib_xor = 0;                // 4-bit weights: 0 (int4) or 8 (uint4 -> code - 8)
   // epilogue
   const int32_t* colc = nullptr;  // [ntot]
   const int32_t* zw = nullptr;    // [ntot] mapped zero points; null when rowsum is not needed
@@ -404,7 +400,8 @@ void launch(const char* op, const Problem& P, int64_t groups, const LA& la, cons
 void run_branch(const char* op, const Branch& br, const int32_t* bias_host, const Epi& epi, void* y, cudaStream_t s) {
   if (br.m == 0 || br.ntot == 0) return;
   const Operand& a = *br.a;
-  if (ceil_div(br.ng, BN) > 65535 || br.groups > 65535 || ceil_div(br.m, BM) > 0x7fffffff)
+  if (ceil_div(br.ng, BN) > 65535 || br.groups > 65535 || ceil_div(br.m, BM) > 0x7fffffff ||
+      ceil_div(br.m * br.groups, 8) > 0x7fffffff || ceil_div(br.ntot, 8) > 0x7fffffff)
     throw std::invalid_argument(std::string(op) + ": problem too large for one launch grid");
   const bool four = a.wf != WFormat::S8;
   const int nx = a.wf == WFormat::U4 ? 8 : 0;
@@ -440,15 +437,11 @@ void run_branch(const char* op, const Branch& br, const int32_t* bias_host, cons
   }
 
   Problem P;
-  P.a = br.v;
   P.m = br.m;
   P.k = br.k;
   P.xu8 = xu8;
-  P.w = w;
-  P.ldw = ldw;
   P.ng = br.ng;
   P.ntot = br.ntot;
-  P.nib_xor = nx;
   P.colc = ws.scratch_part<int32_t>(o_colc);
   P.zw = need_rows ? ws.scratch_part<int32_t>(o_zwm) : nullptr;
   P.rowsum = need_rows ? ws.scratch_part<int32_t>(o_rows) : nullptr;

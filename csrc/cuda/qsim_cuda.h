@@ -68,6 +68,8 @@ int current_device();
 void set_device(int ordinal);
 int device_count();
 std::string device_name(int ordinal);
+// Compute capability as major * 10 + minor (the kernels need 80 or more: mma.sync s8, cp.async).
+int device_capability(int ordinal);
 
 }  // namespace cuda
 }  // namespace qsim

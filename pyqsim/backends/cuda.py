@@ -20,13 +20,20 @@ else:
     _IMPORT_ERROR = None if _cu is not None else "pyqsim._C was built without CUDA (PYQSIM_CUDA=OFF or no nvcc)"
 
 
+MIN_CAPABILITY = 80  # mma.sync int8 m16n8k32, ldmatrix, cp.async
+
+
 def _devices() -> int:
     return _cu.device_count() if _cu is not None else 0
 
 
+def _usable(ordinal: int) -> bool:
+    return _cu.device_capability(ordinal) >= MIN_CAPABILITY
+
+
 def available() -> bool:
-    """Compiled with CUDA and at least one device visible."""
-    return _cu is not None and _devices() > 0
+    """Compiled with CUDA and a device of compute capability 8.0 or newer visible."""
+    return _cu is not None and any(_usable(i) for i in range(_devices()))
 
 
 def info() -> dict:
@@ -39,8 +46,11 @@ def info() -> dict:
         d["devices"] = 0
         return d
     d["device_names"] = [_cu.device_name(i) for i in range(d["devices"])]
+    d["device_capabilities"] = [_cu.device_capability(i) for i in range(d["devices"])]
     if not d["devices"]:
         d["reason"] = f"no CUDA device visible ({d.get('error') or 'cudaGetDeviceCount returned 0'})"
+    elif not available():
+        d["reason"] = f"no CUDA device of compute capability >= {MIN_CAPABILITY // 10}.0 (the kernels need sm_80+)"
     return d
 
 
@@ -51,19 +61,31 @@ _NP_OUT = {"int8": np.int8, "uint8": np.uint8, "int4": np.int8, "uint4": np.uint
 
 
 class _Call:
-    """Device addresses for one op call: device operands in place, NumPy ones uploaded, one output."""
+    """Device addresses for one op call: device operands in place, NumPy ones uploaded, one output.
+    A context manager: the caller's current device is restored on exit."""
 
     def __init__(self, *arrays):
         dev = [a for a in arrays if isinstance(a, DeviceArray)]
         self.lead = dev[0] if dev else None
-        if self.lead is not None:
-            for a in dev[1:]:
-                if a.device != self.lead.device:
-                    raise ValueError(f"all CUDA operands must be on one device, got devices {self.lead.device} "
-                                     f"and {a.device}")
-            _cu.set_device(self.lead.device)
+        for a in dev[1:]:
+            if a.device != self.lead.device:
+                raise ValueError(f"all CUDA operands must be on one device, got devices {self.lead.device} "
+                                 f"and {a.device}")
+        self.device = self.lead.device if self.lead is not None else _cu.current_device()
+        if not _usable(self.device):
+            raise RuntimeError(f"CUDA device {self.device} has compute capability "
+                               f"{_cu.device_capability(self.device) / 10:.1f}; pyqsim's kernels need 8.0 or newer")
         self.stream = self.lead.stream if self.lead is not None else 0
         self._keep = []
+
+    def __enter__(self):
+        self._saved = _cu.current_device()
+        _cu.set_device(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        _cu.set_device(self._saved)
+        return False
 
     def ptr(self, a) -> int:
         if isinstance(a, DeviceArray):
@@ -93,7 +115,18 @@ class _Call:
             import torch
             out = torch.empty(shape, dtype=getattr(torch, _TORCH_OUT[dtype]), device=f"cuda:{self.lead.device}")
             return int(out.data_ptr()), lambda: out
-        import cupy  # "cupy" and other __cuda_array_interface__ producers get CuPy arrays
+        try:  # "cupy" and other __cuda_array_interface__ producers get CuPy arrays, else PyTorch tensors
+            import cupy
+        except ImportError:
+            if kind == "cupy":
+                raise
+            try:
+                import torch
+            except ImportError:
+                raise RuntimeError("a result for a __cuda_array_interface__ input is returned as a CuPy array or a "
+                                   "PyTorch tensor: install one of them") from None
+            out = torch.empty(shape, dtype=getattr(torch, _TORCH_OUT[dtype]), device=f"cuda:{self.lead.device}")
+            return int(out.data_ptr()), lambda: out
         with cupy.cuda.Device(self.lead.device):
             out = cupy.empty(shape, dtype=_NP_OUT[dtype])
         return int(out.data.ptr), lambda: out
@@ -101,68 +134,68 @@ class _Call:
 
 def _int_gemm(a):
     o = a.out
-    c = _Call(a.x, a.w)
-    m, n = a.x.shape[0], a.w.shape[0]
-    y, finish = c.output((m, n), o.dtype)
-    _cu.int_gemm(c.ptr(a.x), a.x_type, a.x_zero_point, c.ptr(a.w), a.w_format, a.w_zero_point, m, n, a.k, a.bias,
-                 o.dtype, o.multiplier, o.shift, o.zero_point, o.scale, y, c.stream)
-    return finish()
+    with _Call(a.x, a.w) as c:
+        m, n = a.x.shape[0], a.w.shape[0]
+        y, finish = c.output((m, n), o.dtype)
+        _cu.int_gemm(c.ptr(a.x), a.x_type, a.x_zero_point, c.ptr(a.w), a.w_format, a.w_zero_point, m, n, a.k, a.bias,
+                     o.dtype, o.multiplier, o.shift, o.zero_point, o.scale, y, c.stream)
+        return finish()
 
 
 def _int_conv2d(a):
     o = a.out
-    c = _Call(a.x, a.w)
-    b, _, _, _ = a.x.shape
-    n = a.w.shape[0]
-    y, finish = c.output((b, n) + tuple(a.out_hw), o.dtype)
-    _cu.int_conv2d(c.ptr(a.x), a.x_type, a.x_zero_point, c.ptr(a.w), a.w_format, a.w_zero_point, tuple(a.x.shape), n,
-                   a.kernel_size, a.stride, a.padding, a.dilation, a.groups, a.out_hw, a.bias, o.dtype, o.multiplier,
-                   o.shift, o.zero_point, o.scale, y, c.stream)
-    return finish()
+    with _Call(a.x, a.w) as c:
+        b, _, _, _ = a.x.shape
+        n = a.w.shape[0]
+        y, finish = c.output((b, n) + tuple(a.out_hw), o.dtype)
+        _cu.int_conv2d(c.ptr(a.x), a.x_type, a.x_zero_point, c.ptr(a.w), a.w_format, a.w_zero_point, tuple(a.x.shape), n,
+                       a.kernel_size, a.stride, a.padding, a.dilation, a.groups, a.out_hw, a.bias, o.dtype, o.multiplier,
+                       o.shift, o.zero_point, o.scale, y, c.stream)
+        return finish()
 
 
 def _split_gemm(s):
     a, b, o = s.a, s.b, s.out
-    c = _Call(a.x, b.x, a.w, b.w)
-    m, n = a.x.shape[0], a.w.shape[0]
-    y, finish = c.output((m, n), o.dtype)
-    _cu.split_gemm(c.ptr(a.x), a.x_type, a.x_zero_point, c.ptr(a.w), a.w_format, a.w_zero_point, a.k,
-                   c.ptr(b.x), b.x_type, b.x_zero_point, c.ptr(b.w), b.w_format, b.w_zero_point, b.k, m, n, a.bias,
-                   o.dtype, o.multiplier1, o.multiplier2, o.shift, o.zero_point, o.scale1, o.scale2, y, c.stream)
-    return finish()
+    with _Call(a.x, b.x, a.w, b.w) as c:
+        m, n = a.x.shape[0], a.w.shape[0]
+        y, finish = c.output((m, n), o.dtype)
+        _cu.split_gemm(c.ptr(a.x), a.x_type, a.x_zero_point, c.ptr(a.w), a.w_format, a.w_zero_point, a.k,
+                       c.ptr(b.x), b.x_type, b.x_zero_point, c.ptr(b.w), b.w_format, b.w_zero_point, b.k, m, n, a.bias,
+                       o.dtype, o.multiplier1, o.multiplier2, o.shift, o.zero_point, o.scale1, o.scale2, y, c.stream)
+        return finish()
 
 
 def _split_conv2d(s):
     a, b, o = s.a, s.b, s.out
-    c = _Call(a.x, b.x, a.w, b.w)
-    bt, c1, h, w = a.x.shape
-    n = a.w.shape[0]
-    y, finish = c.output((bt, n) + tuple(a.out_hw), o.dtype)
-    _cu.split_conv2d(c.ptr(a.x), a.x_type, a.x_zero_point, c.ptr(a.w), a.w_format, a.w_zero_point, c1,
-                     c.ptr(b.x), b.x_type, b.x_zero_point, c.ptr(b.w), b.w_format, b.w_zero_point, b.x.shape[1],
-                     (bt, h, w), n, a.kernel_size, a.stride, a.padding, a.dilation, a.out_hw, a.bias, o.dtype,
-                     o.multiplier1, o.multiplier2, o.shift, o.zero_point, o.scale1, o.scale2, y, c.stream)
-    return finish()
+    with _Call(a.x, b.x, a.w, b.w) as c:
+        bt, c1, h, w = a.x.shape
+        n = a.w.shape[0]
+        y, finish = c.output((bt, n) + tuple(a.out_hw), o.dtype)
+        _cu.split_conv2d(c.ptr(a.x), a.x_type, a.x_zero_point, c.ptr(a.w), a.w_format, a.w_zero_point, c1,
+                         c.ptr(b.x), b.x_type, b.x_zero_point, c.ptr(b.w), b.w_format, b.w_zero_point, b.x.shape[1],
+                         (bt, h, w), n, a.kernel_size, a.stride, a.padding, a.dilation, a.out_hw, a.bias, o.dtype,
+                         o.multiplier1, o.multiplier2, o.shift, o.zero_point, o.scale1, o.scale2, y, c.stream)
+        return finish()
 
 
 def _requantize(a):
     o = a.out
-    c = _Call(a.acc)
-    outer, n, inner = a.acc.shape
-    y, finish = c.output(a.shape, o.dtype)
-    _cu.requantize(c.ptr(a.acc), outer, n, inner, o.dtype, o.multiplier, o.shift, o.zero_point, y, c.stream)
-    return finish()
+    with _Call(a.acc) as c:
+        outer, n, inner = a.acc.shape
+        y, finish = c.output(a.shape, o.dtype)
+        _cu.requantize(c.ptr(a.acc), outer, n, inner, o.dtype, o.multiplier, o.shift, o.zero_point, y, c.stream)
+        return finish()
 
 
 def _log2_attn_matmul(a):
     o = a.out
-    c = _Call(a.codes, a.v)
-    m, length = a.codes.shape
-    n = a.v.shape[1]
-    y, finish = c.output((m, n), o.dtype)
-    _cu.log2_attn_matmul(c.ptr(a.codes), c.ptr(a.v), a.v_type, a.v_zero_point, m, length, n, a.bits, a.k, a.frac_bits,
-                         o.dtype, o.multiplier, o.shift, o.zero_point, o.scale, y, c.stream)
-    return finish()
+    with _Call(a.codes, a.v) as c:
+        m, length = a.codes.shape
+        n = a.v.shape[1]
+        y, finish = c.output((m, n), o.dtype)
+        _cu.log2_attn_matmul(c.ptr(a.codes), c.ptr(a.v), a.v_type, a.v_zero_point, m, length, n, a.bits, a.k, a.frac_bits,
+                             o.dtype, o.multiplier, o.shift, o.zero_point, o.scale, y, c.stream)
+        return finish()
 
 
 OPS = {} if _cu is None else {
