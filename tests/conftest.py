@@ -34,8 +34,8 @@ def _cuda_build() -> bool:
 
 
 def _gpu() -> bool:
-    from pyqsim import build_info
-    return bool(build_info().get("cuda", {}).get("devices", 0))
+    from pyqsim import ops
+    return "cuda" in ops.available_backends()  # a visible device the kernels support (sm_80+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -43,7 +43,7 @@ def pytest_collection_modifyitems(config, items):
         "needs_torch": (_has_torch, "PyTorch is not installed"),
         "needs_cpu_ext": (_cpu_ext, "pyqsim._C (CPU kernels) is not compiled in this build"),
         "needs_cuda_build": (_cuda_build, "pyqsim was built without CUDA kernels"),
-        "needs_gpu": (_gpu, "no CUDA device is visible"),
+        "needs_gpu": (_gpu, "no CUDA device of compute capability >= 8.0 is visible"),
     }
     cache = {}
     for item in items:

@@ -211,3 +211,25 @@ def requant_cases(draw):
     mult = draw(hnp.arrays(np.int32, msize, elements=st.one_of(st.integers(0, 2**31 - 1), st.just(2**30))))
     shift = draw(hnp.arrays(np.int32, msize, elements=st.integers(1, 94)))
     return dict(acc=acc, multiplier=mult, shift=shift, zero_point=draw(zero_points(kind)), out_dtype=kind, axis=axis)
+
+
+def log2_deep_cases(bits: int, mode: str, frac_bits: int, m: int = 13, length: int = 40, n: int = 19):
+    """Fixed log2_attn_matmul kwargs (one per output type) with the deepest codes, the zero code, code 0
+    and V at its extremes: the shared edge set of the CPU and CUDA suites."""
+    rng = np.random.default_rng(bits * 31 + frac_bits)
+    z = 2**bits - 1
+    codes = rng.integers(0, z + 1, (m, length), dtype=np.uint8)
+    codes[0] = z
+    codes[1] = z - 1
+    codes[2] = 0
+    v = rng.integers(0, 256, (length, n), dtype=np.uint8)
+    v[:, 0] = 255
+    v[:, 1] = 0
+    for out in ("int64", "float32", "int8", "uint4"):
+        kw = dict(codes=codes, v=v, v_zero_point=255, bits=bits, mode=mode, frac_bits=frac_bits, out_dtype=out)
+        if out == "float32":
+            kw["out_scale"] = np.full(n, 2.0**-20, np.float32)
+        elif out != "int64":
+            m0, s0 = quantize_multiplier(rng.uniform(2.0**-60, 2.0**-20, n))
+            kw.update(multiplier=m0, shift=s0, out_zero_point=1)
+        yield kw

@@ -399,22 +399,7 @@ def test_results_do_not_depend_on_thread_count():
 @pytest.mark.parametrize("bits,mode", [(2, "log2"), (4, "sqrt2"), (5, "log2"), (8, "sqrt2"), (8, "log2")])
 @pytest.mark.parametrize("frac_bits", [0, 16, 24])
 def test_log2_deep_codes_and_outputs(isa, bits, mode, frac_bits):
-    rng = np.random.default_rng(bits * 31 + frac_bits)
-    z = 2**bits - 1
-    codes = rng.integers(0, z + 1, (13, 40), dtype=np.uint8)
-    codes[0] = z
-    codes[1] = z - 1
-    codes[2] = 0
-    v = rng.integers(0, 256, (40, 19), dtype=np.uint8)
-    v[:, 0] = 255
-    v[:, 1] = 0
-    for out in ("int64", "float32", "int8", "uint4"):
-        kw = dict(codes=codes, v=v, v_zero_point=255, bits=bits, mode=mode, frac_bits=frac_bits, out_dtype=out)
-        if out == "float32":
-            kw["out_scale"] = np.full(19, 2.0**-20, np.float32)
-        elif out != "int64":
-            m, s = ops.quantize_multiplier(rng.uniform(2.0**-60, 2.0**-20, 19), backend="reference")
-            kw.update(multiplier=m, shift=s, out_zero_point=1)
+    for kw in S.log2_deep_cases(bits, mode, frac_bits):
         same("log2_attn_matmul", kw)
 
 

@@ -119,7 +119,7 @@ __device__ __forceinline__ void write_out(const Epi& e, void* y, int64_t idx, in
 
 // Appends the output-stage vectors of `out` for `n` channels to the workspace; returns their offsets.
 struct EpiOffsets {
-  size_t mult = 0, shift = 0, scale = 0, mult1 = 0, scale1 = 0;
+  size_t mult = 0, shift = 0, scale = 0;
 };
 inline EpiOffsets stage_out(Workspace& ws, int64_t n, const OutStage& out) {
   EpiOffsets o;
