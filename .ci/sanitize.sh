@@ -33,7 +33,8 @@ CMAKE_BUILD_PARALLEL_LEVEL=${PYQSIM_SANITIZE_JOBS:-2} CXX=$CXX_BIN \
   -Ccmake.build-type=RelWithDebInfo \
   -Ccmake.define.CMAKE_CXX_FLAGS="$SAN" \
   -Ccmake.define.CMAKE_SHARED_LINKER_FLAGS="-fsanitize=address,undefined" \
-  -Ccmake.define.PYQSIM_CUDA=OFF
+  -Ccmake.define.PYQSIM_CUDA=OFF \
+  -Ccmake.define.PYQSIM_CUDA_SIMT=OFF
 T1=$(date +%s)
 echo "   built in $((T1 - T0)) s"
 

@@ -15,6 +15,9 @@
 
 #include "cuda/qsim_cuda.h"
 #include "qsim.h"
+#ifdef PYQSIM_SIMT
+#include "cuda/simt/fault_probes.h"
+#endif
 
 namespace py = pybind11;
 using qsim::ActType;
@@ -189,10 +192,8 @@ void check_host_bytes(const py::array& a, size_t n, const char* what) {
                           std::to_string(n));
 }
 
-}  // namespace
-
-void register_cuda(py::module_& parent) {
-  py::module_ m = parent.def_submodule("cuda", "pyqsim CUDA kernels (docs/spec.md §13); use pyqsim.ops");
+// The module's functions, defined on `m` (pyqsim._C.cuda, or pyqsim._cuda_simt for the host SIMT build).
+void define_api(py::module_& m) {
 
   py::class_<Buffer>(m, "Buffer", "Stream-ordered device allocation (freed on its stream when collected)")
       .def(py::init([](int64_t bytes, uintptr_t stream) {
@@ -408,3 +409,21 @@ void register_cuda(py::module_& parent) {
         py::arg("shift"), py::arg("out_zero_point"), py::arg("out_scale"), py::arg("y"), py::arg("stream"),
         "spec §7 on device operands");
 }
+
+}  // namespace
+
+#ifdef PYQSIM_SIMT
+// The same kernels and checks, run by the host SIMT emulator (csrc/cuda/simt/, docs/spec.md §13, host SIMT emulation).
+PYBIND11_MODULE(_cuda_simt, m) {
+  m.doc() = "pyqsim CUDA kernel sources executed by the host SIMT emulator (a test tool, not a GPU)";
+  define_api(m);
+  m.def("fault_probe_names", &simt::fault_probe_names, "Names of the emulator's deliberately broken kernels");
+  m.def("fault_probe", &simt::fault_probe, py::arg("name"),
+        "Run one broken kernel: 'ok', 'stale data', or the launch error it raised");
+}
+#else
+void register_cuda(py::module_& parent) {
+  py::module_ m = parent.def_submodule("cuda", "pyqsim CUDA kernels (docs/spec.md §13); use pyqsim.ops");
+  define_api(m);
+}
+#endif

@@ -73,6 +73,12 @@ def _table(backend: str) -> dict:
     return dict(mod.OPS) if mod is not None else {}
 
 
+def reset_backend_cache() -> None:
+    """Forget which backends are available (after ``pyqsim.backends.cuda.simulated()`` switches the kernels)."""
+    _backend_module.cache_clear()
+    _table.cache_clear()
+
+
 def available_backends() -> list[str]:
     """Backends usable in this process, fastest first."""
     return [b for b in _AUTO_ORDER if b == "reference" or _backend_module(b) is not None]

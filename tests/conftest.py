@@ -38,8 +38,19 @@ def _gpu() -> bool:
     return "cuda" in ops.available_backends()  # a visible device the kernels support (sm_80+)
 
 
+def _cuda_simt() -> bool:
+    from pyqsim.backends import cuda
+    return cuda.simulator_available()
+
+
+def _on_simulator(item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("cuda_target") == "simt"
+
+
 def pytest_collection_modifyitems(config, items):
     checks = {
+        "needs_cuda_simt": (_cuda_simt, "pyqsim was built without the host SIMT emulator (PYQSIM_CUDA_SIMT=OFF)"),
         "needs_torch": (_has_torch, "PyTorch is not installed"),
         "needs_cpu_ext": (_cpu_ext, "pyqsim._C (CPU kernels) is not compiled in this build"),
         "needs_cuda_build": (_cuda_build, "pyqsim was built without CUDA kernels"),
@@ -53,3 +64,6 @@ def pytest_collection_modifyitems(config, items):
                     cache[name] = probe()
                 if not cache[name]:
                     item.add_marker(pytest.mark.skip(reason=why))
+        if item.get_closest_marker("gpu_only") and _on_simulator(item):
+            item.add_marker(pytest.mark.skip(reason="needs a real GPU (CUDA tensors, streams or a size beyond the "
+                                                    "host SIMT emulator)"))

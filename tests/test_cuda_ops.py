@@ -6,6 +6,10 @@ Tolerance policy: none. Every result is compared exactly: same dtype, same shape
 each operation correctly rounded and never contracted into an FMA (spec §6, §8, §9), so the device returns the
 same bits as NumPy; ``test_split_float32_is_not_fma_contracted`` targets the contraction directly.
 
+Targets: every test runs on the GPU (skipped without one) and again on the host SIMT emulator (``pyqsim._cuda_simt``:
+the same kernel sources with every CUDA thread emulated on the CPU, docs/spec.md §13), except those marked
+``gpu_only``: PyTorch CUDA tensors and streams exist only on a device, and a few sizes take too long emulated.
+
 Coverage (one CUDA path, so no ISA fixture as in test_cpu_ops.py):
   * Hypothesis properties for the six kernel ops on NumPy inputs (shared strategies), and a GEMM property whose
     dimensions cross the 128 x 128 thread-block tile;
@@ -39,8 +43,30 @@ import strategies as S
 from pyqsim import _checks as C
 from pyqsim import ops
 
-pytestmark = [pytest.mark.needs_cuda_build, pytest.mark.needs_gpu]
-needs_torch = pytest.mark.needs_torch
+from pyqsim.backends import cuda as cuda_backend
+
+# PyTorch CUDA tensors exist only on a real device: such tests are GPU-only.
+TORCH_ON_GPU = [pytest.mark.needs_torch, pytest.mark.gpu_only]
+
+
+def needs_torch(test):
+    for mark in TORCH_ON_GPU:
+        test = mark(test)
+    return test
+
+
+
+@pytest.fixture(scope="module", autouse=True, params=[
+    pytest.param("gpu", marks=[pytest.mark.needs_cuda_build, pytest.mark.needs_gpu]),
+    pytest.param("simt", marks=pytest.mark.needs_cuda_simt)])
+def cuda_target(request):
+    """Every test runs on the GPU and again on the host SIMT emulator (the same kernel sources, docs/spec.md
+    §13); tests marked ``gpu_only`` (device tensors, streams, large shapes) run on the GPU alone."""
+    if request.param == "simt":
+        with cuda_backend.simulated():
+            yield request.param
+    else:
+        yield request.param
 
 DEVICE = "cuda"  # torch device of the interop tests (the current CUDA device)
 
@@ -56,7 +82,7 @@ PRIMARY = {"int_gemm": "x", "int_conv2d": "x", "split_gemm": "x1", "split_conv2d
 STRATEGIES = {"int_gemm": S.gemm_cases, "int_conv2d": S.conv_cases, "split_gemm": S.split_gemm_cases,
               "split_conv2d": S.split_conv_cases, "log2_attn_matmul": S.log2_cases, "requantize": S.requant_cases}
 
-VIA = ["numpy", pytest.param("torch", marks=needs_torch)]
+VIA = ["numpy", pytest.param("torch", marks=TORCH_ON_GPU)]
 HOST_BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.needs_cpu_ext)]
 
 # A quarter of the profile's examples for the properties whose single example is larger.
@@ -469,6 +495,7 @@ def _max_k(xt, zx, fmt, zw):
     return (2**31 - 1) // (a * b)
 
 
+@pytest.mark.gpu_only  # K up to ~10^6: hours on the host SIMT emulator
 @pytest.mark.parametrize("xt,zx,xv,fmt,zw,wv", [
     ("uint8", 0, 255, "int8", 0, -128),
     ("uint8", 0, 255, "int8", 0, 127),
@@ -782,6 +809,7 @@ def test_gemm_1024_cubed(xt, fmt, out):
 DEIT_S = [(384, 1152), (384, 384), (384, 1536), (1536, 384)]  # (K, N): qkv, proj, fc1, fc2
 
 
+@pytest.mark.gpu_only  # M = 12608: too long on the host SIMT emulator
 @pytest.mark.parametrize("via", VIA)
 @pytest.mark.parametrize("k,n", DEIT_S)
 def test_gemm_deit_s_shapes(k, n, via):

@@ -12,6 +12,13 @@
 
 #include "qsim.h"
 
+// kernel<<<grid, block, smem, stream>>>, spelled as a macro so that the host SIMT emulation (simt/) can
+// run the same sources; likewise the kernels' dynamic shared memory.
+#ifndef QSIM_LAUNCH
+#define QSIM_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#define QSIM_DYNAMIC_SMEM(name) extern __shared__ __align__(16) uint8_t name[]
+#endif
+
 namespace qsim {
 namespace cuda {
 namespace detail {

@@ -116,7 +116,7 @@ void requantize(const int32_t* acc, int64_t outer, int64_t n, int64_t inner, con
   Workspace ws("requantize", s);
   const EpiOffsets eo = stage_out(ws, n, out);
   ws.upload();
-  requant_kernel<<<grid_for(total, 256), 256, 0, s>>>(acc, total, n, inner, make_epi(ws, eo, out), y);
+  QSIM_LAUNCH(requant_kernel, grid_for(total, 256), 256, 0, s)(acc, total, n, inner, make_epi(ws, eo, out), y);
   check(cudaGetLastError(), "requantize", "kernel launch");
 }
 
@@ -134,7 +134,7 @@ void log2_attn_matmul(const uint8_t* codes, const void* v, ActType vt, int64_t m
   Log2Params P{codes, static_cast<const uint8_t*>(v), vt == ActType::U8, zv, m, l, n, (1 << bits) - 1, k,
                frac_bits, e.type, e.mult, e.shift, e.zy, e.lo, e.hi, e.scale, y};
   const dim3 grid(static_cast<unsigned>(ceil_div(m, 8)), static_cast<unsigned>(ceil_div(n, 32)));
-  log2_kernel<<<grid, 256, 0, s>>>(P);
+  QSIM_LAUNCH(log2_kernel, grid, 256, 0, s)(P);
   check(cudaGetLastError(), op, "kernel launch");
 }
 
@@ -146,7 +146,7 @@ uint8_t max_byte(const uint8_t* d, int64_t n, uintptr_t stream) {
   const size_t o = ws.add_host(nullptr, sizeof(unsigned));
   ws.upload();
   unsigned* dev = ws.host_part<unsigned>(o);
-  max_byte_kernel<<<grid_for(n, 256), 256, 0, s>>>(d, n, dev);
+  QSIM_LAUNCH(max_byte_kernel, grid_for(n, 256), 256, 0, s)(d, n, dev);
   check(cudaGetLastError(), "max_byte", "kernel launch");
   unsigned host = 0;
   check(cudaMemcpyAsync(&host, dev, sizeof(unsigned), cudaMemcpyDeviceToHost, s), "max_byte", "cudaMemcpyAsync");

@@ -54,6 +54,16 @@ struct Problem {
 };
 
 // ------------------------------------------------------------------------------ PTX wrappers
+#ifdef PYQSIM_SIMT  // host SIMT emulation (simt/cuda_runtime.h)
+using simt::ptx::cp_async16;
+using simt::ptx::cp_async_commit;
+using simt::ptx::ldmatrix_x4;
+using simt::ptx::mma_s8;
+template <int N>
+void cp_async_wait() {
+  simt::ptx::cp_async_wait(N);
+}
+#else
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
@@ -80,6 +90,7 @@ __device__ __forceinline__ void mma_s8(int32_t (&d)[4], const uint32_t (&a)[4], 
       : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif
 
 // ------------------------------------------------------------------------------ tile loaders
 // Each thread moves two 16-byte chunks per K tile: chunk id = tid + 256 i, tile row id / 4, bytes 16 (id % 4).
@@ -255,7 +266,7 @@ __device__ __forceinline__ void epilogue_one(const Problem& P, int64_t grp, int6
 
 template <class LA, class LB>
 __global__ void __launch_bounds__(NTHREADS) gemm_kernel(Problem P, LA la, LB lb) {
-  extern __shared__ __align__(16) uint8_t smem[];
+  QSIM_DYNAMIC_SMEM(smem);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp >> 2, wn = warp & 3;
   const int64_t grp = blockIdx.z;
@@ -392,7 +403,7 @@ void launch(const char* op, const Problem& P, int64_t groups, const LA& la, cons
         "cudaFuncSetAttribute");
   const dim3 grid(static_cast<unsigned>(ceil_div(P.m, BM)), static_cast<unsigned>(ceil_div(P.ng, BN)),
                   static_cast<unsigned>(groups));
-  kern<<<grid, NTHREADS, SMEM_BYTES, s>>>(P, la, lb);
+  QSIM_LAUNCH(kern, grid, NTHREADS, SMEM_BYTES, s)(P, la, lb);
   check(cudaGetLastError(), op, "kernel launch");
 }
 
@@ -423,7 +434,7 @@ void run_branch(const char* op, const Branch& br, const int32_t* bias_host, cons
   {
     const int warps = 8;
     const unsigned blocks = static_cast<unsigned>(ceil_div(br.ntot, warps));
-    channel_consts_kernel<<<blocks, warps * 32, 0, s>>>(w, ldw, br.k, four, nx, br.ntot, ws.host_part<int32_t>(o_zw),
+    QSIM_LAUNCH(channel_consts_kernel, blocks, warps * 32, 0, s)(w, ldw, br.k, four, nx, br.ntot, ws.host_part<int32_t>(o_zw),
                                                         ws.host_part<int32_t>(o_bias), zxm,
                                                         ws.scratch_part<int32_t>(o_colc),
                                                         ws.scratch_part<int32_t>(o_zwm));
@@ -431,7 +442,7 @@ void run_branch(const char* op, const Branch& br, const int32_t* bias_host, cons
   }
   if (need_rows) {
     const int warps = 8;
-    rowsum_kernel<<<static_cast<unsigned>(ceil_div(br.m * br.groups, warps)), warps * 32, 0, s>>>(
+    QSIM_LAUNCH(rowsum_kernel, static_cast<unsigned>(ceil_div(br.m * br.groups, warps)), warps * 32, 0, s)(
         br.v, br.m, br.k, br.groups, xu8, ws.scratch_part<int32_t>(o_rows));
     check(cudaGetLastError(), op, "row sums kernel");
   }

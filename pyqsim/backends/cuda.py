@@ -7,6 +7,9 @@ device; when every operand is NumPy the result is copied back (a synchronizing c
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
+
 import numpy as np
 
 from .._device import DeviceArray
@@ -18,6 +21,38 @@ except ImportError as _exc:  # pragma: no cover - builds without the extension
 else:
     _cu = getattr(_C, "cuda", None)
     _IMPORT_ERROR = None if _cu is not None else "pyqsim._C was built without CUDA (PYQSIM_CUDA=OFF or no nvcc)"
+_GPU_MODULE = _cu  # the kernels compiled by nvcc (None without them); _cu is the module the ops call
+
+
+def simulator_available() -> bool:
+    """``pyqsim._cuda_simt`` (the CUDA kernel sources built for the host SIMT emulator) is importable."""
+    try:
+        importlib.import_module("pyqsim._cuda_simt")
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def simulated():
+    """Inside, ``backend="cuda"`` runs the CUDA kernel sources on the host SIMT emulator (``pyqsim._cuda_simt``,
+    docs/spec.md §13) instead of a GPU: NumPy operands only, bit for bit what the kernels compute, no timing.
+    A testing and debugging aid; it changes process-wide state, so do not use it from several threads."""
+    global _cu
+    try:
+        sim = importlib.import_module("pyqsim._cuda_simt")
+    except ImportError as exc:
+        raise RuntimeError("pyqsim was built without the host SIMT emulator (PYQSIM_CUDA_SIMT=OFF or no "
+                           f"ucontext.h): {exc}") from None
+    from .. import ops
+    saved = _cu
+    _cu = sim
+    ops.reset_backend_cache()
+    try:
+        yield
+    finally:
+        _cu = saved
+        ops.reset_backend_cache()
 
 
 MIN_CAPABILITY = 80  # mma.sync int8 m16n8k32, ldmatrix, cp.async
@@ -37,19 +72,22 @@ def available() -> bool:
 
 
 def info() -> dict:
+    """The nvcc-built kernels and the GPUs they see (never the emulator's device)."""
     if _C is None:
-        return {"compiled": False, "devices": 0, "reason": _IMPORT_ERROR}
+        return {"compiled": False, "devices": 0, "reason": _IMPORT_ERROR, "simulator": simulator_available()}
     d = dict(_C.build_info()["cuda"])
-    d["compiled"] = _cu is not None
-    if _cu is None:
+    d["compiled"] = _GPU_MODULE is not None
+    d["simulator"] = simulator_available()
+    if _GPU_MODULE is None:
         d["reason"] = _IMPORT_ERROR
         d["devices"] = 0
         return d
-    d["device_names"] = [_cu.device_name(i) for i in range(d["devices"])]
-    d["device_capabilities"] = [_cu.device_capability(i) for i in range(d["devices"])]
+    gpu = _GPU_MODULE
+    d["device_names"] = [gpu.device_name(i) for i in range(d["devices"])]
+    d["device_capabilities"] = [gpu.device_capability(i) for i in range(d["devices"])]
     if not d["devices"]:
         d["reason"] = f"no CUDA device visible ({d.get('error') or 'cudaGetDeviceCount returned 0'})"
-    elif not available():
+    elif not any(gpu.device_capability(i) >= MIN_CAPABILITY for i in range(d["devices"])):
         d["reason"] = f"no CUDA device of compute capability >= {MIN_CAPABILITY // 10}.0 (the kernels need sm_80+)"
     return d
 
@@ -198,7 +236,7 @@ def _log2_attn_matmul(a):
         return finish()
 
 
-OPS = {} if _cu is None else {
+OPS = {
     "int_gemm": _int_gemm,
     "split_gemm": _split_gemm,
     "int_conv2d": _int_conv2d,
