@@ -419,7 +419,7 @@ PYBIND11_MODULE(_cuda_simt, m) {
   define_api(m);
   m.def("fault_probe_names", &simt::fault_probe_names, "Names of the emulator's deliberately broken kernels");
   m.def("fault_probe", &simt::fault_probe, py::arg("name"),
-        "Run one broken kernel: 'ok', 'stale data', or the launch error it raised");
+        "Run one broken kernel: 'ok', 'wrong data', or the launch error it raised");
 }
 #else
 void register_cuda(py::module_& parent) {

@@ -43,6 +43,27 @@ __global__ void copy_then_read(const uint8_t* x, uint8_t* y) {
   if (!Wait) ptx::cp_async_wait(0);
 }
 
+// Every thread fills its 16 bytes, then replaces them by cp.async; its neighbour reads the first contents.
+// Correct only with a barrier between the neighbour's read and the copy.
+template <bool Barrier>
+__global__ void read_then_overwrite(const uint8_t* x, uint8_t* y) {
+  QSIM_DYNAMIC_SMEM(s);
+  const int t = static_cast<int>(threadIdx.x), u = (t + 1) % kThreads;
+  for (int j = 0; j < 16; ++j) s[16 * t + j] = static_cast<uint8_t>(t);
+  __syncthreads();
+  uint8_t seen[16];
+  if (Barrier) {
+    for (int j = 0; j < 16; ++j) seen[j] = s[16 * u + j];
+    __syncthreads();
+  }
+  ptx::cp_async16(s + 16 * t, x + 16 * t, 16);
+  ptx::cp_async_commit();
+  if (!Barrier)
+    for (int j = 0; j < 16; ++j) seen[j] = s[16 * u + j];
+  ptx::cp_async_wait(0);
+  for (int j = 0; j < 16; ++j) y[16 * blockIdx.x * kThreads + 16 * t + j] = seen[j];
+}
+
 // Thread 0 writes shared memory; the last thread reads it, with or without a barrier between.
 template <bool Barrier>
 __global__ void write_then_read(uint8_t* y) {
@@ -99,19 +120,29 @@ struct Dev {
   }
 };
 
-// "ok" when the data read back equals `want`, else "stale data".
+// "ok" when the data read back equals `want`, else "wrong data".
 std::string compare(const Dev& d, const std::vector<uint8_t>& want) {
   std::vector<uint8_t> got(want.size());
   cudaMemcpy(got.data(), d.p, got.size(), cudaMemcpyDeviceToHost);
-  return got == want ? "ok" : "stale data";
+  return got == want ? "ok" : "wrong data";
 }
 
 }  // namespace
 
 std::vector<std::string> fault_probe_names() {
-  return {"oob_read",       "oob_write",        "misaligned_cp_async",     "read_after_wait", "read_without_wait",
-          "barrier",        "missing_barrier",  "partial_warp_collective", "divergent_collectives",
-          "deadlock",       "smem_without_opt_in"};
+  return {"oob_read",
+          "oob_write",
+          "misaligned_cp_async",
+          "read_after_wait",
+          "read_without_wait",
+          "overwrite_after_barrier",
+          "overwrite_before_barrier",
+          "barrier",
+          "missing_barrier",
+          "partial_warp_collective",
+          "divergent_collectives",
+          "deadlock",
+          "smem_without_opt_in"};
 }
 
 std::string fault_probe(const std::string& name) {
@@ -141,6 +172,18 @@ std::string fault_probe(const std::string& name) {
         for (int j = 0; j < 16; ++j)
           want[static_cast<size_t>(16 * b * kThreads + 16 * t + j)] =
               host[static_cast<size_t>(16 * ((t + 1) % kThreads) + j)];
+    return compare(y, want);
+  } else if (name == "overwrite_after_barrier" || name == "overwrite_before_barrier") {
+    Dev y(static_cast<size_t>(16 * kThreads * kBlocks));
+    if (name == "overwrite_after_barrier")
+      QSIM_LAUNCH(read_then_overwrite<true>, kBlocks, kThreads, 16 * kThreads, nullptr)(x.as<uint8_t>(),
+                                                                                       y.as<uint8_t>());
+    else
+      QSIM_LAUNCH(read_then_overwrite<false>, kBlocks, kThreads, 16 * kThreads, nullptr)(x.as<uint8_t>(),
+                                                                                        y.as<uint8_t>());
+    if ((e = cudaGetLastError()) != cudaSuccess) return error_text(e);
+    std::vector<uint8_t> want(static_cast<size_t>(16 * kThreads * kBlocks));
+    for (size_t i = 0; i < want.size(); ++i) want[i] = static_cast<uint8_t>((i / 16 % kThreads + 1) % kThreads);
     return compare(y, want);
   } else if (name == "barrier" || name == "missing_barrier") {
     Dev y(kBlocks);

@@ -3,9 +3,10 @@
 // A launch runs its blocks one after another on the calling OS thread; the threads of a block are fibers
 // (ucontext) switched only at __syncthreads and warp collectives, in a shuffled order that changes per
 // launch. Warp collectives complete when the 32nd lane arrives; the last lane computes every lane's result
-// from the PTX ISA's fragment definitions below. cp.async copies are queued per thread and land when
-// cp.async.wait_group (or thread exit) requires them: the latest moment the PTX memory model allows, so
-// a read that is not ordered after its wait sees the noise shared memory starts with.
+// from the PTX ISA's fragment definitions below. cp.async copies land at one of the two extremes PTX allows,
+// alternating between blocks: at issue (the earliest: a copy into a buffer that other threads may still be
+// reading overwrites it under them) or when cp.async.wait_group (or thread exit) requires them (the latest:
+// a read not ordered after its wait sees the noise shared memory starts with).
 #include "cuda_runtime.h"
 
 #include <sys/mman.h>
@@ -130,6 +131,7 @@ struct Run {
   int live = 0, at_barrier = 0;
   Fiber* cur = nullptr;
   ucontext_t sched;
+  bool early = false;  // cp.async lands at issue (else at the wait that requires it)
   bool failed = false;
   std::string why;
   void (*body)(void*) = nullptr;
@@ -175,6 +177,7 @@ void yield() {
 
 void land(const std::vector<Copy>& g) {
   for (const Copy& c : g) {
+    if (c.bytes < 0) continue;  // landed at issue
     if (c.bytes) std::memcpy(c.dst, c.src, static_cast<size_t>(c.bytes));
     std::memset(c.dst + c.bytes, 0, static_cast<size_t>(16 - c.bytes));
   }
@@ -314,7 +317,8 @@ __attribute__((noinline)) bool init_context(ucontext_t& uc, uint8_t* stack, ucon
   return true;
 }
 
-std::string run_block(Run& r, dim3 grid, dim3 block, dim3 bidx, uint64_t seed) {
+std::string run_block(Run& r, dim3 grid, dim3 block, dim3 bidx, uint64_t serial) {
+  uint64_t seed = serial * 0x9E3779B97F4A7C15ull;
   const int n = static_cast<int>(block.x * block.y * block.z);
   r.fibers.assign(static_cast<size_t>(n), Fiber{});
   r.warps.assign(static_cast<size_t>((n + 31) / 32), Warp{});
@@ -331,6 +335,7 @@ std::string run_block(Run& r, dim3 grid, dim3 block, dim3 bidx, uint64_t seed) {
   }
   r.live = n;
   r.at_barrier = 0;
+  r.early = serial & 1;
   std::fill(r.smem.begin(), r.smem.end(), kRedByte);
   fill_noise(r.smem.data() + kSmemGuard, r.smem_bytes);
 
@@ -419,7 +424,13 @@ void cp_async16(void* dst, const void* src, int src_bytes) {
   if (!in_smem(r, dst, 16)) trap("cp.async: destination " + hexaddr(dst) + " is outside shared memory");
   if (src_bytes < 0 || src_bytes > 16) trap("cp.async: source size " + std::to_string(src_bytes) + " not in 0..16");
   if (src_bytes) check_global(src, static_cast<size_t>(src_bytes), "cp.async source");
-  r.cur->open.push_back(Copy{static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src), src_bytes});
+  const Copy c{static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src), src_bytes};
+  if (r.early) {
+    land({c});
+    r.cur->open.push_back(Copy{c.dst, c.src, -1});  // already landed; keeps the group bookkeeping
+  } else {
+    r.cur->open.push_back(c);
+  }
 }
 
 void cp_async_commit() {
@@ -456,7 +467,7 @@ void mma_s8(int32_t (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 
 cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*body)(void*), void* closure) {
   std::lock_guard<std::recursive_mutex> lk(g_mu);
-  static uint64_t launches = 0;
+  static uint64_t blocks = 0;  // seeds each block's interleaving and cp.async landing
   const uint64_t threads = static_cast<uint64_t>(block.x) * block.y * block.z;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535)
     return fail(cudaErrorInvalidConfiguration, "grid (" + std::to_string(grid.x) + "," + std::to_string(grid.y) +
@@ -480,7 +491,7 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, voi
   for (unsigned z = 0; z < grid.z && why.empty(); ++z)
     for (unsigned y = 0; y < grid.y && why.empty(); ++y)
       for (unsigned x = 0; x < grid.x && why.empty(); ++x)
-        why = run_block(r, grid, block, dim3(x, y, z), ++launches * 0x9E3779B97F4A7C15ull);
+        why = run_block(r, grid, block, dim3(x, y, z), ++blocks);
   g_run = saved;
   if (why.empty()) why = guard_damage();
   if (!why.empty()) return fail(cudaErrorLaunchFailure, "kernel fault: " + why);
