@@ -117,6 +117,8 @@ def cmd_info(args) -> int:
             lines.append("WARNING: the portable scalar path is in use; results are identical but much slower")
         lines.append(f"cuda: {'compiled' if cuda.get('compiled') else 'not compiled'}, "
                      f"devices seen: {cuda.get('devices', 0)}")
+    simt = info.get("cuda", {}).get("simulator")
+    lines.append(f"cuda kernels on the host SIMT emulator (tests): {'built' if simt else 'not built'}")
     _emit(args, info, "\n".join(lines))
     return 0
 

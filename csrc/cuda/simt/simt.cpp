@@ -7,6 +7,10 @@
 // alternating between blocks: at issue (the earliest: a copy into a buffer that other threads may still be
 // reading overwrites it under them) or when cp.async.wait_group (or thread exit) requires them (the latest:
 // a read not ordered after its wait sees the noise shared memory starts with).
+#if defined(__APPLE__) && !defined(_XOPEN_SOURCE)
+#define _XOPEN_SOURCE 700  // macOS declares the ucontext routines only under X/Open
+#define _DARWIN_C_SOURCE 1
+#endif
 #include "cuda_runtime.h"
 
 #include <sys/mman.h>
