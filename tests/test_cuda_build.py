@@ -157,3 +157,23 @@ def test_host_backends_receive_host_copies_of_empty_device_operands():
     for backend in ("reference", "cpu"):
         y = ops.int_gemm(x, w, x_zero_point=3, backend=backend)
         assert isinstance(y, np.ndarray) and y.shape == (0, 4) and y.dtype == np.int32
+
+
+def test_simulated_without_the_emulator_is_a_clear_error(monkeypatch):
+    """A build with PYQSIM_CUDA_SIMT=OFF: ``simulated()`` says so instead of failing on import inside."""
+    from pyqsim.backends import cuda as cuda_backend
+
+    real = cuda_backend.importlib.import_module
+
+    def without_emulator(name, *args, **kwargs):
+        if name == "pyqsim._cuda_simt":
+            raise ImportError("No module named 'pyqsim._cuda_simt'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(cuda_backend.importlib, "import_module", without_emulator)
+    before = ops.available_backends()
+    assert not cuda_backend.simulator_available()
+    with pytest.raises(RuntimeError, match="built without the host SIMT emulator"):
+        with cuda_backend.simulated():
+            pass
+    assert ops.available_backends() == before
