@@ -173,6 +173,21 @@ std::pair<int64_t, int64_t> pair2(const py::tuple& t, const std::string& name) {
   return {t[0].cast<int64_t>(), t[1].cast<int64_t>()};
 }
 
+// Kernel size (returned), stride, padding, dilation and output size of a conv, stored in g.
+std::pair<int64_t, int64_t> conv_window(qsim::ConvGeom& g, const py::tuple& ksize, const py::tuple& stride,
+                                        const py::tuple& padding, const py::tuple& dilation, const py::tuple& ohw) {
+  const auto ks = pair2(ksize, "kernel_size"), st = pair2(stride, "stride"), pd = pair2(padding, "padding"),
+             dl = pair2(dilation, "dilation"), oo = pair2(ohw, "out_hw");
+  g.sh = st.first, g.sw = st.second, g.ph = pd.first, g.pw = pd.second, g.dh = dl.first, g.dw = dl.second;
+  g.oh = oo.first, g.ow = oo.second;
+  return ks;
+}
+
+void check_window(const qsim::ConvGeom& g, const std::pair<int64_t, int64_t>& ks) {
+  if (ks.first < 1 || ks.second < 1 || g.sh < 1 || g.sw < 1 || g.dh < 1 || g.dw < 1 || g.ph < 0 || g.pw < 0)
+    throw py::value_error("kernel_size, stride and dilation must be >= 1 and padding >= 0");
+}
+
 // ------------------------------------------------------------------------------------------ device buffer
 // Stream-ordered device memory for NumPy operands and outputs; freed on the stream it was made on.
 struct Buffer {
@@ -278,15 +293,10 @@ void define_api(py::module_& m) {
           g.cin = xshape[1].cast<int64_t>();
           g.h = xshape[2].cast<int64_t>();
           g.w = xshape[3].cast<int64_t>();
-          const auto ks = pair2(ksize, "kernel_size"), st2 = pair2(stride, "stride"), pd = pair2(padding, "padding"),
-                     dl = pair2(dilation, "dilation"), oo = pair2(ohw, "out_hw");
-          g.sh = st2.first, g.sw = st2.second, g.ph = pd.first, g.pw = pd.second, g.dh = dl.first, g.dw = dl.second;
-          g.oh = oo.first, g.ow = oo.second;
+          const auto ks = conv_window(g, ksize, stride, padding, dilation, ohw);
           check_dims({{"B", g.batch}, {"C", g.cin}, {"H", g.h}, {"W", g.w}, {"O", o}, {"OH", g.oh}, {"OW", g.ow}});
           if (groups < 1 || g.cin % groups || o % groups) throw py::value_error("groups must divide C and O");
-          if (ks.first < 1 || ks.second < 1 || st2.first < 1 || st2.second < 1 || dl.first < 1 || dl.second < 1 ||
-              pd.first < 0 || pd.second < 0)
-            throw py::value_error("kernel_size, stride and dilation must be >= 1 and padding >= 0");
+          check_window(g, ks);
           const int64_t kk = g.cin / groups * ks.first * ks.second;
           auto a = operand(x, xt, zx, w, wf, zw, o, g.batch * g.cin * g.h * g.w, 0, "");
           a.w = dev_ptr(w, wbytes(a.wf, o, kk), "w");
@@ -341,15 +351,10 @@ void define_api(py::module_& m) {
           g.batch = bhw[0].cast<int64_t>();
           g.h = bhw[1].cast<int64_t>();
           g.w = bhw[2].cast<int64_t>();
-          const auto ks = pair2(ksize, "kernel_size"), st2 = pair2(stride, "stride"), pd = pair2(padding, "padding"),
-                     dl = pair2(dilation, "dilation"), oo = pair2(ohw, "out_hw");
-          g.sh = st2.first, g.sw = st2.second, g.ph = pd.first, g.pw = pd.second, g.dh = dl.first, g.dw = dl.second;
-          g.oh = oo.first, g.ow = oo.second;
+          const auto ks = conv_window(g, ksize, stride, padding, dilation, ohw);
           check_dims({{"B", g.batch}, {"C1", c1}, {"C2", c2}, {"H", g.h}, {"W", g.w}, {"O", o}, {"OH", g.oh},
                       {"OW", g.ow}});
-          if (ks.first < 1 || ks.second < 1 || st2.first < 1 || st2.second < 1 || dl.first < 1 || dl.second < 1 ||
-              pd.first < 0 || pd.second < 0)
-            throw py::value_error("kernel_size, stride and dilation must be >= 1 and padding >= 0");
+          check_window(g, ks);
           const int64_t khw = ks.first * ks.second, hw = g.h * g.w;
           auto a = operand(x1, xt1, zx1, w1, wf1, zw1, o, g.batch * c1 * hw, 0, "1");
           a.w = dev_ptr(w1, wbytes(a.wf, o, c1 * khw), "w1");

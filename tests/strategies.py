@@ -233,3 +233,13 @@ def log2_deep_cases(bits: int, mode: str, frac_bits: int, m: int = 13, length: i
             m0, s0 = quantize_multiplier(rng.uniform(2.0**-60, 2.0**-20, n))
             kw.update(multiplier=m0, shift=s0, out_zero_point=1)
         yield kw
+
+
+def max_k(xt: str, zx: int, fmt: str, zw: int) -> int:
+    """The largest K that spec §4.1 admits for these types and zero points (no bias), stated independently of
+    pyqsim._checks so that tests of its K limit are not circular."""
+    xlo, xhi = C.RANGES[xt]
+    wlo, whi = C.RANGES[fmt]
+    a = max(abs(xlo - zx), abs(xhi - zx))
+    b = max(abs(wlo - zw), abs(whi - zw))
+    return (2**31 - 1) // (a * b)

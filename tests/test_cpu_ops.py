@@ -203,19 +203,11 @@ def test_gemm_constant_extremes(isa, xt, xv, wv, zx_kind):
     same("int_gemm", kw)
 
 
-def _max_k(xt, zx, fmt, zw):
-    xlo, xhi = C.RANGES[xt]
-    wlo, whi = C.RANGES[fmt]
-    a = max(abs(xlo - zx), abs(xhi - zx))
-    b = max(abs(wlo - zw), abs(whi - zw))
-    return (2**31 - 1) // (a * b)
-
-
 @pytest.mark.parametrize("xt,zx,wv", [("uint8", 0, -128), ("uint8", 0, 127), ("int8", -128, -128), ("int8", 127, 127),
                                       ("uint8", 255, -128), ("int8", -128, 127)])
 def test_gemm_k_at_overflow_bound(isa, xt, zx, wv):
     """K exactly at §4.1's limit with the extreme codes: the result is +-(2^31 - 1)-ish and still exact."""
-    k = _max_k(xt, zx, "int8", 0)
+    k = S.max_k(xt, zx, "int8", 0)
     xv = C.RANGES[xt][1] if abs(C.RANGES[xt][1] - zx) >= abs(C.RANGES[xt][0] - zx) else C.RANGES[xt][0]
     kw = dict(x=np.full((2, k), xv, C.CONTAINERS[xt]), w=np.full((3, k), wv, np.int8), x_zero_point=zx,
               out_dtype="int32")
@@ -228,7 +220,7 @@ def test_gemm_k_at_overflow_bound(isa, xt, zx, wv):
 
 
 def test_int4_k_near_bound(isa):
-    k = _max_k("uint8", 0, "uint4", 0)  # 1052688 for uint8 x uint4
+    k = S.max_k("uint8", 0, "uint4", 0)  # 1052688 for uint8 x uint4
     x = np.full((1, k), 255, np.uint8)
     w = ops.pack_int4(np.full((2, k), 15, np.uint8), False, backend="reference")
     got = same("int_gemm", dict(x=x, w=w, w_format="uint4", out_dtype="int32"))

@@ -486,15 +486,6 @@ def test_gemm_alternating_extremes():
                 same("int_gemm", kw, f"{xt} zx={zx} {out}")
 
 
-def _max_k(xt, zx, fmt, zw):
-    """The largest K that §4.1 admits (no bias)."""
-    xlo, xhi = C.RANGES[xt]
-    wlo, whi = C.RANGES[fmt]
-    a = max(abs(xlo - zx), abs(xhi - zx))
-    b = max(abs(wlo - zw), abs(whi - zw))
-    return (2**31 - 1) // (a * b)
-
-
 @pytest.mark.gpu_only  # K up to ~10^6: hours on the host SIMT emulator
 @pytest.mark.parametrize("xt,zx,xv,fmt,zw,wv", [
     ("uint8", 0, 255, "int8", 0, -128),
@@ -510,7 +501,7 @@ def _max_k(xt, zx, fmt, zw):
 def test_gemm_k_at_overflow_bound(xt, zx, xv, fmt, zw, wv):
     """K exactly at §4.1's limit with extreme codes: |acc| close to 2^31 - 1 (exactly 2^31 - 1 with the bias that
     fills the remaining budget), still exact on every output stage; K + 1 is rejected."""
-    k = _max_k(xt, zx, fmt, zw)
+    k = S.max_k(xt, zx, fmt, zw)
     m, n = 3, 5
     wc = np.full((n, k), wv, C.CONTAINERS[fmt])
     w = wc if fmt == "int8" else ops.pack_int4(wc, fmt == "int4", backend="reference")
@@ -923,7 +914,7 @@ def test_device_argument_errors():
         ops.int_gemm(torch.zeros((4, 9), dtype=torch.uint8, device=DEVICE), w, backend="cuda")
     with pytest.raises(ValueError):  # 3-D activation
         ops.int_gemm(torch.zeros((2, 4, 8), dtype=torch.uint8, device=DEVICE), w, backend="cuda")
-    k = _max_k("uint8", 0, "int8", 0) + 1
+    k = S.max_k("uint8", 0, "int8", 0) + 1
     with pytest.raises(ValueError, match="K="):
         ops.int_gemm(torch.zeros((1, k), dtype=torch.uint8, device=DEVICE),
                      torch.zeros((2, k), dtype=torch.int8, device=DEVICE), backend="cuda")

@@ -101,3 +101,22 @@ def test_build_info_reports_the_simulator_not_as_a_gpu():
     assert info["cuda"]["simulator"] is True
     with cuda_backend.simulated():
         assert build_info()["cuda_devices"] == info["cuda_devices"]  # the emulator is never counted as a GPU
+
+
+@pytest.mark.parametrize("op", ["int_conv2d", "split_conv2d"])
+@pytest.mark.parametrize("window", [dict(stride=(0, 1)), dict(padding=(-1, 0)), dict(dilation=(1, 0)),
+                                    dict(ksize=(0, 3))])
+def test_conv_bindings_reject_a_bad_window(op, window):
+    """The shared bindings check the conv window before any memory is touched (same code as pyqsim._C.cuda)."""
+    sim = _sim()
+    buf = sim.Buffer(64, 0)
+    z, e, f = np.zeros(1, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32)
+    g = {**dict(ksize=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1)), **window}
+    win = (g["ksize"], g["stride"], g["padding"], g["dilation"], (4, 4))
+    with pytest.raises(ValueError, match="kernel_size, stride and dilation must be >= 1 and padding >= 0"):
+        if op == "int_conv2d":
+            sim.int_conv2d(buf.ptr, "uint8", 0, buf.ptr, "int8", z, (1, 1, 4, 4), 1, *win[:4], 1, win[4], z,
+                           "int32", e, e, 0, f, buf.ptr, 0)
+        else:
+            sim.split_conv2d(buf.ptr, "uint8", 0, buf.ptr, "int8", z, 1, buf.ptr, "uint8", 0, buf.ptr, "int8", z, 1,
+                             (1, 4, 4), 1, *win, z, "int8", z, z, z, 0, f, f, buf.ptr, 0)

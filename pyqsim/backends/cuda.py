@@ -62,8 +62,8 @@ def _devices() -> int:
     return _cu.device_count() if _cu is not None else 0
 
 
-def _usable(ordinal: int) -> bool:
-    return _cu.device_capability(ordinal) >= MIN_CAPABILITY
+def _usable(ordinal: int, mod=None) -> bool:
+    return (mod or _cu).device_capability(ordinal) >= MIN_CAPABILITY
 
 
 def available() -> bool:
@@ -87,7 +87,7 @@ def info() -> dict:
     d["device_capabilities"] = [gpu.device_capability(i) for i in range(d["devices"])]
     if not d["devices"]:
         d["reason"] = f"no CUDA device visible ({d.get('error') or 'cudaGetDeviceCount returned 0'})"
-    elif not any(gpu.device_capability(i) >= MIN_CAPABILITY for i in range(d["devices"])):
+    elif not any(_usable(i, gpu) for i in range(d["devices"])):
         d["reason"] = f"no CUDA device of compute capability >= {MIN_CAPABILITY // 10}.0 (the kernels need sm_80+)"
     return d
 
