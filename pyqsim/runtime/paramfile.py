@@ -17,7 +17,7 @@ import tempfile
 import numpy as np
 
 FORMAT = "pyqsim-params"
-VERSION = 1
+VERSION = 2  # 2: a program graph (docs/program.md); 1: per-architecture steps, no longer read
 MAX_HEADER_BYTES = 64 << 20
 MAX_JSON_DEPTH = 64
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,254}$")
@@ -92,6 +92,9 @@ def save_params(path, tensors: dict, meta: dict) -> None:
                 f.write(c)
             f.flush()
             os.fsync(f.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # as a plain open() would create it (mkstemp makes 0600)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -136,6 +139,9 @@ def load_params(path) -> tuple[dict, dict]:
     if meta.get("format") != FORMAT:
         raise ParamFileError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
     version = meta.get("version")
+    if version == 1:
+        raise ParamFileError(f"{path}: written by an older pyqsim (format version 1, per-architecture steps); "
+                             "this pyqsim runs programs (version 2): re-export the model with this version")
     if not isinstance(version, int) or isinstance(version, bool) or version != VERSION:
         raise ParamFileError(f"{path}: format version {version!r} is not supported (this pyqsim reads version {VERSION})")
     data = memoryview(blob)[8 + hlen:]

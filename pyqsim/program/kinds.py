@@ -1,0 +1,691 @@
+"""Every node kind of the program format, declared once: schema and reference semantics (docs/program.md).
+
+Integer kinds call the op table (``pyqsim.ops``) on the program's backend; float and shape kinds are
+float32 NumPy (spec §9) and run identically whatever the backend, so two backends give bit-identical
+programs exactly when every integer op agrees.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import ops
+from .schema import (ANY, BOOL, DTYPES, FLOAT, INT, INTS, OPT_FLOAT, OPT_INT, OPT_INTS, OPT_TENSOR, REQUIRED,
+                     SCALAR, STR, TENSOR, TENSORS, TensorSpec, kind)
+
+F32, I32, I8, U8, I64 = "float32", "int32", "int8", "uint8", "int64"
+W_FORMATS = ("int8", "int4", "uint4")
+LOG_MODES = ("log2", "sqrt2")
+OUT = ("float32", "requant")
+_SCALAR_F32 = TensorSpec((F32,), 0)
+_SCALAR_I32 = TensorSpec((I32,), 0)
+
+
+def _f32(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- integer kinds (pyqsim.ops)
+
+def _out_kw(attrs, t) -> dict:
+    """Output-stage keywords of an integer node: float32 via out_scale, or requantized uint8 codes."""
+    if attrs.get("out", "float32") == "float32":
+        return dict(out_dtype="float32", out_scale=t["out_scale"])
+    return dict(out_dtype="uint8", multiplier=t["multiplier"], shift=t["shift"],
+                out_zero_point=int(attrs["out_zero_point"]))
+
+
+def _clip_bits(y, attrs):
+    if attrs.get("out", "float32") == "requant" and attrs.get("out_bits", 8) < 8:
+        return np.minimum(y, np.uint8(2 ** attrs["out_bits"] - 1))
+    return y
+
+
+def _weight_rows(t, key="weight", zp="w_zero_point"):
+    n = len(t[zp]) if t[zp].ndim else None
+    if n is not None and t[key].shape[0] != n:
+        raise ValueError(f"{key} has {t[key].shape[0]} rows but {zp} has {n} entries")
+    return t[key].shape[0]
+
+
+def _check_out(attrs, t, n):
+    if attrs.get("out", "float32") == "float32":
+        if "out_scale" not in t:
+            raise ValueError("a float32 output needs the out_scale tensor")
+        if t["out_scale"].size not in (1, n):
+            raise ValueError(f"out_scale has {t['out_scale'].size} entries, expected 1 or {n}")
+    else:
+        for key in ("multiplier", "shift"):
+            if key not in t:
+                raise ValueError(f"a requantized output needs the {key} tensor")
+            if t[key].size not in (1, n):
+                raise ValueError(f"{key} has {t[key].size} entries, expected 1 or {n}")
+        if "out_zero_point" not in attrs:
+            raise ValueError("a requantized output needs the out_zero_point attribute")
+    if "bias" in t and t["bias"].shape != (n,):
+        raise ValueError(f"bias has shape {list(t['bias'].shape)}, expected [{n}]")
+
+
+def _check_gemm(attrs, t):
+    _check_out(attrs, t, _weight_rows(t))
+
+
+_INT_ATTRS = {"x_zero_point": (INT, REQUIRED, None), "w_format": (STR, "int8", W_FORMATS),
+              "x_bits": (INT, 8, None), "w_bits": (INT, 8, None), "out": (STR, "float32", OUT),
+              "out_zero_point": (INT, 0, None), "out_bits": (INT, 8, None)}
+_INT_TENSORS = {"weight": TensorSpec((I8, U8), 2), "w_zero_point": TensorSpec((I32,), 1),
+                "bias": TensorSpec((I32,), 1, optional=True), "out_scale": TensorSpec((F32,), None, optional=True),
+                "multiplier": TensorSpec((I32,), None, optional=True), "shift": TensorSpec((I32,), None, optional=True)}
+
+
+@kind("int_gemm", args=(("x", TENSOR),), attrs=_INT_ATTRS, tensors=_INT_TENSORS, integer=True, check=_check_gemm)
+def _int_gemm(args, attrs, t, ctx):
+    """Integer x @ W^T over the last axis of uint8/int8 codes (spec §4, §6)."""
+    x = args[0]
+    lead = x.shape[:-1]
+    y = ops.int_gemm(np.ascontiguousarray(x.reshape(-1, x.shape[-1])), t["weight"],
+                     x_zero_point=attrs["x_zero_point"], w_zero_point=t["w_zero_point"], bias=t.get("bias"),
+                     w_format=attrs.get("w_format", "int8"), backend=ctx.backend, **_out_kw(attrs, t))
+    return _clip_bits(y, attrs).reshape(*lead, -1)
+
+
+_CONV_ATTRS = dict(_INT_ATTRS, stride=(INTS, [1, 1], None), padding=(INTS, [0, 0], None),
+                   dilation=(INTS, [1, 1], None), groups=(INT, 1, None), kernel_size=(INTS, [1, 1], None))
+_CONV_TENSORS = dict(_INT_TENSORS, weight=TensorSpec((I8, U8), None))
+
+
+@kind("int_conv2d", args=(("x", TENSOR),), attrs=_CONV_ATTRS, tensors=_CONV_TENSORS, integer=True, check=_check_gemm)
+def _int_conv2d(args, attrs, t, ctx):
+    """Integer NCHW conv2d with zero-point padding (spec §5, §6)."""
+    return _clip_bits(ops.int_conv2d(
+        np.ascontiguousarray(args[0]), t["weight"], stride=tuple(attrs.get("stride", [1, 1])),
+        padding=tuple(attrs.get("padding", [0, 0])), dilation=tuple(attrs.get("dilation", [1, 1])),
+        groups=attrs.get("groups", 1), x_zero_point=attrs["x_zero_point"], w_zero_point=t["w_zero_point"],
+        bias=t.get("bias"), w_format=attrs.get("w_format", "int8"),
+        kernel_size=tuple(attrs.get("kernel_size", [1, 1])), backend=ctx.backend, **_out_kw(attrs, t)), attrs)
+
+
+_SPLIT_ATTRS = {"x1_zero_point": (INT, REQUIRED, None), "x2_zero_point": (INT, REQUIRED, None),
+                "w_format": (STR, "int8", W_FORMATS), "x_bits": (INT, 8, None), "w_bits": (INT, 8, None)}
+_SPLIT_TENSORS = {"w1": TensorSpec((I8,), None), "w2": TensorSpec((I8,), None), "w1_zero_point": TensorSpec((I32,), 1),
+                  "w2_zero_point": TensorSpec((I32,), 1), "bias": TensorSpec((I32,), 1, optional=True),
+                  "out_scale1": TensorSpec((F32,), 1), "out_scale2": TensorSpec((F32,), 1)}
+
+
+def _check_split(attrs, t):
+    n = _weight_rows(t, "w1", "w1_zero_point")
+    if _weight_rows(t, "w2", "w2_zero_point") != n:
+        raise ValueError(f"w1 has {n} rows but w2 has {t['w2'].shape[0]}")
+    for key in ("out_scale1", "out_scale2"):
+        if t[key].shape != (n,):
+            raise ValueError(f"{key} has shape {list(t[key].shape)}, expected [{n}]")
+    if "bias" in t and t["bias"].shape != (n,):
+        raise ValueError(f"bias has shape {list(t['bias'].shape)}, expected [{n}]")
+
+
+def _split_kw(attrs, t, ctx):
+    fmt = attrs.get("w_format", "int8")
+    return dict(x1_zero_point=attrs["x1_zero_point"], x2_zero_point=attrs["x2_zero_point"],
+                w1_zero_point=t["w1_zero_point"], w2_zero_point=t["w2_zero_point"], bias=t.get("bias"),
+                w1_format=fmt, w2_format=fmt, out_dtype="float32", out_scale1=t["out_scale1"],
+                out_scale2=t["out_scale2"], backend=ctx.backend)
+
+
+@kind("split_gemm", args=(("x1", TENSOR), ("x2", TENSOR)), attrs=_SPLIT_ATTRS, tensors=_SPLIT_TENSORS, integer=True,
+      check=_check_split)
+def _split_gemm(args, attrs, t, ctx):
+    """Split-shortcut GEMM over concat(x1, x2) on the last axis, one rounding (spec §8)."""
+    x1, x2 = args
+    lead = x1.shape[:-1]
+    y = ops.split_gemm(np.ascontiguousarray(x1.reshape(-1, x1.shape[-1])), t["w1"],
+                       np.ascontiguousarray(x2.reshape(-1, x2.shape[-1])), t["w2"], **_split_kw(attrs, t, ctx))
+    return y.reshape(*lead, -1)
+
+
+@kind("split_conv2d", args=(("x1", TENSOR), ("x2", TENSOR)),
+      attrs=dict(_SPLIT_ATTRS, stride=(INTS, [1, 1], None), padding=(INTS, [0, 0], None),
+                 dilation=(INTS, [1, 1], None), kernel_size=(INTS, [1, 1], None)),
+      tensors=_SPLIT_TENSORS, integer=True, check=_check_split)
+def _split_conv2d(args, attrs, t, ctx):
+    """Split-shortcut conv2d over concat(x1, x2) channels, one rounding (spec §8)."""
+    return ops.split_conv2d(np.ascontiguousarray(args[0]), t["w1"], np.ascontiguousarray(args[1]), t["w2"],
+                            stride=tuple(attrs.get("stride", [1, 1])), padding=tuple(attrs.get("padding", [0, 0])),
+                            dilation=tuple(attrs.get("dilation", [1, 1])),
+                            kernel_size=tuple(attrs.get("kernel_size", [1, 1])), **_split_kw(attrs, t, ctx))
+
+
+def _as_weight_operand(codes: np.ndarray, zero_point: int, bits: int):
+    """Unsigned activation codes as the int8 weight operand of a GEMM (shifted by -128 at 8 bits)."""
+    if bits == 8:
+        return (codes.astype(np.int16) - 128).astype(np.int8), zero_point - 128
+    return codes.view(np.int8), zero_point
+
+
+def _leading(a: np.ndarray, b: np.ndarray, what: str):
+    lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return lead, np.broadcast_to(a, lead + a.shape[-2:]), np.broadcast_to(b, lead + b.shape[-2:])
+
+
+@kind("int_bmm", args=(("a", TENSOR), ("b", TENSOR)),
+      attrs={"a_zero_point": (INT, REQUIRED, None), "b_zero_point": (INT, REQUIRED, None), "a_bits": (INT, 8, None),
+             "b_bits": (INT, 8, None)},
+      tensors={"out_scale": _SCALAR_F32}, integer=True)
+def _int_bmm(args, attrs, t, ctx):
+    """Batched integer a @ b^T of two code tensors [..., M, K] x [..., N, K], float32 out (spec §4, §6)."""
+    lead, a, b = _leading(args[0], args[1], "int_bmm")
+    m, n = a.shape[-2], b.shape[-2]
+    a2, b2 = a.reshape(-1, m, a.shape[-1]), b.reshape(-1, n, b.shape[-1])
+    out = np.empty((a2.shape[0], m, n), np.float32)
+    for i in range(a2.shape[0]):
+        w, zw = _as_weight_operand(np.ascontiguousarray(b2[i]), attrs["b_zero_point"], attrs.get("b_bits", 8))
+        out[i] = ops.int_gemm(np.ascontiguousarray(a2[i]), w, x_zero_point=attrs["a_zero_point"], w_zero_point=zw,
+                              out_dtype="float32", out_scale=t["out_scale"], backend=ctx.backend)
+    return out.reshape(lead + (m, n))
+
+
+@kind("log2_attn_matmul", args=(("codes", TENSOR), ("v", TENSOR)),
+      attrs={"bits": (INT, REQUIRED, None), "mode": (STR, REQUIRED, LOG_MODES), "frac_bits": (INT, 16, None),
+             "v_zero_point": (INT, REQUIRED, None), "v_bits": (INT, 8, None)},
+      tensors={"out_scale": _SCALAR_F32}, integer=True)
+def _log2_attn(args, attrs, t, ctx):
+    """Batched attn @ (v - zv) from log codes [..., L, S] and value codes [..., S, d] with shifts and adds (spec §7)."""
+    lead, c, v = _leading(args[0], args[1], "log2_attn_matmul")
+    m, n = c.shape[-2], v.shape[-1]
+    c2, v2 = c.reshape(-1, m, c.shape[-1]), v.reshape(-1, v.shape[-2], n)
+    out = np.empty((c2.shape[0], m, n), np.float32)
+    for i in range(c2.shape[0]):
+        out[i] = ops.log2_attn_matmul(np.ascontiguousarray(c2[i]), np.ascontiguousarray(v2[i]),
+                                      v_zero_point=attrs["v_zero_point"], bits=attrs["bits"], mode=attrs["mode"],
+                                      frac_bits=attrs.get("frac_bits", 16), out_dtype="float32",
+                                      out_scale=t["out_scale"], backend=ctx.backend)
+    return out.reshape(lead + (m, n))
+
+
+@kind("quantize", args=(("x", TENSOR),), attrs={"bits": (INT, 8, None)},
+      tensors={"scale": _SCALAR_F32, "zero_point": _SCALAR_I32}, integer=True)
+def _quantize(args, attrs, t, ctx):
+    """Float32 -> unsigned b-bit codes in uint8, per tensor (spec §2)."""
+    return ops.quantize(_f32(args[0]), t["scale"][()], int(t["zero_point"][()]), "uint8", bits=attrs.get("bits", 8),
+                        backend=ctx.backend)
+
+
+@kind("dequantize", args=(("q", TENSOR),), tensors={"scale": _SCALAR_F32, "zero_point": _SCALAR_I32}, integer=True)
+def _dequantize(args, attrs, t, ctx):
+    """Codes -> float32 (q - z) * s (spec §2)."""
+    return ops.dequantize(args[0], t["scale"][()], int(t["zero_point"][()]), backend=ctx.backend)
+
+
+@kind("quantize_log", args=(("p", TENSOR),), attrs={"bits": (INT, REQUIRED, None), "mode": (STR, REQUIRED, LOG_MODES)},
+      tensors={"delta": _SCALAR_F32}, integer=True)
+def _quantize_log(args, attrs, t, ctx):
+    """Post-softmax float32 -> log2 / log-sqrt2 codes (spec §3)."""
+    return ops.quantize_log(_f32(args[0]), float(t["delta"][()]), attrs["bits"], attrs["mode"], backend=ctx.backend)
+
+
+# --------------------------------------------------------------------------- values, constants, scalars
+
+@kind("constant", tensors={"value": TensorSpec(())})
+def _constant(args, attrs, t, ctx):
+    """A tensor stored in the file."""
+    return t["value"]
+
+
+_SCALAR_OPS = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+               "floordiv": lambda a, b: a // b, "truediv": lambda a, b: a / b, "mod": lambda a, b: a % b,
+               "neg": lambda a, b: -a, "pow": lambda a, b: a ** b, "ceil": lambda a, b: math.ceil(a),
+               "floor": lambda a, b: math.floor(a), "int": lambda a, b: int(a), "float": lambda a, b: float(a),
+               "max": lambda a, b: max(a, b), "min": lambda a, b: min(a, b)}
+
+
+@kind("scalar", args=(("a", ANY), ("b", ANY, None)), attrs={"op": (STR, REQUIRED, tuple(_SCALAR_OPS))})
+def _scalar(args, attrs, t, ctx):
+    """Python-number arithmetic on symbolic sizes."""
+    a, b = (x.item() if isinstance(x, np.ndarray) else x for x in (list(args) + [None])[:2])
+    return _SCALAR_OPS[attrs["op"]](a, b)
+
+
+@kind("size", args=(("x", TENSOR), ("dim", INT)))
+def _size(args, attrs, t, ctx):
+    """One dimension of a tensor (a symbolic size)."""
+    return int(args[0].shape[args[1]])
+
+
+@kind("getitem", args=(("x", ANY), ("index", INT)))
+def _getitem(args, attrs, t, ctx):
+    """Element of a multi-output value."""
+    return args[0][args[1]]
+
+
+# --------------------------------------------------------------------------- elementwise float math
+
+def _unary(fn):
+    def run(args, attrs, t, ctx):
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return fn(np.asarray(args[0]))
+    return run
+
+
+_UNARY = {"neg": np.negative, "exp": np.exp, "log": np.log, "sqrt": np.sqrt, "rsqrt": lambda x: 1 / np.sqrt(x),
+          "sin": np.sin, "cos": np.cos, "tanh": np.tanh, "sigmoid": lambda x: 1 / (1 + np.exp(-x)),
+          "relu": lambda x: np.maximum(x, np.zeros((), x.dtype)), "abs": np.abs, "reciprocal": lambda x: 1 / x,
+          "logical_not": np.logical_not, "floor": np.floor, "ceil": np.ceil, "round": np.rint,
+          "erf": lambda x: _erf(x.astype(np.float64)), "square": np.square, "sign": np.sign}
+
+
+@kind("unary", args=(("x", TENSOR),), attrs={"op": (STR, REQUIRED, tuple(_UNARY))})
+def _unary_kind(args, attrs, t, ctx):
+    """Elementwise float32 function (neg, exp, log, sqrt, sin, cos, tanh, sigmoid, relu, ...)."""
+    return _unary(_UNARY[attrs["op"]])(args, attrs, t, ctx)
+
+
+_BINARY = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.true_divide,
+           "floor_divide": np.floor_divide, "remainder": np.remainder, "pow": np.power, "maximum": np.maximum,
+           "minimum": np.minimum, "eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal,
+           "gt": np.greater, "ge": np.greater_equal, "and": np.logical_and, "or": np.logical_or,
+           "xor": np.logical_xor, "bitwise_and": np.bitwise_and, "bitwise_or": np.bitwise_or, "atan2": np.arctan2}
+
+
+def _operand(v, other):
+    """A Python scalar operand in the dtype family of the tensor operand (torch's promotion of scalars)."""
+    if isinstance(v, np.ndarray) or not isinstance(other, np.ndarray):
+        return v
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, float) and other.dtype.kind in "iub":
+        return np.float32(v)
+    return np.asarray(v, other.dtype if other.dtype.kind == "f" or isinstance(v, int) else np.float32)
+
+
+@kind("binary", args=(("a", ANY), ("b", ANY)), attrs={"op": (STR, REQUIRED, tuple(_BINARY)), "alpha": (SCALAR, 1, None)})
+def _binary(args, attrs, t, ctx):
+    """Elementwise binary op with broadcasting (add, sub, mul, div, pow, comparisons, logical ...)."""
+    a, b = args
+    a, b = _operand(a, b), _operand(b, a)
+    alpha = attrs.get("alpha", 1)
+    if alpha != 1:
+        b = b * _operand(alpha, b if isinstance(b, np.ndarray) else a)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return _BINARY[attrs["op"]](a, b)
+
+
+@kind("where", args=(("cond", TENSOR), ("a", ANY), ("b", ANY)))
+def _where(args, attrs, t, ctx):
+    """Elementwise select."""
+    c, a, b = args
+    return np.where(c, a, b)
+
+
+@kind("masked_fill", args=(("x", TENSOR), ("mask", TENSOR), ("value", ANY)))
+def _masked_fill(args, attrs, t, ctx):
+    """x with value where mask is true."""
+    x, m, v = args
+    return np.where(m, np.asarray(v, x.dtype), x)
+
+
+@kind("clamp", args=(("x", TENSOR), ("min", ANY, None), ("max", ANY, None)))
+def _clamp(args, attrs, t, ctx):
+    """Clamp to [min, max] (either may be None)."""
+    x, lo, hi = (list(args) + [None, None])[:3]
+    if lo is not None:
+        x = np.maximum(x, _operand(lo, x))
+    if hi is not None:
+        x = np.minimum(x, _operand(hi, x))
+    return x
+
+
+@kind("cast", args=(("x", TENSOR),))
+def _cast(args, attrs, t, ctx):
+    """Conversion to the node's dtype (identity when equal)."""
+    return args[0]
+
+
+@kind("identity", args=(("x", ANY),))
+def _identity(args, attrs, t, ctx):
+    """The input unchanged (dropout in eval, clone, contiguous, alias)."""
+    return args[0]
+
+
+# --------------------------------------------------------------------------- float model stages (spec §9)
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    """erf in float64 (Numerical Recipes erfc Chebyshev fit, relative error < 1.2e-7)."""
+    z = np.abs(x)
+    tt = 1.0 / (1.0 + 0.5 * z)
+    poly = (-z * z - 1.26551223 + tt * (1.00002368 + tt * (0.37409196 + tt * (0.09678418 + tt * (
+        -0.18628806 + tt * (0.27886807 + tt * (-1.13520398 + tt * (1.48851587 + tt * (-0.82215223 + tt * 0.17087277)))))))))
+    erfc = tt * np.exp(poly)
+    return np.where(x >= 0, 1.0 - erfc, erfc - 1.0)
+
+
+@kind("gelu", args=(("x", TENSOR),), attrs={"approximate": (STR, "none", ("none", "tanh"))})
+def _gelu(args, attrs, t, ctx):
+    """GELU, erf form or tanh form, float32 result."""
+    x = np.asarray(args[0]).astype(np.float64)
+    if attrs.get("approximate", "none") == "tanh":
+        return _f32(0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3))))
+    return _f32(0.5 * x * (1.0 + _erf(x / math.sqrt(2.0))))
+
+
+@kind("silu", args=(("x", TENSOR),))
+def _silu(args, attrs, t, ctx):
+    """x * sigmoid(x) in float32."""
+    x = _f32(args[0])
+    with np.errstate(over="ignore"):
+        return _f32(x / (np.float32(1) + np.exp(-x)))
+
+
+@kind("softmax", args=(("x", TENSOR), ("dim", INT)))
+def _softmax(args, attrs, t, ctx):
+    """Softmax along dim in float32 (a row of -inf gives NaN, as in PyTorch)."""
+    x, d = _f32(args[0]), args[1]
+    with np.errstate(invalid="ignore", over="ignore"):
+        e = np.exp(x - x.max(axis=d, keepdims=True))
+        return _f32(e / e.sum(axis=d, keepdims=True))
+
+
+@kind("log_softmax", args=(("x", TENSOR), ("dim", INT)))
+def _log_softmax(args, attrs, t, ctx):
+    """log(softmax(x)) along dim in float32."""
+    x, d = _f32(args[0]), args[1]
+    s = x - x.max(axis=d, keepdims=True)
+    return _f32(s - np.log(np.exp(s).sum(axis=d, keepdims=True)))
+
+
+@kind("layer_norm", args=(("x", TENSOR), ("normalized_shape", INTS), ("weight", OPT_TENSOR, None),
+                          ("bias", OPT_TENSOR, None)), attrs={"eps": (FLOAT, 1e-5, None)})
+def _layer_norm(args, attrs, t, ctx):
+    """LayerNorm over the trailing normalized_shape axes in float32."""
+    x, shape, w, b = (list(args) + [None, None])[:4]
+    x = _f32(x)
+    axes = tuple(range(x.ndim - len(shape), x.ndim))
+    mean = x.mean(axis=axes, keepdims=True, dtype=np.float32)
+    d = x - mean
+    var = (d * d).mean(axis=axes, keepdims=True, dtype=np.float32)
+    y = d / np.sqrt(var + np.float32(attrs.get("eps", 1e-5)))
+    if w is not None:
+        y = y * w
+    if b is not None:
+        y = y + b
+    return _f32(y)
+
+
+@kind("group_norm", args=(("x", TENSOR), ("groups", INT), ("weight", OPT_TENSOR, None), ("bias", OPT_TENSOR, None)),
+      attrs={"eps": (FLOAT, 1e-5, None)})
+def _group_norm(args, attrs, t, ctx):
+    """GroupNorm of [N, C, *] in float32."""
+    x, g, w, b = (list(args) + [None, None])[:4]
+    x = _f32(x)
+    n, c = x.shape[:2]
+    xg = x.reshape(n, g, -1)
+    mean = xg.mean(axis=2, keepdims=True, dtype=np.float32)
+    d = xg - mean
+    var = (d * d).mean(axis=2, keepdims=True, dtype=np.float32)
+    y = (d / np.sqrt(var + np.float32(attrs.get("eps", 1e-5)))).reshape(x.shape)
+    bshape = (1, c) + (1,) * (x.ndim - 2)
+    if w is not None:
+        y = y * w.reshape(bshape)
+    if b is not None:
+        y = y + b.reshape(bshape)
+    return _f32(y)
+
+
+@kind("matmul", args=(("a", TENSOR), ("b", TENSOR)))
+def _matmul(args, attrs, t, ctx):
+    """Float32 matmul (a product the calibration left unquantized)."""
+    return np.matmul(_f32(args[0]), _f32(args[1]))
+
+
+@kind("linear", args=(("x", TENSOR), ("weight", TENSOR), ("bias", OPT_TENSOR, None)))
+def _linear(args, attrs, t, ctx):
+    """Float32 x @ W^T + b (a layer left unquantized)."""
+    x, w, b = (list(args) + [None])[:3]
+    y = np.matmul(_f32(x), _f32(w).T)
+    return y + b if b is not None else y
+
+
+def conv2d_f32(x, w, b, stride, padding, dilation, groups):
+    """Float32 NCHW convolution (im2col + matmul per group)."""
+    sh, sw = stride
+    ph, pw = padding
+    dh, dw = dilation
+    x = np.pad(_f32(x), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    o, cg, kh, kw = w.shape
+    n, c, h, wd = x.shape
+    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (wd - dw * (kw - 1) - 1) // sw + 1
+    cols = np.empty((n, c, kh, kw, oh, ow), np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, i, j] = x[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw]
+    og = o // groups
+    out = np.empty((n, o, oh, ow), np.float32)
+    for g in range(groups):
+        cg_cols = cols[:, g * cg:(g + 1) * cg].reshape(n, cg * kh * kw, oh * ow)
+        out[:, g * og:(g + 1) * og] = np.matmul(w[g * og:(g + 1) * og].reshape(og, -1), cg_cols).reshape(n, og, oh, ow)
+    if b is not None:
+        out += b.reshape(1, -1, 1, 1)
+    return out
+
+
+@kind("conv2d", args=(("x", TENSOR), ("weight", TENSOR), ("bias", OPT_TENSOR, None)),
+      attrs={"stride": (INTS, [1, 1], None), "padding": (INTS, [0, 0], None), "dilation": (INTS, [1, 1], None),
+             "groups": (INT, 1, None)})
+def _conv2d(args, attrs, t, ctx):
+    """Float32 NCHW conv2d (a layer left unquantized)."""
+    x, w, b = (list(args) + [None])[:3]
+    return conv2d_f32(x, _f32(w), b, attrs.get("stride", [1, 1]), attrs.get("padding", [0, 0]),
+                      attrs.get("dilation", [1, 1]), attrs.get("groups", 1))
+
+
+@kind("sdpa", args=(("q", TENSOR), ("k", TENSOR), ("v", TENSOR), ("mask", OPT_TENSOR, None)),
+      attrs={"scale": (OPT_FLOAT, None, None), "causal": (BOOL, False, None)})
+def _sdpa(args, attrs, t, ctx):
+    """Float32 scaled dot-product attention (bool mask: True attends; float mask: added)."""
+    q, k, v, mask = (list(args) + [None])[:4]
+    scale = attrs.get("scale")
+    s = np.matmul(_f32(q), np.swapaxes(_f32(k), -1, -2)) * np.float32(q.shape[-1] ** -0.5 if scale is None else scale)
+    s = s + additive_mask(mask, causal=attrs.get("causal", False), shape=s.shape)
+    return np.matmul(_softmax([s, -1], {}, None, ctx), _f32(v))
+
+
+def additive_mask(mask, causal: bool, shape) -> np.ndarray | float:
+    """Float additive form of an SDPA mask (bool: True attends) and of causal masking."""
+    add = np.float32(0)
+    if causal:
+        n, m = shape[-2], shape[-1]
+        add = np.where(np.triu(np.ones((n, m), bool), 1), np.float32(-np.inf), np.float32(0))
+    if mask is not None:
+        add = add + (np.where(mask, np.float32(0), np.float32(-np.inf)) if mask.dtype == np.bool_ else _f32(mask))
+    return add
+
+
+@kind("reduce", args=(("x", TENSOR), ("dims", OPT_INTS, None), ("keepdim", BOOL, False)),
+      attrs={"op": (STR, REQUIRED, ("mean", "sum", "amax", "amin", "prod"))})
+def _reduce(args, attrs, t, ctx):
+    """Mean / sum / max / min over dims (all when None)."""
+    x, dims, keep = (list(args) + [None, False])[:3]
+    axis = None if dims is None or dims == [] else tuple(dims)
+    fn = {"mean": np.mean, "sum": np.sum, "amax": np.max, "amin": np.min, "prod": np.prod}[attrs["op"]]
+    return np.asarray(fn(x, axis=axis, keepdims=bool(keep)))
+
+
+# --------------------------------------------------------------------------- shape ops
+
+@kind("reshape", args=(("x", TENSOR), ("shape", INTS)))
+def _reshape(args, attrs, t, ctx):
+    """Reshape (view) to shape; -1 inferred."""
+    return np.reshape(args[0], [int(s) for s in args[1]])
+
+
+@kind("permute", args=(("x", TENSOR), ("dims", INTS)))
+def _permute(args, attrs, t, ctx):
+    """Permute axes."""
+    return np.transpose(args[0], args[1])
+
+
+@kind("transpose", args=(("x", TENSOR), ("dim0", INT), ("dim1", INT)))
+def _transpose(args, attrs, t, ctx):
+    """Swap two axes."""
+    return np.swapaxes(args[0], args[1], args[2])
+
+
+@kind("expand", args=(("x", TENSOR), ("shape", INTS)))
+def _expand(args, attrs, t, ctx):
+    """Broadcast to shape (-1 keeps a dimension)."""
+    x, shape = args[0], [int(s) for s in args[1]]
+    lead = len(shape) - x.ndim
+    shape = [x.shape[i - lead] if s == -1 else s for i, s in enumerate(shape)]
+    return np.broadcast_to(x, shape)
+
+
+@kind("unsqueeze", args=(("x", TENSOR), ("dim", INT)))
+def _unsqueeze(args, attrs, t, ctx):
+    """Insert a unit axis."""
+    x, d = args
+    return np.expand_dims(x, d if d >= 0 else d + x.ndim + 1)
+
+
+@kind("squeeze", args=(("x", TENSOR), ("dims", OPT_INTS, None)))
+def _squeeze(args, attrs, t, ctx):
+    """Remove unit axes (only those listed, when given)."""
+    x, dims = (list(args) + [None])[:2]
+    if dims is None:
+        return np.squeeze(x)
+    return np.squeeze(x, tuple(d % x.ndim for d in dims if x.shape[d] == 1))
+
+
+@kind("flatten", args=(("x", TENSOR), ("start", INT, 0), ("end", INT, -1)))
+def _flatten(args, attrs, t, ctx):
+    """Merge axes start..end."""
+    x, s, e = (list(args) + [0, -1][len(args) - 1:])[:3]
+    if x.ndim == 0:
+        return x.reshape(1)
+    s, e = s % x.ndim, e % x.ndim
+    return x.reshape(x.shape[:s] + (-1,) + x.shape[e + 1:])
+
+
+@kind("unflatten", args=(("x", TENSOR), ("dim", INT), ("sizes", INTS)))
+def _unflatten(args, attrs, t, ctx):
+    """Split one axis into sizes."""
+    x, d, sizes = args
+    d %= x.ndim
+    return x.reshape(x.shape[:d] + tuple(int(s) for s in sizes) + x.shape[d + 1:])
+
+
+@kind("slice", args=(("x", TENSOR), ("dim", INT, 0), ("start", OPT_INT, None), ("end", OPT_INT, None),
+                     ("step", INT, 1)))
+def _slice(args, attrs, t, ctx):
+    """x[start:end:step] along dim."""
+    x, d, s, e, st = (list(args) + [0, None, None, 1][len(args) - 1:])[:5]
+    idx = [slice(None)] * x.ndim
+    idx[d] = slice(s, e if e is None or e < 2**62 else None, st)
+    return x[tuple(idx)]
+
+
+@kind("select", args=(("x", TENSOR), ("dim", INT), ("index", INT)))
+def _select(args, attrs, t, ctx):
+    """x[index] along dim (the axis removed)."""
+    x, d, i = args
+    return np.take(x, i, axis=d)
+
+
+@kind("index", args=(("x", TENSOR), ("indices", ANY)))
+def _index(args, attrs, t, ctx):
+    """Advanced indexing x[i0, i1, ...] (None entries keep the axis)."""
+    x, idx = args
+    return x[tuple(slice(None) if i is None else i for i in idx)]
+
+
+@kind("cat", args=(("tensors", TENSORS), ("dim", INT, 0)))
+def _cat(args, attrs, t, ctx):
+    """Concatenate along dim."""
+    xs, d = (list(args) + [0])[:2]
+    return np.concatenate(xs, axis=d)
+
+
+@kind("stack", args=(("tensors", TENSORS), ("dim", INT, 0)))
+def _stack(args, attrs, t, ctx):
+    """Stack along a new axis."""
+    xs, d = (list(args) + [0])[:2]
+    return np.stack(xs, axis=d)
+
+
+@kind("split", args=(("x", TENSOR), ("sizes", ANY), ("dim", INT, 0)))
+def _split(args, attrs, t, ctx):
+    """Split along dim into chunks of size (int) or the listed sizes (a multi-output value)."""
+    x, sizes, d = (list(args) + [0])[:3]
+    n = x.shape[d]
+    if isinstance(sizes, (int, np.integer)):
+        sizes = [sizes] * (n // sizes) + ([n % sizes] if n % sizes else [])
+    return list(np.split(x, np.cumsum(sizes)[:-1], axis=d))
+
+
+@kind("chunk", args=(("x", TENSOR), ("chunks", INT), ("dim", INT, 0)))
+def _chunk(args, attrs, t, ctx):
+    """torch.chunk: equal chunks of ceil(n / chunks)."""
+    x, c, d = (list(args) + [0])[:3]
+    size = -(-x.shape[d] // c)
+    return _split([x, size, d], attrs, t, ctx)
+
+
+@kind("embedding", args=(("weight", TENSOR), ("ids", TENSOR)))
+def _embedding(args, attrs, t, ctx):
+    """Rows of weight at integer ids (bounds checked)."""
+    w, ids = args
+    if ids.size and (ids.min() < 0 or ids.max() >= len(w)):
+        raise ValueError(f"embedding ids must be in [0, {len(w) - 1}], got values in [{ids.min()}, {ids.max()}]")
+    return w[ids]
+
+
+@kind("upsample_nearest", args=(("x", TENSOR), ("size", OPT_INTS, None)), attrs={"scales": (ANY, None, None)})
+def _upsample(args, attrs, t, ctx):
+    """Nearest-neighbour upsampling of the spatial axes (integer scales or an output size)."""
+    x, size = (list(args) + [None])[:2]
+    sp = x.shape[2:]
+    if size is None:
+        size = [int(math.floor(s * f)) for s, f in zip(sp, attrs["scales"])]
+    for ax, (src, dst) in enumerate(zip(sp, size)):
+        idx = np.minimum(np.floor(np.arange(dst) * (src / dst)).astype(np.int64), src - 1)
+        x = np.take(x, idx, axis=2 + ax)
+    return x
+
+
+@kind("pad", args=(("x", TENSOR), ("pad", INTS), ("value", SCALAR, 0)))
+def _pad(args, attrs, t, ctx):
+    """Constant padding, torch order (last axis first: [left, right, top, bottom, ...])."""
+    x, p, v = (list(args) + [0])[:3]
+    width = [(0, 0)] * x.ndim
+    for i in range(len(p) // 2):
+        width[x.ndim - 1 - i] = (p[2 * i], p[2 * i + 1])
+    return np.pad(x, width, constant_values=v)
+
+
+@kind("arange", args=(("start", ANY), ("end", ANY, None), ("step", ANY, 1)))
+def _arange(args, attrs, t, ctx):
+    """Evenly spaced values (end exclusive)."""
+    a = list(args)
+    if len(a) == 1:
+        return np.arange(a[0])
+    return np.arange(*a)
+
+
+@kind("full", args=(("shape", INTS), ("value", SCALAR)))
+def _full(args, attrs, t, ctx):
+    """A tensor of shape filled with value."""
+    return np.full([int(s) for s in args[0]], args[1])
+
+
+@kind("repeat", args=(("x", TENSOR), ("repeats", INTS)))
+def _repeat(args, attrs, t, ctx):
+    """torch.Tensor.repeat (tile)."""
+    x, r = args
+    return np.tile(x.reshape((1,) * (len(r) - x.ndim) + x.shape), r)
+
+
+@kind("repeat_interleave", args=(("x", TENSOR), ("repeats", INT), ("dim", INT)))
+def _repeat_interleave(args, attrs, t, ctx):
+    """Repeat each element along dim."""
+    return np.repeat(args[0], args[1], axis=args[2])
+
+
+NODE_DTYPES = tuple(DTYPES)

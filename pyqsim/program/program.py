@@ -1,0 +1,223 @@
+"""A program: typed graph of nodes plus the tensors they read, validated whole at load (docs/program.md)."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+
+from .. import ops
+from ..runtime.paramfile import ParamFileError, load_params, save_params
+from . import kinds as _kinds  # noqa: F401  (registers every node kind)
+from .schema import DTYPES, KINDS, decode_literal, is_ref, validate_node
+
+PROGRAM_KEY = "program"
+
+
+@dataclasses.dataclass
+class _Ctx:
+    backend: str
+
+
+def _resolve(v, env):
+    if is_ref(v):
+        return env[v["@"]]
+    if isinstance(v, list):
+        return [_resolve(x, env) for x in v]
+    return decode_literal(v)
+
+
+def _spec_error(where: str, msg: str):
+    return ParamFileError(f"{where}: {msg}")
+
+
+class Program:
+    """An integer program: ``run`` it on NumPy inputs with any backend; no PyTorch needed."""
+
+    def __init__(self, tensors: dict, meta: dict, where: str = "program"):
+        prog = meta.get(PROGRAM_KEY)
+        if not isinstance(prog, dict):
+            raise ParamFileError(f"{where}: no program in the file (written by an older pyqsim? re-export it)")
+        self.tensors, self.meta, self.where = tensors, meta, where
+        self.inputs = prog.get("inputs")
+        self.outputs = prog.get("outputs")
+        self.nodes = prog.get("nodes")
+        self.info = {k: v for k, v in prog.items() if k not in ("inputs", "outputs", "nodes")}
+        self._validate()
+
+    # ------------------------------------------------------------------ validation
+
+    def _validate(self) -> None:
+        w = self.where
+        if not isinstance(self.inputs, list) or not self.inputs:
+            raise _spec_error(w, "program inputs must be a non-empty list")
+        if not isinstance(self.nodes, list):
+            raise _spec_error(w, "program nodes must be a list")
+        if not isinstance(self.outputs, list) or not self.outputs:
+            raise _spec_error(w, "program outputs must be a non-empty list")
+        defined: set = set()
+        for i, inp in enumerate(self.inputs):
+            if not (isinstance(inp, dict) and isinstance(inp.get("name"), str) and inp.get("dtype") in DTYPES
+                    and isinstance(inp.get("shape"), list)
+                    and all(s is None or (isinstance(s, int) and s >= 0) for s in inp["shape"])):
+                raise _spec_error(w, f"input {i} must have a name, a dtype in {sorted(DTYPES)} and a shape list")
+            if inp["name"] in defined:
+                raise _spec_error(w, f"input name {inp['name']!r} is used twice")
+            defined.add(inp["name"])
+        for node in self.nodes:
+            validate_node(node, defined, self.tensors, w)
+            if node["name"] in defined:
+                raise _spec_error(w, f"node {node['name']!r}: the name is defined twice")
+            defined.add(node["name"])
+        for i, out in enumerate(self.outputs):
+            if not (isinstance(out, dict) and isinstance(out.get("name"), str) and is_ref(out.get("value"))):
+                raise _spec_error(w, f"output {i} must have a name and a value reference")
+            if out["value"]["@"] not in defined:
+                raise _spec_error(w, f"output {out['name']!r} refers to {out['value']['@']!r}, which no node defines")
+        for key, name in self.info.get("examples", {}).items():
+            if name not in self.tensors:
+                raise _spec_error(w, f"example input {key!r} refers to missing tensor {name!r}")
+
+    # ------------------------------------------------------------------ files
+
+    @classmethod
+    def load(cls, path) -> "Program":
+        tensors, meta = load_params(path)
+        return cls(tensors, meta, str(path))
+
+    def save(self, path) -> None:
+        save_params(path, self.tensors, {k: v for k, v in self.meta.items() if k not in ("format", "version", "tensors")})
+
+    # ------------------------------------------------------------------ execution
+
+    def _bind(self, inputs, named) -> dict:
+        names = [i["name"] for i in self.inputs]
+        if len(inputs) > len(names):
+            raise TypeError(f"the program takes {len(names)} inputs ({', '.join(names)}), got {len(inputs)} positional")
+        env = dict(zip(names, inputs))
+        for k, v in named.items():
+            if k not in names:
+                raise TypeError(f"unknown input {k!r}; the program's inputs are {names}")
+            if k in env:
+                raise TypeError(f"input {k!r} given twice")
+            env[k] = v
+        for spec in self.inputs:
+            n = spec["name"]
+            if n not in env:
+                if spec.get("default") is not None:
+                    env[n] = self.tensors[spec["default"]]
+                    continue
+                raise TypeError(f"missing input {n!r} (the program's inputs: {names})")
+            env[n] = self._check_input(spec, env[n])
+        return env
+
+    @staticmethod
+    def _check_input(spec, v) -> np.ndarray:
+        n, want = spec["name"], np.dtype(DTYPES[spec["dtype"]])
+        if hasattr(v, "detach") and hasattr(v, "numpy"):  # a CPU torch tensor
+            v = v.detach().cpu().numpy()
+        a = np.asarray(v)
+        if want.kind == "f":
+            if a.dtype.kind not in "fiu":
+                raise TypeError(f"input {n!r} must be a float array, got dtype {a.dtype}")
+            a = a.astype(np.float32)
+        elif want.kind in "iu":
+            if a.dtype.kind not in "iu":
+                raise TypeError(f"input {n!r} must be an integer array (dtype {want}), got dtype {a.dtype}")
+            rng = spec.get("range")
+            if rng is not None and a.size and (a.min() < rng[0] or a.max() > rng[1]):
+                raise ValueError(f"input {n!r} has values in [{a.min()}, {a.max()}]; the program accepts "
+                                 f"[{rng[0]}, {rng[1]}]")
+            a = a.astype(want)
+        elif want.kind == "b":
+            a = a.astype(bool)
+        shape = spec["shape"]
+        if a.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, a.shape)):
+            desc = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise ValueError(f"input {n!r} must have shape {desc} (* = any size), got {list(a.shape)}")
+        if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
+            raise ValueError(f"input {n!r} contains NaN or infinite values")
+        return np.ascontiguousarray(a)
+
+    def _node_tensors(self, node) -> dict:
+        return {k: self.tensors[v] for k, v in node.get("tensors", {}).items() if v is not None}
+
+    def execute(self, inputs=(), named=None, backend: str = "auto", keep: bool = False):
+        """Run every node; returns (outputs list, env of all values when ``keep``)."""
+        env = self._bind(tuple(inputs), named or {})
+        ctx = _Ctx(backend)
+        last_use = self._last_use() if not keep else {}
+        for i, node in enumerate(self.nodes):
+            k = KINDS[node["kind"]]
+            args = [_resolve(a, env) for a in node.get("args", [])]
+            attrs = {a: decode_literal(v) for a, v in node.get("attrs", {}).items()}
+            with ops.scope(node.get("scope") or node["name"]):
+                try:
+                    y = k.run(args, attrs, self._node_tensors(node), ctx)
+                except (ValueError, TypeError, IndexError) as exc:
+                    raise type(exc)(f"node {node['name']!r} ({k.name}, from {node.get('scope') or '?'}): {exc}") from exc
+            dt = attrs.get("dtype")
+            if dt is not None and isinstance(y, np.ndarray) and y.dtype != DTYPES[dt]:
+                y = y.astype(DTYPES[dt])
+            env[node["name"]] = y
+            for dead in last_use.get(i, ()):
+                env.pop(dead, None)
+        outs = [np.ascontiguousarray(env[o["value"]["@"]]) for o in self.outputs]
+        return outs, env
+
+    def _last_use(self) -> dict:
+        """Node index -> value names not needed after it (frees memory during a run)."""
+        from .schema import refs_in
+        last = {}
+        for i, node in enumerate(self.nodes):
+            for a in node.get("args", []):
+                for r in refs_in(a):
+                    last[r] = i
+        keep = {o["value"]["@"] for o in self.outputs}
+        out = collections.defaultdict(list)
+        for name, i in last.items():
+            if name not in keep:
+                out[i].append(name)
+        return out
+
+    def run(self, *inputs, backend: str = "auto", **named_inputs):
+        """The model's outputs (NumPy) for NumPy inputs; one array when the model has one output, else a tuple.
+
+        Inputs are positional in the order of ``describe()["inputs"]`` or by name; PyTorch CPU tensors are
+        accepted and converted. Integer ops run on ``backend``; float stages in float32 NumPy (spec §9).
+        """
+        outs, _ = self.execute(inputs, named_inputs, backend)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    __call__ = run
+
+    # ------------------------------------------------------------------ introspection
+
+    def example_inputs(self) -> dict:
+        """The example inputs stored at export, by input name."""
+        return {k: self.tensors[v] for k, v in self.info.get("examples", {}).items()}
+
+    def integer_nodes(self) -> list:
+        return [n for n in self.nodes if KINDS[n["kind"]].integer and n["kind"] not in ("quantize", "dequantize",
+                                                                                         "quantize_log")]
+
+    def describe(self) -> dict:
+        """Inputs, outputs, node counts by kind, the integer nodes with their bit widths, and the quantization."""
+        counts = collections.Counter(n["kind"] for n in self.nodes)
+        layers = []
+        for n in self.integer_nodes():
+            a = {k: decode_literal(v) for k, v in n.get("attrs", {}).items()}
+            entry = {"node": n["name"], "kind": n["kind"], "scope": n.get("scope")}
+            for key in ("x_bits", "w_bits", "a_bits", "b_bits", "bits", "v_bits", "w_format", "mode"):
+                if key in a:
+                    entry[key] = a[key]
+            layers.append(entry)
+        float_products = [n["name"] for n in self.nodes if n["kind"] in ("matmul", "linear", "conv2d", "sdpa")]
+        return {"inputs": self.inputs, "outputs": [o["name"] for o in self.outputs], "nodes": len(self.nodes),
+                "kinds": dict(sorted(counts.items())), "integer_nodes": layers, "float_products": float_products,
+                "quant": self.info.get("quant", {}), "source": self.info.get("source", {})}
+
+
+def load(path) -> Program:
+    """The program stored in ``path`` (validated whole; ParamFileError on any defect)."""
+    return Program.load(path)
