@@ -154,7 +154,7 @@ class Lowerer:
         if torch.is_tensor(arr):
             arr = arr.detach().cpu()
             arr = arr.float().numpy() if arr.is_floating_point() else arr.numpy()
-        arr = np.ascontiguousarray(arr)
+        arr = np.array(arr, order="C")  # (ascontiguousarray would turn a 0-d array into 1-d)
         if arr.dtype == np.float64:
             arr = arr.astype(np.float32)
         if arr.dtype == np.bool_:

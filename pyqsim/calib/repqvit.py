@@ -1,5 +1,5 @@
 """RepQ-ViT post-training quantization (Li et al., ICCV 2023) for any PyTorch model with the
-LayerNorm -> Linear and softmax-attention patterns, found by torch.fx tracing.
+LayerNorm -> Linear and softmax-attention patterns, found on its torch.export (ATen) graph.
 
 - weights: asymmetric uniform, per output channel; activations: asymmetric uniform, per tensor;
   every quantizer calibrated once on a small calibration batch by a percentile clipping search (MSE);
@@ -10,14 +10,11 @@ LayerNorm -> Linear and softmax-attention patterns, found by torch.fx tracing.
   (spec §7) whose fake-quant twin decodes odd codes with the fixed-point sqrt(2);
 - patch-embedding (conv) inputs at 8 bits.
 
-Numerics follow docs/spec.md §2-§3 so the fake-quant graph and pyqsim.runtime.vit agree.
+Numerics follow docs/spec.md §2-§3 so the fake-quant graph and its lowered integer program agree.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import inspect
-import operator
 import os
 import time
 
@@ -25,13 +22,11 @@ import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 
 from .. import ops
-from ..runtime.paramfile import save_params
-from ..runtime.vit import GRAPH
 from ._common import PERCENTILES, WEIGHT_SHRINK, LogQuantizer, UniformQuantizer
+from .lower import LoweringError, Val, _fetch_attr, _op_name, capture, lower, module_path, quant_scale_zp
 
 POST_LN_MODES = ("layer", "channel", "reparam")
 SOFTMAX_MODES = ("log2", "log-sqrt2", "reparam")
@@ -107,6 +102,9 @@ class QAct(nn.Module):
     def forward(self, x):
         return self.quant(x)
 
+    def lower(self, lw, node):
+        return lw.quantize(lw.env[node.args[0]], self.quant, node.target)
+
 
 class _QWeighted(nn.Module):
     """Shared part of QLinear / QConv2d: per-output-channel weights, optional own input quantizer."""
@@ -149,6 +147,12 @@ class QLinear(_QWeighted):
         x, w, b = self._quant_input_and_bias(x)
         return F.linear(x, w, b)
 
+    def lower(self, lw, node):
+        q = self.input_quantizer()
+        xc = lw.quantize(lw.env[node.args[0]], q, f"{node.target}.in")
+        t, attrs = _weight_tensors(lw, node.target, self, q)
+        return Val(lw.emit("int_gemm", [xc.ref], attrs, t, base=node.target))
+
 
 class QConv2d(_QWeighted):
     """Convolution (the patch embedding) with ``input_bits`` inputs."""
@@ -163,6 +167,15 @@ class QConv2d(_QWeighted):
         x, w, b = self._quant_input_and_bias(x)
         return F.conv2d(x, w, b, **self.conv_args)
 
+    def lower(self, lw, node):
+        q = self.input_quantizer()
+        xc = lw.quantize(lw.env[node.args[0]], q, f"{node.target}.in")
+        t, attrs = _weight_tensors(lw, node.target, self, q)
+        c = self.conv_args
+        attrs.update(stride=list(c["stride"]), padding=list(c["padding"]), dilation=list(c["dilation"]),
+                     groups=int(c["groups"]), kernel_size=list(self.weight.shape[2:]))
+        return Val(lw.emit("int_conv2d", [xc.ref], attrs, t, base=node.target))
+
 
 class QMatMul(nn.Module):
     """q @ k^T with both operands quantized per tensor."""
@@ -174,6 +187,18 @@ class QMatMul(nn.Module):
 
     def forward(self, a, b):
         return self.a_quant(a) @ self.b_quant(b)
+
+    def lower_values(self, lw, a, b, base: str, b_transposed: bool = True):
+        """int_bmm of a [..., M, K] and b ([..., K, N] when ``b_transposed``, else [..., N, K]); float32 out."""
+        ac, bc = lw.quantize(a, self.a_quant, f"{base}.a"), lw.quantize(b, self.b_quant, f"{base}.b")
+        bref = lw.emit("transpose", [bc.ref, -2, -1], base=f"{base}.bt") if b_transposed else bc.ref
+        (sa, za), (sb, zb) = quant_scale_zp(self.a_quant), quant_scale_zp(self.b_quant)
+        out = lw.tensor(f"{base}.out_scale", np.array(np.float32(sa) * np.float32(sb), np.float32))
+        return lw.emit("int_bmm", [ac.ref, bref], {"a_zero_point": za, "b_zero_point": zb, "a_bits": self.a_quant.bits,
+                                                  "b_bits": self.b_quant.bits}, {"out_scale": out}, base=base)
+
+    def lower(self, lw, node):
+        return self.lower_values(lw, lw.env[node.args[0]], lw.env[node.args[1]], node.target)
 
 
 class QAttnV(nn.Module):
@@ -188,12 +213,31 @@ class QAttnV(nn.Module):
     def forward(self, attn, v):
         return self.p_quant(attn) @ self.v_quant(v)
 
+    def lower_values(self, lw, p, v, base: str):
+        """log2_attn_matmul of post-softmax p [..., L, S] and v [..., S, d]; float32 out (spec §7)."""
+        pq = self.p_quant
+        if pq.mode == "sqrt2" and not pq.shift_form:
+            raise LoweringError(f"{base}: softmax='log-sqrt2' (float sqrt(2) weights) has no shift-based integer "
+                                "form; calibrate with softmax='reparam' or 'log2'")
+        delta = np.float32(pq.delta)
+        codes = lw.emit("quantize_log", [lw.float_ref(p)], {"bits": pq.bits, "mode": pq.mode},
+                        {"delta": lw.tensor(f"{base}.delta", np.array(delta, np.float32))}, base=f"{base}.p")
+        vc = lw.quantize(v, self.v_quant, f"{base}.v")
+        sv, zv = quant_scale_zp(self.v_quant)
+        out = np.float32(np.float64(delta) * np.float64(np.float32(sv)) * 2.0 ** -(FRAC_BITS + _LOG_P))
+        return lw.emit("log2_attn_matmul", [codes, vc.ref],
+                       {"bits": pq.bits, "mode": pq.mode, "frac_bits": FRAC_BITS, "v_zero_point": zv,
+                        "v_bits": self.v_quant.bits},
+                       {"out_scale": lw.tensor(f"{base}.out_scale", np.array(out, np.float32))}, base=base)
 
-@fx.wrap
+    def lower(self, lw, node):
+        return self.lower_values(lw, lw.env[node.args[0]], lw.env[node.args[1]], node.target)
+
+
 def _additive_mask(mask, like):
-    """Float additive form of a PyTorch attention mask (bool: True = masked)."""
+    """Float additive form of a scaled_dot_product_attention mask (bool: True takes part in attention)."""
     if mask.dtype == torch.bool:
-        return torch.zeros((), dtype=like.dtype).masked_fill(mask, float("-inf"))
+        return torch.zeros((), dtype=like.dtype).masked_fill(~mask, float("-inf"))
     return mask.to(like.dtype)
 
 
@@ -216,156 +260,72 @@ class QSDPA(nn.Module):
             s = s + _additive_mask(attn_mask, s)
         return self.matmul_av(s.softmax(dim=-1), v)
 
+    def lower(self, lw, node):
+        from ..program.schema import encode_float
 
-# --------------------------------------------------------------------------- torch.nn transformer modules made traceable
-
-
-class ExplicitMHA(nn.Module):
-    """nn.MultiheadAttention as q/k/v Linears, matmul -> softmax -> matmul, out_proj (traceable)."""
-
-    def __init__(self, mha: nn.MultiheadAttention):
-        super().__init__()
-        if mha.bias_k is not None or mha.add_zero_attn:
-            raise PatternError("nn.MultiheadAttention with add_bias_kv/add_zero_attn has no plain softmax-attention pattern")
-        e, h = mha.embed_dim, mha.num_heads
-        self.num_heads, self.head_dim, self.batch_first = h, e // h, mha.batch_first
-        if mha._qkv_same_embed_dim:
-            ws = mha.in_proj_weight.detach().chunk(3)
-        else:
-            ws = (mha.q_proj_weight.detach(), mha.k_proj_weight.detach(), mha.v_proj_weight.detach())
-        bs = mha.in_proj_bias.detach().chunk(3) if mha.in_proj_bias is not None else (None,) * 3
-        for name, w, b in zip(("q_proj", "k_proj", "v_proj"), ws, bs):
-            lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
-            lin.weight.data.copy_(w)
-            if b is not None:
-                lin.bias.data.copy_(b)
-            setattr(self, name, lin)
-        self.out_proj = mha.out_proj
-
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
-        if not self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        b, n, e = query.shape
-        m = key.shape[1]
-        q = self.q_proj(query).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(key).reshape(b, m, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(value).reshape(b, m, self.num_heads, self.head_dim).transpose(1, 2)
-        s = (q @ k.transpose(-2, -1)) * (self.head_dim ** -0.5)
-        if attn_mask is not None:
-            s = s + _additive_mask(attn_mask, s)
-        if key_padding_mask is not None:
-            s = s + _additive_mask(key_padding_mask, s)[:, None, None, :]
-        out = self.out_proj((s.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, e))
-        return (out if self.batch_first else out.transpose(0, 1)), None
+        a = list(node.args) + [None] * 4
+        kw = node.kwargs
+        q, k, v = (lw.env[x] for x in a[:3])
+        mask = kw.get("attn_mask", a[3])
+        base = node.target
+        s = self.matmul_qk.lower_values(lw, q, k, f"{base}.qk", b_transposed=False)
+        scale = kw.get("scale")
+        if scale is None:
+            scale = lw.values[node.args[0]].shape[-1] ** -0.5
+        s = lw.emit("binary", [s, float(scale)], {"op": "mul"}, base=f"{base}.scaled", dtype="float32")
+        inf = encode_float(float("-inf"))
+        if kw.get("is_causal", False):
+            rows = lw.emit("arange", [lw.emit("size", [lw.arg(node.args[0]), -2])])
+            cols = lw.emit("arange", [lw.emit("size", [lw.arg(node.args[1]), -2])])
+            above = lw.emit("binary", [lw.emit("unsqueeze", [cols, 0]), lw.emit("unsqueeze", [rows, 1])], {"op": "gt"})
+            s = lw.emit("binary", [s, lw.emit("where", [above, inf, 0.0], dtype="float32")], {"op": "add"},
+                        dtype="float32")
+        if mask is not None:
+            m = lw.arg(mask)
+            if lw.values[mask].dtype == torch.bool:
+                m = lw.emit("where", [m, 0.0, inf], base=f"{base}.mask", dtype="float32")
+            s = lw.emit("binary", [s, m], {"op": "add"}, base=f"{base}.masked", dtype="float32")
+        p = lw.emit("softmax", [s, -1], base=f"{base}.softmax", dtype="float32")
+        return self.matmul_av.lower_values(lw, Val(p), v, f"{base}.av")
 
 
-class ExplicitEncoderLayer(nn.Module):
-    """nn.TransformerEncoderLayer without its fast-path control flow (traceable; eval semantics)."""
+# --------------------------------------------------------------------------- pattern detection on the ATen graph
 
-    def __init__(self, layer: nn.TransformerEncoderLayer):
-        super().__init__()
-        self.self_attn = ExplicitMHA(layer.self_attn)
-        self.linear1, self.linear2 = layer.linear1, layer.linear2
-        self.norm1, self.norm2, self.norm_first = layer.norm1, layer.norm2, layer.norm_first
-        self.activation = layer.activation
-
-    def _sa(self, x, mask, kpm):
-        return self.self_attn(x, x, x, attn_mask=mask, key_padding_mask=kpm, need_weights=False)[0]
-
-    def _ff(self, x):
-        return self.linear2(self.activation(self.linear1(x)))
-
-    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
-        x = src
-        if self.norm_first:
-            x = x + self._sa(self.norm1(x), src_mask, src_key_padding_mask)
-            return x + self._ff(self.norm2(x))
-        x = self.norm1(x + self._sa(x, src_mask, src_key_padding_mask))
-        return self.norm2(x + self._ff(x))
-
-
-class ExplicitEncoder(nn.Module):
-    """nn.TransformerEncoder without its nested-tensor fast path (traceable)."""
-
-    def __init__(self, enc: nn.TransformerEncoder):
-        super().__init__()
-        self.layers = nn.ModuleList(_traceable(layer) for layer in enc.layers)
-        self.norm = enc.norm
-
-    def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
-        for layer in self.layers:
-            src = layer(src, mask, src_key_padding_mask)
-        return self.norm(src) if self.norm is not None else src
-
-
-_EXPLICIT = ((nn.TransformerEncoder, ExplicitEncoder), (nn.TransformerEncoderLayer, ExplicitEncoderLayer),
-             (nn.MultiheadAttention, ExplicitMHA))
-
-
-def _traceable(module: nn.Module) -> nn.Module:
-    """Replace torch.nn transformer modules (in place, recursively) by traceable equivalents."""
-    for cls, explicit in _EXPLICIT:
-        if isinstance(module, cls):
-            return explicit(module)
-    for name, child in module.named_children():
-        new = _traceable(child)
-        if new is not child:
-            setattr(module, name, new)
-    return module
-
-
-# --------------------------------------------------------------------------- pattern detection
-
-_MATMUL_FUNCS = (operator.matmul, torch.matmul, torch.bmm)
-_MATMUL_METHODS = ("matmul", "bmm", "__matmul__")
-_SOFTMAX_FUNCS = (F.softmax, torch.softmax)
-_SCORE_FUNCS = (operator.mul, operator.truediv, operator.add, operator.sub, torch.mul, torch.div, torch.add, torch.sub)
-_SCORE_METHODS = ("mul", "div", "add", "sub", "masked_fill", "float", "to", "type_as", "__mul__", "__truediv__")
-_IDENTITY_METHODS = ("contiguous", "clone", "float", "to", "type_as")
-_META_ATTRS = ("shape", "dtype", "device", "ndim")
-_META_METHODS = ("size", "dim")
+_MATMUL_OPS = ("matmul", "bmm")
+_SOFTMAX_OPS = ("softmax", "_softmax", "_safe_softmax")
+_SCORE_OPS = ("mul", "div", "add", "sub", "masked_fill", "where", "to", "_to_copy", "type_as")
+_IDENTITY_OPS = ("contiguous", "clone", "alias", "detach", "dropout", "to", "_to_copy", "type_as", "lift_fresh_copy")
+_META_OPS = ("sym_size", "sym_numel", "sym_stride")
 
 
 def _module(gm, node):
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
-def _is_matmul(node) -> bool:
-    return (node.op == "call_function" and node.target in _MATMUL_FUNCS) or (
-        node.op == "call_method" and node.target in _MATMUL_METHODS)
+def _is(node, *names) -> bool:
+    return node.op == "call_function" and _op_name(node.target) in names
 
 
 def _ndim(node) -> int | None:
-    tm = node.meta.get("tensor_meta")
-    return len(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+    v = node.meta.get("val")
+    return v.dim() if torch.is_tensor(v) else None
 
 
 def _is_identity(gm, node) -> bool:
-    """Ops that pass values through unchanged in eval mode (dropout, identity, dtype/layout no-ops)."""
-    mod = _module(gm, node)
-    if mod is not None:
-        return isinstance(mod, (nn.Dropout, nn.Identity))
-    if node.op == "call_function":
-        return node.target is F.dropout
-    return node.op == "call_method" and node.target in _IDENTITY_METHODS
-
-
-def _is_meta_use(node) -> bool:
-    """Uses that read only shape/dtype (e.g. ``b, n, c = x.shape``)."""
-    if node.op == "call_function" and node.target is getattr:
-        return node.args[1] in _META_ATTRS
-    return node.op == "call_method" and node.target in _META_METHODS
+    """Ops that pass values through unchanged in eval mode (dropout, clone, dtype/layout no-ops)."""
+    return _is(node, *_IDENTITY_OPS)
 
 
 def _keeps_last_dim(gm, node, src) -> bool:
     """Channel-preserving selections between a LayerNorm and a Linear (e.g. the class token x[:, 0])."""
     if _is_identity(gm, node):
         return True
-    if node.op == "call_function" and node.target is operator.getitem and node.args[0] is src:
-        idx, nd = node.args[1], _ndim(src)
-        idx = idx if isinstance(idx, tuple) else (idx,)
-        return nd is not None and len(idx) < nd and Ellipsis not in idx and None not in idx
+    nd = _ndim(src)
+    if nd is None or node.args[0] is not src:
+        return False
+    if _is(node, "select", "slice"):
+        dim = node.args[1] if len(node.args) > 1 else 0
+        return dim % nd != nd - 1
     return False
 
 
@@ -393,10 +353,9 @@ def _ln_paths(gm, ln_node):
 
     def walk(node, path):
         for user in node.users:
-            mod = _module(gm, user)
-            if isinstance(mod, nn.Linear) and user.args[0] is node:
+            if isinstance(_module(gm, user), QLinear) and user.args[0] is node:
                 paths.append(path + [user])
-            elif _is_meta_use(user):
+            elif _is(user, *_META_OPS):
                 continue
             elif _keeps_last_dim(gm, user, node):
                 walk(user, path + [user])
@@ -415,10 +374,9 @@ def _score_matmul(gm, node):
         if not isinstance(n, fx.Node) or n in seen:
             continue
         seen.add(n)
-        if _is_matmul(n):
+        if _is(n, *_MATMUL_OPS):
             found.append(n)
-        elif (n.op == "call_function" and n.target in _SCORE_FUNCS) or (
-                n.op == "call_method" and n.target in _SCORE_METHODS) or _is_identity(gm, n):
+        elif _is(n, *_SCORE_OPS) or _is_identity(gm, n):
             stack.extend(a for a in n.args if isinstance(a, fx.Node))
     return found
 
@@ -427,29 +385,11 @@ def _value_matmuls(gm, node):
     """Matmuls consuming a softmax output as their left operand (through dropout/identity)."""
     out = []
     for user in node.users:
-        if _is_matmul(user) and user.args[0] is node:
+        if _is(user, *_MATMUL_OPS) and user.args[0] is node:
             out.append(user)
         elif _is_identity(gm, user):
             out.extend(_value_matmuls(gm, user))
     return out
-
-
-def _softmax_dim(gm, node):
-    mod = _module(gm, node)
-    if isinstance(mod, nn.Softmax):
-        return mod.dim
-    if (node.op == "call_function" and node.target in _SOFTMAX_FUNCS) or (
-            node.op == "call_method" and node.target == "softmax"):
-        return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-    return False
-
-
-def _scope(node, fallback: str) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if stack:
-        last = list(stack.values())[-1]
-        return last[0] if isinstance(last, tuple) else str(last)
-    return fallback
 
 
 def _unique(gm, name: str) -> str:
@@ -462,48 +402,32 @@ def _unique(gm, name: str) -> str:
         name, i = f"{base}_{i}", i + 1
 
 
-def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
-    """torch.fx graph of a copy of ``model`` (torch.nn transformer modules made explicit), with shapes.
-
-    The model is called with one tensor; optional forward arguments keep their defaults.
-    """
-    model = _traceable(copy.deepcopy(model).eval())
-    params = list(inspect.signature(model.forward).parameters.values())[1:]
-    fixed = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+def trace(model: nn.Module, args: tuple, kwargs: dict | None = None) -> fx.GraphModule:
+    """The ATen graph of ``model`` on example inputs (torch.export), batch and sequence kept symbolic."""
     try:
-        gm = fx.symbolic_trace(model, concrete_args=fixed or None)
-    except Exception as exc:  # noqa: BLE001 - report any tracing failure with the needed patterns
-        raise PatternError(
-            f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {exc}); RepQ-ViT needs the "
-            "LayerNorm -> Linear and matmul -> softmax -> matmul attention patterns to be traceable") from exc
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(example)
-    except Exception as exc:  # noqa: BLE001 - the model cannot run on the given inputs
-        err = ValueError if example.is_floating_point() else TypeError
-        raise err(f"calib: the model does not run on inputs of shape {tuple(example.shape)} and dtype "
-                  f"{example.dtype} ({type(exc).__name__}: {exc})") from exc
-    return gm
+        return capture(model, args, kwargs)
+    except LoweringError as exc:
+        raise PatternError(f"{exc}; RepQ-ViT needs a model that torch.export can capture") from exc
 
 
 def _find_attention(gm, model_name: str):
-    """(qk matmul, av matmul) pairs around softmax(dim=-1) nodes, and F.scaled_dot_product_attention nodes."""
+    """(qk matmul, av matmul) pairs around softmax(dim=-1) nodes, and scaled_dot_product_attention nodes."""
     sites, softmaxes = [], []
     for sm in gm.graph.nodes:
-        dim = _softmax_dim(gm, sm)
-        if dim is False:
+        if not _is(sm, *_SOFTMAX_OPS):
             continue
         softmaxes.append(sm.name)
-        if dim is None or dim not in (-1, (_ndim(sm) or 0) - 1):
+        dim = sm.args[1]
+        if dim not in (-1, (_ndim(sm) or 0) - 1):
             continue
         qk, av = _score_matmul(gm, sm.args[0]), _value_matmuls(gm, sm)
         if len(qk) == 1 and len(av) == 1:
             sites.append((qk[0], av[0]))
-    sdpa = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.scaled_dot_product_attention]
+    sdpa = [n for n in gm.graph.nodes if _is(n, "scaled_dot_product_attention")]
     if not sites and not sdpa:
         raise PatternError(
             f"no softmax attention pattern in {model_name}: expected matmul(q, k^T) -> [scale/mask] -> "
-            "softmax(dim=-1) -> matmul(attn, v), F.scaled_dot_product_attention or nn.MultiheadAttention"
+            "softmax(dim=-1) -> matmul(attn, v) or scaled_dot_product_attention"
             + (f"; softmax nodes found but not in that pattern: {softmaxes}" if softmaxes else "; no softmax found"))
     return sites, sdpa
 
@@ -512,55 +436,62 @@ def _find_post_ln(gm, model_name: str):
     """(LayerNorm node, paths to its Linear consumers, has other consumers) for every LayerNorm -> Linear."""
     groups = []
     for node in gm.graph.nodes:
-        mod = _module(gm, node)
-        if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) == 1:
+        if _is(node, "layer_norm") and len(node.args[1]) == 1:
             paths, others = _ln_paths(gm, node)
             if paths:
                 groups.append((node, paths, bool(others)))
     if not groups:
-        lns = [n.target for n in gm.graph.nodes if isinstance(_module(gm, n), nn.LayerNorm)]
+        lns = [module_path(n) or n.name for n in gm.graph.nodes if _is(n, "layer_norm")]
         raise PatternError(
             f"no LayerNorm -> Linear pattern in {model_name}: post-LayerNorm activations must feed "
-            f"nn.Linear layers (directly or through channel-preserving selections); LayerNorm modules found: {lns}")
+            f"Linear layers (directly or through channel-preserving selections); LayerNorms found: {lns}")
     return groups
 
 
-def _insert_post_ln_quantizer(gm, cfg: RepQConfig, ln_node, paths, shared: bool) -> PostLNGroup:
-    """Quantize a LayerNorm output feeding Linears (QAct node); the LayerNorm gets affine parameters to fold
-    into, and is duplicated for the Linear branch when its output also feeds other consumers."""
-    graph, ln = gm.graph, gm.get_submodule(ln_node.target)
-    affine = nn.LayerNorm(ln.normalized_shape, eps=ln.eps)
+def _layernorm_module(gm, ln_node) -> nn.LayerNorm:
+    """An affine nn.LayerNorm equal to an aten.layer_norm node (weights copied; ones/zeros when absent)."""
+    a = list(ln_node.args) + [None] * 5
+    shape, w, b, eps = a[1], a[2], a[3], a[4] if a[4] is not None else 1e-5
+    ln = nn.LayerNorm(shape, eps=eps)
     with torch.no_grad():
-        if ln.weight is not None:
-            affine.weight.copy_(ln.weight)
-        if ln.bias is not None:
-            affine.bias.copy_(ln.bias)
+        if w is not None:
+            ln.weight.copy_(_fetch_attr(gm, w.target) if w.op == "get_attr" else ln.weight)
+        if b is not None:
+            ln.bias.copy_(_fetch_attr(gm, b.target) if b.op == "get_attr" else ln.bias)
+    return ln
+
+
+def _insert_post_ln_quantizer(gm, cfg: RepQConfig, ln_node, paths, shared: bool) -> PostLNGroup:
+    """Quantize a LayerNorm output feeding Linears (QAct node); the LayerNorm becomes an affine module to fold
+    into, duplicated for the Linear branch when its output also feeds other consumers."""
+    graph = gm.graph
+    affine = _layernorm_module(gm, ln_node)
     act = QAct(UniformQuantizer(cfg.a_bits, axis=None if cfg.post_ln == "layer" else -1, percentiles=cfg.percentiles))
-    act_name = _unique(gm, f"{ln_node.target}_act")
+    scope = module_path(ln_node) or ln_node.name
+    ln_name = _unique(gm, f"{scope}_rq" if shared else scope)
+    act_name = _unique(gm, f"{scope}_act")
+    gm.add_submodule(ln_name, affine)
     gm.add_submodule(act_name, act)
+    with graph.inserting_after(ln_node):
+        src = graph.call_module(ln_name, (ln_node.args[0],))
+    with graph.inserting_after(src):
+        act_node = graph.call_module(act_name, (src,))
     if shared:
-        ln_name = _unique(gm, f"{ln_node.target}_rq")
-        gm.add_submodule(ln_name, affine)
-        with graph.inserting_after(ln_node):
-            src = graph.call_module(ln_name, ln_node.args, ln_node.kwargs)
-        with graph.inserting_after(src):
-            act_node = graph.call_module(act_name, (src,))
         mapping = {ln_node: act_node}
         for path in paths:  # copy the selections between the LayerNorm and each Linear onto the new branch
             for n in path[1:-1]:
                 if n not in mapping:
-                    with graph.inserting_after(n):
+                    with graph.inserting_after(mapping[n.args[0]] if n.args[0] in mapping else act_node):
                         mapping[n] = graph.node_copy(n, lambda a: mapping.get(a, a))
             path[-1].replace_input_with(path[-2], mapping[path[-2]])
     else:
-        ln_name = ln_node.target
-        _set_submodule(gm, ln_name, affine)
-        with graph.inserting_after(ln_node):
-            act_node = graph.call_module(act_name, (ln_node,))
-        ln_node.replace_all_uses_with(act_node, delete_user_cb=lambda u: u is not act_node)
+        ln_node.replace_all_uses_with(act_node, delete_user_cb=lambda u: u is not src)
+        graph.erase_node(ln_node)
     linears = list(dict.fromkeys(path[-1].target for path in paths))
     for name in linears:
-        gm.get_submodule(name)._act_source.append(act.quant)
+        lin = gm.get_submodule(name)
+        lin.in_quant = None
+        lin._act_source.append(act.quant)
     return PostLNGroup(ln_name, act_name, linears, shared)
 
 
@@ -570,35 +501,63 @@ def _replace_with_module(gm, node, name: str, module: nn.Module, args, kwargs=No
         new = gm.graph.call_module(name, tuple(args), kwargs or {})
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
+    return new
 
 
-def build(model: nn.Module, cfg: RepQConfig, example: torch.Tensor):
+def _weight_module(gm, node):
+    """nn.Linear / nn.Conv2d equal to an aten.linear / aten.conv2d node with parameter weights, else None."""
+    a = list(node.args) + [None] * 8
+    w, b = a[1], a[2]
+    if not (isinstance(w, fx.Node) and w.op == "get_attr") or (b is not None and not (isinstance(b, fx.Node)
+                                                                                       and b.op == "get_attr")):
+        return None
+    wt = _fetch_attr(gm, w.target).detach()
+    bt = _fetch_attr(gm, b.target).detach() if b is not None else None
+    if _is(node, "linear"):
+        mod = nn.Linear(wt.shape[1], wt.shape[0], bias=bt is not None)
+    elif _is(node, "conv2d") and wt.dim() == 4:
+        if isinstance(a[4], str):
+            return None
+        mod = nn.Conv2d(wt.shape[1] * (a[6] or 1), wt.shape[0], tuple(wt.shape[2:]), stride=a[3] or 1,
+                        padding=a[4] or 0, dilation=a[5] or 1, groups=a[6] or 1, bias=bt is not None)
+    else:
+        return None
+    with torch.no_grad():
+        mod.weight.copy_(wt)
+        if bt is not None:
+            mod.bias.copy_(bt)
+    return mod
+
+
+def build(model: nn.Module, cfg: RepQConfig, args: tuple, kwargs: dict | None = None):
     """Fake-quant GraphModule of ``model`` (uncalibrated), its post-LN groups and attention sites.
 
     Raises PatternError naming the missing pattern when the model has no LayerNorm -> Linear or no
     softmax attention.
     """
-    gm = trace(model, example)
+    gm = trace(model, args, kwargs)
     name = type(model).__name__
     sites, sdpa = _find_attention(gm, name)
+    for node in list(gm.graph.nodes):
+        if not _is(node, "linear", "conv2d"):
+            continue
+        mod = _weight_module(gm, node)
+        if mod is None:
+            continue
+        scope = node.args[1].target.rsplit(".", 1)[0] if node.args[1].target.endswith("weight") else node.name
+        qmod = QLinear(mod, cfg, quant_input=True) if isinstance(mod, nn.Linear) else QConv2d(mod, cfg)
+        _replace_with_module(gm, node, _unique(gm, scope + "_q"), qmod, (node.args[0],))
     groups = _find_post_ln(gm, name)
-    in_group = {p[-1] for _, paths, _ in groups for p in paths}
-    for node in gm.graph.nodes:
-        mod = _module(gm, node)
-        if isinstance(mod, nn.Linear):
-            _set_submodule(gm, node.target, QLinear(mod, cfg, quant_input=node not in in_group))
-        elif isinstance(mod, nn.Conv2d):
-            _set_submodule(gm, node.target, QConv2d(mod, cfg))
     post_ln = [_insert_post_ln_quantizer(gm, cfg, *g) for g in groups]
     attention = []
     for qk, av in sites:
-        scope = _scope(qk, "")
+        scope = module_path(qk)
         names = [_unique(gm, f"{scope}.{suffix}" if scope else suffix) for suffix in ("matmul_qk", "matmul_av")]
         _replace_with_module(gm, qk, names[0], QMatMul(cfg), qk.args[:2])
         _replace_with_module(gm, av, names[1], QAttnV(cfg), av.args[:2])
         attention.append(AttentionSite(*names))
     for node in sdpa:
-        scope = _scope(node, "")
+        scope = module_path(node)
         sdpa_name = _unique(gm, f"{scope}.sdpa" if scope else "sdpa")
         _replace_with_module(gm, node, sdpa_name, QSDPA(cfg), node.args, node.kwargs)
         attention.append(AttentionSite(f"{sdpa_name}.matmul_qk", f"{sdpa_name}.matmul_av"))
@@ -608,17 +567,28 @@ def build(model: nn.Module, cfg: RepQConfig, example: torch.Tensor):
     return gm, post_ln, attention
 
 
-def _set_submodule(gm: nn.Module, target: str, module: nn.Module) -> None:
-    parent, _, name = target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, name, module)
-
-
 # --------------------------------------------------------------------------- calibration
+
+
+def _as_call(calib):
+    """(args, kwargs) of a calibration batch: a tensor, a tuple of tensors, or a dict of keyword tensors."""
+    if torch.is_tensor(calib):
+        return (calib,), {}
+    if isinstance(calib, (tuple, list)) and calib and all(torch.is_tensor(c) for c in calib):
+        return tuple(calib), {}
+    if isinstance(calib, dict) and calib and all(isinstance(k, str) and torch.is_tensor(v) for k, v in calib.items()):
+        return (), dict(calib)
+    raise TypeError("calib must be a torch.Tensor, a tuple of tensors, or a dict of keyword tensors (what the model "
+                    f"takes), got {type(calib).__name__}")
+
+
+def _first(args, kwargs, n):
+    return tuple(a[:n] for a in args), {k: v[:n] for k, v in kwargs.items()}
 
 
 @dataclasses.dataclass
 class RepQViT:
-    """A calibrated fake-quant model and what was found in it."""
+    """A calibrated fake-quant model (callable like the original) and what was found in it."""
 
     model: fx.GraphModule
     config: RepQConfig
@@ -626,13 +596,32 @@ class RepQViT:
     attention: list
     seconds: float
     source_config: dict | None = None
+    example: tuple = ((), {})
+    input_ranges: dict | None = None
 
     @torch.no_grad()
-    def __call__(self, x):
-        return self.model(x)
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
 
     def quantizers(self):
         return [m for m in self.model.modules() if isinstance(m, (UniformQuantizer, LogQuantizer))]
+
+    def lower(self):
+        """The integer program of this model (pyqsim.program.Program)."""
+        if self.config.post_ln == "channel" or self.config.softmax == "log-sqrt2":
+            raise ValueError(f"post_ln={self.config.post_ln!r} / softmax={self.config.softmax!r} has no integer form: "
+                             "per-channel activation scales do not factor out of a GEMM, float sqrt(2) weights are "
+                             "not shifts")
+        quant = {"method": "repq-vit", **{k: v for k, v in dataclasses.asdict(self.config).items()
+                                         if k in ("w_bits", "a_bits", "post_ln", "softmax", "input_bits")}}
+        return lower(self.model, *self.example, quant=quant, source=self.source_config or {},
+                     input_ranges=self.input_ranges)
+
+    def export(self, path):
+        """Write the integer program to ``path``; returns it."""
+        prog = self.lower()
+        prog.save(path)
+        return prog
 
 
 def reparameterize(gm: fx.GraphModule, groups) -> None:
@@ -655,28 +644,51 @@ def reparameterize(gm: fx.GraphModule, groups) -> None:
         quant.set_params(s_mean.float(), z_mean.float(), axis=None)
 
 
+def _input_ranges(args, kwargs, names) -> dict:
+    """[min, max] of the integer inputs seen at calibration, by graph input name."""
+    flat = list(args) + list(kwargs.values())
+    out = {}
+    for n, t in zip(names, flat):
+        if torch.is_tensor(t) and not t.is_floating_point() and t.dtype != torch.bool and t.numel():
+            out[n] = [int(t.min()), int(t.max())]
+    return out
+
+
 @torch.no_grad()
-def calibrate(model: nn.Module, calib: torch.Tensor, cfg: RepQConfig = RepQConfig()) -> RepQViT:
-    """RepQ-ViT: build the fake-quant graph, calibrate every quantizer on ``calib`` in one pass, reparameterize."""
-    if not torch.is_tensor(calib):
-        raise TypeError(f"calib must be a torch.Tensor of model inputs, got {type(calib).__name__}")
-    if len(calib) == 0:
+def calibrate(model: nn.Module, calib, cfg: RepQConfig = RepQConfig()) -> RepQViT:
+    """RepQ-ViT: capture the model, insert fake-quant nodes, calibrate every quantizer on ``calib`` in one pass,
+    reparameterize. ``calib``: a tensor, a tuple of tensors or a dict of keyword tensors, batched on dim 0."""
+    args, kwargs = _as_call(calib)
+    lead = [len(t) for t in list(args) + list(kwargs.values()) if t.dim() > 0]
+    if not lead or min(lead) == 0:
         raise ValueError("calib is empty: RepQ-ViT needs at least one calibration input")
-    if calib.is_floating_point() and not bool(torch.isfinite(calib).all()):
-        raise ValueError("calib contains NaN or infinite values")
+    for t in list(args) + list(kwargs.values()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError("calib contains NaN or infinite values")
     t0 = time.perf_counter()
-    gm, post_ln, attention = build(model, cfg, calib[:1])
+    ex_args, ex_kwargs = _first(args, kwargs, min(2, min(lead)))
+    try:
+        with torch.no_grad():
+            model.eval()(*ex_args, **ex_kwargs)
+    except Exception as exc:  # noqa: BLE001 - the model cannot run on the given inputs
+        shapes = [tuple(t.shape) for t in list(args) + list(kwargs.values())]
+        raise ValueError(f"calib: the model does not run on inputs of shapes {shapes} "
+                         f"({type(exc).__name__}: {exc})") from exc
+    gm, post_ln, attention = build(model, cfg, ex_args, ex_kwargs)
     quants = [(n, m) for n, m in gm.named_modules() if isinstance(m, (UniformQuantizer, LogQuantizer))]
     for name, q in quants:
         q.name, q.calibrating = name, True
     quants = [q for _, q in quants]
-    gm(calib)
+    gm(*args, **kwargs)
     for q in quants:
         q.calibrating = False
     if cfg.post_ln == "reparam":
         reparameterize(gm, post_ln)
-    src = dataclasses.asdict(model.cfg) if dataclasses.is_dataclass(getattr(model, "cfg", None)) else None
-    return RepQViT(gm, cfg, post_ln, attention, time.perf_counter() - t0, src)
+    src = dataclasses.asdict(model.cfg) if dataclasses.is_dataclass(getattr(model, "cfg", None)) else {}
+    src = {"model": type(model).__name__, **src}
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    return RepQViT(gm, cfg, post_ln, attention, time.perf_counter() - t0, src, (ex_args, ex_kwargs),
+                   _input_ranges(args, kwargs, names))
 
 
 def calibration_batch(x: torch.Tensor, n: int = 32, seed: int = 0) -> torch.Tensor:
@@ -704,7 +716,8 @@ def time_deit_small(n_images: int = 32, cfg: RepQConfig = RepQConfig(), threads:
             "cpu_seconds": round(time.process_time() - cpu0, 2), "load_average_before": load}
 
 
-# --------------------------------------------------------------------------- export for pyqsim.runtime.vit
+
+# --------------------------------------------------------------------------- integer form of the quantized layers
 
 FRAC_BITS = 16
 _LOG_P = 16  # the E * 2^16 scaling of spec §7
@@ -723,114 +736,24 @@ def _weight_codes(codes: np.ndarray, zero_point: np.ndarray, bits: int):
     return codes.astype(np.int8), zero_point, "int8"
 
 
-def _export_weighted(tensors, name, layer, rows, x_quant, out=None):
-    """Weights, zero points, int32 bias and output stage of rows ``rows`` of a QLinear/QConv2d.
-
-    ``out`` is the consumer's quantizer for a requantized output (None: float32 output).
-    Returns the w_format.
-    """
+def _weight_tensors(lw, base: str, layer, x_quant) -> tuple[dict, dict]:
+    """(tensor slots, attributes) of an int_gemm/int_conv2d node for a QLinear/QConv2d with input quantizer
+    ``x_quant``: weight codes, zero points, int32 bias at scale fl32(s_x * s_w) and that float32 out_scale."""
     wq = layer.w_quant
-    s_w = _np(wq.scale[rows], np.float32)
-    codes = _np(wq.codes(layer.weight)[rows], np.float64).astype(np.int64)
-    zw = _np(wq.zero_point[rows], np.float64).astype(np.int32)
-    s_x = np.float32(x_quant.scale)
-    step = (np.float64(s_x) * s_w.astype(np.float64)).astype(np.float32)  # fl32(s_x * s_w), as in QLinear
-    bias = np.rint(_np(layer.bias[rows], np.float64) / step.astype(np.float64))
+    s_w = _np(wq.scale, np.float32)
+    codes = _np(wq.codes(layer.weight), np.float64).astype(np.int64)
+    zw = _np(wq.zero_point, np.float64).astype(np.int32)
+    s_x, z_x = quant_scale_zp(x_quant)
+    step = (np.float64(np.float32(s_x)) * s_w.astype(np.float64)).astype(np.float32)  # fl32(s_x * s_w), as QLinear
+    bias = np.rint(_np(layer.bias, np.float64) / step.astype(np.float64))
     if np.abs(bias).max(initial=0) >= 2**31:
-        raise OverflowError(f"{name}: int32 bias out of range")
+        raise LoweringError(f"{base}: the int32 bias is out of range (the bias is too large for its scale)")
     stored, zw, fmt = _weight_codes(codes, zw, wq.bits)
-    tensors.update({f"{name}.weight": stored, f"{name}.w_zero_point": zw.astype(np.int32), f"{name}.w_scale": s_w,
-                    f"{name}.bias": bias.astype(np.int32),
-                    f"{name}.x_zero_point": np.array(int(x_quant.zero_point), np.int32)})
-    if out is None:
-        tensors[f"{name}.out_scale"] = step
-    else:
-        m, sh = ops.quantize_multiplier(step.astype(np.float64) / np.float64(np.float32(out.scale)))
-        tensors.update({f"{name}.multiplier": m, f"{name}.shift": sh,
-                        f"{name}.out_zero_point": np.array(int(out.zero_point), np.int32)})
-    return fmt
+    t = {"weight": lw.tensor(f"{base}.weight", stored), "w_zero_point": lw.tensor(f"{base}.w_zero_point", zw.astype(np.int32)),
+         "bias": lw.tensor(f"{base}.bias", bias.astype(np.int32)), "out_scale": lw.tensor(f"{base}.out_scale", step)}
+    return t, {"x_zero_point": z_x, "w_format": fmt, "x_bits": int(x_quant.bits), "w_bits": int(wq.bits)}
 
 
-def _export_quant(tensors, name, q: UniformQuantizer):
-    if q.scale.dim() != 0:
-        raise ValueError(f"{name}: per-channel activation quantizers cannot be executed by an integer GEMM "
-                         "(use post_ln='reparam' or 'layer')")
-    tensors[f"{name}.scale"] = np.array(np.float32(q.scale), np.float32)
-    tensors[f"{name}.zero_point"] = np.array(int(q.zero_point), np.int32)
-
-
-def export_vit(res: RepQViT, path=None, examples=None) -> tuple[dict, dict]:
-    """Integer parameters and layer graph of a calibrated pyqsim ViT (names as in pyqsim.models.vit.ViT).
-
-    Written with pyqsim.runtime.paramfile.save_params when ``path`` is given; run with pyqsim.runtime.vit.
-    ``examples``: optional (images, labels) stored for ``example_inputs``.
-    """
-    cfg, vit = res.config, res.source_config
-    if vit is None:
-        raise ValueError("export_vit needs a pyqsim.models.vit.ViT-structured model (its config was not found)")
-    if cfg.post_ln == "channel" or cfg.softmax == "log-sqrt2":
-        raise ValueError(f"post_ln={cfg.post_ln!r} / softmax={cfg.softmax!r} has no integer form: per-channel "
-                         "activation scales do not factor out of a GEMM, float sqrt(2) weights are not shifts")
-    gm, a, t = res.model, cfg.a_bits, {}
-    mod = gm.get_submodule
-    c, heads = vit["embed_dim"], vit["num_heads"]
-    attn_scale = (c // heads) ** -0.5
-    t["cls_token"] = _np(gm.cls_token, np.float32).reshape(1, 1, c)
-    t["pos_embed"] = _np(gm.pos_embed, np.float32)
-    pe = mod("patch_embed.proj")
-    _export_quant(t, "patch_embed.in", pe.in_quant)
-    steps = [{"op": "quantize", "name": "patch_embed.in", "in": "image", "out": "xq", "bits": cfg.input_bits},
-             {"op": "patch_embed", "name": "patch_embed", "in": "xq", "out": "h", "patch": vit["patch_size"],
-              "w_format": _export_weighted(t, "patch_embed", pe, slice(None), pe.in_quant)}]
-
-    def norm_step(name, out):
-        ln, act = mod(name), mod(f"{name}_act").quant
-        t[f"{name}.weight"], t[f"{name}.bias"] = _np(ln.weight, np.float32), _np(ln.bias, np.float32)
-        _export_quant(t, f"{name}.act", act)
-        steps.append({"op": "layernorm", "name": name, "in": "h", "out": "ln", "eps": ln.eps})
-        steps.append({"op": "quantize", "name": f"{name}.act", "in": "ln", "out": out, "bits": a})
-        return act
-
-    def linear_step(name, layer, x_quant, src, out, rows=slice(None), out_quant=None):
-        fmt = _export_weighted(t, name, layer, rows, x_quant, out_quant)
-        steps.append({"op": "linear", "name": name, "in": src, "out": out, "w_format": fmt, "bits": a,
-                      "kind": "float32" if out_quant is None else "requant"})
-
-    for i in range(vit["depth"]):
-        p = f"blocks.{i}"
-        act = norm_step(f"{p}.norm1", "a")
-        qkv, qk, av = mod(f"{p}.attn.qkv"), mod(f"{p}.attn.matmul_qk"), mod(f"{p}.attn.matmul_av")
-        for j, (s, q) in enumerate((("q", qk.a_quant), ("k", qk.b_quant), ("v", av.v_quant))):
-            linear_step(f"{p}.attn.qkv.{s}", qkv, act, "a", s, slice(j * c, (j + 1) * c), q)
-            _export_quant(t, f"{p}.attn.{s}", q)
-        proj = mod(f"{p}.attn.proj")
-        t[f"{p}.attn.qk.out_scale"] = np.array(np.float32(qk.a_quant.scale) * np.float32(qk.b_quant.scale)
-                                               * np.float32(attn_scale), np.float32)
-        delta = np.float32(av.p_quant.delta)
-        t[f"{p}.attn.p.delta"] = np.array(delta, np.float32)
-        real = np.float64(delta) * np.float64(np.float32(av.v_quant.scale)) / np.float64(np.float32(proj.in_quant.scale))
-        m, sh = ops.quantize_multiplier(np.array([real * 2.0 ** -(FRAC_BITS + _LOG_P)]))
-        t[f"{p}.attn.av.multiplier"], t[f"{p}.attn.av.shift"] = m.reshape(()), sh.reshape(())
-        t[f"{p}.attn.av.out_zero_point"] = np.array(int(proj.in_quant.zero_point), np.int32)
-        steps.append({"op": "attention", "name": f"{p}.attn", "in": ["q", "k", "v"], "out": "o", "heads": heads,
-                      "bits": a, "mode": av.p_quant.mode, "frac_bits": FRAC_BITS})
-        linear_step(f"{p}.attn.proj", proj, proj.in_quant, "o", "y")
-        steps.append({"op": "add", "in": ["h", "y"], "out": "h"})
-        act = norm_step(f"{p}.norm2", "a")
-        linear_step(f"{p}.mlp.fc1", mod(f"{p}.mlp.fc1"), act, "a", "y")
-        fc2 = mod(f"{p}.mlp.fc2")
-        _export_quant(t, f"{p}.mlp.fc2.in", fc2.in_quant)
-        steps += [{"op": "gelu", "in": "y", "out": "g"},
-                  {"op": "quantize", "name": f"{p}.mlp.fc2.in", "in": "g", "out": "a", "bits": a}]
-        linear_step(f"{p}.mlp.fc2", fc2, fc2.in_quant, "a", "y")
-        steps.append({"op": "add", "in": ["h", "y"], "out": "h"})
-    act = norm_step("norm", "a")
-    steps.append({"op": "select_token", "in": "a", "out": "cls", "index": 0})
-    linear_step("head", mod("head"), act, "cls", "logits")
-    if examples is not None:
-        t["examples.images"] = np.ascontiguousarray(examples[0], dtype=np.float32)
-        t["examples.labels"] = np.asarray(examples[1], dtype=np.int64)
-    meta = {"graph": GRAPH, "model": {"kind": "vit", **vit}, "config": dataclasses.asdict(cfg), "steps": steps}
-    if path is not None:
-        save_params(path, t, meta)
-    return t, meta
+def export(res: RepQViT, path):
+    """Write the integer program of a calibrated model to ``path`` (pyqsim.load runs it); returns the program."""
+    return res.export(path)
