@@ -99,7 +99,7 @@ def layer_errors(fp_model, q_model, inputs: tuple, names=None) -> dict:
 def demo_vit(out: Path, st: DemoSettings, backend: str, prog: Progress) -> dict:
     import torch
 
-    from .calib.repqvit import RepQConfig, calibrate, calibration_batch, export_vit
+    from .calib.repqvit import RepQConfig, calibrate, calibration_batch
     from .models.vit import DIGITS_WEIGHTS, digits_split, load_npz
     from .runtime import load
     from .runtime.verify import replay_counts
@@ -115,7 +115,7 @@ def demo_vit(out: Path, st: DemoSettings, backend: str, prog: Progress) -> dict:
     prog.step("ViT: RepQ-ViT W4A4 calibrated")
     fake_logits = res(x_te_t).numpy()
     path = out / "vit_w4a4.safetensors"
-    export_vit(res, path, examples=(x_te[:16], y_te[:16]))
+    res.export(path)
     program = load(path)
     t0 = time.perf_counter()
     with ops.record() as calls:
@@ -173,10 +173,9 @@ def demo_unet(out: Path, st: DemoSettings, backend: str, prog: Progress) -> dict
     path = out / "unet_w4a8.safetensors"
     export_params(qmodel, path)
     program = load(path)
-    program.backend = backend
-    int_x, int_s = sample(program)
+    int_x, int_s = sample(lambda x, t: program.run(x, t, backend=backend))
     prog.step("UNet: integer samples")
-    check = count_mismatches(program, sampler, st.check_samples, 0)
+    check = count_mismatches(program, sampler, st.check_samples, 0, backend)
     prog.step("UNet: integer sampling re-run on the reference")
     xt = torch.from_numpy(np.random.default_rng(3).standard_normal((16, *shape), dtype=np.float32))
     tt = torch.full((16,), 500, dtype=torch.long)
@@ -280,42 +279,90 @@ def demo(out_dir="pyqsim-report", quick: bool = False, backend: str = "auto", pr
 # --------------------------------------------------------------------------- calibrate
 
 
+def load_user_model(spec: str):
+    """A user's model: a file saved with ``torch.save(module)`` or a ``package.module:factory`` spec (imported with
+    the current folder on the path, so the user's own modules are found)."""
+    import importlib
+    import sys
+
+    import torch
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    if os.path.isfile(spec):
+        try:
+            model = torch.load(spec, weights_only=False)  # the user's own file: a pickled module
+        except ModuleNotFoundError as exc:
+            raise ValueError(f"--model {spec}: the class of the saved model lives in module {exc.name!r}, which "
+                             "cannot be imported; run from the folder that holds it, or give package.module:factory")
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error
+            raise ValueError(f"--model {spec} is not a file saved with torch.save(model) "
+                             f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    elif ":" in spec:
+        mod_name, _, factory = spec.partition(":")
+        try:
+            fn = getattr(importlib.import_module(mod_name), factory)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"--model {spec}: cannot import {factory!r} from {mod_name!r} ({exc})") from None
+        model = fn()
+    else:
+        raise ValueError(f"--model {spec}: no such file, and not a package.module:factory spec")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"--model {spec} must give a torch.nn.Module, got {type(model).__name__}")
+    return model.eval()
+
+
+def _calib_inputs(path):
+    """Calibration inputs from a .npy (one tensor) or .npz (keyword tensors by name) file."""
+    import torch
+
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as z:
+                return {k: torch.from_numpy(z[k]) for k in z.files}
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"--calib {path} is not a readable .npy/.npz file ({type(exc).__name__}: {exc})") from None
+
+
 def calibrate(method: str, out, w_bits: int = 4, a_bits: int | None = None, calib_n: int | None = None,
-              model_file=None, quick: bool = False, progress: bool = True) -> dict:
-    """Calibrate the bundled model (or a user's ``model_file``) with ``method``; write the parameter file ``out``."""
+              model_file=None, quick: bool = False, progress: bool = True, calib_file=None, shape=None) -> dict:
+    """Calibrate the bundled model (or a user's model) with ``method``; write the program file ``out``."""
     import torch
 
     torch.set_num_threads(1)
     prog = Progress(2, progress)
     t0 = time.perf_counter()
-    user_model = None
-    if model_file is not None:
-        if not os.path.isfile(model_file):
-            raise ValueError(f"model file not found: {model_file}")
-        user_model = torch.load(model_file, weights_only=False)  # the user's own file: a full pickled module
-        if not isinstance(user_model, torch.nn.Module):
-            raise TypeError(f"{model_file} must hold a torch.nn.Module, got {type(user_model).__name__}")
+    user_model = load_user_model(model_file) if model_file is not None else None
     if method == "repq-vit":
-        from .calib.repqvit import RepQConfig, calibrate as rq_calibrate, calibration_batch, export_vit
+        from .calib.repqvit import RepQConfig, calibrate as rq_calibrate, calibration_batch
         from .models.vit import DIGITS_WEIGHTS, digits_split, load_npz
 
         model = user_model or load_npz(DIGITS_WEIGHTS)[0]
-        x_tr, _, x_te, y_te = digits_split()
-        res = rq_calibrate(model, calibration_batch(torch.from_numpy(x_tr), calib_n or 32, 0),
-                           RepQConfig(w_bits, a_bits or 4))
+        if calib_file is not None:
+            calib = _calib_inputs(calib_file)
+        else:
+            x_tr = digits_split()[0]
+            calib = calibration_batch(torch.from_numpy(x_tr), calib_n or 32, 0)
+        res = rq_calibrate(model, calib, RepQConfig(w_bits, a_bits or 4))
         prog.step("calibrated")
-        export_vit(res, out, examples=(x_te[:16], y_te[:16]))
+        res.export(out)
     elif method == "qdiffusion":
         from .calib.qdiffusion import QDiffConfig, calibrate as qd_calibrate, export_params, generate_calibration_data
         from .models.ddim import DDIMSampler
         from .models.unet import load_digits_unet
 
         model = user_model or load_digits_unet()
-        cfg = model.cfg
-        shape = (cfg.in_channels, cfg.resolution, cfg.resolution)
+        if shape is None:
+            cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+            try:
+                shape = (cfg.in_channels, cfg.resolution if hasattr(cfg, "resolution") else cfg.sample_size,
+                         cfg.resolution if hasattr(cfg, "resolution") else cfg.sample_size)
+            except AttributeError:
+                raise ValueError("qdiffusion needs the sample shape of the model: give --shape C,H,W") from None
         sampler = DDIMSampler(steps=10 if quick else 20, eta=0.0, skip="quadratic")
-        cali = generate_calibration_data(model, sampler, calib_n or (8 if quick else 64), 5 if quick else 10, shape,
-                                         seed=1)
+        cali = generate_calibration_data(model, sampler, calib_n or (8 if quick else 64), 5 if quick else 10,
+                                         tuple(shape), seed=1)
         kw = dict(weight_iters=20, act_iters=10) if quick else {}
         qmodel = qd_calibrate(model, cali, QDiffConfig(w_bits=w_bits, a_bits=a_bits or 8, **kw))
         prog.step("calibrated")
@@ -323,4 +370,5 @@ def calibrate(method: str, out, w_bits: int = 4, a_bits: int | None = None, cali
     else:
         raise ValueError(f"method must be 'repq-vit' or 'qdiffusion', got {method!r}")
     prog.step(f"wrote {out}")
-    return {"params": str(out), "method": method, "seconds": time.perf_counter() - t0}
+    return {"params": str(out), "method": method, "w_bits": w_bits, "a_bits": a_bits or (4 if method == "repq-vit" else 8),
+            "seconds": time.perf_counter() - t0}

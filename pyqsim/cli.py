@@ -62,7 +62,31 @@ def _inputs(program, path, n):
             raise CLIError(f"--input {path} must hold numeric arrays, got dtype {getattr(a, 'dtype', type(a))}")
         if a.size == 0:
             raise CLIError(f"--input {path} holds an empty array of shape {a.shape}")
-    return tuple(arrays) if len(arrays) > 1 else arrays[0]
+    return arrays
+
+
+def _named_inputs(program, path, n):
+    """(positional, named) inputs of a program: its stored examples, or a .npy/.npz file (npz by input name)."""
+    if path is None:
+        ex = program.example_inputs()
+        return (), {k: np.resize(v, (n,) + v.shape[1:]) if v.ndim else v for k, v in ex.items()}
+    arrays = _inputs(program, path, n)
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as z:
+            names = list(z.files)
+        wanted = [i["name"] for i in program.inputs]
+        if set(names) <= set(wanted):
+            return (), dict(zip(names, arrays))
+    return tuple(arrays), {}
+
+
+def _run_program(program, args_in, backend):
+    pos, named = args_in
+    try:
+        out = program.run(*pos, backend=backend, **named)
+    except (ValueError, TypeError) as exc:
+        raise CLIError(str(exc)) from None
+    return out if isinstance(out, tuple) else (out,)
 
 
 def _positive_int(text: str) -> int:
@@ -125,9 +149,12 @@ def cmd_info(args) -> int:
 
 def cmd_run(args) -> int:
     program = _load(args.params)
-    x = _inputs(program, args.input, args.n)
+    if args.out:
+        _check_out_file(args.out, "--out")
+    x = _named_inputs(program, args.input, args.n)
     t0 = time.perf_counter()
-    y = program.run(x, backend=args.backend)
+    outs = _run_program(program, x, args.backend)
+    y = outs[0]
     dt = time.perf_counter() - t0
     backend = ops.resolve_backend(args.backend, "int_gemm")
     if args.out:
@@ -145,15 +172,15 @@ def cmd_run(args) -> int:
 def verify_program(program, n: int, backends=None) -> dict:
     """Per-op replay on every backend plus whole-model runs, compared with ``==`` to the reference."""
     from .runtime.verify import compare, verify_calls
-    x = program.example_inputs(n)
+    x = _named_inputs(program, None, n)
     with ops.record() as calls:
-        ref = program.run(x, backend="reference")
+        ref = _run_program(program, x, "reference")
     backends = [b for b in (backends or ops.available_backends()) if b != "reference"]
     mismatches, counts = verify_calls(calls, backends)
     end_to_end = {}
     for b in backends:
-        diffs, count = compare(ref, program.run(x, backend=b))
-        end_to_end[b] = count
+        out = _run_program(program, x, b)
+        end_to_end[b] = sum(compare(r, o)[1] for r, o in zip(ref, out))
     return {"ops_checked": len(calls), "backends": backends, "op_mismatches": counts,
             "output_mismatches": end_to_end, "examples": [str(m) for m in mismatches],
             "ok": not mismatches and not any(end_to_end.values())}
@@ -179,7 +206,7 @@ def cmd_vectors(args) -> int:
     from .runtime.vectors import write_vectors
     program = _load(args.params)
     with ops.record() as calls:
-        program.run(program.example_inputs(args.n), backend=args.backend)
+        _run_program(program, _named_inputs(program, None, args.n), args.backend)
     manifest = write_vectors(calls, args.out, {"params": os.path.basename(args.params), "pyqsim": __version__})
     data = {"out": args.out, "layers": len(manifest["layers"])}
     _emit(args, data, f"wrote {len(manifest['layers'])} layers of golden vectors to {args.out} (manifest.json, .npz, .hex)")
@@ -189,31 +216,33 @@ def cmd_vectors(args) -> int:
 def cmd_cost(args) -> int:
     from .runtime.cost import program_cost
     program = _load(args.params)
-    desc = program.describe()
-    a_bits = int(desc.get("a_bits", 8)) if isinstance(desc, dict) else int(program.meta["quant"]["a_bits"])
-    res = program_cost(program, min(a_bits, 32))
-    lines = [f"{'layer':40s} {'op':16s} {'MACs':>12s} {'W':>2s} {'A':>2s} {'size MB':>9s}"]
+    res = program_cost(program)
+    lines = [f"{'layer':44s} {'op':16s} {'MACs':>12s} {'W':>2s} {'A':>2s} {'size MB':>9s}"]
     for l in res["layers"]:
-        lines.append(f"{l['layer'][:40]:40s} {l['op']:16s} {l['macs']:12d} {l['w_bits']:2d} {l['a_bits']:2d} {l['size_mb']:9.4f}")
+        lines.append(f"{l['layer'][-44:]:44s} {l['op']:16s} {l['macs']:12d} {l['w_bits']:2d} {l['a_bits']:2d} "
+                     f"{l['size_mb']:9.4f}")
     t = res["total"]
-    lines.append(f"integer ops: {t['weight_params']} weight parameters, {t['size_mb']:.4f} MB, {t['macs']} MACs, "
-                 f"{t['gbitops']:.4f} Gbit-ops per forward (batch 1)")
-    if hasattr(program, "cost"):  # the model's own accounting: every parameter, float-executed layers included
-        res["model"] = program.cost()
-        m = res["model"]
-        lines.append(f"whole model (paper convention): {m['params']} parameters, {m['size_mb']:.4f} MB, "
-                     f"{m['gbitops']:.4f} Gbit-ops per forward")
+    lines.append(f"per sample: {t['macs']} MACs ({t['gmacs']:.3f} G), {t['gbitops']:.4f} Gbit-ops; integer weights "
+                 f"{t['weight_params']} parameters, {t['size_mb']:.4f} MB at their code bits; float constants "
+                 f"{t['float_params']} parameters, {t['float_size_mb']:.4f} MB at 32 bits")
     _emit(args, res, "\n".join(lines))
     return 0
 
 
 def cmd_calibrate(args) -> int:
     _check_out_file(args.out, "--out")
-    if args.model is not None and not os.path.isfile(args.model):
-        raise CLIError(f"--model file not found: {args.model}")
+    if args.model is not None and not os.path.isfile(args.model) and ":" not in args.model:
+        raise CLIError(f"--model {args.model}: no such file, and not a package.module:factory spec")
+    shape = None
+    if args.shape:
+        try:
+            shape = tuple(int(v) for v in args.shape.split(","))
+        except ValueError:
+            raise CLIError(f"--shape must be C,H,W integers, got {args.shape!r}") from None
     from . import app
     res = app.calibrate(args.method, out=args.out, w_bits=args.w_bits, a_bits=args.a_bits, calib_n=args.calib_n,
-                        model_file=args.model, quick=args.quick, progress=not args.json)
+                        model_file=args.model, quick=args.quick, progress=not args.json,
+                        calib_file=args.calib, shape=shape)
     _emit(args, res, f"wrote {res['params']} ({args.method}, W{args.w_bits}A{args.a_bits}) in {res['seconds']:.1f} s")
     return 0
 
@@ -261,7 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--w-bits", type=_int_in(2, 8), default=4)
     c.add_argument("--a-bits", type=_int_in(2, 32), default=None, help="default: 4 for repq-vit, 8 for qdiffusion")
     c.add_argument("--calib-n", type=_positive_int, default=None, help="calibration samples (default: the method's)")
-    c.add_argument("--model", default=None, help="a model file of the user's (torch.save of a full module)")
+    c.add_argument("--model", default=None, help="the user's model: a file saved with torch.save(module), or a "
+                   "package.module:factory spec (imported from the current folder)")
+    c.add_argument("--calib", default=None, help="repq-vit calibration inputs: .npy (one tensor) or .npz (keyword "
+                   "tensors by name, e.g. input_ids, attention_mask); default: the bundled digits images")
+    c.add_argument("--shape", default=None, help="qdiffusion sample shape C,H,W (default: from the model's config)")
     c.add_argument("--quick", action="store_true", help="CPU-light settings")
     r = add("run", cmd_run, "run inference from a parameter file")
     r.add_argument("params")

@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 from pyqsim.calib import qdiffusion as Q  # noqa: E402
 from pyqsim.models.ddim import DDIMSampler  # noqa: E402
 from pyqsim.models.unet import load_digits_unet  # noqa: E402
-from pyqsim.runtime.unet import IntUNet  # noqa: E402
+from pyqsim.runtime import load  # noqa: E402
 
 ATOL_REL, FRAC_CLOSE, MEAN_TOL = 1e-3, 0.8, 0.02
 MEAN_TOL_RANDOM = 0.05  # random-weight CIFAR-config model: mean agreement only (see that test)
@@ -48,6 +48,10 @@ def exported(qmodel, tmp_path_factory):
     path = tmp_path_factory.mktemp("qd") / "w4a8.params"
     meta = Q.export_params(qmodel, path)
     return path, meta
+
+
+def _run(prog, x, t):
+    return prog.run(np.asarray(x), np.asarray(t), backend="reference")
 
 
 def test_calibration_data_timesteps_shapes_count(cali):
@@ -91,11 +95,11 @@ def test_block_reconstruction_beats_nearest_rounding(model, cali):
 def test_split_layers_get_separate_quantizers(model, qmodel):
     split = {n for n, m in model.named_modules() if getattr(m, "qsplit", 0)}
     assert split
-    for name, m in qmodel.named_modules():
+    for name, m in qmodel.model.named_modules():
         if isinstance(m, Q.QuantLayer):
             assert (m.split > 0) == (name in split)
             assert len(m.wq) == len(m.aq) == (2 if m.split else 1)
-    m = qmodel.get_submodule(sorted(split)[0])
+    m = qmodel.model.get_submodule(sorted(split)[0])
     assert m.aq[0] is not m.aq[1] and m.aq[0].export() != m.aq[1].export()
     assert not torch.equal(m.wq[0].scale, m.wq[1].scale)
 
@@ -111,62 +115,61 @@ def test_linear_baseline_has_no_split_and_minmax(model, cali):
 
 def test_export_round_trip(qmodel, exported):
     from pyqsim import ops
-    from pyqsim.runtime.paramfile import load_params
-    path, meta = exported
-    tensors, meta2 = load_params(path)
-    assert meta2["layers"] == meta["layers"] and meta2["quant"]["w_bits"] == 4
-    m = qmodel.get_submodule("up.1.block.0.conv1")
+    path, _ = exported
+    prog = load(path)
+    node = next(n for n in prog.nodes if n.get("scope") == "model.up.1.block.0.conv1")
+    assert node["kind"] == "split_conv2d" and prog.info["quant"]["w_bits"] == 4
+    m = qmodel.get_submodule("model.up.1.block.0.conv1")
     for i, (wq, w) in enumerate(zip(m.wq, m.weights())):
         codes = wq.codes(w).detach().numpy().astype(np.int8)
-        unpacked = ops.unpack_int4(tensors[f"up.1.block.0.conv1.w{i}"], codes[0].size).reshape(codes.shape)
+        stored = prog.tensors[node["tensors"][f"w{i + 1}"]]
+        unpacked = ops.unpack_int4(stored, codes[0].size).reshape(codes.shape)
         np.testing.assert_array_equal(unpacked, codes)
-        np.testing.assert_array_equal(tensors[f"up.1.block.0.conv1.w{i}_scale"], wq.scale.numpy())
-    assert tensors["up.1.block.0.conv1.bias"].dtype == np.int32
-    assert meta2["layers"]["up.1.block.0.conv1"]["x"] == [q.export() for q in m.aq]
+    assert prog.tensors[node["tensors"]["bias"]].dtype == np.int32
+    assert node["attrs"]["x1_zero_point"] == m.aq[0].export()[1]
 
 
 def test_integer_runner_matches_fake_quant_and_uses_split_op(qmodel, exported, cali):
-    path, meta = exported
-    runner = IntUNet.load(path, backend="reference")
+    path, _ = exported
+    prog = load(path)
     x, t = cali["x"][::2], cali["t"][::2]
-    eps_int = runner(x, t)
+    eps_int = _run(prog, x, t)
     with torch.no_grad():
         eps_fq = qmodel(torch.from_numpy(x), torch.from_numpy(t)).numpy()
-    n_split = sum(1 for L in meta["layers"].values() if L["split"])
-    assert n_split > 0 and runner.op_counts["split_conv2d"] == n_split  # one split op per split layer
-    assert runner.op_counts["int_conv2d"] + runner.op_counts["split_conv2d"] + runner.op_counts["int_gemm"] > 0
+    n_split = sum(1 for m in qmodel.modules() if isinstance(m, Q.QuantLayer) and m.split)
+    kinds = prog.describe()["kinds"]
+    assert n_split > 0 and kinds["split_conv2d"] == n_split  # one split op per split layer
+    assert kinds["int_conv2d"] > 0 and kinds["int_gemm"] > 0 and kinds["int_bmm"] > 0
     diff = np.abs(eps_int - eps_fq)
     assert np.mean(diff <= ATOL_REL * np.abs(eps_fq).max()) >= FRAC_CLOSE
     assert diff.mean() <= MEAN_TOL * np.abs(eps_fq).mean()
 
 
-def test_cost_from_params_matches_model(qmodel, exported):
-    from pyqsim.eval.cost import model_cost, params_file_cost
+def test_cost_from_program_matches_model(qmodel, exported):
+    from pyqsim.eval.cost import model_cost
+    from pyqsim.runtime.cost import program_cost
     path, _ = exported
-    c_file = params_file_cost(path)
-    c_model = model_cost(qmodel, (torch.zeros(1, *SHAPE), torch.zeros(1, dtype=torch.long)), 4, 8)
-    assert c_file["params"] == c_model["params"] and c_file["macs"] == c_model["macs"]
-    assert c_file["gbitops"] == pytest.approx(c_model["gbitops"])
-    assert c_file["size_mb"] == pytest.approx(c_model["params"] * 4 / 8e6)
-    assert c_file["stored_mb"] < c_model["params"] * 8 / 8e6  # int4 codes are packed
+    c_file = program_cost(load(path))["total"]
+    c_model = model_cost(qmodel.model, (torch.zeros(1, *SHAPE), torch.zeros(1, dtype=torch.long)), 4, 8)
+    assert c_file["macs"] == c_model["macs"]
 
 
 def test_a32_runner_runs_float_with_dequantized_weights(model, cali, tmp_path):
     q = Q.calibrate(model, cali, Q.QDiffConfig(w_bits=8, a_bits=32, weight_iters=0))
     Q.export_params(q, tmp_path / "w8a32.params")
-    runner = IntUNet.load(tmp_path / "w8a32.params", backend="reference")
+    prog = load(tmp_path / "w8a32.params")
     x, t = cali["x"][:4], cali["t"][:4]
     with torch.no_grad():
         ref = q(torch.from_numpy(x), torch.from_numpy(t)).numpy()
-    np.testing.assert_allclose(runner(x, t), ref, atol=1e-4 * np.abs(ref).max())
-    assert sum(runner.op_counts.values()) == 0 and not runner.integer
+    np.testing.assert_allclose(_run(prog, x, t), ref, atol=1e-4 * np.abs(ref).max())
+    assert not prog.integer_nodes()
 
 
 @pytest.mark.slow
 def test_mismatch_count_whole_sampling_run(exported):
     from pyqsim.experiments.qdiffusion_table import count_mismatches
     path, _ = exported
-    res = count_mismatches(IntUNet.load(path, backend="auto"), DDIMSampler(steps=5), n=2, seed=0)
+    res = count_mismatches(load(path), DDIMSampler(steps=5), n=2, seed=0)
     assert res["op_calls"] > 0 and res["mismatches"] == 0
 
 
@@ -197,11 +200,11 @@ def test_ddpm_cifar10_config_calibrates_exports_and_runs(cifar, tmp_path):
     cfg = Q.QDiffConfig(w_bits=4, a_bits=8, weight_iters=0, act_iters=0, init_samples=2)
     q = Q.calibrate(m, {"x": x.numpy(), "t": t.numpy()}, cfg)
     Q.export_params(q, tmp_path / "cifar.params")
-    runner = IntUNet.load(tmp_path / "cifar.params")
-    eps_int = runner(x[:1].numpy(), t[:1].numpy())
+    prog = load(tmp_path / "cifar.params")
+    eps_int = prog.run(x[:1].numpy(), t[:1].numpy())
     with torch.no_grad():
         eps_fq = q(x[:1], t[:1]).numpy()
-    assert runner.op_counts["split_conv2d"] == 24
+    assert prog.describe()["kinds"]["split_conv2d"] == 24
     # random weights over ~40 quantized units: code flips spread through the whole output, so only the mean
     # agreement is checked here (the per-element policy applies to the trained digits model above)
     print("cifar int-vs-fake mean |diff| / mean |eps|:", np.abs(eps_int - eps_fq).mean() / np.abs(eps_fq).mean())

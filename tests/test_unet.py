@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyqsim.models.ddim import DDIMSampler, ddim_timesteps
-from pyqsim.runtime.unet import conv2d_f32, group_norm, silu, timestep_embedding
+from pyqsim.program import KINDS
+from pyqsim.program.kinds import conv2d_f32
 
 
 @given(steps=st.integers(2, 50), skip=st.sampled_from(["uniform", "quadratic"]), eta=st.sampled_from([0.0, 0.5]))
@@ -39,22 +40,25 @@ def test_ddim_timesteps():
         ddim_timesteps(4, 1000, "cubic")
 
 
+def _kind(name, args, **attrs):
+    return KINDS[name].run(args, attrs, {}, None)
+
+
 def test_float_stages_match_torch():
+    """Program float kinds vs PyTorch (tolerance: float32 rounding of a few ops, 1e-5 relative)."""
     torch = pytest.importorskip("torch")
     F = torch.nn.functional
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 8, 5, 5)).astype(np.float32)
     g, b = rng.standard_normal(8).astype(np.float32), rng.standard_normal(8).astype(np.float32)
     ref = F.group_norm(torch.from_numpy(x), 4, torch.from_numpy(g), torch.from_numpy(b), eps=1e-6).numpy()
-    np.testing.assert_allclose(group_norm(x, 4, g, b), ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(silu(x), F.silu(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_kind("group_norm", [x, 4, g, b], eps=1e-6), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_kind("silu", [x]), F.silu(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-6)
     w = rng.standard_normal((3, 8, 3, 3)).astype(np.float32)
     for stride, pad in [(1, 1), (2, 0)]:
         ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b[:3]), stride, pad).numpy()
-        np.testing.assert_allclose(conv2d_f32(x, w, b[:3], stride, pad), ref, rtol=1e-5, atol=1e-5)
-    from pyqsim.models.unet import timestep_embedding as temb_torch
-    t = np.array([0, 7, 999])
-    np.testing.assert_allclose(timestep_embedding(t, 16), temb_torch(torch.from_numpy(t), 16).numpy(), atol=1e-5)
+        got = conv2d_f32(x, w, b[:3], (stride, stride), (pad, pad), (1, 1), 1)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_ddpm_cifar10_config_size():
@@ -122,5 +126,5 @@ def test_fid_and_is():
 def test_integer_runtime_does_not_import_torch():
     import subprocess
     import sys
-    code = "import sys, pyqsim.runtime.unet, pyqsim.eval.fid; assert 'torch' not in sys.modules"
+    code = "import sys, pyqsim.program, pyqsim.runtime.cost, pyqsim.eval.fid; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

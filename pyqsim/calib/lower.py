@@ -75,6 +75,54 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     return gm
 
 
+_LEAVES: dict = {}
+
+
+@torch.library.custom_op("pyqsim::leaf", mutates_args=())
+def _leaf(xs: list[torch.Tensor], key: int) -> torch.Tensor:
+    """A quantized module kept whole through torch.export (eager: the module's own forward)."""
+    return _LEAVES[key].leaf_forward(*xs).clone()
+
+
+@_leaf.register_fake
+def _leaf_fake(xs, key):
+    return _LEAVES[key].leaf_fake(*xs)
+
+
+def capture_with_leaves(model: torch.nn.Module, args: tuple, leaf_types: tuple):
+    """:func:`capture`, keeping every module of ``leaf_types`` as one call_module node of the graph.
+
+    Each such module needs ``leaf_forward(*tensors)`` and ``leaf_fake(*tensors)`` (the output on fake tensors).
+    """
+    leaves = {n: m for n, m in model.named_modules() if isinstance(m, leaf_types)}
+    saved = {}
+    for i, (name, m) in enumerate(leaves.items()):
+        _LEAVES[i] = m
+        saved[name] = m.forward
+        m.forward = (lambda key: lambda *xs: torch.ops.pyqsim.leaf(list(xs), key))(i)
+    keys = {i: name for i, name in enumerate(leaves)}
+    try:
+        gm = capture(model, args)
+    finally:
+        for name, m in leaves.items():
+            del m.forward  # back to the class's forward
+        _LEAVES.clear()
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.pyqsim.leaf.default:
+            xs, key = node.args
+            name = keys[key]
+            target = name.replace(".", "_")
+            gm.add_submodule(target, leaves[name])
+            with gm.graph.inserting_after(node):
+                new = gm.graph.call_module(target, tuple(xs))
+            new.meta.update(node.meta)
+            new.meta["pyqsim_path"] = name
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
 def _arg_names(model, n):
     params = [p for p in inspect.signature(model.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -281,7 +329,7 @@ class Lowerer:
                         raise LoweringError(f"module {node.target} ({type(mod).__name__}) has no program form")
                     res = lower(self, mod, node)
                 else:
-                    self.scope = node.target
+                    self.scope = node.meta.get("pyqsim_path", node.target)
                     res = lower(self, node)
                 self.env[node] = res if isinstance(res, Val) else Val(res)
             elif node.op == "call_function":

@@ -10,7 +10,7 @@
 * the "linear quant" baseline (min-max, nearest rounding, no split, no reconstruction).
 
 Arithmetic follows docs/spec.md §2 (round half even, clamp, zero points inside the code range) so that
-the exported codes run unchanged on the integer ops (:mod:`pyqsim.runtime.unet`).
+the exported codes run unchanged on the integer ops (lowered by :func:`lower_program` to a program).
 """
 from __future__ import annotations
 
@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..models.ddim import DDIMSampler, torch_eps_fn
 from ..models.unet import AttnCore
+from .lower import quant_scale_zp as q_scale_zp
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified-sigmoid stretch
 BLOCK_CLASS_NAMES = {"ResBlock", "AttnBlock", "ResnetBlock2D", "Attention"}  # reconstruction units
@@ -268,6 +270,70 @@ class QuantLayer(nn.Module):
         m = self.module
         return F.conv2d(x, w, b, m.stride, m.padding, m.dilation, m.groups)
 
+    # ---------------------------------------------------------------- integer form (pyqsim.calib.lower)
+
+    def leaf_forward(self, x):
+        return self.forward(x)
+
+    def leaf_fake(self, x):
+        m = self.module
+        if self.kind == "linear":
+            return x.new_empty((*x.shape[:-1], m.weight.shape[0]))
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = m.kernel_size, m.stride, m.padding, m.dilation
+        h = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        w = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return x.new_empty((x.shape[0], m.weight.shape[0], h, w))
+
+    def lower(self, lw, node):
+        """int_gemm / int_conv2d (split_gemm / split_conv2d when split) with float32 output; float when A32."""
+        from .lower import Val
+
+        base, m = lw.scope, self.module
+        x = lw.env[node.args[0]]
+        dim = 1 if self.kind == "conv" else -1
+        conv_attrs = {}
+        if self.kind == "conv":
+            conv_attrs = dict(stride=list(m.stride), padding=list(m.padding), dilation=list(m.dilation),
+                              kernel_size=list(m.kernel_size))
+        if not self.aq[0].enabled:  # activations unquantized: float layer on the dequantized weight
+            w, b = self.frozen or (self.quant_weight(), self.quant_bias())
+            args = [lw.float_ref(x), lw.const(w.detach(), f"{base}.weight"),
+                    lw.const(b.detach(), f"{base}.bias") if b is not None else None]
+            if self.kind == "linear":
+                return lw.emit("linear", args, base=base, dtype="float32")
+            return lw.emit("conv2d", args, {k: conv_attrs[k] for k in ("stride", "padding", "dilation")} |
+                           {"groups": int(m.groups)}, base=base, dtype="float32")
+        xf = lw.float_ref(x)
+        if self.split:
+            halves = [lw.emit("slice", [xf, dim, 0, self.split], base=f"{base}.x1", dtype="float32"),
+                      lw.emit("slice", [xf, dim, self.split, None], base=f"{base}.x2", dtype="float32")]
+        else:
+            halves = [xf]
+        codes = [lw.quantize(Val(h), q, f"{base}.in{i}") for i, (h, q) in enumerate(zip(halves, self.aq))]
+        fmt = "int8" if self.w_bits > 4 else "int4"
+        t, zps = {}, []
+        for i, (q, w) in enumerate(zip(self.wq, self.weights())):
+            c = _np(q.codes(w), np.int8)
+            stored = c if fmt == "int8" else ops.pack_int4(c.reshape(len(c), -1))
+            sx, zx = q_scale_zp(self.aq[i])
+            sfx = "" if not self.split else str(i + 1)
+            t[f"w{sfx}"] = lw.tensor(f"{base}.w{i}", stored)
+            t[f"w{sfx}_zero_point"] = lw.tensor(f"{base}.w{i}_zp", _np(q.zero_point, np.int32))
+            t[f"out_scale{sfx}"] = lw.tensor(f"{base}.out_scale{i}", np.float32(sx) * _np(q.scale, np.float32))
+            zps.append(zx)
+        if m.bias is not None:
+            t["bias"] = lw.tensor(f"{base}.bias", _np(torch.round(m.bias / self.bias_scale()), np.int32))
+        bits = {"x_bits": self.a_bits, "w_bits": self.w_bits, "w_format": fmt}
+        if self.split:
+            kind = "split_conv2d" if self.kind == "conv" else "split_gemm"
+            attrs = dict(bits, x1_zero_point=zps[0], x2_zero_point=zps[1], **conv_attrs)
+            return lw.emit(kind, [c.ref for c in codes], attrs, t, base=base)
+        t["weight"], t["w_zero_point"], t["out_scale"] = t.pop("w"), t.pop("w_zero_point"), t.pop("out_scale")
+        attrs = dict(bits, x_zero_point=zps[0])
+        if self.kind == "conv":
+            return lw.emit("int_conv2d", [codes[0].ref], dict(attrs, groups=int(m.groups), **conv_attrs), t, base=base)
+        return lw.emit("int_gemm", [codes[0].ref], attrs, t, base=base)
+
 
 class QuantAttnCore(AttnCore):
     """Attention core with quantized q, k, v (activation bits) and softmax output (``softmax_bits``)."""
@@ -289,8 +355,87 @@ class QuantAttnCore(AttnCore):
     def act_quantizers(self) -> list[ActQuantizer]:
         return list(self.aq.values()) + ([self.sq] if self.softmax_quantized else [])
 
+    def leaf_forward(self, q, k, v):
+        return self.forward(q, k, v)
+
+    def leaf_fake(self, q, k, v):
+        return v.new_empty((v.shape[0], v.shape[1], q.shape[2]))
+
+    def lower(self, lw, node):
+        """q, k, v [B, C, N] -> int_bmm scores, float softmax, int_bmm with the quantized softmax (float if > 8 bits)."""
+        from .lower import Val
+
+        base = lw.scope
+        q, k, v = (lw.env[a] for a in node.args[:3])
+        if not self.aq["q"].enabled:  # activations unquantized: the attention products stay float
+            c = lw.values[node.args[0]].shape[1]
+            qt = lw.emit("transpose", [lw.float_ref(q), 1, 2], base=f"{base}.qt", dtype="float32")
+            s = lw.emit("matmul", [qt, lw.float_ref(k)], base=f"{base}.qk", dtype="float32")
+            s = lw.emit("binary", [s, float(np.float32(c ** -0.5))], {"op": "mul"}, dtype="float32")
+            p = lw.emit("softmax", [s, -1], base=f"{base}.softmax", dtype="float32")
+            return lw.emit("matmul", [lw.float_ref(v), lw.emit("transpose", [p, 1, 2], dtype="float32")],
+                           base=f"{base}.av", dtype="float32")
+        qc, kc, vc = (lw.quantize(x, self.aq[n], f"{base}.{n}") for x, n in zip((q, k, v), "qkv"))
+        (sq, zq), (sk, zk), (sv, zv) = (q_scale_zp(self.aq[n]) for n in "qkv")
+        qt = lw.emit("transpose", [qc.ref, 1, 2], base=f"{base}.qt")
+        kt = lw.emit("transpose", [kc.ref, 1, 2], base=f"{base}.kt")
+        s = lw.emit("int_bmm", [qt, kt], {"a_zero_point": zq, "b_zero_point": zk, "a_bits": self.a_bits,
+                                          "b_bits": self.a_bits},
+                    {"out_scale": lw.tensor(f"{base}.qk_scale", np.array(np.float32(sq) * np.float32(sk)))},
+                    base=f"{base}.qk")
+        c = lw.values[node.args[0]].shape[1]
+        s = lw.emit("binary", [s, float(np.float32(c ** -0.5))], {"op": "mul"}, base=f"{base}.scaled", dtype="float32")
+        p = lw.emit("softmax", [s, -1], base=f"{base}.softmax", dtype="float32")
+        if not self.softmax_quantized:
+            vf = lw.float_ref(vc)
+            return lw.emit("matmul", [vf, lw.emit("transpose", [p, 1, 2])], base=f"{base}.av", dtype="float32")
+        pc = lw.quantize(Val(p), self.sq, f"{base}.p")
+        sp, zp = q_scale_zp(self.sq)
+        return lw.emit("int_bmm", [vc.ref, pc.ref], {"a_zero_point": zv, "b_zero_point": zp, "a_bits": self.a_bits,
+                                                     "b_bits": self.sq.bits},
+                       {"out_scale": lw.tensor(f"{base}.av_scale", np.array(np.float32(sv) * np.float32(sp)))},
+                       base=f"{base}.av")
+
 
 # --------------------------------------------------------------------------- model preparation
+
+
+def eps_tensor(out):
+    """The noise prediction in a model's output: a tensor, the first element of a tuple, or ``.sample``."""
+    if torch.is_tensor(out):
+        return out
+    if hasattr(out, "sample") and torch.is_tensor(out.sample):
+        return out.sample
+    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        return out[0]
+    raise TypeError(f"an eps model must return a tensor, a tuple starting with one, or an object with a tensor "
+                    f".sample (diffusers); got {type(out).__name__}")
+
+
+class EpsModel(nn.Module):
+    """``eps = model(x, t)`` as a plain tensor function (unwraps diffusers/transformers output objects)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @staticmethod
+    def wrap(model: nn.Module) -> nn.Module:
+        return model if isinstance(model, EpsModel) else EpsModel(model)
+
+    def forward(self, x, t):
+        return eps_tensor(self.model(x, t))
+
+    def lower(self):
+        """The integer program of this calibrated model (after :func:`calibrate`)."""
+        return lower_program(self)
+
+    def export(self, path):
+        """Write the integer program to ``path``; returns it."""
+        prog = lower_program(self)
+        prog.save(path)
+        return prog
+
 
 
 def discover_splits(model: nn.Module, *example_inputs) -> int:
@@ -379,7 +524,7 @@ def generate_calibration_data(model, sampler: DDIMSampler, cali_n: int, cali_st:
     for name, v in (("cali_n", cali_n), ("cali_st", cali_st)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    eps_fn = torch_eps_fn(model) if isinstance(model, nn.Module) else model
+    eps_fn = torch_eps_fn(EpsModel.wrap(model)) if isinstance(model, nn.Module) else model
     n_steps = len(sampler.timesteps)
     keep = np.unique(np.round(np.linspace(0, n_steps - 1, min(cali_st, n_steps))).astype(np.int64))
     xs, ts = [], []
@@ -534,7 +679,7 @@ def calibrate(model: nn.Module, cali: dict, cfg: QDiffConfig, log=None) -> nn.Mo
     t0 = time.time()
     xs, ts = _check_cali(cali)
     gen = torch.Generator().manual_seed(cfg.seed)
-    fp = copy.deepcopy(model).eval()
+    fp = copy.deepcopy(EpsModel.wrap(model)).eval()
     for p in fp.parameters():
         p.requires_grad_(False)
     qmodel = quantize_model(fp, cfg, (xs[:2], ts[:2]))
@@ -578,6 +723,8 @@ def calibrate(model: nn.Module, cali: dict, cfg: QDiffConfig, log=None) -> nn.Mo
         p.requires_grad_(False)
     qmodel.calib_report = {"units": report, "seconds": time.time() - t0, "config": asdict(cfg),
                            "n_samples": int(len(xs))}
+    qmodel.example = (xs[:2].float(), ts[:2])
+    qmodel.t_range = [0, max(int(ts.max()), 999)]
     return qmodel
 
 
@@ -588,56 +735,28 @@ def _np(t: torch.Tensor, dtype) -> np.ndarray:
     return np.ascontiguousarray(t.detach().cpu().numpy().astype(dtype))
 
 
-def export_params(qmodel: nn.Module, path) -> dict:
-    """Write a calibrated :class:`~pyqsim.models.unet.UNet` as integer codes and scales
-    (:func:`pyqsim.runtime.paramfile.save_params`); returns the metadata. Runs on :mod:`pyqsim.runtime.unet`."""
-    from .. import ops
-    from ..eval.cost import collect_layers, count_params
-    from ..runtime.paramfile import save_params
-    from ..runtime.unet import GRAPH
+def lower_program(qmodel: nn.Module, example=None):
+    """The integer program of a calibrated model (pyqsim.program.Program), by torch.export and generic lowering."""
+    from .lower import capture_with_leaves, lower
 
     cfg: QDiffConfig = qmodel.qconfig
-    tensors, layers, attn = {}, {}, {}
     for name, m in qmodel.named_modules():
-        if isinstance(m, QuantLayer):
-            if not m.w_enabled:
-                raise ValueError(f"{name}: export needs quantized weights (w_bits <= 8)")
-            fmt = "int8" if m.w_bits > 4 else "int4"
-            mod, shapes = m.module, []
-            for i, (q, w) in enumerate(zip(m.wq, m.weights())):
-                codes = _np(q.codes(w), np.int8)
-                shapes.append(list(codes.shape))
-                tensors[f"{name}.w{i}"] = codes if fmt == "int8" else ops.pack_int4(codes.reshape(len(codes), -1))
-                tensors[f"{name}.w{i}_scale"] = _np(q.scale, np.float32)
-                tensors[f"{name}.w{i}_zp"] = _np(q.zero_point, np.int32)
-            if mod.bias is not None:
-                sb = m.bias_scale()
-                tensors[f"{name}.bias"] = (_np(mod.bias, np.float32) if sb is None
-                                           else _np(torch.round(mod.bias / sb), np.int32))
-            entry = {"kind": m.kind, "w_bits": m.w_bits, "w_format": fmt, "w_shapes": shapes, "split": m.split,
-                     "x": [q.export() for q in m.aq] if m.aq[0].enabled else None}
-            if m.kind == "conv":
-                entry.update(stride=int(mod.stride[0]), padding=int(mod.padding[0]),
-                             pad=[0, 1, 0, 1] if name.endswith("downsample.conv") else None)
-            layers[name] = entry
-        elif isinstance(m, QuantAttnCore):
-            on = m.aq["q"].enabled
-            if on and m.softmax_quantized and int(m.sq.zero_point) != 0:
-                raise ValueError(f"{name}: softmax quantizer must have zero point 0")
-            attn[name] = {n: (m.aq[n].export() if on else None) for n in "qkv"}
-            attn[name]["p"] = m.sq.export() if on and m.softmax_quantized else None
-        elif isinstance(m, nn.GroupNorm):
-            tensors[f"{name}.weight"] = _np(m.weight, np.float32)
-            tensors[f"{name}.bias"] = _np(m.bias, np.float32)
-    res = qmodel.cfg.resolution
-    example = (torch.zeros(1, qmodel.cfg.in_channels, res, res), torch.zeros(1, dtype=torch.long))
-    meta = {"model": {"kind": "unet", "graph": GRAPH}, "config": qmodel.cfg.to_dict(),
-            "quant": {"w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "softmax_bits": cfg.softmax_bits,
-                      "method": cfg.method, "split": bool(cfg.split), "first_last_bits": cfg.first_last_bits},
-            "layers": layers, "attn": attn, "n_params": count_params(qmodel),
-            "cost_layers": collect_layers(qmodel, *example)}
-    save_params(path, tensors, meta)
-    return meta
+        if isinstance(m, QuantLayer) and not m.w_enabled:
+            raise ValueError(f"{name}: export needs quantized weights (w_bits <= 8)")
+    x, t = example if example is not None else qmodel.example
+    gm = capture_with_leaves(qmodel, (x, t), (QuantLayer, QuantAttnCore))
+    quant = {"method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "softmax_bits": cfg.softmax_bits,
+             "split": bool(cfg.split), "first_last_bits": cfg.first_last_bits}
+    src = {"model": type(getattr(qmodel, "model", qmodel)).__name__}
+    rng = getattr(qmodel, "t_range", None)
+    return lower(gm, (x, t), quant=quant, source=src, input_ranges={"t": rng} if rng else None)
+
+
+def export_params(qmodel: nn.Module, path) -> dict:
+    """Write a calibrated model's integer program to ``path``; returns its describe() summary."""
+    prog = lower_program(qmodel)
+    prog.save(path)
+    return prog.describe()
 
 
 def calibrate_digits(out_path, w_bits: int = 4, a_bits: int = 8, method: str = "qdiffusion", cali_n: int = 64,

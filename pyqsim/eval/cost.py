@@ -80,14 +80,3 @@ def model_cost(model, example_inputs: tuple, w_bits: int = 32, a_bits: int = 32,
     return summarize(collect_layers(model, *example_inputs), n_params, w_bits, a_bits, softmax_bits)
 
 
-def params_file_cost(path) -> dict:
-    """Size and bit-ops of an exported integer UNet (``pyqsim cost PARAMS``), from its per-layer metadata;
-    ``stored_mb`` is the payload as stored (packed codes, int32 biases, float32 scales and norms)."""
-    from ..runtime.paramfile import load_params
-
-    from ..runtime.unet import IntUNet
-
-    tensors, meta = load_params(path)
-    out = IntUNet(tensors, meta).cost()
-    out["stored_mb"] = sum(t.nbytes for t in tensors.values()) / 1e6
-    return out

@@ -17,15 +17,16 @@ ROWS = ((8, 32), (4, 32), (8, 8), (4, 8))
 METHODS = ("linear", "qdiffusion")
 
 
-def count_mismatches(runner, sampler, n: int, seed: int) -> dict:
-    """Integer sampling of ``n`` images on the runner's backend; every recorded integer-op call is re-run on
+def count_mismatches(program, sampler, n: int, seed: int, backend: str = "auto") -> dict:
+    """Integer sampling of ``n`` images on ``backend``; every recorded integer-op call is re-run on
     backend="reference" with the same inputs and its output compared with ==."""
     from .. import ops
     from ..runtime.verify import replay_counts
 
+    shape = tuple(program.inputs[0]["shape"][1:])
     with ops.record() as calls:
-        runner.sample(n, sampler, seed=seed)
-    return {"backend": ops.resolve_backend(runner.backend, "int_conv2d"), **replay_counts(calls)}
+        sampler.sample(lambda x, t: program.run(x, t, backend=backend), (n, *shape), seed=seed)
+    return {"backend": ops.resolve_backend(backend, "int_conv2d"), **replay_counts(calls)}
 
 
 def save_grid(path: Path, panels: dict[str, np.ndarray], n: int = 64) -> None:
@@ -56,12 +57,13 @@ def run_table(out_dir="pyqsim-report/qdiffusion", n_samples: int = 1000, steps: 
     import torch
 
     from ..calib.qdiffusion import QDiffConfig, calibrate, export_params, generate_calibration_data
-    from ..eval.cost import model_cost, params_file_cost
+    from ..eval.cost import model_cost
+    from ..runtime.cost import program_cost
     from ..eval.fid import fid, inception_score
     from ..models.ddim import DDIMSampler, torch_eps_fn
     from ..models.digits_classifier import load_digits_classifier
     from ..models.unet import load_digits_unet
-    from ..runtime.unet import IntUNet
+    from ..runtime import load
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,15 +102,17 @@ def run_table(out_dir="pyqsim-report/qdiffusion", n_samples: int = 1000, steps: 
             fq_x, fq_t = sample(torch_eps_fn(qmodel))
             path = out / f"{method}_{qcfg.label}.params"
             export_params(qmodel, path)
-            runner = IntUNet.load(path, backend=backend)
-            int_x, int_t = sample(runner)
-            row = {"method": method, "bits": qcfg.label, **{k: v for k, v in params_file_cost(path).items()
-                                                             if k in ("size_mb", "gbitops", "stored_mb")},
+            program = load(path)
+            integer = a_bits <= 8
+            int_x, int_t = sample(lambda x, t: program.run(x, t, backend=backend))
+            cost = program_cost(program)["total"]
+            row = {"method": method, "bits": qcfg.label, "size_mb": cost["size_mb"] + cost["float_size_mb"],
+                   "gbitops": cost["gbitops"], "stored_mb": sum(t.nbytes for t in program.tensors.values()) / 1e6,
                    "calib_seconds": cal_s, "fake": {**scores(fq_x), "sample_seconds": fq_t},
-                   "integer": {**scores(int_x), "sample_seconds": int_t, "integer_ops": runner.integer,
+                   "integer": {**scores(int_x), "sample_seconds": int_t, "integer_ops": integer,
                                "mean_abs_pixel_diff_vs_fake": float(np.abs(int_x - fq_x).mean())}}
-            if runner.integer:
-                row["integer"]["check"] = count_mismatches(runner, sampler, check_n, seed)
+            if integer:
+                row["integer"]["check"] = count_mismatches(program, sampler, check_n, seed, backend)
             result["rows"].append(row)
             log(row)
             save_grid(out / f"{method}_{qcfg.label}.png", {f"{method} {qcfg.label} fake-quant": fq_x,

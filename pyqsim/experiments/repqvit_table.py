@@ -77,8 +77,8 @@ def _run_row(model, cfg, label, x_tr_t, x_te, y_te, seeds, calib_images, backend
     and (first seed) the kernel-vs-reference mismatch count; keeps the first seed's parameter file."""
     import torch
 
-    from ..calib.repqvit import calibrate, calibration_batch, export_vit
-    from ..runtime.vit import IntViT
+    from ..calib.repqvit import calibrate, calibration_batch
+    from ..runtime import load
 
     fake, integer, agree, secs = [], [], [], []
     row = {"bits": f"W{cfg.w_bits}A{cfg.a_bits}", "label": label, "post_ln": cfg.post_ln, "softmax": cfg.softmax}
@@ -91,8 +91,8 @@ def _run_row(model, cfg, label, x_tr_t, x_te, y_te, seeds, calib_images, backend
         if not exportable:
             continue
         path = Path(f"{stem}_s{seed}.safetensors")
-        export_vit(res, path, examples=(x_te[:16], y_te[:16]))
-        program = IntViT.load(path)
+        res.export(path)
+        program = load(path)
         int_logits = program.run(x_te, backend=backend)
         integer.append(_top1(int_logits, y_te))
         agree.append(float((int_logits.argmax(1) == fake_logits.argmax(1)).mean() * 100))

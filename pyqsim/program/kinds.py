@@ -108,7 +108,7 @@ def _int_conv2d(args, attrs, t, ctx):
 
 _SPLIT_ATTRS = {"x1_zero_point": (INT, REQUIRED, None), "x2_zero_point": (INT, REQUIRED, None),
                 "w_format": (STR, "int8", W_FORMATS), "x_bits": (INT, 8, None), "w_bits": (INT, 8, None)}
-_SPLIT_TENSORS = {"w1": TensorSpec((I8,), None), "w2": TensorSpec((I8,), None), "w1_zero_point": TensorSpec((I32,), 1),
+_SPLIT_TENSORS = {"w1": TensorSpec((I8, U8), None), "w2": TensorSpec((I8, U8), None), "w1_zero_point": TensorSpec((I32,), 1),
                   "w2_zero_point": TensorSpec((I32,), 1), "bias": TensorSpec((I32,), 1, optional=True),
                   "out_scale1": TensorSpec((F32,), 1), "out_scale2": TensorSpec((F32,), 1)}
 
