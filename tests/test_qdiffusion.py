@@ -117,7 +117,7 @@ def test_export_round_trip(qmodel, exported):
     from pyqsim import ops
     path, _ = exported
     prog = load(path)
-    node = next(n for n in prog.nodes if n.get("scope") == "model.up.1.block.0.conv1")
+    node = next(n for n in prog.nodes if n.get("scope") == "model.up.1.block.0.conv1" and n["kind"] == "split_conv2d")
     assert node["kind"] == "split_conv2d" and prog.info["quant"]["w_bits"] == 4
     m = qmodel.get_submodule("model.up.1.block.0.conv1")
     for i, (wq, w) in enumerate(zip(m.wq, m.weights())):

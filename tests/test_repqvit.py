@@ -294,12 +294,10 @@ def test_torch_transformer_encoder_calibrates(norm_first):
     res = calibrate(model, x, RepQConfig(8, 8))
     assert len(res.attention) == 2
     assert _relative_error(res, model, x) < 0.15
-    groups = {g.ln: g for g in res.post_ln}
     if norm_first:
-        assert len(groups["enc.layers.0.norm1"].linears) == 1  # the fused in-projection (q, k, v rows)
-        assert not any(g.shared for g in res.post_ln)
+        assert len(res.post_ln) >= 3 and not any(g.shared for g in res.post_ln)
     else:  # post-LN: LayerNorm outputs also feed residuals, so the fold goes into a LayerNorm copy
-        assert groups["enc.layers.0.norm2_rq"].shared
+        assert any(g.shared and g.ln.endswith("_rq") for g in res.post_ln)
 
 
 def test_bert_style_model_calibrates():

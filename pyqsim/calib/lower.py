@@ -234,12 +234,12 @@ class Lowerer:
         """A constant node holding ``arr``; bool arrays are stored as uint8 and cast back."""
         key = id(arr) if torch.is_tensor(arr) else None
         if key is not None and key in self._const_cache:
-            return self._const_cache[key]
+            return self._const_cache[key][1]
         is_bool = (torch.is_tensor(arr) and arr.dtype == torch.bool) or (isinstance(arr, np.ndarray) and arr.dtype == bool)
         ref = self.emit("constant", tensors={"value": self.tensor(base, arr)}, base=base,
                         dtype="bool" if is_bool else None)
         if key is not None:
-            self._const_cache[key] = ref
+            self._const_cache[key] = (arr, ref)  # keeps arr alive, so its id is not reused
         return ref
 
     def float_ref(self, v) -> object:
