@@ -8,8 +8,6 @@ and the module path. Sizes read from tensors stay symbolic, so batch and sequenc
 from __future__ import annotations
 
 import inspect
-import math
-import operator
 
 import numpy as np
 import torch
@@ -28,12 +26,6 @@ class LoweringError(ValueError):
 
 
 # --------------------------------------------------------------------------- capture
-
-
-def _flat_inputs(model, args, kwargs):
-    sig = inspect.signature(model.forward)
-    bound = sig.bind(*args, **kwargs)
-    return bound
 
 
 def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, dynamic: bool = True):
@@ -156,9 +148,6 @@ def record_values(gm: fx.GraphModule, args, kwargs) -> dict:
 
 
 def _flatten_call(gm, args, kwargs):
-    spec = getattr(gm, "_in_spec", None)
-    if spec is None:
-        return list(args) + list(kwargs.values())
     flat, _ = torch.utils._pytree.tree_flatten((tuple(args), dict(kwargs)))
     return flat
 
@@ -339,7 +328,7 @@ class Lowerer:
                 for i, o in enumerate(flat):
                     if isinstance(o, fx.Node):
                         ref = self.float_ref(self.env[o])
-                        outputs.append({"name": _out_name(o, i), "value": ref})
+                        outputs.append({"name": f"output{i}", "value": ref})
         return inputs, outputs
 
     def _call(self, node):
@@ -361,10 +350,6 @@ def _fetch_attr(gm, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def _out_name(node, i):
-    return f"output{i}"
 
 
 def _op_name(target) -> str:
@@ -400,22 +385,22 @@ def aten(*names):
     return deco
 
 
+def _codes_source(lw, node):
+    """The quantizer of the codes held by the node's first argument, or None."""
+    src = lw.env.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+    return src.codes if isinstance(src, Val) else None
+
+
 def _simple(kind, nargs=None, attrs=None, codes_ok=False):
-    """Converter emitting ``kind`` with the node's positional args (first ``nargs``)."""
+    """Converter emitting ``kind`` with the node's positional args (first ``nargs``); a layout op (``codes_ok``)
+    applied to codes keeps them as codes (no dtype cast)."""
     def conv(lw, node):
         a = list(node.args)[:nargs] if nargs is not None else list(node.args)
+        codes = _codes_source(lw, node) if codes_ok else None
         args = [lw.arg(x, codes_ok=codes_ok and i == 0) for i, x in enumerate(a)]
-        ref = lw.emit(kind, args, attrs, base=node.name, dtype=None if _keeps_codes(lw, node, codes_ok) else lw.dtype_of(node))
-        src = lw.env.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
-        if codes_ok and isinstance(src, Val) and src.codes is not None:
-            return Val(ref, src.codes)
-        return ref
+        ref = lw.emit(kind, args, attrs, base=node.name, dtype=None if codes is not None else lw.dtype_of(node))
+        return Val(ref, codes) if codes is not None else ref
     return conv
-
-
-def _keeps_codes(lw, node, codes_ok):
-    src = lw.env.get(node.args[0]) if codes_ok and node.args and isinstance(node.args[0], fx.Node) else None
-    return isinstance(src, Val) and src.codes is not None
 
 
 for _n, _k in (("view", "reshape"), ("reshape", "reshape"), ("_unsafe_view", "reshape"), ("permute", "permute"),
@@ -432,9 +417,10 @@ def _squeeze(lw, node):
     args = list(node.args)
     if len(args) == 2 and isinstance(args[1], int):
         args[1] = [args[1]]
-    ref = lw.emit("squeeze", [lw.arg(a, codes_ok=i == 0) for i, a in enumerate(args)], base=node.name)
-    src = lw.env[node.args[0]]
-    return Val(ref, src.codes) if isinstance(src, Val) else ref
+    codes = _codes_source(lw, node)
+    ref = lw.emit("squeeze", [lw.arg(a, codes_ok=i == 0) for i, a in enumerate(args)], base=node.name,
+                  dtype=None if codes is not None else lw.dtype_of(node))
+    return Val(ref, codes) if codes is not None else ref
 
 
 @aten("t", "numpy_T")
@@ -709,7 +695,7 @@ def _full(lw, node):
         shape, value = [], a[0]
     elif name.endswith("_like"):
         value = a[1] if name == "full_like" else (1 if name == "ones_like" else 0)
-        shape = lw.emit("shape_of", [lw.arg(a[0])]) if False else _shape_args(lw, a[0])
+        shape = _shape_args(lw, a[0])
     else:
         shape = a[-1] if name.startswith("new_") else a[0]
         value = 1 if "ones" in name else 0

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from .. import ops
-from .schema import (ANY, BOOL, DTYPES, FLOAT, INT, INTS, OPT_FLOAT, OPT_INT, OPT_INTS, OPT_TENSOR, REQUIRED,
+from .schema import (ANY, BOOL, FLOAT, INT, INTS, OPT_FLOAT, OPT_INT, OPT_INTS, OPT_TENSOR, REQUIRED,
                      SCALAR, STR, TENSOR, TENSORS, TensorSpec, kind)
 
 F32, I32, I8, U8, I64 = "float32", "int32", "int8", "uint8", "int64"
@@ -162,7 +162,8 @@ def _as_weight_operand(codes: np.ndarray, zero_point: int, bits: int):
     return codes.view(np.int8), zero_point
 
 
-def _leading(a: np.ndarray, b: np.ndarray, what: str):
+def _leading(a: np.ndarray, b: np.ndarray):
+    """Broadcast leading dimensions of two batched operands [..., X, Y]."""
     lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     return lead, np.broadcast_to(a, lead + a.shape[-2:]), np.broadcast_to(b, lead + b.shape[-2:])
 
@@ -173,7 +174,7 @@ def _leading(a: np.ndarray, b: np.ndarray, what: str):
       tensors={"out_scale": _SCALAR_F32}, integer=True)
 def _int_bmm(args, attrs, t, ctx):
     """Batched integer a @ b^T of two code tensors [..., M, K] x [..., N, K], float32 out (spec §4, §6)."""
-    lead, a, b = _leading(args[0], args[1], "int_bmm")
+    lead, a, b = _leading(args[0], args[1])
     m, n = a.shape[-2], b.shape[-2]
     a2, b2 = a.reshape(-1, m, a.shape[-1]), b.reshape(-1, n, b.shape[-1])
     out = np.empty((a2.shape[0], m, n), np.float32)
@@ -190,7 +191,7 @@ def _int_bmm(args, attrs, t, ctx):
       tensors={"out_scale": _SCALAR_F32}, integer=True)
 def _log2_attn(args, attrs, t, ctx):
     """Batched attn @ (v - zv) from log codes [..., L, S] and value codes [..., S, d] with shifts and adds (spec §7)."""
-    lead, c, v = _leading(args[0], args[1], "log2_attn_matmul")
+    lead, c, v = _leading(args[0], args[1])
     m, n = c.shape[-2], v.shape[-1]
     c2, v2 = c.reshape(-1, m, c.shape[-1]), v.reshape(-1, v.shape[-2], n)
     out = np.empty((c2.shape[0], m, n), np.float32)
@@ -687,5 +688,3 @@ def _repeat_interleave(args, attrs, t, ctx):
     """Repeat each element along dim."""
     return np.repeat(args[0], args[1], axis=args[2])
 
-
-NODE_DTYPES = tuple(DTYPES)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..program.schema import decode_literal, refs_in
+from ..program.schema import decode_literal, is_ref
 
 PRODUCTS = ("int_gemm", "int_conv2d", "split_gemm", "split_conv2d", "int_bmm", "log2_attn_matmul",
             "matmul", "linear", "conv2d", "sdpa")
@@ -57,8 +57,7 @@ def program_cost(program, n: int = 1) -> dict:
         kind = node["kind"]
         if kind not in PRODUCTS:
             continue
-        args = [env[r] if not isinstance(a, list) else None for a in node.get("args", []) for r in [next(refs_in(a), None)]
-                if r is not None]
+        args = [env[a["@"]] for a in node.get("args", []) if is_ref(a)]
         attrs = {k: decode_literal(v) for k, v in node.get("attrs", {}).items()}
         macs, b1, b2, params = _node_macs(kind, args, env[node["name"]], attrs)
         macs //= max(batch, 1)
