@@ -57,6 +57,7 @@ CASES = [
     Case("run", "--n 0", ("run", "{params}", "--n", "0"), "argument --n: must be an integer >= 1"),
     Case("run", "--n -1", ("run", "{params}", "--n", "-1"), "argument --n"),
     Case("run", "--n abc", ("run", "{params}", "--n", "abc"), "argument --n"),
+    Case("run", "--n 10^11", ("run", "{params}", "--n", "100000000000"), "MemoryError", needs_params=True),
     Case("run", "--input not found", ("run", "{params}", "--input", "{tmp}/nope.npy"), "input file not found",
          needs_params=True),
     Case("run", "--input empty .npz", ("run", "{params}", "--input", "{tmp}/empty.npz"), "--input .* holds no arrays",
