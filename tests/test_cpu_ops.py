@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 
 import strategies as S
 from pyqsim import _checks as C
@@ -102,44 +102,46 @@ def gemm_kw(m, n, k, xt="uint8", fmt="int8", seed=0, out="int32", zx=None, zw=No
 
 @FIXTURE_OK
 @given(kw=S.gemm_cases())
+@S.at_shift_edges("int_gemm")
 def test_int_gemm_equals_reference(isa, kw):
-    if not bound_ok(kw):  # see test_lead_bound_gap below; the CPU kernels enforce the tight bound
-        return
+    assume(bound_ok(kw))  # see test_lead_bound_gap below; the CPU kernels enforce the tight bound
     same("int_gemm", kw)
 
 
 @FIXTURE_OK
 @given(kw=S.conv_cases())
+@S.at_shift_edges("int_conv2d")
 def test_int_conv2d_equals_reference(isa, kw):
-    if not bound_ok(kw):
-        return
+    assume(bound_ok(kw))
     same("int_conv2d", kw)
 
 
 @FIXTURE_OK
 @given(kw=S.split_gemm_cases())
+@S.at_shift_edges("split_gemm")
 def test_split_gemm_equals_reference(isa, kw):
-    if not bound_ok(kw):
-        return
+    assume(bound_ok(kw))
     same("split_gemm", kw)
 
 
 @FIXTURE_OK
 @given(kw=S.split_conv_cases())
+@S.at_shift_edges("split_conv2d")
 def test_split_conv2d_equals_reference(isa, kw):
-    if not bound_ok(kw):
-        return
+    assume(bound_ok(kw))
     same("split_conv2d", kw)
 
 
 @FIXTURE_OK
 @given(kw=S.log2_cases())
+@S.at_shift_edges("log2_attn_matmul")
 def test_log2_attn_matmul_equals_reference(isa, kw):
     same("log2_attn_matmul", kw)
 
 
 @FIXTURE_OK
 @given(kw=S.requant_cases())
+@S.at_shift_edges("requantize")
 def test_requantize_equals_reference(isa, kw):
     same("requantize", kw)
 
@@ -403,8 +405,7 @@ def test_log2_deep_codes_and_outputs(isa, bits, mode, frac_bits):
 def test_prepacked_gemm_weight_equals_plain(kw):
     from pyqsim import _C
     from pyqsim.backends import cpu
-    if not bound_ok(kw):
-        return
+    assume(bound_ok(kw))
     a = C.gemm_args(kw["x"], kw["w"], kw.get("x_zero_point", 0), kw.get("w_zero_point", 0), kw.get("bias"),
                     kw.get("w_format", "int8"), kw["out_dtype"], kw.get("multiplier"), kw.get("shift"),
                     kw.get("out_zero_point", 0), kw.get("out_scale"))
