@@ -16,6 +16,10 @@ Tolerance policy
   Requantized outputs (q, k, v, attn @ v): codes differ by at most one, and only where the fake-quant value t
   (in code units) lies within TOL(K) * sum|.| / s_out + 2^-30 |t| (fixed-point multiplier) of a half integer;
   for attn @ v add 0.75 * 2^-16 * delta * s_v / s_out per log code deeper than 2^-16 (spec §7 per-term rounding).
+  Such one-code flips must also be rare: at most MAX_FLIP_RATE of the requantized elements of a configuration.
+  Measured (torch 2.13 CPU, this fixture, 417,792 elements per configuration): 0 flips for W4A4 and W6A6, 5 for W8A8
+  (1.2e-5); MAX_FLIP_RATE = 1.2e-4 is ten times the largest. For scale, TFLite's double rounding (spec §6.1) in
+  place of the single rounding flips 4,285 of the 1,253,376 elements of the three (3.4e-3).
 - End to end, errors cascade through softmax, GELU and later quantizers: top-1 agreement >= 99%.
 """
 import math
@@ -39,6 +43,7 @@ from pyqsim.runtime.vit import IntViT  # noqa: E402
 pytestmark = pytest.mark.needs_torch
 U = 2.0 ** -24
 N_IMAGES = 24
+MAX_FLIP_RATE = 1.2e-4  # ten times the measured 1.2e-5, see the tolerance policy above
 
 
 def tol(k: int) -> float:
@@ -204,12 +209,15 @@ def _near_half(t: np.ndarray, slack: np.ndarray) -> np.ndarray:
     return np.abs(t - np.floor(t) - 0.5) <= slack
 
 
-def _check_requant(got, t, z, qmax, slack):
+def _check_requant(got, t, z, qmax, slack, flips):
+    """One-code differences only near a half integer; counts ``[elements, flips]`` into ``flips``."""
     fake = np.clip(np.rint(t) + z, 0, qmax)
     got = np.minimum(got.astype(np.int64), qmax)
     diff = np.abs(got - fake)
     assert diff.max(initial=0) <= 1
     assert np.all(_near_half(t, slack)[diff == 1])
+    flips[0] += diff.size
+    flips[1] += int((diff == 1).sum())
 
 
 def test_runner_matches_fake_quant_layer_by_layer(calibrated, digits):
@@ -218,7 +226,7 @@ def test_runner_matches_fake_quant_layer_by_layer(calibrated, digits):
     qmax = 2 ** cfg.a_bits - 1
     with ops.record() as calls:
         IntViT.load(path).run(digits[2][:N_IMAGES], backend="reference")
-    seen = set()
+    seen, flips = set(), [0, 0]
     for scope, op, a, out in calls:
         block = scope.split(".attn")[0]
         if op == "int_gemm" and ".attn.qk." in scope:  # scores of one head, float32 output
@@ -249,7 +257,7 @@ def test_runner_matches_fake_quant_layer_by_layer(calibrated, digits):
             else:
                 s_out = float(consumer.scale)
                 t = fake / np.float32(s_out)
-                _check_requant(out, t, int(consumer.zero_point), qmax, bound / s_out + 2.0 ** -30 * np.abs(t))
+                _check_requant(out, t, int(consumer.zero_point), qmax, bound / s_out + 2.0 ** -30 * np.abs(t), flips)
                 seen.add("requant")
         elif op == "log2_attn_matmul":
             av = g.get_submodule(f"{block}.attn.matmul_av")
@@ -263,9 +271,10 @@ def test_runner_matches_fake_quant_layer_by_layer(calibrated, digits):
             deep = ((e > a.frac_bits) & (c != 2 ** a.bits - 1)).sum(1, keepdim=True).numpy()
             slack = (tol(c.shape[1]) * (p.abs() @ v.abs()).numpy()
                      + 0.75 * 2.0 ** -a.frac_bits * float(av.p_quant.delta) * float(av.v_quant.scale) * deep) / s_out
-            _check_requant(out, t, int(proj_in.zero_point), qmax, slack + 2.0 ** -30 * np.abs(t))
+            _check_requant(out, t, int(proj_in.zero_point), qmax, slack + 2.0 ** -30 * np.abs(t), flips)
             seen.add("av")
     assert seen == {"qk", "float", "requant", "av"}
+    assert flips[1] <= MAX_FLIP_RATE * flips[0], flips
 
 
 def test_runner_agrees_with_fake_quant_top1(calibrated, digits):
