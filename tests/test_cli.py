@@ -63,6 +63,9 @@ def test_verify_with_only_the_reference_says_so(capsys, vit_params):
     assert rc == EXIT_NOTHING_COMPARED == 3 and not res["ok"] and res["backends"] == []
     assert main(["verify", vit_params, "--n", "1", "--backends", "reference"]) == 3
     assert "NOT VERIFIED" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["verify", "--help"])
+    assert "3 when only the reference backend is available" in " ".join(capsys.readouterr().out.split())
 
 
 def test_vectors_recompute_from_hex_alone(capsys, vit_params, tmp_path):
