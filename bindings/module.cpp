@@ -661,9 +661,11 @@ py::array log2_attn_matmul(py::handle codes_, py::handle v_, int64_t v_zero_poin
   if (k != 1 && k != 2) throw py::value_error("mode k must be 1 (log2) or 2 (log-sqrt2), got " + std::to_string(k));
   if (frac_bits < 0 || frac_bits > 24) throw py::value_error("frac_bits must be in [0, 24], got " + std::to_string(frac_bits));
   check_zero_point(v_zero_point, "v_zero_point", act_range(vt), vt == ActType::U8 ? "uint8" : "int8");
-  // §7 width precondition: L * 255 * 2^F * (2^16 + 92682) < 2^63
-  const long double bound = static_cast<long double>(l) * 255.0L * std::ldexp(1.0L, frac_bits) * (65536.0L + 92682.0L);
-  if (bound >= std::ldexp(1.0L, 63))
+  // §7 width precondition: L * 255 * 2^F * (2^16 + 92682) < 2^63, i.e. L <= (2^63 - 1) / (255 * 158218 * 2^F),
+  // in exact integers (the divisor is below 2^50 for F <= 24)
+  const uint64_t per_row = uint64_t(255) * (65536 + 92682) << frac_bits;
+  const uint64_t l_max = ((uint64_t(1) << 63) - 1) / per_row;
+  if (static_cast<uint64_t>(l) > l_max)
     throw py::value_error("L=" + std::to_string(l) + " is too long for frac_bits=" + std::to_string(frac_bits) +
                           ": the int64 accumulator could overflow (spec §7)");
   const int zero_code = (1 << bits) - 1;

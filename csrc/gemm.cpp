@@ -217,7 +217,7 @@ void run_jobs(const std::vector<GemmJob>& jobs, Isa isa) {
         const PackedMatrix& pm = *jb.br[b].b;
         if (pm.format == WFormat::S8) {
           bp[b] = pm.panel(p);
-          ukr[b] = pm.has_min ? ks.ukr_wide : ks.ukr;
+          ukr[b] = pm.min_panel[p] ? ks.ukr_wide : ks.ukr;  // §10.2: per 16-channel panel
         } else if (mc <= 2 * kMR && ks.ukr4_nib[1]) {
           bp[b] = pm.panel(p);  // few rows: unpack nibbles in registers
           ukr[b] = ks.ukr4_nib;

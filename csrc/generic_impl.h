@@ -5,8 +5,6 @@
 //
 // Requires: <cstdint>, <cstring>, "kernels.h" included before.
 
-inline int64_t gi_min(int64_t a, int64_t b) { return a < b ? a : b; }
-
 // §6 for a run of values sharing one channel.
 void requant_run_impl(const int32_t* acc, int64_t count, int64_t m, int64_t sh, int64_t rnd, int32_t zy, int32_t lo,
                       int32_t hi, qsim::OutType t, void* out) {

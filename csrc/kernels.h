@@ -29,7 +29,7 @@ struct Epi {
   const int32_t* colc2 = nullptr;
   const int32_t* zw2 = nullptr;
   // requantize: y = clamp(((acc1*m1 [+ acc2*m2] + rnd) >> sh) + zy, lo, hi). Shifts > 62 are
-  // normalized to (m = 0, sh = 1), which yields 0 exactly as §6 prescribes.
+  // normalized to (m = 0, sh = 62), which yields 0 exactly as §6 prescribes ((0 + 2^61) >> 62 == 0).
   const int64_t* m1 = nullptr;
   const int64_t* m2 = nullptr;
   const int64_t* sh = nullptr;
@@ -76,8 +76,6 @@ struct KernelSet {
   EpiFn epi;
   UnpackFn unpack4;
   PackAFn pack_a;
-  // fill the second half (|x'|, or u = x' + 128 when u_half) of an A panel whose x' half is written
-  void (*fill_second)(int8_t* panel, int64_t kg, int mr, bool u_half);
   // requantize `count` int32 values sharing one channel's (m, sh, rnd) (§6)
   void (*requant_run)(const int32_t* acc, int64_t count, int64_t m, int64_t sh, int64_t rnd, int32_t zy, int32_t lo,
                       int32_t hi, OutType t, void* out);

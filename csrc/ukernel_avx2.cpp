@@ -444,25 +444,6 @@ void pack_a_avx2(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, u
   }
 }
 
-void fill_second_avx2(int8_t* panel, int64_t kg, int mr, bool u_half) {
-  if (mr == kMR) {
-    const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
-    for (int64_t g = 0; g < kg; ++g) {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + g * 32));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(panel + g * 32 + 16),
-                       u_half ? _mm_xor_si128(v, flip) : _mm_abs_epi8(v));
-    }
-    return;
-  }
-  for (int64_t g = 0; g < kg; ++g) {
-    int8_t* p = panel + g * 8 * mr;
-    for (int i = 0; i < 4 * mr; ++i) {
-      const int v = p[i];
-      p[4 * mr + i] = static_cast<int8_t>(static_cast<uint8_t>(u_half ? v + 128 : (v < 0 ? -v : v)));
-    }
-  }
-}
-
 }  // namespace
 
 const KernelSet& avx2_kernels() {
@@ -482,7 +463,6 @@ const KernelSet& avx2_kernels() {
     k.epi = epi_avx2;
     k.unpack4 = unpack4_avx2;
     k.pack_a = pack_a_avx2;
-    k.fill_second = fill_second_avx2;
     k.ukr4[1] = ukr4_avx2<1>;
     k.ukr4[2] = ukr4_avx2<2>;
     k.ukr4[3] = ukr4_avx2<3>;

@@ -144,7 +144,6 @@ const KernelSet& scalar_kernels() {
     k.epi = epi_scalar;
     k.unpack4 = unpack4_scalar;
     k.pack_a = pack_a_scalar;
-    k.fill_second = fill_second_scalar;
     k.ukr4[1] = ukr4_scalar<1>;
     k.ukr4[2] = ukr4_scalar<2>;
     k.ukr4[3] = ukr4_scalar<3>;

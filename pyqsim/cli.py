@@ -17,6 +17,10 @@ class CLIError(Exception):
     """A user-facing failure: printed without a traceback, exit code 2."""
 
 
+# `pyqsim verify` exit status when no backend besides the reference ran: nothing was compared, so nothing is verified
+EXIT_NOTHING_COMPARED = 3
+
+
 def _emit(args, data: dict, text: str) -> None:
     if args.json:
         print(json.dumps(data, indent=1, default=_jsonable))
@@ -190,9 +194,12 @@ def cmd_verify(args) -> int:
     program = _load(args.params)
     res = verify_program(program, args.n, args.backends)
     if not res["backends"]:
-        res["note"] = "only the reference backend is available: nothing to compare"
-    lines = [f"{res['ops_checked']} integer op calls checked against the reference on: "
-             f"{', '.join(res['backends']) or 'nothing (only the reference is available)'}"]
+        res["ok"] = False
+        res["note"] = "only the reference backend is available: nothing was compared"
+        _emit(args, res, f"{res['ops_checked']} integer op calls ran on the reference only\n"
+                         f"NOT VERIFIED: {res['note']} (exit status {EXIT_NOTHING_COMPARED})")
+        return EXIT_NOTHING_COMPARED
+    lines = [f"{res['ops_checked']} integer op calls checked against the reference on: {', '.join(res['backends'])}"]
     for b in res["backends"]:
         lines.append(f"  {b}: {res['op_mismatches'][b]} op-output mismatches, "
                      f"{res['output_mismatches'][b]} model-output mismatches")
@@ -302,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--n", type=_positive_int, default=8, help="number of example inputs when --input is not given")
     r.add_argument("--out", help="save the output as .npy")
     r.add_argument("--backend", **backend)
-    v = add("verify", cmd_verify, "run on every backend and on the reference; exit 1 on any mismatch")
+    v = add("verify", cmd_verify, "run on every backend and on the reference; exit 1 on any mismatch, "
+                                  f"{EXIT_NOTHING_COMPARED} when only the reference backend is available (nothing "
+                                  "compared)")
     v.add_argument("params")
     v.add_argument("--n", type=_positive_int, default=4, help="example inputs to run")
     v.add_argument("--backends", nargs="*", default=None, help="backends to check (default: all available)")

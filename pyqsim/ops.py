@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import importlib
 import os
+import sys
 from functools import lru_cache
 
 import numpy as np
@@ -29,9 +30,6 @@ __all__ = [
     "quantize_multiplier", "quantize_multiplier_pair", "requantize", "int_gemm", "int_conv2d",
     "split_gemm", "split_conv2d", "log2_attn_matmul",
 ]
-
-# Ops computed on the host for every backend: parameter derivation and layout, not arithmetic kernels.
-HOST_OPS = ("dequantize", "dequantize_log", "pack_int4", "unpack_int4", "quantize_multiplier", "quantize_multiplier_pair")
 
 
 def _reference_table() -> dict:
@@ -53,9 +51,14 @@ def _reference_table() -> dict:
     return numpy_engine
 
 
-@lru_cache(maxsize=None)
-def _backend_module(name: str):
-    """The backend's module if it imports and reports itself available, else None."""
+def _generation() -> tuple:
+    """Changes whenever a loaded backend switches its kernels (``generation`` counters that the backends own, e.g.
+    ``pyqsim.backends.cuda.simulated()``); the caches below are keyed on it, so no backend needs to call back here."""
+    return tuple(getattr(sys.modules.get(f"{__package__}.backends.{b}"), "generation", 0) for b in BACKENDS[1:])
+
+
+@lru_cache(maxsize=64)
+def _backend_module_at(name: str, generation: tuple):
     if name == "reference":
         return None
     try:
@@ -65,18 +68,27 @@ def _backend_module(name: str):
     return mod if mod.available() else None
 
 
-@lru_cache(maxsize=None)
-def _table(backend: str) -> dict:
+def _backend_module(name: str):
+    """The backend's module if it imports and reports itself available, else None."""
+    return _backend_module_at(name, _generation())
+
+
+@lru_cache(maxsize=64)
+def _table_at(backend: str, generation: tuple) -> dict:
     if backend == "reference":
         return _reference_table()
     mod = _backend_module(backend)
     return dict(mod.OPS) if mod is not None else {}
 
 
+def _table(backend: str) -> dict:
+    return _table_at(backend, _generation())
+
+
 def reset_backend_cache() -> None:
-    """Forget which backends are available (after ``pyqsim.backends.cuda.simulated()`` switches the kernels)."""
-    _backend_module.cache_clear()
-    _table.cache_clear()
+    """Forget which backends are available and which reference engine is selected."""
+    _backend_module_at.cache_clear()
+    _table_at.cache_clear()
 
 
 def available_backends() -> list[str]:

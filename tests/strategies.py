@@ -6,7 +6,7 @@ Values are biased toward the edges: type extremes, zero-size dimensions and tile
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import strategies as st
+from hypothesis import example, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from pyqsim import _checks as C
@@ -42,16 +42,42 @@ def zero_points(draw, dtype: str, n: int | None = None):
     return np.array(draw(st.lists(z, min_size=n, max_size=n)), np.int32)
 
 
+# Shifts where the §6 arithmetic changes: the ends of [1, 94], the int32 form of §10.4 (S in [33, 62]) and the
+# "S > 62 gives zy" rule; every op's property tests carry @examples at each (at_shift_edges).
+SHIFT_EDGES = (1, 31, 32, 62, 63, 94)
+MULTIPLIER_EDGES = (0, 1, 2**30, 2**31 - 1)
+
+
+def shifts():
+    return st.one_of(st.sampled_from(SHIFT_EDGES), st.integers(C.SHIFT_MIN, C.SHIFT_MAX))
+
+
+def multipliers():
+    return st.one_of(st.sampled_from(MULTIPLIER_EDGES), st.integers(2**30, 2**31 - 1), st.integers(0, 2**31 - 1))
+
+
+@st.composite
+def fixed_point(draw, shape, reals=None, count: int = 1):
+    """``count`` multipliers and one shift of ``shape``, drawn over the whole accepted range (M0 in [0, 2^31 - 1],
+    S in [1, 94]), or, half the time when ``reals`` is given, quantize_multiplier of a real scale drawn from it
+    (typical scales: mostly in-range outputs)."""
+    if reals is not None and draw(st.booleans()):
+        m, s = quantize_multiplier(draw(hnp.arrays(np.float64, shape, elements=reals)))
+        return [m], s
+    ms = [draw(hnp.arrays(np.int32, shape, elements=multipliers())) for _ in range(count)]
+    return ms, draw(hnp.arrays(np.int32, shape, elements=shifts()))
+
+
+REALS = st.floats(2.0**-30, 2.0**-2, allow_nan=False, allow_infinity=False)
+
+
 @st.composite
 def out_stage(draw, n: int, allowed=("int32", "int8", "uint8", "int4", "uint4", "float32")):
     kind = draw(st.sampled_from(allowed))
     kw = {"out_dtype": kind}
     if kind in C.REQUANT_OUT:
-        per_channel = draw(st.booleans())
-        size = n if per_channel else None
-        reals = hnp.arrays(np.float64, () if size is None else (size,),
-                           elements=st.floats(2.0**-30, 2.0**-2, allow_nan=False, allow_infinity=False))
-        m, s = quantize_multiplier(draw(reals))
+        shape = (n,) if draw(st.booleans()) else ()
+        (m,), s = draw(fixed_point(shape, REALS))
         kw.update(multiplier=m, shift=s, out_zero_point=draw(zero_points(kind)))
     elif kind == "float32":
         kw["out_scale"] = draw(hnp.arrays(np.float32, (n,), elements=st.floats(F32_MIN_SCALE, 10.0, width=32)))
@@ -142,10 +168,12 @@ def split_out_stage(draw, n: int):
         for i in ("1", "2"):
             kw[f"out_scale{i}"] = draw(hnp.arrays(np.float32, (n,), elements=st.floats(F32_MIN_SCALE, 10.0, width=32)))
         return kw
-    reals = st.floats(2.0**-30, 2.0**-2, allow_nan=False, allow_infinity=False)
-    r1 = draw(hnp.arrays(np.float64, (n,), elements=reals))
-    r2 = draw(hnp.arrays(np.float64, (n,), elements=reals))
-    m1, m2, s = quantize_multiplier_pair(r1, r2)
+    if draw(st.booleans()):
+        r1 = draw(hnp.arrays(np.float64, (n,), elements=REALS))
+        r2 = draw(hnp.arrays(np.float64, (n,), elements=REALS))
+        m1, m2, s = quantize_multiplier_pair(r1, r2)
+    else:
+        (m1, m2), s = draw(fixed_point((n,) if draw(st.booleans()) else (), count=2))
     kw.update(multiplier1=m1, multiplier2=m2, shift=s, out_zero_point=draw(zero_points(kind)))
     return kw
 
@@ -190,8 +218,7 @@ def log2_cases(draw, max_dim: int = 40):
     kind = draw(st.sampled_from(["int64", "int8", "uint8", "int4", "uint4", "float32"]))
     kw["out_dtype"] = kind
     if kind in C.REQUANT_OUT:
-        r = draw(hnp.arrays(np.float64, (n,), elements=st.floats(2.0**-60, 2.0**-20)))
-        mm, s = quantize_multiplier(r)
+        (mm,), s = draw(fixed_point((n,), st.floats(2.0**-60, 2.0**-20)))
         kw.update(multiplier=mm, shift=s, out_zero_point=draw(zero_points(kind)))
     elif kind == "float32":
         kw["out_scale"] = draw(hnp.arrays(np.float32, (n,), elements=st.floats(float(np.float32(1e-12)), float(np.float32(1e-3)), width=32)))
@@ -208,8 +235,8 @@ def requant_cases(draw):
     kind = draw(st.sampled_from(list(C.REQUANT_OUT)))
     per_channel = draw(st.booleans())
     msize = (n,) if per_channel else ()
-    mult = draw(hnp.arrays(np.int32, msize, elements=st.one_of(st.integers(0, 2**31 - 1), st.just(2**30))))
-    shift = draw(hnp.arrays(np.int32, msize, elements=st.integers(1, 94)))
+    mult = draw(hnp.arrays(np.int32, msize, elements=multipliers()))
+    shift = draw(hnp.arrays(np.int32, msize, elements=shifts()))
     return dict(acc=acc, multiplier=mult, shift=shift, zero_point=draw(zero_points(kind)), out_dtype=kind, axis=axis)
 
 
@@ -243,3 +270,79 @@ def max_k(xt: str, zx: int, fmt: str, zw: int) -> int:
     a = max(abs(xlo - zx), abs(xhi - zx))
     b = max(abs(wlo - zw), abs(whi - zw))
     return (2**31 - 1) // (a * b)
+
+
+# ------------------------------------------------------------------------------------------ shift edges
+
+
+def _edge_base(op: str, rng, n: int) -> tuple[dict, int]:
+    """Fixed arguments of ``op`` with ``n`` output channels, and log2 of a typical |accumulator| (so that a
+    multiplier 2^(S - bits) gives outputs of a few codes)."""
+    def act(shape, xt):
+        lo, hi = C.RANGES[xt]
+        return rng.integers(lo, hi + 1, shape, dtype=C.CONTAINERS[xt])
+
+    def wts(fmt, shape):
+        lo, hi = C.RANGES[fmt]
+        w = rng.integers(lo, hi + 1, shape).astype(C.CONTAINERS[fmt])
+        return w if fmt == "int8" else pack_int4(w.reshape(shape[0], -1), fmt == "int4")
+
+    bias = rng.integers(-3000, 3000, n, dtype=np.int32)
+    if op == "int_gemm":
+        return dict(x=act((5, 9), "uint8"), w=wts("int8", (n, 9)), w_format="int8", x_zero_point=3,
+                    w_zero_point=rng.integers(-5, 5, n, dtype=np.int32), bias=bias), 14
+    if op == "int_conv2d":
+        return dict(x=act((1, 3, 4, 5), "int8"), w=wts("int4", (n, 3, 3, 3)), w_format="int4", kernel_size=(3, 3),
+                    stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, x_zero_point=-7, w_zero_point=-1,
+                    bias=bias), 12
+    if op == "split_gemm":
+        return dict(x1=act((4, 7), "uint8"), w1=wts("int8", (n, 7)), x2=act((4, 6), "int8"), w2=wts("uint4", (n, 6)),
+                    w1_format="int8", w2_format="uint4", x1_zero_point=250, x2_zero_point=-3, w1_zero_point=2,
+                    w2_zero_point=rng.integers(0, 16, n, dtype=np.int32), bias=bias), 14
+    if op == "split_conv2d":
+        return dict(x1=act((1, 2, 4, 4), "int8"), w1=wts("int4", (n, 2, 2, 2)), x2=act((1, 3, 4, 4), "uint8"),
+                    w2=wts("int8", (n, 3, 2, 2)), w1_format="int4", w2_format="int8", kernel_size=(2, 2), stride=1,
+                    padding=(1, 1), x1_zero_point=5, x2_zero_point=9, w1_zero_point=3,
+                    w2_zero_point=-2, bias=bias), 14
+    if op == "log2_attn_matmul":
+        codes = rng.integers(0, 16, (4, 8), dtype=np.uint8)
+        return dict(codes=codes, v=act((8, n), "uint8"), v_zero_point=131, bits=4, mode="sqrt2", frac_bits=16), 38
+    if op == "requantize":
+        acc = rng.integers(-(2**31), 2**31, (3, n), dtype=np.int64).astype(np.int32)
+        acc[0, :2] = [-(2**31), 2**31 - 1]
+        return dict(acc=acc, zero_point=1, axis=1), 28
+    raise ValueError(op)
+
+
+def shift_edge_cases(op: str) -> list[dict]:
+    """Fixed kwargs of ``op`` with shifts at SHIFT_EDGES: for each edge one case with every channel at that shift
+    (the CPU and CUDA kernels choose their epilogue per call, from all the shifts), and one case with all the
+    edges across channels. Channels alternate a largest multiplier and one giving outputs of a few codes."""
+    rng = np.random.default_rng(sum(map(ord, op)))
+    n = 2 * len(SHIFT_EDGES)
+    base, bits = _edge_base(op, rng, n)
+    zp_key = "zero_point" if op == "requantize" else "out_zero_point"
+    cases = []
+    for edge in SHIFT_EDGES + (None,):
+        shift = np.repeat(SHIFT_EDGES, 2) if edge is None else np.full(n, edge)
+        small = np.array([min(2**31 - 1, 2 ** max(int(s) - bits, 0)) for s in shift])
+        big = np.full(n, 2**31 - 1)
+        alt = np.where(np.arange(n) % 2 == 0, big, small).astype(np.int32)
+        out = "int8" if edge is not None else "uint4"
+        kw = dict(base, out_dtype=out, shift=shift.astype(np.int32))
+        kw[zp_key] = C.RANGES[out][0] + 2
+        if op.startswith("split"):
+            kw.update(multiplier1=alt, multiplier2=np.where(np.arange(n) % 2 == 0, small, big).astype(np.int32))
+        else:
+            kw["multiplier"] = alt
+        cases.append(kw)
+    return cases
+
+
+def at_shift_edges(op: str, name: str | None = "kw"):
+    """Decorator: one Hypothesis @example per shift_edge_cases(op) (keyword ``name``, or positional if None)."""
+    def deco(test):
+        for kw in shift_edge_cases(op):
+            test = (example(kw) if name is None else example(**{name: kw}))(test)
+        return test
+    return deco

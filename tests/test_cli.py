@@ -40,6 +40,7 @@ def test_run_prints_predictions(capsys, vit_params, tmp_path):
     assert np.load(out).shape == (5, 10)
 
 
+@pytest.mark.needs_cpu_ext  # without it "auto" is the reference: the comparison would be with itself
 def test_run_backends_agree_bitwise(capsys, vit_params, tmp_path):
     outs = []
     for b in ("reference", "auto"):
@@ -50,9 +51,21 @@ def test_run_backends_agree_bitwise(capsys, vit_params, tmp_path):
     assert np.array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32))
 
 
+@pytest.mark.needs_cpu_ext  # without it only the reference exists: verify compares nothing (next test)
 def test_verify_passes(capsys, vit_params):
     rc, res = run_json(capsys, ["verify", vit_params, "--n", "3"])
-    assert rc == 0 and res["ok"] and res["ops_checked"] > 0
+    assert rc == 0 and res["ok"] and res["ops_checked"] > 0 and "cpu" in res["backends"]
+
+
+def test_verify_with_only_the_reference_says_so(capsys, vit_params):
+    from pyqsim.cli import EXIT_NOTHING_COMPARED
+    rc, res = run_json(capsys, ["verify", vit_params, "--n", "1", "--backends", "reference"])
+    assert rc == EXIT_NOTHING_COMPARED == 3 and not res["ok"] and res["backends"] == []
+    assert main(["verify", vit_params, "--n", "1", "--backends", "reference"]) == 3
+    assert "NOT VERIFIED" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["verify", "--help"])
+    assert "3 when only the reference backend is available" in " ".join(capsys.readouterr().out.split())
 
 
 def test_vectors_recompute_from_hex_alone(capsys, vit_params, tmp_path):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
 
 import strategies as S
 from pyqsim import _checks as C
@@ -102,44 +103,46 @@ def gemm_kw(m, n, k, xt="uint8", fmt="int8", seed=0, out="int32", zx=None, zw=No
 
 @FIXTURE_OK
 @given(kw=S.gemm_cases())
+@S.at_shift_edges("int_gemm")
 def test_int_gemm_equals_reference(isa, kw):
-    if not bound_ok(kw):  # see test_lead_bound_gap below; the CPU kernels enforce the tight bound
-        return
+    assume(bound_ok(kw))  # see test_lead_bound_gap below; the CPU kernels enforce the tight bound
     same("int_gemm", kw)
 
 
 @FIXTURE_OK
 @given(kw=S.conv_cases())
+@S.at_shift_edges("int_conv2d")
 def test_int_conv2d_equals_reference(isa, kw):
-    if not bound_ok(kw):
-        return
+    assume(bound_ok(kw))
     same("int_conv2d", kw)
 
 
 @FIXTURE_OK
 @given(kw=S.split_gemm_cases())
+@S.at_shift_edges("split_gemm")
 def test_split_gemm_equals_reference(isa, kw):
-    if not bound_ok(kw):
-        return
+    assume(bound_ok(kw))
     same("split_gemm", kw)
 
 
 @FIXTURE_OK
 @given(kw=S.split_conv_cases())
+@S.at_shift_edges("split_conv2d")
 def test_split_conv2d_equals_reference(isa, kw):
-    if not bound_ok(kw):
-        return
+    assume(bound_ok(kw))
     same("split_conv2d", kw)
 
 
 @FIXTURE_OK
 @given(kw=S.log2_cases())
+@S.at_shift_edges("log2_attn_matmul")
 def test_log2_attn_matmul_equals_reference(isa, kw):
     same("log2_attn_matmul", kw)
 
 
 @FIXTURE_OK
 @given(kw=S.requant_cases())
+@S.at_shift_edges("requantize")
 def test_requantize_equals_reference(isa, kw):
     same("requantize", kw)
 
@@ -220,11 +223,68 @@ def test_gemm_k_at_overflow_bound(isa, xt, zx, wv):
 
 
 def test_int4_k_near_bound(isa):
-    k = S.max_k("uint8", 0, "uint4", 0)  # 1052688 for uint8 x uint4
+    k = S.max_k("uint8", 0, "uint4", 0)  # 561433 for uint8 x uint4
     x = np.full((1, k), 255, np.uint8)
     w = ops.pack_int4(np.full((2, k), 15, np.uint8), False, backend="reference")
     got = same("int_gemm", dict(x=x, w=w, w_format="uint4", out_dtype="int32"))
     assert int(got[0, 0]) == k * 255 * 15
+
+
+@pytest.mark.parametrize("xt,xv", [("uint8", 255), ("int8", 127)])
+def test_int4_kernel_sum_crosses_2_31(isa, xt, xv):
+    """§10.3: the 4-bit kernel sums u * c with u = x' + 128 = 255 and c = w + 8 = 15 (w = 7); at K at the §4.1
+    bound that sum is K * 3825, above 2^31 (uint8, K = 1052688) and even above 2^32 (int8, K = 2097151), while the
+    true accumulator K * (x - zx) * 7 fits int32: the mod-2^32 epilogue must still give it exactly."""
+    k = S.max_k(xt, 0, "int4", 0)
+    assert k * 255 * 15 > 2**31
+    x = np.full((3, k), xv, C.CONTAINERS[xt])
+    x[1, ::2] = C.RANGES[xt][0]  # a second row whose true sum is smaller, and one with one odd element
+    x[2, 5] = 0
+    w = ops.pack_int4(np.full((2, k), 7, np.int8), True, backend="reference")
+    got = same("int_gemm", dict(x=x, w=w, w_format="int4", out_dtype="int32"))
+    assert int(got[0, 0]) == k * xv * 7 <= 2**31 - 1
+
+
+def test_minus128_weights_only_in_some_panels(isa):
+    """§10.2 per panel: channel 37 (panel 2) holds a -128 against x' = -128; panels 0, 1 keep the sign path."""
+    rng = np.random.default_rng(11)
+    x = rng.choice(np.array([0, 255, 1, 128], np.uint8), (7, 45))
+    w = rng.integers(-127, 128, (48, 45)).astype(np.int8)
+    w[37, 3] = -128
+    x[:, 3] = 0
+    for zx in (0, 128):
+        same("int_gemm", dict(x=x, w=w, x_zero_point=zx, out_dtype="int32"))
+        same("int_gemm", dict(x=x, w=w, x_zero_point=zx, out_dtype="int8", multiplier=2**30, shift=40))
+
+
+@st.composite
+def long_k_gemm_cases(draw):
+    """K in the thousands or at the §4.1 bound of the drawn types and zero points, few rows and channels; data as
+    a drawn constant fill (extremes favoured) with drawn elements scattered over it."""
+    xt, fmt = draw(st.sampled_from(S.ACT_TYPES)), draw(st.sampled_from(["int8", "int4", "uint4"]))
+    zx, zw = draw(S.zero_points(xt)), draw(S.zero_points(fmt))
+    bound = S.max_k(xt, zx, fmt, zw)
+    k = draw(st.one_of(st.just(bound), st.integers(1000, min(bound, 20000))))
+    m, n = draw(st.integers(1, 3)), draw(st.integers(1, 17))
+
+    def data(dtype, shape):
+        lo, hi = C.RANGES[dtype]
+        return draw(hnp.arrays(C.CONTAINERS[dtype], shape, elements=st.integers(lo, hi),
+                               fill=st.sampled_from([lo, hi, (lo + hi) // 2])))
+    w = data(fmt, (n, k))
+    kw = dict(x=data(xt, (m, k)), w=w if fmt == "int8" else ops.pack_int4(w, fmt == "int4", backend="reference"),
+              w_format=fmt, x_zero_point=zx, w_zero_point=zw)
+    kw.update(draw(S.out_stage(n)))
+    return kw
+
+
+@settings(FIXTURE_OK, max_examples=max(4, settings.default.max_examples // 100))  # ci: 4, thorough: 100
+@given(kw=long_k_gemm_cases())
+@example(kw=dict(x=np.full((2, S.max_k("uint8", 0, "int8", -128)), 255, np.uint8),
+                 w=np.full((3, S.max_k("uint8", 0, "int8", -128)), 127, np.int8), x_zero_point=0,
+                 w_zero_point=-128, out_dtype="int32"))
+def test_long_k_gemm_equals_reference(isa, kw):
+    same("int_gemm", kw)
 
 
 def test_minus128_weights_with_full_range_activations(isa):
@@ -403,8 +463,7 @@ def test_log2_deep_codes_and_outputs(isa, bits, mode, frac_bits):
 def test_prepacked_gemm_weight_equals_plain(kw):
     from pyqsim import _C
     from pyqsim.backends import cpu
-    if not bound_ok(kw):
-        return
+    assume(bound_ok(kw))
     a = C.gemm_args(kw["x"], kw["w"], kw.get("x_zero_point", 0), kw.get("w_zero_point", 0), kw.get("bias"),
                     kw.get("w_format", "int8"), kw["out_dtype"], kw.get("multiplier"), kw.get("shift"),
                     kw.get("out_zero_point", 0), kw.get("out_scale"))

@@ -318,6 +318,7 @@ FIXED = {
 @example(kw=gemm_kw(129, 65, 17, fmt="int4", out="uint8"))
 @example(kw=gemm_kw(1, 257, 200, xt="int8", fmt="uint4", out="float32"))
 @example(kw=gemm_kw(0, 3, 5, out="int8"))
+@S.at_shift_edges("int_gemm")
 def test_int_gemm_equals_reference(kw):
     same("int_gemm", kw)
 
@@ -333,6 +334,7 @@ def test_int_gemm_across_thread_block_tiles_equals_reference(kw):
 @example(kw=conv_kw(2, 6, (9, 11), 9, groups=3, stride=(2, 1), padding=(1, 2), dilation=(1, 2), fmt="int4",
                     out="uint8"))
 @example(kw=conv_kw(1, 4, (5, 5), 2, ks=(1, 1), xt="int8", fmt="uint4", out="float32"))
+@S.at_shift_edges("int_conv2d")
 def test_int_conv2d_equals_reference(kw):
     same("int_conv2d", kw)
 
@@ -340,12 +342,14 @@ def test_int_conv2d_equals_reference(kw):
 @given(kw=S.split_gemm_cases())
 @example(kw=split_gemm_kw(130, 33, 17, 64, "uint4", "int8", out="float32"))
 @example(kw=split_gemm_kw(5, 7, 0, 9, "int4", "int4", out="uint4"))
+@S.at_shift_edges("split_gemm")
 def test_split_gemm_equals_reference(kw):
     same("split_gemm", kw)
 
 
 @given(kw=S.split_conv_cases())
 @example(kw=split_conv_kw(2, 3, 4, (7, 6), 5, stride=2, fmt1="int4", fmt2="uint4", out="int8"))
+@S.at_shift_edges("split_conv2d")
 def test_split_conv2d_equals_reference(kw):
     same("split_conv2d", kw)
 
@@ -353,6 +357,7 @@ def test_split_conv2d_equals_reference(kw):
 @given(kw=S.log2_cases())
 @example(kw=log2_kw(129, 65, 17, bits=8, mode="sqrt2", frac_bits=24, out="int64"))
 @example(kw=log2_kw(3, 40, 5, bits=6, mode="log2", frac_bits=0, vt="int8", out="float32"))
+@S.at_shift_edges("log2_attn_matmul")
 def test_log2_attn_matmul_equals_reference(kw):
     same("log2_attn_matmul", kw)
 
@@ -360,6 +365,7 @@ def test_log2_attn_matmul_equals_reference(kw):
 @given(kw=S.requant_cases())
 @example(kw=requant_kw((2, 130, 3), 1, "uint4"))
 @example(kw=requant_kw((257,), 0, "int8"))
+@S.at_shift_edges("requantize")
 def test_requantize_equals_reference(kw):
     same("requantize", kw)
 

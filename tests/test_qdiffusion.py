@@ -10,7 +10,12 @@ Without a code flip the per-layer relative error is <= K * u ~ 5e-5, i.e. ATOL =
 activation quantizer (a "code flip": one step s_x on one element), which then propagates. Flips are rare
 events, so the policy is: >= FRAC_CLOSE of all eps elements agree within ATOL, and the mean absolute
 difference is <= MEAN_TOL * mean|eps| (a wrong scale, bias or split anywhere fails both by orders of magnitude).
-On the fixture below 91-97 % of the elements agree within ATOL (the rest carry propagated flips).
+Both thresholds come from measured rates (torch 2.13 CPU, one thread, the fixture below):
+  correct runner                                   frac within ATOL 0.8936, mean|diff| / mean|eps| 0.00250
+  quantizer rounding half up instead of half even  0.8467,                  0.00308   (a one-code, ties-only error)
+  quantizer rounding toward -inf                   0.0527,                  0.0850
+FRAC_CLOSE = 0.87 and MEAN_TOL = 0.0028 lie halfway between the correct run and the ties-only error: a margin
+of 0.024 (2.6 %) and 0.0003 (12 %) below/above the measured values, and the same distance from the error.
 """
 import numpy as np
 import pytest
@@ -22,7 +27,7 @@ from pyqsim.models.ddim import DDIMSampler  # noqa: E402
 from pyqsim.models.unet import load_digits_unet  # noqa: E402
 from pyqsim.runtime import load  # noqa: E402
 
-ATOL_REL, FRAC_CLOSE, MEAN_TOL = 1e-3, 0.8, 0.02
+ATOL_REL, FRAC_CLOSE, MEAN_TOL = 1e-3, 0.87, 0.0028  # derived in the tolerance policy above
 MEAN_TOL_RANDOM = 0.05  # random-weight CIFAR-config model: mean agreement only (see that test)
 SHAPE = (1, 8, 8)
 

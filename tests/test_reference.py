@@ -16,7 +16,8 @@ from hypothesis.extra import numpy as hnp
 
 from pyqsim import _checks as C
 from pyqsim import ops, reference as R
-from strategies import conv_cases, gemm_cases, log2_cases, requant_cases, split_conv_cases, split_gemm_cases
+from strategies import (at_shift_edges, conv_cases, gemm_cases, log2_cases, requant_cases, split_conv_cases,
+                        split_gemm_cases)
 
 
 # ----------------------------------------------------------------------------- exact oracles
@@ -83,6 +84,7 @@ def exact_gemm_acc(x, w, zx, zw, fmt, bias):
               w_zero_point=127))
 @example(dict(x=np.full((2, 3), 255, np.uint8), w=np.full((4, 3), 127, np.int8), x_zero_point=0,
               out_dtype="uint8", multiplier=2**30, shift=1, out_zero_point=255))
+@at_shift_edges("int_gemm", None)
 def test_int_gemm_matches_exact(kw):
     y = R.int_gemm(**kw)
     fmt = kw.get("w_format", "int8")
@@ -134,6 +136,7 @@ def stage_nchw(acc, kw):
 
 
 @given(conv_cases())
+@at_shift_edges("int_conv2d", None)
 def test_int_conv2d_matches_exact(kw):
     y = R.int_conv2d(**kw)
     expect = stage_nchw(exact_conv_acc(kw), kw)
@@ -151,8 +154,17 @@ def test_conv_padding_uses_zero_point():
 # ----------------------------------------------------------------------------- requantization
 
 
-@given(st.floats(2.0**-64, 2.0**30, exclude_max=True, allow_nan=False))
+# §6.1's accepted range of r, [2^-64 - 2^-96, 2^30 - 2^-2): the M0 carry moves each end down by 2^-32 relative
+R_MIN, R_END = 2.0**-64 - 2.0**-96, 2.0**30 - 2.0**-2
+
+
+@given(st.floats(2.0**-66, 2.0**31, allow_nan=False))
 @example(2.0**-64)
+@example(R_MIN)
+@example(math.nextafter(R_MIN, 0))
+@example(math.nextafter(R_END, 0))
+@example(R_END)
+@example(math.ldexp(1 - 2.0**-53, -64))  # carries into S = 94
 @example(1.0)
 @example(math.nextafter(1.0, 0))
 @example(0.5 + 2.0**-32)  # f * 2^31 ends in exactly .5: ties round away from zero
@@ -161,7 +173,8 @@ def test_quantize_multiplier_exact(r):
     expect = math.floor(Fraction(f) * 2**31 + Fraction(1, 2))
     if expect == 2**31:
         expect, e = 2**30, e + 1
-    if 31 - e < 1:
+    assert (1 <= 31 - e <= 94) == (R_MIN <= r < R_END)
+    if not 1 <= 31 - e <= 94:
         with pytest.raises(ValueError, match="real_scale"):
             R.quantize_multiplier(r)
         return
@@ -178,6 +191,7 @@ def test_quantize_multiplier_tie_rounds_up():
 
 
 @given(requant_cases())
+@at_shift_edges("requantize", None)
 def test_requantize_matches_exact(kw):
     y = R.requantize(**kw)
     acc = kw["acc"]
@@ -206,18 +220,49 @@ def test_requantize_ties_round_half_up(acc, m, s, expect):
 # ----------------------------------------------------------------------------- split shortcut
 
 
-@given(st.floats(2.0**-40, 2.0**20, allow_nan=False), st.floats(2.0**-40, 2.0**20, allow_nan=False))
+HALF_BELOW = float.fromhex("0x1.fffffffffffffp-2")  # 1/2 - 2^-54, the largest double below 1/2
+
+
+@given(st.floats(2.0**-70, 2.0**31, allow_nan=False), st.floats(2.0**-70, 2.0**31, allow_nan=False))
 @example(1.0, 1.0)
 @example(1.0 - 2.0**-40, 2.0**-40)
+@example(1.0, math.ldexp(HALF_BELOW, -30))  # smaller multiplier 1/2 - 2^-54 before rounding: 0, not 1
+@example(1.0, 2.0**-31)  # smaller multiplier exactly at the tie 1/2: rounds up to 1
+@example(1.0, math.nextafter(2.0**-31, 1))  # just above the tie: 1
+@example(1.0, math.ldexp(1.5 - 2.0**-52, -30))  # 3/2 - 2^-52: 1, not 2
+@example(0.5 + 2.0**-32, 2.0**-20)  # larger multiplier at the tie 2^30 + 1/2: 2^30 + 1
+@example(math.nextafter(0.5 + 2.0**-32, 0), 2.0**-20)  # just below that tie: 2^30
+@example(2.0**-20, 0.5 + 2.0**-32)  # the same with the roles swapped
+@example(2.0**-20, math.nextafter(0.5 + 2.0**-32, 0))
+@example(1.0 - 2.0**-33, 0.25)  # the larger rounds to 2^31: one shift less, both recomputed
+@example(R_MIN, R_MIN)  # S = 94 after the carry
+@example(math.nextafter(R_END, 0), 1.0)  # S = 1
+@example(R_END, 1.0)  # rejected: S would be 0
 def test_quantize_multiplier_pair_exact(r1, r2):
-    m1, m2, s = (int(v) for v in R.quantize_multiplier_pair(r1, r2))
-    assert max(m1, m2) < 2**31 and 1 <= s <= 94
-    for r, m in ((r1, m1), (r2, m2)):
-        assert m == math.floor(Fraction(r) * 2**s + Fraction(1, 2))
-    assert max(m1, m2) >= 2**30 - 1
+    e = math.frexp(max(r1, r2))[1]
+    s = 31 - e
+    exact = [math.floor(Fraction(r) * Fraction(2) ** s + Fraction(1, 2)) for r in (r1, r2)]
+    if max(exact) == 2**31:
+        s -= 1
+        exact = [math.floor(Fraction(r) * Fraction(2) ** s + Fraction(1, 2)) for r in (r1, r2)]
+    assert (1 <= s <= 94) == (R_MIN <= max(r1, r2) < R_END)
+    if not 1 <= s <= 94:
+        with pytest.raises(ValueError, match="shift"):
+            R.quantize_multiplier_pair(r1, r2)
+        return
+    m1, m2, got_s = (int(v) for v in R.quantize_multiplier_pair(r1, r2))
+    assert (m1, m2, got_s) == (*exact, s)
+    assert 2**30 <= max(m1, m2) < 2**31  # spec §8: the larger multiplier keeps 31 significant bits
+
+
+def test_quantize_multiplier_pair_rounds_exactly():
+    """The issue's case: r2 * 2^30 = 1/2 - 2^-54 is below the tie; a float64 ``+ 0.5`` would round it to 1."""
+    m1, m2, s = (int(v) for v in R.quantize_multiplier_pair(1.0, math.ldexp(HALF_BELOW, -30)))
+    assert (m1, m2, s) == (2**30, 0, 30)
 
 
 @given(split_gemm_cases(max_dim=16))
+@at_shift_edges("split_gemm", None)
 def test_split_gemm_matches_exact(kw):
     y = R.split_gemm(**kw)
     acc1 = exact_gemm_acc(kw["x1"], kw["w1"], kw["x1_zero_point"], kw["w1_zero_point"], kw["w1_format"], kw["bias"])
@@ -227,6 +272,8 @@ def test_split_gemm_matches_exact(kw):
 
 def exact_split(acc1, acc2, kw):
     kind = kw["out_dtype"]
+    n = kw["w1"].shape[0]
+    m1, m2, sh = (np.broadcast_to(kw.get(k, 0), (n,)) for k in ("multiplier1", "multiplier2", "shift"))
     out = []
     for r1, r2 in zip(acc1, acc2):
         row = []
@@ -235,13 +282,14 @@ def exact_split(acc1, acc2, kw):
                 row.append(np.float32(np.float32(np.float32(a1) * kw["out_scale1"][j]) + np.float32(np.float32(a2) * kw["out_scale2"][j])))
             else:
                 lo, hi = C.RANGES[kind]
-                v = rshift_round(a1 * int(kw["multiplier1"][j]) + a2 * int(kw["multiplier2"][j]), int(kw["shift"][j]))
+                v = rshift_round(a1 * int(m1[j]) + a2 * int(m2[j]), int(sh[j]))
                 row.append(min(max(v + kw["out_zero_point"], lo), hi))
         out.append(row)
     return out
 
 
 @given(split_conv_cases())
+@at_shift_edges("split_conv2d", None)
 def test_split_conv2d_equals_split_of_exact_convs(kw):
     y = R.split_conv2d(**kw)
     common = dict(stride=(kw["stride"],) * 2, padding=kw["padding"], dilation=(1, 1), kernel_size=kw["kernel_size"])
@@ -343,6 +391,7 @@ def exact_log2_acc(kw):
 
 
 @given(log2_cases(max_dim=12))
+@at_shift_edges("log2_attn_matmul", None)
 def test_log2_attn_matches_exact(kw):
     y = R.log2_attn_matmul(**kw)
     acc = exact_log2_acc(kw)
@@ -416,6 +465,7 @@ def test_uniform_qparams_cover_range():
 
 
 @given(gemm_cases(max_dim=33))
+@at_shift_edges("int_gemm", None)
 def test_numba_gemm_equals_numpy(kw):
     from pyqsim.reference import _numba as nb
     a = C.gemm_args(kw["x"], kw["w"], kw.get("x_zero_point", 0), kw.get("w_zero_point", 0), kw.get("bias"),
@@ -428,6 +478,7 @@ def test_numba_gemm_equals_numpy(kw):
 
 
 @given(requant_cases())
+@at_shift_edges("requantize", None)
 def test_numba_requantize_equals_numpy(kw):
     from pyqsim.reference import _numba as nb
     a = C.requantize_args(kw["acc"], kw["multiplier"], kw["shift"], kw["zero_point"], kw["out_dtype"], kw["axis"])
@@ -435,6 +486,7 @@ def test_numba_requantize_equals_numpy(kw):
 
 
 @given(log2_cases(max_dim=20))
+@at_shift_edges("log2_attn_matmul", None)
 def test_numba_log2_attn_equals_numpy(kw):
     from pyqsim.reference import _numba as nb
     a = C.log2_attn_args(kw["codes"], kw["v"], kw["v_zero_point"], kw["bits"], kw["mode"], kw["frac_bits"],

@@ -22,6 +22,7 @@ else:
     _cu = getattr(_C, "cuda", None)
     _IMPORT_ERROR = None if _cu is not None else "pyqsim._C was built without CUDA (PYQSIM_CUDA=OFF or no nvcc)"
 _GPU_MODULE = _cu  # the kernels compiled by nvcc (None without them); _cu is the module the ops call
+generation = 0  # counts switches of _cu; pyqsim.ops caches this backend's availability per generation
 
 
 def simulator_available() -> bool:
@@ -44,15 +45,15 @@ def simulated():
     except ImportError as exc:
         raise RuntimeError("pyqsim was built without the host SIMT emulator (PYQSIM_CUDA_SIMT=OFF or no "
                            f"ucontext.h): {exc}") from None
-    from .. import ops
+    global generation
     saved = _cu
     _cu = sim
-    ops.reset_backend_cache()
+    generation += 1  # the op table re-reads this backend's availability (pyqsim.ops keys its caches on it)
     try:
         yield
     finally:
         _cu = saved
-        ops.reset_backend_cache()
+        generation += 1
 
 
 MIN_CAPABILITY = 80  # mma.sync int8 m16n8k32, ldmatrix, cp.async

@@ -133,10 +133,6 @@ class ViT(nn.Module):
         return self.head(x[:, 0])
 
 
-def deit_tiny(**overrides) -> ViT:
-    return ViT(dataclasses.replace(DEIT_TINY, **overrides))
-
-
 def deit_small(**overrides) -> ViT:
     return ViT(dataclasses.replace(DEIT_SMALL, **overrides))
 

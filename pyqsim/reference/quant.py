@@ -12,6 +12,7 @@ T_HALF = float.fromhex("0x1.6a09e667f3bccp-1")
 T_QUARTER = float.fromhex("0x1.ae89f995ad3adp-1")
 T_THREE_QUARTERS = float.fromhex("0x1.306fe0a31b715p-1")
 SQRT2 = math.sqrt(2.0)
+F32_TINY = np.float32(2.0**-149)  # smallest positive float32: the least scale §2.1 returns
 
 
 def code_range(dtype: str = "int8", bits: int | None = None, narrow: bool = False) -> tuple[int, int]:
@@ -82,10 +83,10 @@ def uniform_qparams(lo, hi, bits: int = 8, *, symmetric: bool = False, signed: b
             raise ValueError("symmetric quantization needs signed=True")
         qmax = 2 ** (b - 1) - 1
         amax = np.maximum(-lo, hi)
-        s = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+        s = np.maximum(np.where(amax > 0, amax / qmax, 1.0).astype(np.float32), F32_TINY)
         return s, np.zeros(s.shape, np.int32), -qmax, qmax
     levels = 2**b - 1
-    s = np.where(hi > lo, (hi - lo) / levels, 1.0).astype(np.float32)
+    s = np.maximum(np.where(hi > lo, (hi - lo) / levels, 1.0).astype(np.float32), F32_TINY)
     z = np.clip(np.rint(-lo / s.astype(np.float64)), 0, levels).astype(np.int32)
     if signed:
         return s, z - 2 ** (b - 1), -(2 ** (b - 1)), 2 ** (b - 1) - 1

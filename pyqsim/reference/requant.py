@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -34,9 +35,15 @@ def quantize_multiplier(real_scale):
     for i, v in np.ndenumerate(r):
         m0, sh = _frexp_multiplier(float(v))
         if not C.SHIFT_MIN <= sh <= C.SHIFT_MAX:
-            raise ValueError(f"real_scale {float(v)!r} is outside [2^-64, 2^30): its shift {sh} is not in [1, 94]")
+            raise ValueError(f"real_scale {float(v)!r} is outside [2^-64 - 2^-96, 2^30 - 2^-2): its shift {sh} "
+                             "is not in [1, 94] (spec §6.1)")
         m[i], s[i] = m0, sh
     return m, s
+
+
+def _round_scaled(r: float, sh: int) -> int:
+    """``floor(r * 2^sh + 1/2)`` in exact rational arithmetic (spec §8; no float rounding)."""
+    return math.floor(Fraction(r) * Fraction(2) ** sh + Fraction(1, 2))
 
 
 def quantize_multiplier_pair(real_scale1, real_scale2):
@@ -54,12 +61,13 @@ def quantize_multiplier_pair(real_scale1, real_scale2):
         a, b = float(r1[i]), float(r2[i])
         _, e = math.frexp(max(a, b))
         sh = 31 - e
-        ma, mb = math.floor(math.ldexp(a, sh) + 0.5), math.floor(math.ldexp(b, sh) + 0.5)
+        ma, mb = _round_scaled(a, sh), _round_scaled(b, sh)
         if max(ma, mb) == 2**31:
             sh -= 1
-            ma, mb = math.floor(math.ldexp(a, sh) + 0.5), math.floor(math.ldexp(b, sh) + 0.5)
+            ma, mb = _round_scaled(a, sh), _round_scaled(b, sh)
         if not C.SHIFT_MIN <= sh <= C.SHIFT_MAX:
-            raise ValueError(f"real scales ({a!r}, {b!r}) give shift {sh}, outside [1, 94]")
+            raise ValueError(f"real scales ({a!r}, {b!r}) give shift {sh}, outside [1, 94]: max(real_scale1, "
+                             "real_scale2) must be in [2^-64 - 2^-96, 2^30 - 2^-2) (spec §8)")
         m1[i], m2[i], s[i] = ma, mb, sh
     return m1, m2, s
 
