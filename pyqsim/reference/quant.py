@@ -60,8 +60,11 @@ def quantize(x, scale, zero_point=0, dtype: str = "int8", *, axis=None, bits=Non
     name = profile(numerics).name
     lo, hi = code_range(dtype, bits, narrow)
     s, z = _channel_params(scale, zero_point, x, axis, lo, hi)
-    if name.startswith("fbgemm"):  # fl32(x * fl32(1/s) + z) fused, round half even, clamp (spec §14.5)
+    if name.startswith("fbgemm") and axis is None:  # fl32(x * fl32(1/s) + z) fused, round half even (§14.5)
         t = np.rint(fma_f32(x, np.float32(1) / s, z))
+        return np.clip(t, lo, hi).astype(C.CONTAINERS[dtype])
+    if name.startswith("fbgemm"):  # per channel: fl32(z + fl32(x * fl32(1/s))), not fused (§14.5)
+        t = np.rint(z.astype(np.float32) + x * (np.float32(1) / s))
         return np.clip(t, lo, hi).astype(C.CONTAINERS[dtype])
     q = x / s  # float32 division
     t = round_half_away(q) if name.startswith("tflite") else np.rint(q)  # TfLiteRound, else round half even
