@@ -18,8 +18,8 @@ from hypothesis import example, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from pyqsim import ops
+from test_cpu_ops import ISAS
 from pyqsim.numerics import NAMES, PROFILES
-from pyqsim.reference import profiles as P
 
 EXAMPLES = max(settings().max_examples, 300)
 RUNTIME = settings(max_examples=EXAMPLES)
@@ -409,17 +409,8 @@ def test_tflite_profiles_equal_kernel_formulas(acc, real, numerics, zy):
 
 # --------------------------------------------------------------------------- cpu kernels == reference, every ISA
 
-def _isas():
-    try:
-        from pyqsim import _C
-    except ImportError:
-        return ["scalar"]
-    info = _C.build_info()
-    return ["scalar"] + (["avx2"] if "avx2" in info["simd_compiled"] and info["cpu_has_avx2"] else [])
-
-
 @pytest.mark.needs_cpu_ext
-@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("numerics", ["tflite", "tflite-single", "onnxruntime", "fbgemm"])
 @RUNTIME
 @given(acc=hnp.arrays(np.int32, st.tuples(st.integers(0, 3), st.integers(1, 20), st.integers(0, 5)),
