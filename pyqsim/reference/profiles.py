@@ -79,9 +79,15 @@ def requant_stage(acc: np.ndarray, out: C.OutStage, shape: list) -> np.ndarray:
 
 def requant_scale(x_scale, w_scale, y_scale, numerics: str = "pyqsim") -> np.ndarray:
     """The real requantization scale ``s_x * s_w / s_y`` formed as the profile's runtime forms it (spec §14)."""
-    sx, sy = np.float32(x_scale), np.float32(y_scale)
-    sw = np.asarray(w_scale, np.float32)
-    if profile(numerics).params == "float":  # fl32(fl32(s_x * s_w) / s_y)
+    prof = profile(numerics)
+    sx, sy = np.float32(C.positive_scale(x_scale, "x_scale")), np.float32(C.positive_scale(y_scale, "y_scale"))
+    sw = np.asarray(w_scale)
+    if sw.dtype.kind not in "fiu" or sw.dtype == np.bool_:
+        raise TypeError(f"w_scale must be a float or a float array, got dtype {sw.dtype}")
+    sw = sw.astype(np.float32)
+    if sw.size and not (np.all(np.isfinite(sw)) and np.all(sw > 0)):
+        raise ValueError("w_scale must be finite and > 0")
+    if prof.params.params == "float":  # fl32(fl32(s_x * s_w) / s_y)
         return (sx * sw) / sy
     if numerics.startswith("tflite") and sw.ndim == 0:  # product in float32, quotient in float64
         return np.float64(sx * sw) / np.float64(sy)
