@@ -648,6 +648,43 @@ py::array requantize(py::handle acc_, py::handle multiplier, py::handle shift, i
   return y;
 }
 
+// §14: the runtime profile's stage on acc [outer, N, inner]; fixed-point profiles take multiplier/shift, float
+// profiles a float32 scale (the unused arguments are None).
+py::array requantize_profile(py::handle acc_, const std::string& numerics, py::handle multiplier, py::handle shift,
+                             py::handle scale, int64_t zero_point, const std::string& out_dtype) {
+  static const std::pair<const char*, qsim::Numerics> names[] = {{"tflite", qsim::Numerics::Tflite},
+                                                                 {"tflite-single", qsim::Numerics::TfliteSingle},
+                                                                 {"onnxruntime", qsim::Numerics::Onnxruntime},
+                                                                 {"fbgemm", qsim::Numerics::Fbgemm}};
+  const std::pair<const char*, qsim::Numerics>* prof = nullptr;
+  for (auto& nm : names)
+    if (numerics == nm.first) prof = &nm;
+  if (!prof)
+    throw py::value_error("numerics must be one of 'tflite', 'tflite-single', 'onnxruntime', 'fbgemm', got '" + numerics + "'");
+  Arr acc = take(acc_, "acc", {DT::I32}, 3, "[outer, N, inner]");
+  const int64_t n = acc.dim(1);
+  qsim::OutStage st;
+  st.type = parse_out(out_dtype, {OutType::S8, OutType::U8, OutType::S4, OutType::U4});
+  const bool fixed = prof->second == qsim::Numerics::Tflite || prof->second == qsim::Numerics::TfliteSingle;
+  if (fixed) {
+    if (multiplier.is_none() || shift.is_none())
+      throw py::value_error("multiplier and shift are required for numerics='" + numerics + "'");
+    st.multiplier = int_vector(multiplier, "multiplier", n, 0, kInt32Max);
+    st.shift = int_vector(shift, "shift", n, 1, 62);
+  } else {
+    if (scale.is_none()) throw py::value_error("scale is required for numerics='" + numerics + "'");
+    st.scale = scale_vector(scale, "scale", n);
+  }
+  st.zero_point = static_cast<int32_t>(check_zero_point(zero_point, "out_zero_point", out_range(st.type), out_dtype.c_str()));
+  py::array y = alloc_out(st.type, {acc.dim(0), n, acc.dim(2)});
+  void* yp = y.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    qsim::requantize_profile(static_cast<const int32_t*>(acc.ptr), acc.dim(0), n, acc.dim(2), prof->second, st, yp);
+  }
+  return y;
+}
+
 py::array log2_attn_matmul(py::handle codes_, py::handle v_, int64_t v_zero_point, int bits, int k, int frac_bits,
                            const std::string& out_dtype, py::handle multiplier, py::handle shift, int64_t out_zero_point,
                            py::handle out_scale) {
@@ -784,6 +821,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out_zero_point"), py::arg("out_scale1"), py::arg("out_scale2"), "spec §8 (conv)");
   m.def("requantize", &requantize, py::arg("acc"), py::arg("multiplier"), py::arg("shift"), py::arg("zero_point"),
         py::arg("out_dtype"), "spec §6 on int32 acc [outer, N, inner]");
+  m.def("requantize_profile", &requantize_profile, py::arg("acc"), py::arg("numerics"), py::arg("multiplier"),
+        py::arg("shift"), py::arg("scale"), py::arg("zero_point"), py::arg("out_dtype"),
+        "Requantize int32 acc [outer, N, inner] under a runtime numerics profile (spec §14)");
   m.def("log2_attn_matmul", &log2_attn_matmul, py::arg("codes"), py::arg("v"), py::arg("v_zero_point"), py::arg("bits"),
         py::arg("k"), py::arg("frac_bits"), py::arg("out_dtype"), py::arg("multiplier"), py::arg("shift"),
         py::arg("out_zero_point"), py::arg("out_scale"), "spec §7");

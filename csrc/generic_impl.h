@@ -26,6 +26,20 @@ void requant_run_impl(const int32_t* acc, int64_t count, int64_t m, int64_t sh, 
   }
 }
 
+// §14 for a run of values sharing one channel (the per-element formula is numerics.h's, for every ISA).
+void profile_run_impl(const int32_t* acc, int64_t count, qsim::Numerics p, int32_t m, int32_t sh, float scale, int32_t zy,
+                      int32_t lo, int32_t hi, qsim::OutType t, void* out) {
+  if (t == qsim::OutType::S8 || t == qsim::OutType::S4) {
+    int8_t* o = static_cast<int8_t*>(out);
+    for (int64_t i = 0; i < count; ++i)
+      o[i] = static_cast<int8_t>(qsim::numerics::requant_code(p, acc[i], m, sh, scale, zy, lo, hi));
+  } else {
+    uint8_t* o = static_cast<uint8_t*>(out);
+    for (int64_t i = 0; i < count; ++i)
+      o[i] = static_cast<uint8_t>(qsim::numerics::requant_code(p, acc[i], m, sh, scale, zy, lo, hi));
+  }
+}
+
 #if !defined(__SIZEOF_INT128__)
 #error "pyqsim's log2 attention output stage needs a compiler with __int128 (GCC or Clang)"
 #endif

@@ -79,6 +79,9 @@ struct KernelSet {
   // requantize `count` int32 values sharing one channel's (m, sh, rnd) (§6)
   void (*requant_run)(const int32_t* acc, int64_t count, int64_t m, int64_t sh, int64_t rnd, int32_t zy, int32_t lo,
                       int32_t hi, OutType t, void* out);
+  // requantize `count` int32 values of one channel under a runtime profile (§14, numerics.h)
+  void (*profile_run)(const int32_t* acc, int64_t count, Numerics p, int32_t m, int32_t sh, float scale, int32_t zy,
+                      int32_t lo, int32_t hi, OutType t, void* out);
   // §7 rows [m0, m1): see log2attn.cpp
   void (*log2_rows)(const Log2Job& job, int64_t m0, int64_t m1, int64_t* scratch);
 };

@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "numerics.h"
+
 namespace qsim {
 
 // ------------------------------------------------------------------------------------------ types
@@ -144,6 +146,11 @@ void split_conv2d(const void* x1, ActType xt1, int32_t zx1, int64_t c1, const Pa
 
 // §6: acc [outer, N, inner] int32 -> y of the stage's requantized type, channel axis N.
 void requantize(const int32_t* acc, int64_t outer, int64_t n, int64_t inner, const OutStage& out, void* y);
+
+// §14: acc [outer, N, inner] int32 -> y requantized under a runtime profile `p` (not Pyqsim): fixed-point
+// profiles read out.multiplier/out.shift (shift in [1, 62]), float profiles out.scale.
+void requantize_profile(const int32_t* acc, int64_t outer, int64_t n, int64_t inner, Numerics p, const OutStage& out,
+                        void* y);
 
 // §7: codes [M, L] uint8, v [L, N]; y [M, N] of type int64, float32 or requantized.
 void log2_attn_matmul(const uint8_t* codes, const void* v, ActType vt, int64_t m, int64_t l, int64_t n, int32_t zv,

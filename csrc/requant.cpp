@@ -50,3 +50,26 @@ void requantize(const int32_t* acc, int64_t outer, int64_t n, int64_t inner, con
 }
 
 }  // namespace qsim
+
+namespace qsim {
+
+void requantize_profile(const int32_t* acc, int64_t outer, int64_t n, int64_t inner, Numerics p, const OutStage& out,
+                        void* y) {
+  if (outer == 0 || n == 0 || inner == 0) return;
+  const KernelSet& ks = detail::kernels_for(resolve_isa());
+  const int32_t lo = out_qmin(out.type), hi = out_qmax(out.type);
+  const bool fixed = p == Numerics::Tflite || p == Numerics::TfliteSingle;
+  const int64_t esz = detail::out_elem_size(out.type);
+  char* yb = static_cast<char*>(y);
+  const int64_t per_task = std::max<int64_t>(1, 65536 / inner);  // whole channel runs per task
+  ThreadPool::instance().run(detail::ceil_div(outer * n, per_task), [&](int64_t task, int) {
+    const int64_t r0 = task * per_task, r1 = std::min(outer * n, r0 + per_task);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t c = r % n;
+      ks.profile_run(acc + r * inner, inner, p, fixed ? out.multiplier[c] : 0, fixed ? out.shift[c] : 0,
+                     fixed ? 0.f : out.scale[c], out.zero_point, lo, hi, out.type, yb + r * inner * esz);
+    }
+  });
+}
+
+}  // namespace qsim

@@ -472,6 +472,7 @@ const KernelSet& avx2_kernels() {
     k.ukr4_nib[3] = ukr4_nib_avx2<3>;
     k.ukr4_nib[4] = ukr4_nib_avx2<4>;
     k.requant_run = requant_run_impl;
+    k.profile_run = profile_run_impl;
     k.log2_rows = log2_rows_impl;
     return k;
   }();

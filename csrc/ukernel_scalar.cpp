@@ -150,6 +150,7 @@ const KernelSet& scalar_kernels() {
     k.ukr4[4] = ukr4_scalar<4>;
     for (int i = 0; i <= kMR; ++i) k.ukr4_nib[i] = nullptr;
     k.requant_run = requant_run_impl;
+    k.profile_run = profile_run_impl;
     k.log2_rows = log2_rows_impl;
     return k;
   }();

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._device import DeviceArray, device_array, host, is_device
+from .numerics import profile
 
 INT32_MAX = 2**31 - 1
 
@@ -183,23 +184,33 @@ class OutStage:
     multiplier: np.ndarray  # int32 [N]  (requantized outputs; zeros otherwise)
     shift: np.ndarray  # int32 [N]
     zero_point: int
-    scale: np.ndarray  # float32 [N] (float32 outputs; zeros otherwise)
+    scale: np.ndarray  # float32 [N] (float32 outputs, and requantized outputs of a float profile; zeros otherwise)
+    numerics: str = "pyqsim"  # profile of the requantized stage (spec §14)
 
 
-def out_stage(out_dtype, n, multiplier, shift, out_zero_point, out_scale, allowed=GEMM_OUT) -> OutStage:
+def out_stage(out_dtype, n, multiplier, shift, out_zero_point, out_scale, allowed=GEMM_OUT,
+              numerics="pyqsim") -> OutStage:
+    prof = profile(numerics)
     out_dtype = check_type_name(out_dtype, "out_dtype", allowed)
     zeros_i = np.zeros(n, np.int32)
     zeros_f = np.zeros(n, np.float32)
+    if out_dtype in REQUANT_OUT and prof.params == "float":
+        if multiplier is None:
+            raise ValueError(f"multiplier (the float32 requantization scale) is required for out_dtype={out_dtype!r}")
+        if shift is not None:
+            raise ValueError(f"shift must be None for numerics={numerics!r} (a float32 scale, spec §14), got {shift!r}")
+        z = zero_point_scalar(out_zero_point, "out_zero_point", out_dtype)
+        return OutStage(out_dtype, zeros_i, zeros_i, z, per_channel_scales(multiplier, "multiplier", n), numerics)
     if out_dtype in REQUANT_OUT:
         if multiplier is None or shift is None:
             raise ValueError(f"multiplier and shift are required for out_dtype={out_dtype!r}")
         m = per_channel_ints(multiplier, "multiplier", n, 0, INT32_MAX)
-        s = per_channel_ints(shift, "shift", n, SHIFT_MIN, SHIFT_MAX)
+        s = per_channel_ints(shift, "shift", n, SHIFT_MIN, prof.shift_max)
         z = zero_point_scalar(out_zero_point, "out_zero_point", out_dtype)
-        return OutStage(out_dtype, m, s, z, zeros_f)
+        return OutStage(out_dtype, m, s, z, zeros_f, numerics)
     if out_dtype == "float32":
-        return OutStage(out_dtype, zeros_i, zeros_i, 0, per_channel_scales(out_scale, "out_scale", n))
-    return OutStage(out_dtype, zeros_i, zeros_i, 0, zeros_f)
+        return OutStage(out_dtype, zeros_i, zeros_i, 0, per_channel_scales(out_scale, "out_scale", n), numerics)
+    return OutStage(out_dtype, zeros_i, zeros_i, 0, zeros_f, numerics)
 
 
 # --------------------------------------------------------------------------- weights
@@ -293,7 +304,8 @@ class GemmArgs:
     out: OutStage
 
 
-def gemm_args(x, w, x_zero_point, w_zero_point, bias, w_format, out_dtype, multiplier, shift, out_zero_point, out_scale) -> GemmArgs:
+def gemm_args(x, w, x_zero_point, w_zero_point, bias, w_format, out_dtype, multiplier, shift, out_zero_point, out_scale,
+              numerics="pyqsim") -> GemmArgs:
     x, x_type = activation(x, "x", 2, "[M, K]", "int_gemm")
     k = x.shape[1]
     w = weight_matrix(w, "w", w_format, None, k)
@@ -303,7 +315,10 @@ def gemm_args(x, w, x_zero_point, w_zero_point, bias, w_format, out_dtype, multi
     b = bias_vector(bias, n)
     bmax = int(np.abs(b.astype(np.int64)).max()) if n else 0
     check_overflow(overflow_term(k, x_type, zx, w_format, zw) + bmax, "int_gemm", f"K={k}")
-    out = out_stage(out_dtype, n, multiplier, shift, out_zero_point, out_scale)
+    if profile(numerics).pair_saturation and (x_type != "uint8" or w_format != "int8"):
+        raise ValueError(f"numerics={numerics!r} models FBGEMM's uint8 x int8 kernels: x must be uint8 and "
+                         f"w_format 'int8', got x {x_type} and w_format {w_format!r} (spec §14.5)")
+    out = out_stage(out_dtype, n, multiplier, shift, out_zero_point, out_scale, numerics=numerics)
     return GemmArgs(x, x_type, w, w_format, k, zx, zw, b, out)
 
 
@@ -367,7 +382,7 @@ def conv_geometry(h, w_, kernel, stride, padding, dilation):
 
 
 def conv_args(x, w, stride, padding, dilation, groups, x_zero_point, w_zero_point, bias, w_format, kernel_size,
-              out_dtype, multiplier, shift, out_zero_point, out_scale, sfx: str = "") -> ConvArgs:
+              out_dtype, multiplier, shift, out_zero_point, out_scale, sfx: str = "", numerics="pyqsim") -> ConvArgs:
     """Canonical conv2d arguments; ``sfx`` names a split branch ("1"/"2") in messages."""
     xn, wn = f"x{sfx}", f"w{sfx}"
     x, x_type = activation(x, xn, 4, "NCHW [B, C, H, W]")
@@ -391,7 +406,10 @@ def conv_args(x, w, stride, padding, dilation, groups, x_zero_point, w_zero_poin
     kk = c // g * kernel[0] * kernel[1]
     bmax = int(np.abs(b.astype(np.int64)).max()) if o else 0
     check_overflow(overflow_term(kk, x_type, zx, w_format, zw) + bmax, "int_conv2d", f"C/groups*KH*KW={kk}")
-    out = out_stage(out_dtype, o, multiplier, shift, out_zero_point, out_scale)
+    if profile(numerics).pair_saturation:
+        raise ValueError(f"int_conv2d: numerics={numerics!r} is defined for int_gemm and requantize only; FBGEMM's "
+                         "conv kernels pair the reduction in their own layout (spec §14.5)")
+    out = out_stage(out_dtype, o, multiplier, shift, out_zero_point, out_scale, numerics=numerics)
     return ConvArgs(x, x_type, w, w_format, kernel, st, pd, dl, g, ohw, zx, zw, b, out)
 
 
@@ -422,6 +440,14 @@ def split_out_stage(out_dtype, n, multiplier1, multiplier2, shift, out_zero_poin
     s = per_channel_ints(shift, "shift", n, SHIFT_MIN, SHIFT_MAX)
     z = zero_point_scalar(out_zero_point, "out_zero_point", out_dtype)
     return SplitOutStage(out_dtype, m1, m2, s, z, zf, zf)
+
+
+def split_numerics(numerics, op: str) -> None:
+    """Split ops exist under the pyqsim profile only: no runtime of §14 has one op that accumulates two
+    differently quantized inputs (spec §14.6)."""
+    if profile(numerics).name != "pyqsim":
+        raise ValueError(f"{op}: numerics={numerics!r} has no split-shortcut form (spec §14.6): the runtime "
+                         "requantizes both inputs to one scale (a concat) before one conv/matmul; use numerics='pyqsim'")
 
 
 @dataclass(frozen=True)
@@ -550,7 +576,7 @@ class RequantArgs:
     out: OutStage
 
 
-def requantize_args(acc, multiplier, shift, zero_point, out_dtype, axis) -> RequantArgs:
+def requantize_args(acc, multiplier, shift, zero_point, out_dtype, axis, numerics="pyqsim") -> RequantArgs:
     acc = as_array(acc, "acc")
     check_dtype(acc, "acc", [np.int32])
     ax = as_int(axis, "axis")
@@ -561,7 +587,7 @@ def requantize_args(acc, multiplier, shift, zero_point, out_dtype, axis) -> Requ
     ax %= acc.ndim
     n = acc.shape[ax]
     out_dtype = check_type_name(out_dtype, "out_dtype", REQUANT_OUT)
-    out = out_stage(out_dtype, n, multiplier, shift, zero_point, None, REQUANT_OUT)
+    out = out_stage(out_dtype, n, multiplier, shift, zero_point, None, REQUANT_OUT, numerics)
     outer = int(np.prod(acc.shape[:ax], dtype=np.int64))
     inner = int(np.prod(acc.shape[ax + 1:], dtype=np.int64))
     return RequantArgs(canonical(acc).reshape(outer, n, inner), acc.shape, ax, out)

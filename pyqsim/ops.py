@@ -19,8 +19,9 @@ import numpy as np
 from . import _checks as C
 from . import _device
 from ._version import __version__
+from .numerics import NAMES as NUMERICS
 from .reference import conv as _rconv, gemm as _rgemm, int4 as _rint4, log2attn as _rlog, quant as _rquant
-from .reference import requant as _rreq
+from .reference import profiles as _rprof, requant as _rreq
 
 BACKENDS = ("reference", "cpu", "cuda")
 _AUTO_ORDER = ("cuda", "cpu", "reference")
@@ -28,7 +29,7 @@ _AUTO_ORDER = ("cuda", "cpu", "reference")
 __all__ = [
     "quantize", "dequantize", "quantize_log", "dequantize_log", "pack_int4", "unpack_int4",
     "quantize_multiplier", "quantize_multiplier_pair", "requantize", "int_gemm", "int_conv2d",
-    "split_gemm", "split_conv2d", "log2_attn_matmul",
+    "split_gemm", "split_conv2d", "log2_attn_matmul", "requant_scale",
 ]
 
 
@@ -96,8 +97,13 @@ def available_backends() -> list[str]:
     return [b for b in _AUTO_ORDER if b == "reference" or _backend_module(b) is not None]
 
 
-def resolve_backend(backend: str, op: str) -> str:
-    """The concrete backend that will run ``op`` for the requested ``backend``."""
+def _numerics_of(name: str) -> tuple:
+    """The numerics profiles (spec §14) a backend implements."""
+    return NUMERICS if name == "reference" else getattr(_backend_module(name), "NUMERICS", ("pyqsim",))
+
+
+def resolve_backend(backend: str, op: str, numerics: str = "pyqsim") -> str:
+    """The concrete backend that will run ``op`` (under the ``numerics`` profile) for the requested ``backend``."""
     if backend == "auto":
         forced = os.environ.get("PYQSIM_BACKEND", "").strip()
         if forced:
@@ -106,7 +112,7 @@ def resolve_backend(backend: str, op: str) -> str:
             backend = forced
         else:
             for b in _AUTO_ORDER:
-                if op in _table(b):
+                if op in _table(b) and numerics in _numerics_of(b):
                     return b
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}, got {backend!r}")
@@ -114,6 +120,9 @@ def resolve_backend(backend: str, op: str) -> str:
         if backend != "reference" and _backend_module(backend) is None:
             raise RuntimeError(f"backend {backend!r} is not available in this build/process (see pyqsim.build_info())")
         raise RuntimeError(f"op {op!r} has no {backend!r} implementation")
+    if numerics not in _numerics_of(backend):
+        raise RuntimeError(f"backend {backend!r} does not implement numerics={numerics!r} (spec §14); "
+                           f"it implements {', '.join(map(repr, _numerics_of(backend)))}")
     return backend
 
 
@@ -143,7 +152,8 @@ def record():
 
 
 def _dispatch(op: str, backend: str, args):
-    name = resolve_backend(backend, op)
+    out = getattr(args, "out", None)
+    name = resolve_backend(backend, op, getattr(out, "numerics", "pyqsim"))
     if name != "cuda" and _device.has_device_arrays(args):
         args = _device.to_host_args(args)  # the host backends compute on copies of device operands
     return _table(name)[op](args)
@@ -170,10 +180,11 @@ def _host(backend: str) -> None:
 # --------------------------------------------------------------------------- float <-> codes
 
 
-def quantize(x, scale, zero_point=0, dtype="int8", *, axis=None, bits=None, narrow=False, backend="auto"):
-    """Uniform codes of float ``x`` (spec §2); per channel along ``axis``."""
+def quantize(x, scale, zero_point=0, dtype="int8", *, axis=None, bits=None, narrow=False, numerics="pyqsim",
+             backend="auto"):
+    """Uniform codes of float ``x`` (spec §2, rounding per ``numerics`` §14); per channel along ``axis``."""
     _host(backend)
-    return _rquant.quantize(x, scale, zero_point, dtype, axis=axis, bits=bits, narrow=narrow)
+    return _rquant.quantize(x, scale, zero_point, dtype, axis=axis, bits=bits, narrow=narrow, numerics=numerics)
 
 
 def dequantize(q, scale, zero_point=0, *, axis=None, backend="auto"):
@@ -206,10 +217,17 @@ def unpack_int4(packed, length, signed=True, *, backend="auto"):
     return _rint4.unpack_int4(packed, length, signed)
 
 
-def quantize_multiplier(real_scale, *, backend="auto"):
-    """(multiplier int32, shift int32) with ``real ~= M0 * 2**-shift`` (spec §6.1)."""
+def quantize_multiplier(real_scale, *, numerics="pyqsim", backend="auto"):
+    """The ``(multiplier, shift)`` that ``requantize(..., numerics=)`` takes for a real scale (spec §6.1, §14):
+    int32 ``M0`` and shift with ``real ~= M0 * 2**-shift``, or a float32 scale and ``None`` (float profiles)."""
     _host(backend)
-    return _rreq.quantize_multiplier(real_scale)
+    return _rreq.quantize_multiplier(real_scale, numerics)
+
+
+def requant_scale(x_scale, w_scale, y_scale, *, numerics="pyqsim", backend="auto"):
+    """The real scale ``s_x * s_w / s_y`` rounded as the profile's runtime forms it (spec §14)."""
+    _host(backend)
+    return _rprof.requant_scale(x_scale, w_scale, y_scale, numerics)
 
 
 def quantize_multiplier_pair(real_scale1, real_scale2, *, backend="auto"):
@@ -221,32 +239,33 @@ def quantize_multiplier_pair(real_scale1, real_scale2, *, backend="auto"):
 # --------------------------------------------------------------------------- integer kernels
 
 
-def requantize(acc, multiplier, shift, zero_point=0, out_dtype="int8", *, axis=-1, backend="auto"):
-    """Requantize int32 ``acc`` by fixed-point multipliers, one rounding (spec §6)."""
-    return _run("requantize", backend, C.requantize_args(acc, multiplier, shift, zero_point, out_dtype, axis))
+def requantize(acc, multiplier, shift, zero_point=0, out_dtype="int8", *, axis=-1, numerics="pyqsim", backend="auto"):
+    """Requantize int32 ``acc`` by ``quantize_multiplier``'s parameters (spec §6; other profiles §14)."""
+    return _run("requantize", backend, C.requantize_args(acc, multiplier, shift, zero_point, out_dtype, axis, numerics))
 
 
 def int_gemm(x, w, *, x_zero_point=0, w_zero_point=0, bias=None, w_format="int8", out_dtype="int32",
-             multiplier=None, shift=None, out_zero_point=0, out_scale=None, backend="auto"):
-    """Integer ``x @ w.T`` (x [M,K] int8/uint8, w [N,K] int8 or packed int4) with one output stage (spec §4, §6)."""
+             multiplier=None, shift=None, out_zero_point=0, out_scale=None, numerics="pyqsim", backend="auto"):
+    """Integer ``x @ w.T`` (x [M,K] int8/uint8, w [N,K] int8 or packed int4) with one output stage (spec §4, §6, §14)."""
     args = C.gemm_args(x, w, x_zero_point, w_zero_point, bias, w_format, out_dtype, multiplier, shift,
-                       out_zero_point, out_scale)
+                       out_zero_point, out_scale, numerics)
     return _run("int_gemm", backend, args)
 
 
 def int_conv2d(x, w, *, stride=1, padding=0, dilation=1, groups=1, x_zero_point=0, w_zero_point=0, bias=None,
                w_format="int8", kernel_size=None, out_dtype="int32", multiplier=None, shift=None, out_zero_point=0,
-               out_scale=None, backend="auto"):
-    """Integer NCHW conv2d with zero-point padding and one output stage (spec §5, §6)."""
+               out_scale=None, numerics="pyqsim", backend="auto"):
+    """Integer NCHW conv2d with zero-point padding and one output stage (spec §5, §6, §14)."""
     args = C.conv_args(x, w, stride, padding, dilation, groups, x_zero_point, w_zero_point, bias, w_format,
-                       kernel_size, out_dtype, multiplier, shift, out_zero_point, out_scale)
+                       kernel_size, out_dtype, multiplier, shift, out_zero_point, out_scale, numerics=numerics)
     return _run("int_conv2d", backend, args)
 
 
 def split_gemm(x1, w1, x2, w2, *, x1_zero_point=0, x2_zero_point=0, w1_zero_point=0, w2_zero_point=0, bias=None,
                w1_format="int8", w2_format="int8", out_dtype="int8", multiplier1=None, multiplier2=None, shift=None,
-               out_zero_point=0, out_scale1=None, out_scale2=None, backend="auto"):
-    """Split-shortcut GEMM: two accumulations, one output, one rounding (spec §8)."""
+               out_zero_point=0, out_scale1=None, out_scale2=None, numerics="pyqsim", backend="auto"):
+    """Split-shortcut GEMM: two accumulations, one output, one rounding (spec §8; ``numerics`` §14.6)."""
+    C.split_numerics(numerics, "split_gemm")
     args = C.split_gemm_args(x1, w1, x2, w2, x1_zero_point, x2_zero_point, w1_zero_point, w2_zero_point, bias,
                              w1_format, w2_format, out_dtype, multiplier1, multiplier2, shift, out_zero_point,
                              out_scale1, out_scale2)
@@ -256,8 +275,9 @@ def split_gemm(x1, w1, x2, w2, *, x1_zero_point=0, x2_zero_point=0, w1_zero_poin
 def split_conv2d(x1, w1, x2, w2, *, stride=1, padding=0, dilation=1, x1_zero_point=0, x2_zero_point=0,
                  w1_zero_point=0, w2_zero_point=0, bias=None, w1_format="int8", w2_format="int8", kernel_size=None,
                  out_dtype="int8", multiplier1=None, multiplier2=None, shift=None, out_zero_point=0,
-                 out_scale1=None, out_scale2=None, backend="auto"):
-    """Split-shortcut conv2d over ``concat(x1, x2)`` channels, one rounding (spec §8)."""
+                 out_scale1=None, out_scale2=None, numerics="pyqsim", backend="auto"):
+    """Split-shortcut conv2d over ``concat(x1, x2)`` channels, one rounding (spec §8; ``numerics`` §14.6)."""
+    C.split_numerics(numerics, "split_conv2d")
     args = C.split_conv_args(x1, w1, x2, w2, stride, padding, dilation, x1_zero_point, x2_zero_point,
                              w1_zero_point, w2_zero_point, bias, w1_format, w2_format, kernel_size, out_dtype,
                              multiplier1, multiplier2, shift, out_zero_point, out_scale1, out_scale2)

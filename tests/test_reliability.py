@@ -397,6 +397,9 @@ HOST_CASES = [
      "real_scale1 and real_scale2 must broadcast"),
     ("quantize_multiplier_pair", "too large", lambda: ops.quantize_multiplier_pair(2.0**40, 1.0), ValueError, "shift"),
     ("quantize_multiplier_pair", "str", lambda: ops.quantize_multiplier_pair("a", 1.0), TypeError, "real_scale1"),
+    ("requant_scale", "profile", lambda: ops.requant_scale(0.5, 0.5, 0.5, numerics="tvm"), ValueError, "numerics"),
+    ("requant_scale", "0 x_scale", lambda: ops.requant_scale(0.0, 0.5, 0.5), ValueError, "x_scale"),
+    ("requant_scale", "NaN w_scale", lambda: ops.requant_scale(0.5, np.array([0.5, np.nan]), 0.5), ValueError, "w_scale"),
 ]
 
 

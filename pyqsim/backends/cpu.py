@@ -17,6 +17,9 @@ else:
     _IMPORT_ERROR = None
 
 PackedWeight = getattr(_C, "PackedWeight", None)
+# numerics profiles (spec §14) the kernels implement: the accumulation is exact for all, so a runtime
+# profile is the exact int32 op followed by the profile's requantization pass
+NUMERICS = ("pyqsim", "tflite", "tflite-single", "onnxruntime", "fbgemm")
 
 
 def available() -> bool:
@@ -83,8 +86,22 @@ def _w(a):
     return packed if packed is not None else a.w
 
 
+def _profile_pass(acc, o, outer: int, inner: int):
+    """The §14 stage of a runtime profile on an exact int32 accumulator (channel axis between outer and inner)."""
+    y = _C.requantize_profile(acc.reshape(outer, o.scale.shape[0], inner), o.numerics, o.multiplier, o.shift, o.scale, o.zero_point,
+                              o.dtype)
+    return y.reshape(acc.shape)
+
+
+def _runtime_profile(o) -> bool:
+    return o.numerics != "pyqsim" and o.dtype not in ("int32", "float32")
+
+
 def _int_gemm(a):
     o = a.out
+    if _runtime_profile(o):
+        acc = _C.int_gemm(a.x, _w(a), a.w_format, a.x_zero_point, a.w_zero_point, a.bias, "int32", None, None, 0, None)
+        return _profile_pass(acc, o, acc.shape[0], 1)
     return _C.int_gemm(a.x, _w(a), a.w_format, a.x_zero_point, a.w_zero_point, a.bias, o.dtype, o.multiplier, o.shift,
                        o.zero_point, o.scale)
 
@@ -98,6 +115,10 @@ def _split_gemm(s):
 
 def _int_conv2d(a):
     o = a.out
+    if _runtime_profile(o):
+        acc = _C.int_conv2d(a.x, _w(a), a.w_format, a.kernel_size, a.stride, a.padding, a.dilation, a.groups,
+                            a.x_zero_point, a.w_zero_point, a.bias, "int32", None, None, 0, None)
+        return _profile_pass(acc, o, acc.shape[0], acc.shape[2] * acc.shape[3])
     return _C.int_conv2d(a.x, _w(a), a.w_format, a.kernel_size, a.stride, a.padding, a.dilation, a.groups,
                          a.x_zero_point, a.w_zero_point, a.bias, o.dtype, o.multiplier, o.shift, o.zero_point, o.scale)
 
@@ -111,6 +132,9 @@ def _split_conv2d(s):
 
 def _requantize(a):
     o = a.out
+    if _runtime_profile(o):
+        return _C.requantize_profile(a.acc, o.numerics, o.multiplier, o.shift, o.scale, o.zero_point,
+                                     o.dtype).reshape(a.shape)
     y = _C.requantize(a.acc, o.multiplier, o.shift, o.zero_point, o.dtype)
     return y.reshape(a.shape)
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _checks as C
+from ..numerics import profile
 from .int4 import weight_codes
+from .profiles import pair_saturated_acc
 from .requant import apply_out_stage, clamp_to, rounding_shift
 
 
 def gemm_acc(a: C.GemmArgs) -> np.ndarray:
-    """Exact int64 accumulator ``bias + (x - zx) @ (w - zw).T`` of canonical arguments."""
+    """Exact int64 accumulator ``bias + (x - zx) @ (w - zw).T`` of canonical arguments (or FBGEMM's
+    pair-saturated one under a ``pair_saturation`` profile, spec §14.5)."""
+    if profile(a.out.numerics).pair_saturation:
+        return pair_saturated_acc(a.x, a.w, a.x_zero_point, a.w_zero_point, a.bias)
     xs = a.x.astype(np.int64) - a.x_zero_point
     ws = weight_codes(a.w, a.w_format, a.k) - a.w_zero_point.astype(np.int64)[:, None]
     return xs @ ws.T + a.bias.astype(np.int64)

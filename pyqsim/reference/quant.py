@@ -6,6 +6,8 @@ import math
 import numpy as np
 
 from .. import _checks as C
+from ..numerics import profile
+from .profiles import fma_f32, round_half_away
 
 # largest binary64 values below 2^(-1/2), 2^(-1/4), 2^(-3/4) (spec §3)
 T_HALF = float.fromhex("0x1.6a09e667f3bccp-1")
@@ -51,12 +53,22 @@ def _channel_params(scale, zero_point, x: np.ndarray, axis, lo: int, hi: int):
     return s.reshape(shape), z.reshape(shape)
 
 
-def quantize(x, scale, zero_point=0, dtype: str = "int8", *, axis=None, bits=None, narrow=False) -> np.ndarray:
-    """Codes ``clamp(round_half_even(fl32(x / s)) + z)`` in ``dtype`` (spec §2); per channel along ``axis``."""
+def quantize(x, scale, zero_point=0, dtype: str = "int8", *, axis=None, bits=None, narrow=False,
+             numerics="pyqsim") -> np.ndarray:
+    """Codes ``clamp(round(fl32(x / s)) + z)`` in ``dtype`` (spec §2; rounding per profile, §14); per channel
+    along ``axis``."""
     x = C.finite_float(x, "x")
+    name = profile(numerics).name
     lo, hi = code_range(dtype, bits, narrow)
     s, z = _channel_params(scale, zero_point, x, axis, lo, hi)
-    t = np.rint(x / s)  # float32 division, round half to even
+    if name.startswith("fbgemm") and axis is None:  # fl32(x * fl32(1/s) + z) fused, round half even (§14.5)
+        t = np.rint(fma_f32(x, np.float32(1) / s, z))
+        return np.clip(t, lo, hi).astype(C.CONTAINERS[dtype])
+    if name.startswith("fbgemm"):  # per channel: fl32(z + fl32(x * fl32(1/s))), not fused (§14.5)
+        t = np.rint(z.astype(np.float32) + x * (np.float32(1) / s))
+        return np.clip(t, lo, hi).astype(C.CONTAINERS[dtype])
+    q = x / s  # float32 division
+    t = round_half_away(q) if name.startswith("tflite") else np.rint(q)  # TfLiteRound, else round half even
     q = np.clip(t, (lo - z).astype(np.float32), (hi - z).astype(np.float32)).astype(np.int64) + z
     return q.astype(C.CONTAINERS[dtype])
 

@@ -7,6 +7,8 @@ from fractions import Fraction
 import numpy as np
 
 from .. import _checks as C
+from ..numerics import profile
+from .profiles import requant_stage, tflite_multiplier
 
 
 def _frexp_multiplier(r: float) -> tuple[int, int]:
@@ -27,16 +29,24 @@ def _real_scales(real_scale, name: str) -> np.ndarray:
     return r
 
 
-def quantize_multiplier(real_scale):
-    """(multiplier int32, shift int32) with ``real ~= multiplier * 2**-shift`` (spec §6.1)."""
+def quantize_multiplier(real_scale, numerics="pyqsim"):
+    """The requantization parameters of ``numerics`` for a real scale (spec §6.1, §14): ``(multiplier int32,
+    shift int32)`` with ``real ~= multiplier * 2**-shift``, or ``(scale float32, None)`` for a float profile."""
+    prof = profile(numerics)
     r = _real_scales(real_scale, "real_scale")
+    if prof.params == "float":
+        return r.astype(np.float32), None
     m = np.empty(r.shape, np.int32)
     s = np.empty(r.shape, np.int32)
     for i, v in np.ndenumerate(r):
-        m0, sh = _frexp_multiplier(float(v))
-        if not C.SHIFT_MIN <= sh <= C.SHIFT_MAX:
-            raise ValueError(f"real_scale {float(v)!r} is outside [2^-64 - 2^-96, 2^30 - 2^-2): its shift {sh} "
-                             "is not in [1, 94] (spec §6.1)")
+        if numerics == "pyqsim":
+            m0, sh = _frexp_multiplier(float(v))
+        else:
+            m0, sh = tflite_multiplier(float(v), numerics == "tflite-single")
+        if not C.SHIFT_MIN <= sh <= prof.shift_max:
+            rng = "[2^-64 - 2^-96, 2^30 - 2^-2)" if numerics == "pyqsim" else "its accepted range"
+            raise ValueError(f"real_scale {float(v)!r} is outside {rng} for numerics={numerics!r}: its shift {sh} "
+                             f"is not in [1, {prof.shift_max}] (spec §6.1)")
         m[i], s[i] = m0, sh
     return m, s
 
@@ -94,6 +104,8 @@ def apply_out_stage(acc: np.ndarray, out: C.OutStage, axis: int) -> np.ndarray:
         return acc.astype(np.int32)
     if out.dtype == "float32":
         return (acc.astype(np.float32) * out.scale.reshape(shape)).astype(np.float32)
+    if out.numerics != "pyqsim":
+        return requant_stage(acc, out, shape)
     prod = acc * out.multiplier.astype(np.int64).reshape(shape)
     y = rounding_shift(prod, out.shift.reshape(shape)) + out.zero_point
     return clamp_to(y, out.dtype)
@@ -120,6 +132,6 @@ def requantize_args_compute(a: C.RequantArgs) -> np.ndarray:
     return y.reshape(a.shape)
 
 
-def requantize(acc, multiplier, shift, zero_point=0, out_dtype="int8", axis=-1) -> np.ndarray:
-    """Requantize int32 ``acc`` with per-tensor or per-channel (``axis``) multipliers (spec §6)."""
-    return requantize_args_compute(C.requantize_args(acc, multiplier, shift, zero_point, out_dtype, axis))
+def requantize(acc, multiplier, shift, zero_point=0, out_dtype="int8", axis=-1, numerics="pyqsim") -> np.ndarray:
+    """Requantize int32 ``acc`` with per-tensor or per-channel (``axis``) parameters (spec §6, §14)."""
+    return requantize_args_compute(C.requantize_args(acc, multiplier, shift, zero_point, out_dtype, axis, numerics))
