@@ -107,6 +107,15 @@ Arr take(py::handle obj, const std::string& name, std::initializer_list<DT> allo
   return r;
 }
 
+// An array of at least 2 dimensions: leading (batch) dimensions, then a matrix.
+Arr take_batched(py::handle obj, const std::string& name, std::initializer_list<DT> allowed, const char* layout) {
+  py::array a = as_array(obj, name);
+  const int nd = static_cast<int>(a.ndim());
+  if (nd < 2)
+    throw py::value_error(name + " must be at least 2-D " + layout + ", got ndim " + std::to_string(nd));
+  return take(a, name, allowed, nd, layout);
+}
+
 DT dtype_of(const Arr& a) {
   for (DT d : {DT::I8, DT::U8, DT::I32, DT::I64, DT::F32})
     if (dtype_is(a.a.dtype(), d)) return d;
@@ -651,11 +660,15 @@ py::array requantize(py::handle acc_, py::handle multiplier, py::handle shift, i
 py::array log2_attn_matmul(py::handle codes_, py::handle v_, int64_t v_zero_point, int bits, int k, int frac_bits,
                            const std::string& out_dtype, py::handle multiplier, py::handle shift, int64_t out_zero_point,
                            py::handle out_scale) {
-  Arr codes = take(codes_, "codes", {DT::U8}, 2, "[M, L]");
-  Arr v = take(v_, "v", {DT::I8, DT::U8}, 2, "[L, N]");
+  Arr codes = take_batched(codes_, "codes", {DT::U8}, "[..., M, L]");
+  Arr v = take_batched(v_, "v", {DT::I8, DT::U8}, "[..., L, N]");
+  const size_t nd = codes.shape.size();
+  if (v.shape.size() != nd || !std::equal(codes.shape.begin(), codes.shape.end() - 2, v.shape.begin()))
+    throw py::value_error("v must have the leading dimensions of codes " + shape_str(codes.shape) + ", got shape " +
+                          shape_str(v.shape));
   const ActType vt = act_type_of(v);
-  const int64_t m = codes.dim(0), l = codes.dim(1), n = v.dim(1);
-  if (v.dim(0) != l)
+  const int64_t m = codes.shape[nd - 2], l = codes.shape[nd - 1], n = v.shape[nd - 1];
+  if (v.shape[nd - 2] != l)
     throw py::value_error("v must have L=" + std::to_string(l) + " rows to match codes, got shape " + shape_str(v.shape));
   if (bits < 2 || bits > 8) throw py::value_error("bits must be in [2, 8], got " + std::to_string(bits));
   if (k != 1 && k != 2) throw py::value_error("mode k must be 1 (log2) or 2 (log-sqrt2), got " + std::to_string(k));
@@ -668,17 +681,24 @@ py::array log2_attn_matmul(py::handle codes_, py::handle v_, int64_t v_zero_poin
                           ": the int64 accumulator could overflow (spec §7)");
   const int zero_code = (1 << bits) - 1;
   const uint8_t* cp = static_cast<const uint8_t*>(codes.ptr);
-  for (int64_t i = 0; i < m * l; ++i)
-    if (cp[i] > zero_code)
-      throw py::value_error("codes must be in [0, " + std::to_string(zero_code) + "] for bits=" + std::to_string(bits) +
-                            ", got " + std::to_string(cp[i]));
+  const int64_t count = static_cast<int64_t>(codes.a.size());
+  uint8_t top = 0;
+  for (int64_t i = 0; i < count; ++i) top = std::max(top, cp[i]);
+  if (top > zero_code)
+    throw py::value_error("codes must be in [0, " + std::to_string(zero_code) + "] for bits=" + std::to_string(bits) +
+                          ", got " + std::to_string(top));
   const qsim::OutStage st = make_stage(out_dtype, n, multiplier, shift, out_zero_point, out_scale,
                                        {OutType::I64, OutType::F32, OutType::S8, OutType::U8, OutType::S4, OutType::U4});
-  py::array y = alloc_out(st.type, {m, n});
+  std::vector<int64_t> out_dims(codes.shape.begin(), codes.shape.end() - 1);
+  out_dims.push_back(n);
+  py::array y = alloc_out(st.type, out_dims);
+  // batch = product of the leading dimensions (bounded: the output size was checked, or a dimension is 0)
+  int64_t batch = m == 0 || n == 0 ? 0 : 1;
+  for (size_t i = 0; i + 2 < nd && batch != 0; ++i) batch *= codes.shape[i];
   void* yp = y.mutable_data();
   {
     py::gil_scoped_release nogil;
-    qsim::log2_attn_matmul(cp, v.ptr, vt, m, l, n, static_cast<int32_t>(v_zero_point), bits, k, frac_bits, st, yp);
+    qsim::log2_attn_matmul(cp, v.ptr, vt, batch, m, l, n, static_cast<int32_t>(v_zero_point), bits, k, frac_bits, st, yp);
   }
   return y;
 }

@@ -65,8 +65,6 @@ using UnpackFn = void (*)(const uint8_t* src, int64_t kg, uint8_t* dst);
 using PackAFn = void (*)(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, uint8_t xor_mask, bool u_half,
                          int8_t* dst, int32_t* rowsum);
 
-struct Log2Job;
-
 struct KernelSet {
   Isa isa;
   UkrFn ukr[kMR + 1];       // sign path (§10 steps 1-3); index = mr (1..4)
@@ -81,23 +79,24 @@ struct KernelSet {
   // requantize `count` int32 values sharing one channel's (m, sh, rnd) (§6)
   void (*requant_run)(const int32_t* acc, int64_t count, int64_t m, int64_t sh, int64_t rnd, int32_t zy, int32_t lo,
                       int32_t hi, OutType t, void* out);
-  // §7 rows [m0, m1): see log2attn.cpp
-  void (*log2_rows)(const Log2Job& job, int64_t m0, int64_t m1, int64_t* scratch);
+  // §7 shift weights (log2attn.cpp): tile = sum a * b over kg groups with a = uint8 weights in [0, 128]
+  // (A panel [kg][mr][4], no second half) and b = int8 values (B panel [kg][16][4]); every pair sum
+  // a0*b0 + a1*b1 lies in [-32768, 32512], so an int16 pairwise product is exact.
+  UkrFn ukr_shift[kMR + 1];
+  // §7: the A panel ([kg][mr][4], zero padded to 4 * kg) of weights lut[code] for mr rows of codes (row stride
+  // ldc, lc codes each), and the weight sum of each row. lut16: lut is zero from index 16 on and every code is < 16.
+  void (*shift_a)(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int64_t kg, const uint8_t* lut, bool lut16,
+                  uint8_t* dst, int64_t* rowsum);
+  // §7: the B panels [npan][kg][16][4] of v' = v ^ vxor for lc rows of v (row stride n), zero padded.
+  void (*shift_b)(const uint8_t* v, int64_t n, int64_t lc, int64_t kg, uint8_t vxor, int8_t* dst);
+  // §7: acc[r * 16 + c] += int64(tile[r * 16 + c] - corr[r]) * mul * 2^sh for r < mr, c < 16, with the int32
+  // difference taken mod 2^32 (it is the exact sum_j w_j d_j, |.| < 2^31).
+  void (*shift_acc)(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc);
 };
 
-// §7 problem with canonical parameters; d = v - zv as int32 [L, N].
-struct Log2Job {
-  const uint8_t* codes;  // [M, L]
-  const int32_t* d;      // [L, N]
-  int64_t m, l, n;
-  int zero_code, k, frac_bits;
-  OutType type;
-  const int32_t* multiplier;  // [N]
-  const int32_t* shift;       // [N]
-  int32_t zy, lo, hi;
-  const float* scale;  // [N]
-  void* out;           // [M, N]
-};
+// Fills a KernelSet micro-kernel table (index = mr) from a template over MR.
+#define QSIM_MR_TABLE(table, fn) \
+  ((table)[0] = nullptr, (table)[1] = fn<1>, (table)[2] = fn<2>, (table)[3] = fn<3>, (table)[4] = fn<4>)
 
 const KernelSet& scalar_kernels();
 #if defined(PYQSIM_HAVE_AVX2_TU)

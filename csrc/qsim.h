@@ -144,9 +144,10 @@ void split_conv2d(const void* x1, ActType xt1, int32_t zx1, int64_t c1, const Pa
 // §6: acc [outer, N, inner] int32 -> y of the stage's requantized type, channel axis N.
 void requantize(const int32_t* acc, int64_t outer, int64_t n, int64_t inner, const OutStage& out, void* y);
 
-// §7: codes [M, L] uint8, v [L, N]; y [M, N] of type int64, float32 or requantized.
-void log2_attn_matmul(const uint8_t* codes, const void* v, ActType vt, int64_t m, int64_t l, int64_t n, int32_t zv,
-                      int bits, int k, int frac_bits, const OutStage& out, void* y);
+// §7: codes [B, M, L] uint8, v [B, L, N]; y [B, M, N] of type int64, float32 or requantized (B = the product
+// of the leading dimensions; codes within [0, 2^bits - 1]).
+void log2_attn_matmul(const uint8_t* codes, const void* v, ActType vt, int64_t batch, int64_t m, int64_t l, int64_t n,
+                      int32_t zv, int bits, int k, int frac_bits, const OutStage& out, void* y);
 
 // ------------------------------------------------------------------------------------------ info
 struct CudaInfo {

@@ -494,8 +494,8 @@ def split_conv_args(x1, w1, x2, w2, stride, padding, dilation, x1_zero_point, x2
 
 @dataclass(frozen=True)
 class Log2AttnArgs:
-    codes: np.ndarray  # uint8 [M, L]
-    v: np.ndarray  # int8/uint8 [L, N]
+    codes: np.ndarray  # uint8 [..., M, L]
+    v: np.ndarray  # int8/uint8 [..., L, N], the same leading dimensions
     v_type: str
     v_zero_point: int
     bits: int
@@ -519,10 +519,16 @@ def log2_attn_args(codes, v, v_zero_point, bits, mode, frac_bits, out_dtype, mul
                    out_scale) -> Log2AttnArgs:
     codes = as_array(codes, "codes")
     check_dtype(codes, "codes", [np.uint8])
-    check_ndim(codes, "codes", 2, "[M, L]")
-    v, v_type = activation(v, "v", 2, "[L, N]")
-    if v.shape[0] != codes.shape[1]:
-        raise ValueError(f"v must have L={codes.shape[1]} rows to match codes, got shape {v.shape}")
+    if codes.ndim < 2:
+        raise ValueError(f"codes must be at least 2-D [..., M, L], got shape {codes.shape}")
+    v = as_array(v, "v")
+    if v.ndim != codes.ndim:
+        raise ValueError(f"v must be {codes.ndim}-D [..., L, N] like codes {codes.shape}, got shape {v.shape}")
+    v, v_type = activation(v, "v", codes.ndim, "[..., L, N]")
+    if v.shape[:-2] != codes.shape[:-2]:
+        raise ValueError(f"v must have the leading dimensions of codes {codes.shape[:-2]}, got shape {v.shape}")
+    if v.shape[-2] != codes.shape[-1]:
+        raise ValueError(f"v must have L={codes.shape[-1]} rows to match codes, got shape {v.shape}")
     b = log_bits(bits)
     kk = log_mode(mode)
     if codes.size and int(codes.max()) > 2**b - 1:
@@ -531,10 +537,10 @@ def log2_attn_args(codes, v, v_zero_point, bits, mode, frac_bits, out_dtype, mul
     if not 0 <= f <= FRAC_BITS_MAX:
         raise ValueError(f"frac_bits must be in [0, {FRAC_BITS_MAX}], got {f}")
     zv = zero_point_scalar(v_zero_point, "v_zero_point", v_type)
-    length = codes.shape[1]
+    length = codes.shape[-1]
     if length * 255 * (2**f) * (2**LOG2_P + LOG2_Q) >= 2**63:
         raise ValueError(f"L={length} is too long for frac_bits={f}: the int64 accumulator could overflow (spec §7)")
-    n = v.shape[1]
+    n = v.shape[-1]
     out = out_stage(out_dtype, n, multiplier, shift, out_zero_point, out_scale, ("int64", "float32") + REQUANT_OUT)
     return Log2AttnArgs(contiguous(codes), v, v_type, zv, b, kk, f, out)
 

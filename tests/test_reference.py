@@ -16,7 +16,7 @@ from hypothesis.extra import numpy as hnp
 
 from pyqsim import _checks as C
 from pyqsim import ops, reference as R
-from strategies import conv_cases, gemm_cases, log2_cases, requant_cases, split_conv_cases, split_gemm_cases
+from strategies import conv_cases, gemm_cases, lead_shapes, log2_cases, requant_cases, split_conv_cases, split_gemm_cases
 
 
 # ----------------------------------------------------------------------------- exact oracles
@@ -434,7 +434,7 @@ def test_numba_requantize_equals_numpy(kw):
     assert np.array_equal(nb.requantize_args_compute(a), R.requantize(**kw))
 
 
-@given(log2_cases(max_dim=20))
+@given(log2_cases(max_dim=20, lead=lead_shapes()))
 def test_numba_log2_attn_equals_numpy(kw):
     from pyqsim.reference import _numba as nb
     a = C.log2_attn_args(kw["codes"], kw["v"], kw["v_zero_point"], kw["bits"], kw["mode"], kw["frac_bits"],

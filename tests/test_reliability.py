@@ -282,7 +282,7 @@ KERNEL_CASES = [
     # log2_attn_matmul
     ("log2_attn_matmul", "codes int8", lambda be: log2(be, codes=CODES.astype(np.int8)), TypeError, "codes"),
     ("log2_attn_matmul", "codes float", lambda be: log2(be, codes=F), TypeError, "codes must have dtype uint8"),
-    ("log2_attn_matmul", "codes 3-D", lambda be: log2(be, codes=CODES[None]), ValueError, "codes must be 2-D"),
+    ("log2_attn_matmul", "codes 3-D, v 2-D", lambda be: log2(be, codes=CODES[None]), ValueError, "v must be 3-D"),
     ("log2_attn_matmul", "v float", lambda be: log2(be, v=V.astype(np.float32)), TypeError, "v must have dtype"),
     ("log2_attn_matmul", "v 1-D", lambda be: log2(be, v=np.zeros(3, np.int8)), ValueError, "v must be 2-D"),
     ("log2_attn_matmul", "L mismatch", lambda be: log2(be, v=np.zeros((4, 4), np.int8)), ValueError, "L=3"),
