@@ -22,6 +22,11 @@ def dims(max_value: int = 70, tails=TAILS):
     return st.one_of(st.sampled_from([t for t in tails if t <= max_value]), st.integers(0, max_value))
 
 
+def lead_shapes(max_dims: int = 3, max_size: int = 3):
+    """Leading (batch) dimensions: 0..max_dims of them, sizes including 0 and 1."""
+    return st.lists(st.integers(0, max_size), min_size=0, max_size=max_dims).map(tuple)
+
+
 def codes(dtype: str, shape, fill=None):
     """An array of codes of ``dtype`` (int4/uint4 in their containers), with constant fills among the draws."""
     lo, hi = C.RANGES[dtype]
@@ -84,6 +89,18 @@ def gemm_cases(draw, max_dim: int = 70, formats=("int8", "int4", "uint4")):
     used = C.overflow_term(k, xt, zx, fmt, zwv.astype(np.int32))
     kw = dict(x=x, w=w, x_zero_point=zx, w_zero_point=zw, w_format=fmt,
               bias=_bias_for(draw, n, 2**31 - 1 - used))
+    kw.update(draw(out_stage(n)))
+    return kw
+
+
+@st.composite
+def bmm_cases(draw, max_dim: int = 40, lead=lead_shapes()):
+    """int_bmm kwargs: a [..., M, K] and b [..., N, K] activations of either type, any zero points."""
+    lead = draw(lead)
+    m, n, k = draw(dims(max_dim)), draw(dims(max_dim)), draw(dims(max_dim))
+    at, bt = draw(st.sampled_from(ACT_TYPES)), draw(st.sampled_from(ACT_TYPES))
+    kw = dict(a=draw(codes(at, (*lead, m, k))), b=draw(codes(bt, (*lead, n, k))), a_zero_point=draw(zero_points(at)),
+              b_zero_point=draw(zero_points(bt)))
     kw.update(draw(out_stage(n)))
     return kw
 
@@ -173,11 +190,6 @@ def split_conv_cases(draw):
     kw["bias"] = _bias_for(draw, o, 2**20)
     kw.update(draw(split_out_stage(o)))
     return kw
-
-
-def lead_shapes(max_dims: int = 3, max_size: int = 3):
-    """Leading (batch) dimensions: 0..max_dims of them, sizes including 0 and 1."""
-    return st.lists(st.integers(0, max_size), min_size=0, max_size=max_dims).map(tuple)
 
 
 @st.composite
