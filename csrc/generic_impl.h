@@ -65,3 +65,15 @@ void shift_acc_impl(const int32_t* tile, int mr, const int32_t* corr, int64_t mu
       acc[r * 16 + c] += static_cast<int64_t>(d) * mul * (int64_t(1) << sh);
     }
 }
+
+void shift_requant_rows(const int64_t* r, int64_t c0, int64_t nc, const int32_t* mult, const int32_t* shift, int32_t zy,
+                        int32_t lo, int32_t hi, bool s8, void* out) {
+  for (int64_t c = c0; c < nc; ++c) {
+    int64_t q = qsim::detail::shift_requant_one(r[c], mult[c], shift[c]) + zy;
+    q = q < lo ? lo : (q > hi ? hi : q);
+    if (s8)
+      static_cast<int8_t*>(out)[c] = static_cast<int8_t>(q);
+    else
+      static_cast<uint8_t*>(out)[c] = static_cast<uint8_t>(q);
+  }
+}

@@ -92,7 +92,22 @@ struct KernelSet {
   // §7: acc[r * 16 + c] += int64(tile[r * 16 + c] - corr[r]) * mul * 2^sh for r < mr, c < 16, with the int32
   // difference taken mod 2^32 (it is the exact sum_j w_j d_j, |.| < 2^31).
   void (*shift_acc)(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc);
+  // §7 requantization of nc int64 sums R whose shifts are all in [33, 94]: out[c] = clamp(floor((R * M0 +
+  // 2^(S-1)) / 2^S) + zy, lo, hi) as int8 (s8) or uint8, exactly (see shift_requant_one).
+  void (*shift_requant)(const int64_t* r, int64_t nc, const int32_t* mult, const int32_t* shift, int32_t zy, int32_t lo,
+                        int32_t hi, bool s8, void* out);
 };
+
+// §7 requantization for S in [33, 94] without 128-bit arithmetic: R = A * 2^32 + B (B in [0, 2^32)), so
+// R * M0 = P1 * 2^32 + P0 with P1 = A * M0 (|.| < 2^62) and P0 = B * M0 = H0 * 2^32 + L0 (< 2^63). With
+// 2^(S-1) = 2^(S-33) * 2^32:  floor((R * M0 + 2^(S-1)) / 2^S) = floor((X * 2^32 + L0) / 2^S) = X >> (S - 32),
+// X = P1 + 2^(S-33) + H0 (|X| < 2^63), since 0 <= L0 < 2^32 and S - 32 >= 1.
+inline int64_t shift_requant_one(int64_t r, int64_t mult, int s) {
+  const int64_t a = r >> 32;
+  const uint64_t b = static_cast<uint64_t>(r) & 0xFFFFFFFFu;
+  const int64_t x = a * mult + (int64_t(1) << (s - 33)) + static_cast<int64_t>((b * static_cast<uint64_t>(mult)) >> 32);
+  return x >> (s - 32);
+}
 
 // Fills a KernelSet micro-kernel table (index = mr) from a template over MR.
 #define QSIM_MR_TABLE(table, fn) \

@@ -68,6 +68,7 @@ struct Problem {
   int npasses;
   bool lut16;                   // every code < 16 (bits <= 4)
   bool deep;                    // some code has t < 0
+  bool all_wide_shifts;         // requantized output with every shift >= 33 (KernelSet::shift_requant)
   int frac_bits;
   int top[kPasses];             // R weight of a pass: 2^(F - top) * (2^16 or Q)
   OutStage out;
@@ -75,7 +76,7 @@ struct Problem {
 };
 
 // §7 output stage of R for channels [c0, c0 + nc) of one output row.
-void out_span(const Problem& pb, const int64_t* r, int64_t row, int64_t c0, int64_t nc) {
+void out_span(const Problem& pb, const KernelSet& ks, const int64_t* r, int64_t row, int64_t c0, int64_t nc) {
   const OutStage& o = pb.out;
   const int64_t base = row * pb.n + c0;
   if (o.type == OutType::I64) {
@@ -90,6 +91,11 @@ void out_span(const Problem& pb, const int64_t* r, int64_t row, int64_t c0, int6
     const int64_t lo = static_cast<int64_t>(out_qmin(o.type)) - o.zero_point;
     const int64_t hi = static_cast<int64_t>(out_qmax(o.type)) - o.zero_point;
     const bool s8 = o.type == OutType::S8 || o.type == OutType::S4;
+    if (pb.all_wide_shifts) {
+      ks.shift_requant(r, nc, o.multiplier + c0, o.shift + c0, o.zero_point, out_qmin(o.type), out_qmax(o.type), s8,
+                       static_cast<uint8_t*>(pb.y) + base);
+      return;
+    }
     for (int64_t c = 0; c < nc; ++c) {
       const int s = o.shift[c0 + c];  // 1..94; |R * M0| < 2^94, so the sum fits in 128 bits
       __int128 p = static_cast<__int128>(r[c]) * o.multiplier[c0 + c] + (static_cast<__int128>(1) << (s - 1));
@@ -175,7 +181,7 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
           const int64_t i = q * kMR + ri;
           if (pb.deep) add_deep(pb, codes + i * l + j0, v, j0, lc, pn * kNR, nc, acc + ri * kNR);
           if (single)
-            out_span(pb, acc + ri * kNR, bi * pb.m + r0 + i, pn * kNR, nc);
+            out_span(pb, ks, acc + ri * kNR, bi * pb.m + r0 + i, pn * kNR, nc);
           else
             std::memcpy(rbuf.data() + i * n + pn * kNR, acc + ri * kNR, static_cast<size_t>(nc) * sizeof(int64_t));
         }
@@ -183,7 +189,7 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
     }
   }
   if (!single)
-    for (int64_t i = 0; i < rows; ++i) out_span(pb, rbuf.data() + i * n, bi * pb.m + r0 + i, 0, n);
+    for (int64_t i = 0; i < rows; ++i) out_span(pb, ks, rbuf.data() + i * n, bi * pb.m + r0 + i, 0, n);
 }
 
 }  // namespace
@@ -202,6 +208,8 @@ void log2_attn_matmul(const uint8_t* codes, const void* v, ActType vt, int64_t b
   pb->zvp = vt == ActType::U8 ? zv - 128 : zv;
   pb->out = out;
   pb->y = y;
+  pb->all_wide_shifts = is_requant(out.type);
+  for (int64_t c = 0; c < n && pb->all_wide_shifts; ++c) pb->all_wide_shifts = out.shift[c] >= 33;
   const int zero_code = (1 << bits) - 1;
   for (int c = 0; c < 256; ++c) {
     CodeInfo& ci = pb->info[c];

@@ -545,6 +545,36 @@ void shift_acc_avx2(const int32_t* tile, int mr, const int32_t* corr, int64_t mu
   }
 }
 
+// shift_requant_one on 4 int64 lanes: vpmuldq forms A * M0 (A = the high dword, sign-extended by the
+// instruction), vpmuludq forms B * M0; the arithmetic shift is ~((~x) >>> n) for negative x (AVX2 has no vpsraq).
+void shift_requant_avx2(const int64_t* r, int64_t nc, const int32_t* mult, const int32_t* shift, int32_t zy, int32_t lo,
+                        int32_t hi, bool s8, void* out) {
+  const __m256i one = _mm256_set1_epi64x(1), zero = _mm256_setzero_si256();
+  const __m256i c33 = _mm256_set1_epi64x(33), c32 = _mm256_set1_epi64x(32);
+  const __m256i lo4 = _mm256_set1_epi64x(static_cast<int64_t>(lo) - zy), hi4 = _mm256_set1_epi64x(static_cast<int64_t>(hi) - zy);
+  const __m256i zy4 = _mm256_set1_epi64x(zy);
+  int64_t c = 0;
+  alignas(32) int64_t y[4];
+  for (; c + 4 <= nc; c += 4) {
+    const __m256i rv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + c));
+    const __m256i m = _mm256_cvtepi32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mult + c)));
+    const __m256i s = _mm256_cvtepi32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(shift + c)));
+    const __m256i p1 = _mm256_mul_epi32(_mm256_srli_epi64(rv, 32), m);
+    const __m256i h0 = _mm256_srli_epi64(_mm256_mul_epu32(rv, m), 32);
+    const __m256i x = _mm256_add_epi64(_mm256_add_epi64(p1, h0), _mm256_sllv_epi64(one, _mm256_sub_epi64(s, c33)));
+    const __m256i sgn = _mm256_cmpgt_epi64(zero, x);
+    __m256i q = _mm256_xor_si256(_mm256_srlv_epi64(_mm256_xor_si256(x, sgn), _mm256_sub_epi64(s, c32)), sgn);
+    q = _mm256_blendv_epi8(q, lo4, _mm256_cmpgt_epi64(lo4, q));
+    q = _mm256_blendv_epi8(q, hi4, _mm256_cmpgt_epi64(q, hi4));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(y), _mm256_add_epi64(q, zy4));
+    if (s8)
+      for (int i = 0; i < 4; ++i) static_cast<int8_t*>(out)[c + i] = static_cast<int8_t>(y[i]);
+    else
+      for (int i = 0; i < 4; ++i) static_cast<uint8_t*>(out)[c + i] = static_cast<uint8_t>(y[i]);
+  }
+  shift_requant_rows(r, c, nc, mult, shift, zy, lo, hi, s8, out);
+}
+
 void fill_second_avx2(int8_t* panel, int64_t kg, int mr, bool u_half) {
   if (mr == kMR) {
     const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
@@ -597,6 +627,7 @@ const KernelSet& avx2_kernels() {
     k.shift_a = shift_a_avx2;
     k.shift_b = shift_b_avx2;
     k.shift_acc = shift_acc_avx2;
+    k.shift_requant = shift_requant_avx2;
     return k;
   }();
   return ks;

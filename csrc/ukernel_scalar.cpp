@@ -64,6 +64,11 @@ void shift_b_scalar(const uint8_t* v, int64_t n, int64_t lc, int64_t kg, uint8_t
   shift_b_rows(v, n, lc, 0, kg, vxor, dst);
 }
 
+void shift_requant_scalar(const int64_t* r, int64_t nc, const int32_t* mult, const int32_t* shift, int32_t zy,
+                          int32_t lo, int32_t hi, bool s8, void* out) {
+  shift_requant_rows(r, 0, nc, mult, shift, zy, lo, hi, s8, out);
+}
+
 // 4-bit weights: tile = sum u * c with u = x' + 128 (the A panel's second half) and stored codes c.
 template <int MR>
 void ukr4_scalar(const int8_t* a, const uint8_t* bpanel, int64_t kg, int32_t* tile) {
@@ -187,6 +192,7 @@ const KernelSet& scalar_kernels() {
     k.shift_a = shift_a_scalar;
     k.shift_b = shift_b_scalar;
     k.shift_acc = shift_acc_impl;
+    k.shift_requant = shift_requant_scalar;
     return k;
   }();
   return ks;

@@ -47,11 +47,23 @@ def _example(lead, m=5, length=9, n=17, bits=4, mode="sqrt2", frac_bits=16, vt=n
     return kw
 
 
+def _every_shift(kw):
+    """Requantized output with every shift 1..94 (one per channel) and multipliers up to 2^31 - 1."""
+    n = kw["v"].shape[-1]
+    rng = np.random.default_rng(n)
+    return dict(kw, shift=(np.arange(n) % 94 + 1).astype(np.int32),
+                multiplier=rng.integers(0, 2**31, n).astype(np.int32), out_zero_point=-3 if kw["out_dtype"] == "int8"
+                else 7)
+
+
 LOG2_EDGES = [_example(()), _example((0,)), _example((1,)), _example((2, 3)), _example((2, 0, 3)),
               _example((1, 2, 3), m=1, length=1, n=1), _example((3,), m=0), _example((2,), length=0),
               _example((2,), n=0), _example((2, 2), bits=8, mode="log2", frac_bits=0, out="int8"),
               _example((2,), bits=8, mode="sqrt2", frac_bits=24, vt=np.int8, out="float32"),
-              _example((4,), m=13, length=33, n=65, bits=2, mode="log2", out="uint4")]
+              _example((4,), m=13, length=33, n=65, bits=2, mode="log2", out="uint4"),
+              _every_shift(_example((2,), m=6, length=40, n=94, bits=5, mode="sqrt2", frac_bits=24, out="int8")),
+              _every_shift(_example((1,), m=7, length=3, n=94, bits=4, mode="log2", frac_bits=0, vt=np.int8,
+                                    out="uint8"))]
 
 
 def _with_examples(test):
