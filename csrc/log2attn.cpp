@@ -1,4 +1,5 @@
-// Shift-based log2 / log-sqrt2 attention times V (§7), batched over leading dimensions: driver.
+// Shift-based log2 / log-sqrt2 attention times V (spec §7), batched over leading dimensions (§7.1): driver; the
+// method is stated in §10.5.
 //
 // Method (exact, one integer GEMM per exponent band and class). A live code c with t = F - e(c) >= 0 adds
 // 2^t * d_j to E (even class) or O (odd class). Exponents are grouped in bands of 8: band b holds e in
