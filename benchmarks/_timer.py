@@ -91,3 +91,16 @@ def machine() -> dict:
     except OSError:  # pragma: no cover
         pass
     return info
+
+
+def write_report(report: dict, out: str | None, results_dir, prefix: str):
+    """Write the JSON record to ``out`` or to ``results_dir/<prefix>-<host>-<time>.json``; returns the path."""
+    import datetime
+    import json
+    import pathlib
+    import socket
+    path = pathlib.Path(out) if out else pathlib.Path(results_dir) / (
+        f"{prefix}-{socket.gethostname()}-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, default=float))
+    return path

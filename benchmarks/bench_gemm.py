@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import pathlib
-import socket
 import sys
 import warnings
 
@@ -253,10 +251,7 @@ def main(argv=None):
             report["peak"]["best_w8a8_fraction"] = {k: best / v for k, v in mp.items()}
             print(f"peak    best W8A8 GEMM {best:.1f} GOPS = {best / mp['vpmaddubsw']:.0%} of the vpmaddubsw peak, "
                   f"{best / mp['sign4']:.0%} of the exact sign-unit peak", flush=True)
-    out = pathlib.Path(args.out) if args.out else RESULTS / (
-        f"bench_gemm-{socket.gethostname()}-{_dt.datetime.now():%Y%m%d-%H%M%S}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, default=float))
+    out = _timer.write_report(report, args.out, RESULTS, "bench_gemm")
     print(f"# wrote {out}")
     return report
 

@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -105,6 +106,15 @@ Arr take(py::handle obj, const std::string& name, std::initializer_list<DT> allo
     throw py::value_error(name + " must be aligned to its item size");
   for (int i = 0; i < ndim; ++i) r.shape.push_back(static_cast<int64_t>(r.a.shape(i)));
   return r;
+}
+
+// An array of at least 2 dimensions: leading (batch) dimensions, then a matrix.
+Arr take_batched(py::handle obj, const std::string& name, std::initializer_list<DT> allowed, const char* layout) {
+  py::array a = as_array(obj, name);
+  const int nd = static_cast<int>(a.ndim());
+  if (nd < 2)
+    throw py::value_error(name + " must be at least 2-D " + layout + ", got ndim " + std::to_string(nd));
+  return take(a, name, allowed, nd, layout);
 }
 
 DT dtype_of(const Arr& a) {
@@ -250,6 +260,17 @@ py::object early_out(const std::string& out_dtype, std::initializer_list<OutType
       for (OutType t : allowed)
         if (t == nm.second) return alloc_out(t, dims);
   return py::none();
+}
+
+// The output [..., M, N] of a batched op whose first operand has shape [..., M, K]; batch is the product of the
+// leading dimensions, or 0 when the output is empty (computed after the size check, so it cannot overflow).
+py::array batched_out(OutType t, const std::vector<int64_t>& first, int64_t n, int64_t& batch) {
+  std::vector<int64_t> dims(first.begin(), first.end() - 1);
+  dims.push_back(n);
+  py::array y = alloc_out(t, dims);
+  batch = y.size() == 0 ? 0 : 1;
+  for (size_t i = 0; i + 2 < first.size() && batch != 0; ++i) batch *= first[i];
+  return y;
 }
 
 py::array take_out(const py::object& early, OutType t, const std::vector<int64_t>& dims) {
@@ -688,11 +709,15 @@ py::array requantize_profile(py::handle acc_, const std::string& numerics, py::h
 py::array log2_attn_matmul(py::handle codes_, py::handle v_, int64_t v_zero_point, int bits, int k, int frac_bits,
                            const std::string& out_dtype, py::handle multiplier, py::handle shift, int64_t out_zero_point,
                            py::handle out_scale) {
-  Arr codes = take(codes_, "codes", {DT::U8}, 2, "[M, L]");
-  Arr v = take(v_, "v", {DT::I8, DT::U8}, 2, "[L, N]");
+  Arr codes = take_batched(codes_, "codes", {DT::U8}, "[..., M, L]");
+  Arr v = take_batched(v_, "v", {DT::I8, DT::U8}, "[..., L, N]");
+  const size_t nd = codes.shape.size();
+  if (v.shape.size() != nd || !std::equal(codes.shape.begin(), codes.shape.end() - 2, v.shape.begin()))
+    throw py::value_error("v must have the leading dimensions of codes " + shape_str(codes.shape) + ", got shape " +
+                          shape_str(v.shape));
   const ActType vt = act_type_of(v);
-  const int64_t m = codes.dim(0), l = codes.dim(1), n = v.dim(1);
-  if (v.dim(0) != l)
+  const int64_t m = codes.shape[nd - 2], l = codes.shape[nd - 1], n = v.shape[nd - 1];
+  if (v.shape[nd - 2] != l)
     throw py::value_error("v must have L=" + std::to_string(l) + " rows to match codes, got shape " + shape_str(v.shape));
   if (bits < 2 || bits > 8) throw py::value_error("bits must be in [2, 8], got " + std::to_string(bits));
   if (k != 1 && k != 2) throw py::value_error("mode k must be 1 (log2) or 2 (log-sqrt2), got " + std::to_string(k));
@@ -707,17 +732,53 @@ py::array log2_attn_matmul(py::handle codes_, py::handle v_, int64_t v_zero_poin
                           ": the int64 accumulator could overflow (spec §7)");
   const int zero_code = (1 << bits) - 1;
   const uint8_t* cp = static_cast<const uint8_t*>(codes.ptr);
-  for (int64_t i = 0; i < m * l; ++i)
-    if (cp[i] > zero_code)
-      throw py::value_error("codes must be in [0, " + std::to_string(zero_code) + "] for bits=" + std::to_string(bits) +
-                            ", got " + std::to_string(cp[i]));
+  const int64_t count = static_cast<int64_t>(codes.a.size());
+  uint8_t top = 0;
+  for (int64_t i = 0; i < count; ++i) top = std::max(top, cp[i]);
+  if (top > zero_code)
+    throw py::value_error("codes must be in [0, " + std::to_string(zero_code) + "] for bits=" + std::to_string(bits) +
+                          ", got " + std::to_string(top));
   const qsim::OutStage st = make_stage(out_dtype, n, multiplier, shift, out_zero_point, out_scale,
                                        {OutType::I64, OutType::F32, OutType::S8, OutType::U8, OutType::S4, OutType::U4});
-  py::array y = alloc_out(st.type, {m, n});
+  int64_t batch = 0;
+  py::array y = batched_out(st.type, codes.shape, n, batch);
   void* yp = y.mutable_data();
   {
     py::gil_scoped_release nogil;
-    qsim::log2_attn_matmul(cp, v.ptr, vt, m, l, n, static_cast<int32_t>(v_zero_point), bits, k, frac_bits, st, yp);
+    qsim::log2_attn_matmul(cp, v.ptr, vt, batch, m, l, n, static_cast<int32_t>(v_zero_point), bits, k, frac_bits, st, yp);
+  }
+  return y;
+}
+
+py::array int_bmm(py::handle a_, py::handle b_, int64_t a_zero_point, int64_t b_zero_point, const std::string& out_dtype,
+                  py::handle multiplier, py::handle shift, int64_t out_zero_point, py::handle out_scale) {
+  Arr a = take_batched(a_, "a", {DT::I8, DT::U8}, "[..., M, K]");
+  Arr b = take_batched(b_, "b", {DT::I8, DT::U8}, "[..., N, K]");
+  const size_t nd = a.shape.size();
+  if (b.shape.size() != nd || !std::equal(a.shape.begin(), a.shape.end() - 2, b.shape.begin()))
+    throw py::value_error("b must have the leading dimensions of a " + shape_str(a.shape) + ", got shape " +
+                          shape_str(b.shape));
+  const int64_t m = a.shape[nd - 2], k = a.shape[nd - 1], n = b.shape[nd - 2];
+  if (b.shape[nd - 1] != k)
+    throw py::value_error("b must have K=" + std::to_string(k) + " columns to match a, got shape " + shape_str(b.shape));
+  const ActType at = act_type_of(a), bt = act_type_of(b);
+  check_zero_point(a_zero_point, "a_zero_point", act_range(at), at == ActType::U8 ? "uint8" : "int8");
+  check_zero_point(b_zero_point, "b_zero_point", act_range(bt), bt == ActType::U8 ? "uint8" : "int8");
+  // §4.1 with b in the weight's place: K * A * B <= 2^31 - 1
+  const Range ar = act_range(at), br = act_range(bt);
+  const int64_t amax = std::max(std::llabs(ar.lo - a_zero_point), std::llabs(ar.hi - a_zero_point));
+  const int64_t bmax = std::max(std::llabs(br.lo - b_zero_point), std::llabs(br.hi - b_zero_point));
+  check_overflow(k > (int64_t(1) << 40) ? std::numeric_limits<int64_t>::max() / 4 : k * amax * bmax, "int_bmm",
+                 "K=" + std::to_string(k));
+  const qsim::OutStage st = make_stage(out_dtype, n, multiplier, shift, out_zero_point, out_scale,
+                                       {OutType::I32, OutType::F32, OutType::S8, OutType::U8, OutType::S4, OutType::U4});
+  int64_t batch = 0;
+  py::array y = batched_out(st.type, a.shape, n, batch);
+  void* yp = y.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    qsim::int_bmm(a.ptr, at, static_cast<int32_t>(a_zero_point), b.ptr, bt, static_cast<int32_t>(b_zero_point), batch,
+                  m, n, k, st, yp);
   }
   return y;
 }
@@ -824,6 +885,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("requantize_profile", &requantize_profile, py::arg("acc"), py::arg("numerics"), py::arg("multiplier"),
         py::arg("shift"), py::arg("scale"), py::arg("zero_point"), py::arg("out_dtype"),
         "Requantize int32 acc [outer, N, inner] under a runtime numerics profile (spec §14)");
+  m.def("int_bmm", &int_bmm, py::arg("a"), py::arg("b"), py::arg("a_zero_point"), py::arg("b_zero_point"),
+        py::arg("out_dtype"), py::arg("multiplier"), py::arg("shift"), py::arg("out_zero_point"), py::arg("out_scale"),
+        "spec §4.3: batched a @ b^T of two activation tensors, one output stage");
   m.def("log2_attn_matmul", &log2_attn_matmul, py::arg("codes"), py::arg("v"), py::arg("v_zero_point"), py::arg("bits"),
         py::arg("k"), py::arg("frac_bits"), py::arg("out_dtype"), py::arg("multiplier"), py::arg("shift"),
         py::arg("out_zero_point"), py::arg("out_scale"), "spec §7");

@@ -5,6 +5,8 @@
 //
 // Requires: <cstdint>, <cstring>, "kernels.h" included before.
 
+inline int64_t gi_min(int64_t a, int64_t b) { return a < b ? a : b; }
+
 // §6 for a run of values sharing one channel.
 void requant_run_impl(const int32_t* acc, int64_t count, int64_t m, int64_t sh, int64_t rnd, int32_t zy, int32_t lo,
                       int32_t hi, qsim::OutType t, void* out) {
@@ -40,60 +42,52 @@ void profile_run_impl(const int32_t* acc, int64_t count, qsim::Numerics p, int32
   }
 }
 
-#if !defined(__SIZEOF_INT128__)
-#error "pyqsim's log2 attention output stage needs a compiler with __int128 (GCC or Clang)"
-#endif
+// §7 A panel of shift weights (see KernelSet::shift_a), rows r0..mr-1 from column j0 on.
+void shift_a_rows(const uint8_t* codes, int64_t ldc, int mr, int64_t j0, int64_t lc, int64_t kg, const uint8_t* lut,
+                  uint8_t* dst, int64_t* rowsum) {
+  for (int r = 0; r < mr; ++r) {
+    const uint8_t* cr = codes + r * ldc;
+    int64_t s = 0;
+    for (int64_t j = j0; j < 4 * kg; ++j) {
+      const uint8_t w = j < lc ? lut[cr[j]] : 0;
+      dst[(j >> 2) * mr * 4 + r * 4 + (j & 3)] = w;
+      s += w;
+    }
+    rowsum[r] += s;
+  }
+}
 
-// §7 rows [m0, m1). scratch: 2 * N int64.
-void log2_rows_impl(const qsim::detail::Log2Job& jb, int64_t m0, int64_t m1, int64_t* scratch) {
-  const int64_t n = jb.n, l = jb.l;
-  int64_t* e_acc = scratch;
-  int64_t* o_acc = scratch + n;
-  for (int64_t mi = m0; mi < m1; ++mi) {
-    for (int64_t c = 0; c < n; ++c) e_acc[c] = 0;
-    for (int64_t c = 0; c < n; ++c) o_acc[c] = 0;
-    const uint8_t* crow = jb.codes + mi * l;
-    for (int64_t j = 0; j < l; ++j) {
-      const int code = crow[j];
-      if (code == jb.zero_code) continue;
-      const int e = (code + jb.k - 1) / jb.k;  // ceil(c / k), c >= 0
-      const bool odd = jb.k == 2 && (code & 1);
-      int64_t* acc = odd ? o_acc : e_acc;
-      const int32_t* d = jb.d + j * n;
-      const int t = jb.frac_bits - e;
-      if (t >= 0) {
-        const int64_t mul = int64_t(1) << t;
-        for (int64_t c = 0; c < n; ++c) acc[c] += static_cast<int64_t>(d[c]) * mul;
-      } else {
-        const int neg = -t > 62 ? 62 : -t;
-        const int64_t half = (int64_t(1) << neg) >> 1;
-        for (int64_t c = 0; c < n; ++c) acc[c] += (static_cast<int64_t>(d[c]) + half) >> neg;
+// §7 B panel rows [g0, kg) of v' (see KernelSet::shift_b).
+void shift_b_rows(const uint8_t* v, int64_t n, int64_t lc, int64_t g0, int64_t kg, uint8_t vxor, int8_t* dst) {
+  const int64_t npan = (n + 15) / 16;
+  for (int64_t g = g0; g < kg; ++g)
+    for (int64_t pn = 0; pn < npan; ++pn) {
+      int8_t* d = dst + (pn * kg + g) * 64;
+      const int64_t nc = gi_min(16, n - pn * 16);
+      for (int64_t q = 0; q < 4; ++q) {
+        const int64_t j = 4 * g + q;
+        for (int64_t c = 0; c < 16; ++c)
+          d[c * 4 + q] = j < lc && c < nc ? static_cast<int8_t>(v[j * n + pn * 16 + c] ^ vxor) : 0;
       }
     }
-    // R = E * 2^16 + O * 92682 (exact in int64 under the §7 precondition)
-    for (int64_t c = 0; c < n; ++c) e_acc[c] = e_acc[c] * 65536 + o_acc[c] * 92682;
-    const int64_t* r = e_acc;
-    if (jb.type == qsim::OutType::I64) {
-      std::memcpy(static_cast<int64_t*>(jb.out) + mi * n, r, static_cast<size_t>(n) * sizeof(int64_t));
-    } else if (jb.type == qsim::OutType::F32) {
-      float* o = static_cast<float*>(jb.out) + mi * n;
-      for (int64_t c = 0; c < n; ++c) {
-        const float fr = static_cast<float>(r[c]);  // fl32(R): one rounding, then one multiply
-        o[c] = fr * jb.scale[c];
-      }
-    } else {
-      const int64_t lo = static_cast<int64_t>(jb.lo) - jb.zy, hi = static_cast<int64_t>(jb.hi) - jb.zy;
-      for (int64_t c = 0; c < n; ++c) {
-        const int s = jb.shift[c];  // 1..94; |R * M0| < 2^94, so the sum fits in 128 bits
-        __int128 p = static_cast<__int128>(r[c]) * jb.multiplier[c] + (static_cast<__int128>(1) << (s - 1));
-        p >>= s;
-        int64_t y = p < lo ? lo : (p > hi ? hi : static_cast<int64_t>(p));
-        y += jb.zy;
-        if (jb.type == qsim::OutType::S8 || jb.type == qsim::OutType::S4)
-          static_cast<int8_t*>(jb.out)[mi * n + c] = static_cast<int8_t>(y);
-        else
-          static_cast<uint8_t*>(jb.out)[mi * n + c] = static_cast<uint8_t>(y);
-      }
+}
+
+void shift_acc_impl(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc) {
+  for (int r = 0; r < mr; ++r)
+    for (int c = 0; c < 16; ++c) {
+      const int32_t d = static_cast<int32_t>(static_cast<uint32_t>(tile[r * 16 + c]) - static_cast<uint32_t>(corr[r]));
+      acc[r * 16 + c] += static_cast<int64_t>(d) * mul * (int64_t(1) << sh);
     }
+}
+
+void shift_requant_rows(const int64_t* r, int64_t c0, int64_t nc, const int32_t* mult, const int32_t* shift, int32_t zy,
+                        int32_t lo, int32_t hi, bool s8, void* out) {
+  for (int64_t c = c0; c < nc; ++c) {
+    int64_t q = qsim::detail::shift_requant_one(r[c], mult[c], shift[c]) + zy;
+    q = q < lo ? lo : (q > hi ? hi : q);
+    if (s8)
+      static_cast<int8_t*>(out)[c] = static_cast<int8_t>(q);
+    else
+      static_cast<uint8_t*>(out)[c] = static_cast<uint8_t>(q);
   }
 }

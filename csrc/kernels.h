@@ -65,8 +65,6 @@ using UnpackFn = void (*)(const uint8_t* src, int64_t kg, uint8_t* dst);
 using PackAFn = void (*)(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, uint8_t xor_mask, bool u_half,
                          int8_t* dst, int32_t* rowsum);
 
-struct Log2Job;
-
 struct KernelSet {
   Isa isa;
   UkrFn ukr[kMR + 1];       // sign path (§10 steps 1-3); index = mr (1..4)
@@ -82,23 +80,39 @@ struct KernelSet {
   // requantize `count` int32 values of one channel under a runtime profile (§14, numerics.h)
   void (*profile_run)(const int32_t* acc, int64_t count, Numerics p, int32_t m, int32_t sh, float scale, int32_t zy,
                       int32_t lo, int32_t hi, OutType t, void* out);
-  // §7 rows [m0, m1): see log2attn.cpp
-  void (*log2_rows)(const Log2Job& job, int64_t m0, int64_t m1, int64_t* scratch);
+  // §7 shift weights (log2attn.cpp): tile = sum a * b over kg groups with a = uint8 weights in [0, 128]
+  // (A panel [kg][mr][4], no second half) and b = int8 values (B panel [kg][16][4]); every pair sum
+  // a0*b0 + a1*b1 lies in [-32768, 32512], so an int16 pairwise product is exact.
+  UkrFn ukr_shift[kMR + 1];
+  // §7: the A panel ([kg][mr][4], zero padded to 4 * kg) of weights lut[code] for mr rows of codes (row stride
+  // ldc, lc codes each), and the weight sum of each row. lut16: lut is zero from index 16 on and every code is < 16.
+  void (*shift_a)(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int64_t kg, const uint8_t* lut, bool lut16,
+                  uint8_t* dst, int64_t* rowsum);
+  // §7: the B panels [npan][kg][16][4] of v' = v ^ vxor for lc rows of v (row stride n), zero padded.
+  void (*shift_b)(const uint8_t* v, int64_t n, int64_t lc, int64_t kg, uint8_t vxor, int8_t* dst);
+  // §7: acc[r * 16 + c] += int64(tile[r * 16 + c] - corr[r]) * mul * 2^sh for r < mr, c < 16, with the int32
+  // difference taken mod 2^32 (it is the exact sum_j w_j d_j, |.| < 2^31).
+  void (*shift_acc)(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc);
+  // §7 requantization of nc int64 sums R whose shifts are all in [33, 94]: out[c] = clamp(floor((R * M0 +
+  // 2^(S-1)) / 2^S) + zy, lo, hi) as int8 (s8) or uint8, exactly (see shift_requant_one).
+  void (*shift_requant)(const int64_t* r, int64_t nc, const int32_t* mult, const int32_t* shift, int32_t zy, int32_t lo,
+                        int32_t hi, bool s8, void* out);
 };
 
-// §7 problem with canonical parameters; d = v - zv as int32 [L, N].
-struct Log2Job {
-  const uint8_t* codes;  // [M, L]
-  const int32_t* d;      // [L, N]
-  int64_t m, l, n;
-  int zero_code, k, frac_bits;
-  OutType type;
-  const int32_t* multiplier;  // [N]
-  const int32_t* shift;       // [N]
-  int32_t zy, lo, hi;
-  const float* scale;  // [N]
-  void* out;           // [M, N]
-};
+// §7 requantization for S in [33, 94] without 128-bit arithmetic: R = A * 2^32 + B (B in [0, 2^32)), so
+// R * M0 = P1 * 2^32 + P0 with P1 = A * M0 (|.| < 2^62) and P0 = B * M0 = H0 * 2^32 + L0 (< 2^63). With
+// 2^(S-1) = 2^(S-33) * 2^32:  floor((R * M0 + 2^(S-1)) / 2^S) = floor((X * 2^32 + L0) / 2^S) = X >> (S - 32),
+// X = P1 + 2^(S-33) + H0 (|X| < 2^63), since 0 <= L0 < 2^32 and S - 32 >= 1.
+inline int64_t shift_requant_one(int64_t r, int64_t mult, int s) {
+  const int64_t a = r >> 32;
+  const uint64_t b = static_cast<uint64_t>(r) & 0xFFFFFFFFu;
+  const int64_t x = a * mult + (int64_t(1) << (s - 33)) + static_cast<int64_t>((b * static_cast<uint64_t>(mult)) >> 32);
+  return x >> (s - 32);
+}
+
+// Fills a KernelSet micro-kernel table (index = mr) from a template over MR.
+#define QSIM_MR_TABLE(table, fn) \
+  ((table)[0] = nullptr, (table)[1] = fn<1>, (table)[2] = fn<2>, (table)[3] = fn<3>, (table)[4] = fn<4>)
 
 const KernelSet& scalar_kernels();
 #if defined(PYQSIM_HAVE_AVX2_TU)

@@ -1,49 +1,259 @@
-// Shift-based log2 / log-sqrt2 attention times V (§7): driver.
+// Shift-based log2 / log-sqrt2 attention times V (spec §7), batched over leading dimensions (§7.1): driver; the
+// method is stated in §10.5.
+//
+// Method (exact, one integer GEMM per exponent band and class). A live code c with t = F - e(c) >= 0 adds
+// 2^t * d_j to E (even class) or O (odd class). Exponents are grouped in bands of 8: band b holds e in
+// [8b, 8b + 7], and with top = min(8b + 7, F), 2^t = 2^(F - top) * w with the uint8 weight w = 2^(top - e) <= 128.
+// For each (band, class) present, the micro-kernel sums w_j * v'_j over j (v' = v - 128 for uint8 values, v for
+// int8: an int8 operand), then  sum_j w_j d_j = sum_j w_j v'_j - zv' * sum_j w_j  with zv' the zero point mapped
+// the same way. R = E * 2^16 + O * Q accumulates these sums times 2^(F - top) * (2^16 or Q) in int64: R is linear
+// in the terms, and every partial sum is bounded by the §7 width precondition. Codes with t < 0 (rounded per
+// term) are added one term at a time. Then the §7 output stage on R.
+//
+// Threads: one task per (batch element, block of rows); each output row is computed inside one task with the
+// same arithmetic, so the result does not depend on the thread count or the ISA.
 #include <algorithm>
+#include <cstring>
+#include <memory>
 #include <vector>
 
-#include "driver.h"
+#include "kernels.h"
 #include "threadpool.h"
+
+#if !defined(__SIZEOF_INT128__)
+#error "pyqsim's log2 attention output stage needs a compiler with __int128 (GCC or Clang)"
+#endif
 
 namespace qsim {
 
 using namespace detail;
 
-void log2_attn_matmul(const uint8_t* codes, const void* v, ActType vt, int64_t m, int64_t l, int64_t n, int32_t zv,
-                      int bits, int k, int frac_bits, const OutStage& out, void* y) {
-  if (m == 0 || n == 0) return;
-  const KernelSet& ks = kernels_for(resolve_isa());
-  // d = v - zv, exact in int32
-  std::vector<int32_t> d(static_cast<size_t>(l * n));
-  if (vt == ActType::U8) {
-    const uint8_t* s = static_cast<const uint8_t*>(v);
-    for (int64_t i = 0; i < l * n; ++i) d[i] = static_cast<int32_t>(s[i]) - zv;
-  } else {
-    const int8_t* s = static_cast<const int8_t*>(v);
-    for (int64_t i = 0; i < l * n; ++i) d[i] = static_cast<int32_t>(s[i]) - zv;
+namespace {
+
+constexpr int kBands = 4;               // e <= F <= 24 for every exact term: bands 0..3
+constexpr int kPasses = 2 * kBands;     // pass = 2 * band + odd
+constexpr int64_t kMaxChunk = 65536;    // |sum w v'| <= chunk * 128 * 128 <= 2^30 stays in int32
+constexpr int64_t kQ = 92682;           // round(sqrt(2) * 2^16)
+
+// 64-byte aligned zeroed scratch.
+struct Scratch {
+  std::unique_ptr<uint8_t[]> raw;
+  uint8_t* p = nullptr;
+  size_t cap = 0;
+  void reset(size_t n, bool zero) {
+    if (n > cap) {
+      raw.reset(new uint8_t[n + 64]);
+      p = raw.get() + ((64 - reinterpret_cast<uintptr_t>(raw.get()) % 64) % 64);
+      cap = n;
+    }
+    if (zero) std::memset(p, 0, n);
   }
-  Log2Job jb;
-  jb.codes = codes;
-  jb.d = d.data();
-  jb.m = m;
-  jb.l = l;
-  jb.n = n;
-  jb.zero_code = (1 << bits) - 1;
-  jb.k = k;
-  jb.frac_bits = frac_bits;
-  jb.type = out.type;
-  jb.multiplier = out.multiplier;
-  jb.shift = out.shift;
-  jb.zy = out.zero_point;
-  jb.lo = out_qmin(out.type);
-  jb.hi = out_qmax(out.type);
-  jb.scale = out.scale;
-  jb.out = y;
-  const int64_t rows_per_task = std::max<int64_t>(1, 16384 / std::max<int64_t>(l * n / 64 + 1, 1));
-  ThreadPool::instance().run(ceil_div(m, rows_per_task), [&](int64_t task, int) {
-    std::vector<int64_t> scratch(static_cast<size_t>(2 * n));
-    const int64_t m0 = task * rows_per_task;
-    ks.log2_rows(jb, m0, std::min(m, m0 + rows_per_task), scratch.data());
+};
+
+struct CodeInfo {
+  int8_t pass;   // -1: the zero code, -2: a deep code (t < 0), else 2 * band + odd
+  uint8_t w;     // 2^(top - e) for exact codes
+  int8_t odd;    // class of a deep code
+  int8_t sft;    // -t of a deep code, capped at 62
+};
+
+struct Problem {
+  const uint8_t* codes;  // [B, M, L]
+  const uint8_t* v;      // [B, L, N], int8 or uint8 bytes
+  uint8_t vxor;          // 0x80 for uint8 values: v' = v ^ 0x80 = v - 128
+  int64_t m, l, n;
+  int32_t zvp;           // zv' (zero point mapped like v')
+  CodeInfo info[256];
+  uint8_t lut[kPasses][256];    // weight of each code in each pass (0 elsewhere)
+  bool possible[kPasses];       // some code falls in the pass
+  int npasses;
+  bool lut16;                   // every code < 16 (bits <= 4)
+  bool deep;                    // some code has t < 0
+  bool all_wide_shifts;         // requantized output with every shift >= 33 (KernelSet::shift_requant)
+  int frac_bits;
+  int top[kPasses];             // R weight of a pass: 2^(F - top) * (2^16 or Q)
+  OutStage out;
+  void* y;
+};
+
+// §7 output stage of R for channels [c0, c0 + nc) of one output row.
+void out_span(const Problem& pb, const KernelSet& ks, const int64_t* r, int64_t row, int64_t c0, int64_t nc) {
+  const OutStage& o = pb.out;
+  const int64_t base = row * pb.n + c0;
+  if (o.type == OutType::I64) {
+    std::memcpy(static_cast<int64_t*>(pb.y) + base, r, static_cast<size_t>(nc) * sizeof(int64_t));
+  } else if (o.type == OutType::F32) {
+    float* y = static_cast<float*>(pb.y) + base;
+    for (int64_t c = 0; c < nc; ++c) {
+      const float fr = static_cast<float>(r[c]);  // fl32(R): one rounding, then one multiply
+      y[c] = fr * o.scale[c0 + c];
+    }
+  } else {
+    const int64_t lo = static_cast<int64_t>(out_qmin(o.type)) - o.zero_point;
+    const int64_t hi = static_cast<int64_t>(out_qmax(o.type)) - o.zero_point;
+    const bool s8 = o.type == OutType::S8 || o.type == OutType::S4;
+    if (pb.all_wide_shifts) {
+      ks.shift_requant(r, nc, o.multiplier + c0, o.shift + c0, o.zero_point, out_qmin(o.type), out_qmax(o.type), s8,
+                       static_cast<uint8_t*>(pb.y) + base);
+      return;
+    }
+    for (int64_t c = 0; c < nc; ++c) {
+      const int s = o.shift[c0 + c];  // 1..94; |R * M0| < 2^94, so the sum fits in 128 bits
+      __int128 p = static_cast<__int128>(r[c]) * o.multiplier[c0 + c] + (static_cast<__int128>(1) << (s - 1));
+      p >>= s;
+      const int64_t y = (p < lo ? lo : (p > hi ? hi : static_cast<int64_t>(p))) + o.zero_point;
+      if (s8)
+        static_cast<int8_t*>(pb.y)[base + c] = static_cast<int8_t>(y);
+      else
+        static_cast<uint8_t*>(pb.y)[base + c] = static_cast<uint8_t>(y);
+    }
+  }
+}
+
+// Adds the deep terms (t < 0, rounded one by one: sh(d, t) = round_half_up(d / 2^-t), weighted 2^16 or Q) of one
+// row of codes (lc codes, values from row j0 of v) to R for channels [c0, c0 + nc).
+void add_deep(const Problem& pb, const uint8_t* cr, const uint8_t* v, int64_t j0, int64_t lc, int64_t c0, int64_t nc,
+              int64_t* r) {
+  for (int64_t j = 0; j < lc; ++j) {
+    const CodeInfo& ci = pb.info[cr[j]];
+    if (ci.pass != -2) continue;
+    const uint8_t* vr = v + (j0 + j) * pb.n + c0;
+    const int64_t half = (int64_t(1) << ci.sft) >> 1, mul = ci.odd ? kQ : 65536;
+    for (int64_t c = 0; c < nc; ++c) {
+      const int64_t d = static_cast<int64_t>(static_cast<int8_t>(vr[c] ^ pb.vxor)) - pb.zvp;
+      r[c] += ((d + half) >> ci.sft) * mul;
+    }
+  }
+}
+
+// Rows [r0, r1) of batch element bi. With one chunk of L, each 4 x 16 tile of R goes straight to the output
+// stage; with several, R is kept in an int64 buffer across chunks.
+void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, int64_t r1, int64_t chunk) {
+  const int64_t n = pb.n, l = pb.l, rows = r1 - r0;
+  const int64_t npan = ceil_div(n, kNR), quads = ceil_div(rows, kMR);
+  const bool single = l <= chunk;
+  const uint8_t* codes = pb.codes + (bi * pb.m + r0) * l;
+  const uint8_t* v = pb.v + bi * l * n;
+  std::vector<int64_t> rbuf(single ? 0 : static_cast<size_t>(rows * n), 0);
+  std::vector<int64_t> rowsum(static_cast<size_t>(kPasses * rows), 0);
+  Scratch vpan, apan[kPasses];
+  for (int64_t j0 = 0; j0 == 0 || j0 < l; j0 += chunk) {
+    const int64_t lc = std::min(chunk, l - j0), kg = ceil_div(lc, 4);
+    if (pb.npasses) {
+      vpan.reset(static_cast<size_t>(npan * kg * 64), false);
+      ks.shift_b(v + j0 * n, n, lc, kg, pb.vxor, reinterpret_cast<int8_t*>(vpan.p));
+      // A panels of the passes the code table can produce: quad q at q * kg * 16, layout [kg][mr][4]
+      for (int p = 0; p < kPasses; ++p) {
+        if (!pb.possible[p]) continue;
+        apan[p].reset(static_cast<size_t>(quads * kg * 16), false);
+        for (int64_t q = 0; q < quads; ++q) {
+          const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - q * kMR));
+          ks.shift_a(codes + q * kMR * l + j0, l, mr, lc, kg, pb.lut[p], pb.lut16, apan[p].p + q * kg * 16,
+                     rowsum.data() + p * rows + q * kMR);
+        }
+      }
+    }
+    alignas(64) int32_t tile[kMR * kNR];
+    int64_t acc[kMR * kNR];
+    for (int64_t q = 0; q < quads; ++q) {
+      const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - q * kMR));
+      bool live[kPasses];  // weights are >= 0: zero row sums mean all-zero rows
+      int32_t corr[kPasses][kMR];  // zv' * row sum, mod 2^32
+      for (int p = 0; p < kPasses; ++p) {
+        int64_t any = 0;
+        for (int ri = 0; ri < mr && pb.possible[p]; ++ri) {
+          const int64_t rs = rowsum[p * rows + q * kMR + ri];
+          any |= rs;
+          corr[p][ri] = static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint64_t>(pb.zvp * rs)));
+        }
+        live[p] = any != 0;
+      }
+      for (int64_t pn = 0; pn < npan; ++pn) {
+        const int64_t nc = std::min<int64_t>(kNR, n - pn * kNR);
+        for (int ri = 0; ri < mr; ++ri)
+          for (int64_t c = 0; c < kNR; ++c)
+            acc[ri * kNR + c] = single || c >= nc ? 0 : rbuf[(q * kMR + ri) * n + pn * kNR + c];
+        for (int p = 0; p < kPasses; ++p) {
+          if (!live[p]) continue;
+          ks.ukr_shift[mr](reinterpret_cast<const int8_t*>(apan[p].p + q * kg * 16), vpan.p + pn * kg * 64, kg, tile);
+          ks.shift_acc(tile, mr, corr[p], (p & 1) ? kQ : 65536, pb.frac_bits - pb.top[p], acc);
+        }
+        for (int ri = 0; ri < mr; ++ri) {
+          const int64_t i = q * kMR + ri;
+          if (pb.deep) add_deep(pb, codes + i * l + j0, v, j0, lc, pn * kNR, nc, acc + ri * kNR);
+          if (single)
+            out_span(pb, ks, acc + ri * kNR, bi * pb.m + r0 + i, pn * kNR, nc);
+          else
+            std::memcpy(rbuf.data() + i * n + pn * kNR, acc + ri * kNR, static_cast<size_t>(nc) * sizeof(int64_t));
+        }
+      }
+    }
+  }
+  if (!single)
+    for (int64_t i = 0; i < rows; ++i) out_span(pb, ks, rbuf.data() + i * n, bi * pb.m + r0 + i, 0, n);
+}
+
+}  // namespace
+
+void log2_attn_matmul(const uint8_t* codes, const void* v, ActType vt, int64_t batch, int64_t m, int64_t l, int64_t n,
+                      int32_t zv, int bits, int k, int frac_bits, const OutStage& out, void* y) {
+  if (batch == 0 || m == 0 || n == 0) return;
+  const KernelSet& ks = kernels_for(resolve_isa());
+  auto pb = std::make_unique<Problem>();
+  pb->codes = codes;
+  pb->v = static_cast<const uint8_t*>(v);
+  pb->vxor = vt == ActType::U8 ? 0x80 : 0;
+  pb->m = m;
+  pb->l = l;
+  pb->n = n;
+  pb->zvp = vt == ActType::U8 ? zv - 128 : zv;
+  pb->out = out;
+  pb->y = y;
+  pb->all_wide_shifts = is_requant(out.type);
+  for (int64_t c = 0; c < n && pb->all_wide_shifts; ++c) pb->all_wide_shifts = out.shift[c] >= 33;
+  const int zero_code = (1 << bits) - 1;
+  for (int c = 0; c < 256; ++c) {
+    CodeInfo& ci = pb->info[c];
+    ci = CodeInfo{-1, 0, 0, 0};
+    if (c >= zero_code) continue;  // the zero code (larger codes were rejected by the caller)
+    const int e = (c + k - 1) / k;  // ceil(c / k)
+    ci.odd = static_cast<int8_t>(k == 2 && (c & 1));
+    if (e > frac_bits) {
+      ci.pass = -2;
+      ci.sft = static_cast<int8_t>(std::min(e - frac_bits, 62));
+      continue;
+    }
+    const int band = e / 8, top = std::min(8 * band + 7, frac_bits);
+    ci.pass = static_cast<int8_t>(2 * band + ci.odd);
+    ci.w = static_cast<uint8_t>(1u << (top - e));
+  }
+  std::memset(pb->lut, 0, sizeof(pb->lut));
+  std::fill(pb->possible, pb->possible + kPasses, false);
+  pb->deep = false;
+  for (int c = 0; c < 256; ++c) {
+    const CodeInfo& ci = pb->info[c];
+    if (ci.pass >= 0) {
+      pb->lut[ci.pass][c] = ci.w;
+      pb->possible[ci.pass] = true;
+    }
+    pb->deep |= ci.pass == -2;
+  }
+  pb->npasses = static_cast<int>(std::count(pb->possible, pb->possible + kPasses, true));
+  pb->lut16 = bits <= 4;
+  pb->frac_bits = frac_bits;
+  for (int p = 0; p < kPasses; ++p) pb->top[p] = std::min(8 * (p / 2) + 7, frac_bits);
+  // chunk of L: int32 sums stay exact and the B panel stays within about 4 MiB
+  const int64_t npan = ceil_div(n, kNR);
+  const int64_t chunk = std::min(kMaxChunk, 4 * std::max<int64_t>(1, (int64_t(1) << 16) / npan));
+  // rows per task: all of M (the B panel is packed once per task), fewer when N is wide (R scratch) or when
+  // there are few tasks for the threads
+  const int64_t threads = ThreadPool::instance().num_threads();
+  int64_t mb = std::max<int64_t>(kMR, std::min<int64_t>(round_up(m, kMR), ((int64_t(1) << 20) / n) / kMR * kMR));
+  while (mb > kMR && batch * ceil_div(m, mb) < 4 * threads) mb = round_up(mb / 2, kMR);
+  const int64_t blocks = ceil_div(m, mb);
+  ThreadPool::instance().run(batch * blocks, [&](int64_t task, int) {
+    const int64_t bi = task / blocks, r0 = (task % blocks) * mb;
+    run_block(*pb, ks, bi, r0, std::min(m, r0 + mb), chunk);
   });
 }
 

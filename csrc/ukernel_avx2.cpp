@@ -27,34 +27,23 @@ inline __m256i bcast32(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
-// ------------------------------------------------------------------------------ sign-path micro-kernel
-// One k-group step for one row r: x' (4 bytes) and |x'| (precomputed in the A panel) broadcast;
-// acc0/acc1 = channels 0-7 / 8-15. Exactly sign + maddubs + maddwd + add per 32 multiply-adds.
-#define QSIM_SIGN_STEP(r, acc0, acc1)                                                     \
-  do {                                                                                    \
-    const __m256i x = bcast32(a + 4 * (r));                                               \
-    const __m256i ax_ = bcast32(a + 4 * (MR + (r)));                                      \
-    const __m256i p0_ = _mm256_maddubs_epi16(ax_, _mm256_sign_epi8(b0, x));              \
-    const __m256i p1_ = _mm256_maddubs_epi16(ax_, _mm256_sign_epi8(b1, x));              \
-    acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(p0_, ones));                         \
-    acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(p1_, ones));                         \
-  } while (0)
-
-// Accumulators are named variables (not arrays) so they stay in registers: 8 accumulators,
+// ------------------------------------------------------------------------------ register-tile loop
+// The 4 x 16 int32 tile loop shared by the sign-path and the shift-weight kernels: per k-group the 16-channel B
+// panel is two vectors b0/b1 and step(a, r, b0, b1, acc0, acc1) adds row r's products; A advances by AStep
+// bytes per k-group. Accumulators are named variables (not arrays) so they stay in registers: 8 accumulators,
 // 2 weight vectors, the ones vector and temporaries fit the 16 ymm registers.
-template <int MR>
-void ukr_avx2(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile) {
-  const __m256i ones = _mm256_set1_epi16(1);
+template <int MR, int AStep, class Step>
+inline void tile_loop(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile, Step step) {
   __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
           c31 = c00;
   for (int64_t g = 0; g < kg; ++g) {
     const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(b));
     const __m256i b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(b + 32));
-    QSIM_SIGN_STEP(0, c00, c01);
-    if (MR > 1) QSIM_SIGN_STEP(1, c10, c11);
-    if (MR > 2) QSIM_SIGN_STEP(2, c20, c21);
-    if (MR > 3) QSIM_SIGN_STEP(3, c30, c31);
-    a += 8 * MR;
+    step(a, 0, b0, b1, c00, c01);
+    if (MR > 1) step(a, 1, b0, b1, c10, c11);
+    if (MR > 2) step(a, 2, b0, b1, c20, c21);
+    if (MR > 3) step(a, 3, b0, b1, c30, c31);
+    a += AStep;
     b += 64;
   }
   __m256i* t = reinterpret_cast<__m256i*>(tile);
@@ -73,7 +62,23 @@ void ukr_avx2(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile) {
     _mm256_store_si256(t + 7, c31);
   }
 }
-#undef QSIM_SIGN_STEP
+
+// ------------------------------------------------------------------------------ sign-path micro-kernel
+// One k-group step for one row r: x' (4 bytes) and |x'| (precomputed in the A panel) broadcast;
+// acc0/acc1 = channels 0-7 / 8-15. Exactly sign + maddubs + maddwd + add per 32 multiply-adds.
+template <int MR>
+void ukr_avx2(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  tile_loop<MR, 8 * MR>(a, b, kg, tile,
+                        [ones](const int8_t* ag, int r, __m256i b0, __m256i b1, __m256i& acc0, __m256i& acc1) {
+                          const __m256i x = bcast32(ag + 4 * r);
+                          const __m256i ax = bcast32(ag + 4 * (MR + r));
+                          const __m256i p0 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(b0, x));
+                          const __m256i p1 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(b1, x));
+                          acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(p0, ones));
+                          acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(p1, ones));
+                        });
+}
 
 // ------------------------------------------------------------------------------ exact int16 path (-128)
 // B bytes [c][k0..k3] for 4 channels -> 16 int16; A's 4 codes as int16 broadcast to every 64-bit
@@ -444,6 +449,132 @@ void pack_a_avx2(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, u
   }
 }
 
+// ------------------------------------------------------------------------------ §7 shift-weight kernel
+// a: uint8 weights 2^s (s <= 7) or 0, b: int8 values. vpmaddubsw(a, b) is exact here: a pair sum lies in
+// [2 * 128 * -128, 2 * 128 * 127] = [-32768, 32512], inside int16 (no saturation); vpmaddwd with ones
+// widens to int32 and the driver's L chunking keeps the int32 sums below 2^31.
+template <int MR>
+void ukr_shift_avx2(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  tile_loop<MR, 4 * MR>(a, b, kg, tile,
+                        [ones](const int8_t* ag, int r, __m256i b0, __m256i b1, __m256i& acc0, __m256i& acc1) {
+                          const __m256i w = bcast32(ag + 4 * r);
+                          acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(_mm256_maddubs_epi16(w, b0), ones));
+                          acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(_mm256_maddubs_epi16(w, b1), ones));
+                        });
+}
+
+// Four rows of codes < 16: 16 codes per row at a time through a pshufb table, a 4 x 4 transpose of 32-bit
+// groups into the [g][4 rows][4] layout, and psadbw row sums; the tail and other shapes take the portable loop.
+void shift_a_avx2(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int64_t kg, const uint8_t* lut, bool lut16,
+                  uint8_t* dst, int64_t* rowsum) {
+  for (int r = 0; r < mr; ++r) rowsum[r] = 0;
+  int64_t j0 = 0;
+  if (lut16 && mr == kMR) {
+    const __m128i tab = _mm_loadu_si128(reinterpret_cast<const __m128i*>(lut));
+    const __m128i zero = _mm_setzero_si128();
+    __m128i s0 = zero, s1 = zero, s2 = zero, s3 = zero;
+    for (; j0 + 16 <= lc; j0 += 16) {
+      const __m128i w0 = _mm_shuffle_epi8(tab, _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + j0)));
+      const __m128i w1 = _mm_shuffle_epi8(tab, _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + ldc + j0)));
+      const __m128i w2 = _mm_shuffle_epi8(tab, _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 2 * ldc + j0)));
+      const __m128i w3 = _mm_shuffle_epi8(tab, _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 3 * ldc + j0)));
+      s0 = _mm_add_epi64(s0, _mm_sad_epu8(w0, zero));
+      s1 = _mm_add_epi64(s1, _mm_sad_epu8(w1, zero));
+      s2 = _mm_add_epi64(s2, _mm_sad_epu8(w2, zero));
+      s3 = _mm_add_epi64(s3, _mm_sad_epu8(w3, zero));
+      const __m128i t0 = _mm_unpacklo_epi32(w0, w1), t1 = _mm_unpacklo_epi32(w2, w3);
+      const __m128i t2 = _mm_unpackhi_epi32(w0, w1), t3 = _mm_unpackhi_epi32(w2, w3);
+      __m128i* d = reinterpret_cast<__m128i*>(dst + j0 * 4);
+      _mm_storeu_si128(d + 0, _mm_unpacklo_epi64(t0, t1));
+      _mm_storeu_si128(d + 1, _mm_unpackhi_epi64(t0, t1));
+      _mm_storeu_si128(d + 2, _mm_unpacklo_epi64(t2, t3));
+      _mm_storeu_si128(d + 3, _mm_unpackhi_epi64(t2, t3));
+    }
+    const __m128i* sv[4] = {&s0, &s1, &s2, &s3};
+    for (int r = 0; r < 4; ++r)
+      rowsum[r] = _mm_cvtsi128_si64(*sv[r]) + _mm_cvtsi128_si64(_mm_unpackhi_epi64(*sv[r], *sv[r]));
+  }
+  shift_a_rows(codes, ldc, mr, j0, lc, kg, lut, dst, rowsum);
+}
+
+// Four whole rows of v and 16 channels at a time: a byte transpose [4][16] -> [16][4] with two unpack levels.
+void shift_b_avx2(const uint8_t* v, int64_t n, int64_t lc, int64_t kg, uint8_t vxor, int8_t* dst) {
+  const int64_t full_g = lc / 4, full_pan = n / 16, npan = (n + 15) / 16;
+  const __m128i flip = _mm_set1_epi8(static_cast<char>(vxor));
+  for (int64_t g = 0; g < full_g; ++g) {
+    const uint8_t* r = v + 4 * g * n;
+    for (int64_t pn = 0; pn < full_pan; ++pn) {
+      const __m128i a0 = _mm_xor_si128(flip, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + pn * 16)));
+      const __m128i a1 = _mm_xor_si128(flip, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + n + pn * 16)));
+      const __m128i a2 = _mm_xor_si128(flip, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 2 * n + pn * 16)));
+      const __m128i a3 = _mm_xor_si128(flip, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 3 * n + pn * 16)));
+      const __m128i b0 = _mm_unpacklo_epi8(a0, a1), b1 = _mm_unpackhi_epi8(a0, a1);
+      const __m128i b2 = _mm_unpacklo_epi8(a2, a3), b3 = _mm_unpackhi_epi8(a2, a3);
+      __m128i* d = reinterpret_cast<__m128i*>(dst + (pn * kg + g) * 64);
+      _mm_storeu_si128(d + 0, _mm_unpacklo_epi16(b0, b2));
+      _mm_storeu_si128(d + 1, _mm_unpackhi_epi16(b0, b2));
+      _mm_storeu_si128(d + 2, _mm_unpacklo_epi16(b1, b3));
+      _mm_storeu_si128(d + 3, _mm_unpackhi_epi16(b1, b3));
+    }
+    if (full_pan < npan) {  // the channel tail of this k-group
+      int8_t* d = dst + (full_pan * kg + g) * 64;
+      for (int64_t q = 0; q < 4; ++q)
+        for (int64_t c = 0; c < 16; ++c)
+          d[c * 4 + q] = full_pan * 16 + c < n ? static_cast<int8_t>(r[q * n + full_pan * 16 + c] ^ vxor) : 0;
+    }
+  }
+  shift_b_rows(v, n, lc, full_g, kg, vxor, dst);
+}
+
+// int32 differences widened to int64, multiplied by mul (< 2^31, vpmuldq) and shifted left by sh.
+void shift_acc_avx2(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc) {
+  const __m256i m = _mm256_set1_epi64x(mul);
+  const __m128i cnt = _mm_cvtsi32_si128(sh);
+  for (int r = 0; r < mr; ++r) {
+    const __m256i c = _mm256_set1_epi32(corr[r]);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i d = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + r * 16 + 8 * h)), c);
+      const __m256i lo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(d));
+      const __m256i hi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(d, 1));
+      __m256i* a = reinterpret_cast<__m256i*>(acc + r * 16 + 8 * h);
+      _mm256_storeu_si256(a, _mm256_add_epi64(_mm256_loadu_si256(a), _mm256_sll_epi64(_mm256_mul_epi32(lo, m), cnt)));
+      _mm256_storeu_si256(a + 1,
+                          _mm256_add_epi64(_mm256_loadu_si256(a + 1), _mm256_sll_epi64(_mm256_mul_epi32(hi, m), cnt)));
+    }
+  }
+}
+
+// shift_requant_one on 4 int64 lanes: vpmuldq forms A * M0 (A = the high dword, sign-extended by the
+// instruction), vpmuludq forms B * M0; the arithmetic shift is ~((~x) >>> n) for negative x (AVX2 has no vpsraq).
+void shift_requant_avx2(const int64_t* r, int64_t nc, const int32_t* mult, const int32_t* shift, int32_t zy, int32_t lo,
+                        int32_t hi, bool s8, void* out) {
+  const __m256i one = _mm256_set1_epi64x(1), zero = _mm256_setzero_si256();
+  const __m256i c33 = _mm256_set1_epi64x(33), c32 = _mm256_set1_epi64x(32);
+  const __m256i lo4 = _mm256_set1_epi64x(static_cast<int64_t>(lo) - zy), hi4 = _mm256_set1_epi64x(static_cast<int64_t>(hi) - zy);
+  const __m256i zy4 = _mm256_set1_epi64x(zy);
+  int64_t c = 0;
+  alignas(32) int64_t y[4];
+  for (; c + 4 <= nc; c += 4) {
+    const __m256i rv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + c));
+    const __m256i m = _mm256_cvtepi32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mult + c)));
+    const __m256i s = _mm256_cvtepi32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(shift + c)));
+    const __m256i p1 = _mm256_mul_epi32(_mm256_srli_epi64(rv, 32), m);
+    const __m256i h0 = _mm256_srli_epi64(_mm256_mul_epu32(rv, m), 32);
+    const __m256i x = _mm256_add_epi64(_mm256_add_epi64(p1, h0), _mm256_sllv_epi64(one, _mm256_sub_epi64(s, c33)));
+    const __m256i sgn = _mm256_cmpgt_epi64(zero, x);
+    __m256i q = _mm256_xor_si256(_mm256_srlv_epi64(_mm256_xor_si256(x, sgn), _mm256_sub_epi64(s, c32)), sgn);
+    q = _mm256_blendv_epi8(q, lo4, _mm256_cmpgt_epi64(lo4, q));
+    q = _mm256_blendv_epi8(q, hi4, _mm256_cmpgt_epi64(q, hi4));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(y), _mm256_add_epi64(q, zy4));
+    if (s8)
+      for (int i = 0; i < 4; ++i) static_cast<int8_t*>(out)[c + i] = static_cast<int8_t>(y[i]);
+    else
+      for (int i = 0; i < 4; ++i) static_cast<uint8_t*>(out)[c + i] = static_cast<uint8_t>(y[i]);
+  }
+  shift_requant_rows(r, c, nc, mult, shift, zy, lo, hi, s8, out);
+}
+
 }  // namespace
 
 const KernelSet& avx2_kernels() {
@@ -473,7 +604,11 @@ const KernelSet& avx2_kernels() {
     k.ukr4_nib[4] = ukr4_nib_avx2<4>;
     k.requant_run = requant_run_impl;
     k.profile_run = profile_run_impl;
-    k.log2_rows = log2_rows_impl;
+    QSIM_MR_TABLE(k.ukr_shift, ukr_shift_avx2);
+    k.shift_a = shift_a_avx2;
+    k.shift_b = shift_b_avx2;
+    k.shift_acc = shift_acc_avx2;
+    k.shift_requant = shift_requant_avx2;
     return k;
   }();
   return ks;

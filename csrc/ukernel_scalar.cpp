@@ -32,6 +32,43 @@ void ukr_scalar(const int8_t* a, const uint8_t* bpanel, int64_t kg, int32_t* til
     for (int c = 0; c < kNR; ++c) tile[r * kNR + c] = static_cast<int32_t>(acc[r][c]);
 }
 
+// §7 shift weights: tile = sum a * b, a uint8 in [0, 128] (A panel [kg][MR][4]), b int8.
+template <int MR>
+void ukr_shift_scalar(const int8_t* apanel, const uint8_t* bpanel, int64_t kg, int32_t* tile) {
+  const uint8_t* a = reinterpret_cast<const uint8_t*>(apanel);
+  const int8_t* b = reinterpret_cast<const int8_t*>(bpanel);
+  int32_t acc[MR][kNR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < kNR; ++c) acc[r][c] = 0;
+  for (int64_t g = 0; g < kg; ++g) {
+    const uint8_t* ag = a + g * MR * 4;
+    const int8_t* bg = b + g * kNR * 4;
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < kNR; ++c) {
+        int32_t s = 0;
+        for (int q = 0; q < 4; ++q) s += static_cast<int32_t>(ag[r * 4 + q]) * static_cast<int32_t>(bg[c * 4 + q]);
+        acc[r][c] += s;  // |sum| < 2^31 by the driver's L chunking
+      }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < kNR; ++c) tile[r * kNR + c] = acc[r][c];
+}
+
+void shift_a_scalar(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int64_t kg, const uint8_t* lut, bool,
+                    uint8_t* dst, int64_t* rowsum) {
+  for (int r = 0; r < mr; ++r) rowsum[r] = 0;
+  shift_a_rows(codes, ldc, mr, 0, lc, kg, lut, dst, rowsum);
+}
+
+void shift_b_scalar(const uint8_t* v, int64_t n, int64_t lc, int64_t kg, uint8_t vxor, int8_t* dst) {
+  shift_b_rows(v, n, lc, 0, kg, vxor, dst);
+}
+
+void shift_requant_scalar(const int64_t* r, int64_t nc, const int32_t* mult, const int32_t* shift, int32_t zy,
+                          int32_t lo, int32_t hi, bool s8, void* out) {
+  shift_requant_rows(r, 0, nc, mult, shift, zy, lo, hi, s8, out);
+}
+
 // 4-bit weights: tile = sum u * c with u = x' + 128 (the A panel's second half) and stored codes c.
 template <int MR>
 void ukr4_scalar(const int8_t* a, const uint8_t* bpanel, int64_t kg, int32_t* tile) {
@@ -151,7 +188,11 @@ const KernelSet& scalar_kernels() {
     for (int i = 0; i <= kMR; ++i) k.ukr4_nib[i] = nullptr;
     k.requant_run = requant_run_impl;
     k.profile_run = profile_run_impl;
-    k.log2_rows = log2_rows_impl;
+    QSIM_MR_TABLE(k.ukr_shift, ukr_shift_scalar);
+    k.shift_a = shift_a_scalar;
+    k.shift_b = shift_b_scalar;
+    k.shift_acc = shift_acc_impl;
+    k.shift_requant = shift_requant_scalar;
     return k;
   }();
   return ks;

@@ -244,13 +244,15 @@ def padding_nibble(w, name: str, k: int) -> None:
         raise ValueError(f"{name} padding nibble (high nibble of the last byte of each row, K={k} odd) must be 0")
 
 
+def act_term(act_type: str, zx: int) -> int:
+    """A of spec §4.1: the largest |x - zx| over the activation type's range."""
+    xlo, xhi = RANGES[act_type]
+    return max(abs(xlo - zx), abs(xhi - zx))
+
+
 def overflow_term(k: int, act_type: str, zx: int, w_format: str, zw: np.ndarray) -> int:
     """K * A * B of spec §4.1 (exact Python int)."""
-    xlo, xhi = RANGES[act_type]
-    wlo, whi = RANGES[w_format]
-    a = max(abs(xlo - zx), abs(xhi - zx))
-    b = max(abs(wlo - int(zw.max())), abs(whi - int(zw.min()))) if zw.size else 0
-    return k * a * b
+    return k * act_term(act_type, zx) * weight_b_term(w_format, zw)
 
 
 def check_overflow(total: int, name: str, k_desc: str) -> None:
@@ -288,6 +290,97 @@ def activation(x, name: str, ndim: int, layout: str, op: str | None = None) -> t
     return contiguous(x), ACT_DTYPES[x.dtype]
 
 
+# --------------------------------------------------------------------------- packed weights (spec §4.4)
+
+
+@dataclass(frozen=True, eq=False)
+class PackedWeight:
+    """A weight validated once (``ops.pack_weight``): the canonical array, its format and zero points, and the
+    backends' prepacked forms. Ops given a handle skip the weight checks and, on a backend with a prepacked
+    form, the packing."""
+
+    w: np.ndarray  # canonical weight array, as int_gemm / int_conv2d accept it
+    w_format: str
+    kind: str  # "gemm" or "conv"
+    n: int  # output channels
+    k: int  # reduction length (GEMM K; conv C/groups * KH * KW)
+    w_zero_point: np.ndarray  # int32 [N]
+    b_term: int  # B of spec §4.1: max over channels of |code - zw[n]| over the format's range
+    kernel_size: tuple | None = None  # conv
+    groups: int = 1  # conv
+    cin_per_group: int | None = None  # conv
+    native: dict | None = None  # backend name -> that backend's prepacked weight
+
+    def __repr__(self) -> str:
+        shape = f"{self.n}x{self.k}" + (f", kernel {self.kernel_size}, groups {self.groups}" if self.kind == "conv" else "")
+        return f"<pyqsim PackedWeight {self.kind} {self.w_format} {shape}; prepacked for {sorted(self.native or {})}>"
+
+
+def weight_b_term(w_format: str, zw: np.ndarray) -> int:
+    wlo, whi = RANGES[w_format]
+    return max(abs(wlo - int(zw.max())), abs(whi - int(zw.min()))) if zw.size else 0
+
+
+def count_arg(v, name: str, missing: str) -> int:
+    """A required integer >= 0 (``missing``: the message when it is None)."""
+    if v is None:
+        raise ValueError(missing)
+    v = as_int(v, name)
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0, got {v}")
+    return v
+
+
+def pack_weight_args(w, w_format, w_zero_point, kind, kernel_size, groups, k, cin_per_group) -> PackedWeight:
+    """Validate a weight once and return the handle without native forms (ops.pack_weight adds them)."""
+    kind = check_type_name(kind, "kind", ("gemm", "conv"))
+    w_format = check_type_name(w_format, "w_format", WEIGHT_FORMATS)
+    g = as_int(groups, "groups")
+    if g < 1:
+        raise ValueError(f"groups must be >= 1, got {g}")
+    if kind == "gemm":
+        if g != 1:
+            raise ValueError(f"groups must be 1 for a GEMM weight, got {g}")
+        arr = as_array(w, "w")
+        if w_format == "int8":
+            kk = arr.shape[1] if arr.ndim == 2 else 0
+        else:
+            kk = count_arg(k, "k", f"k (the unpacked K) is required to pack a {w_format} GEMM weight")
+        w = weight_matrix(arr, "w", w_format, None, kk)
+        n, kernel, cin = w.shape[0], None, None
+    else:
+        arr = as_array(w, "w")
+        if w_format == "int8":
+            check_dtype(arr, "w", [np.int8])
+            check_ndim(arr, "w", 4, "[O, C/groups, KH, KW]")
+            cin = arr.shape[1]
+        else:
+            cin = count_arg(cin_per_group, "cin_per_group", f"cin_per_group is required to pack a {w_format} conv weight")
+        w, kernel = conv_weight(arr, "w", w_format, cin, kernel_size)
+        n = w.shape[0]
+        if n % g:
+            raise ValueError(f"groups={g} must divide the output channels O={n} of w")
+        kk = cin * kernel[0] * kernel[1]
+    zw = per_channel_ints(w_zero_point, "w_zero_point", n, *RANGES[w_format], default=0)
+    return PackedWeight(w, w_format, kind, n, kk, zw, weight_b_term(w_format, zw), kernel, g, cin, {})
+
+
+def unpack_handle(w, name: str, kind: str, w_format, w_zero_point, kernel_size=None):
+    """``(handle, w_format, w_zero_point)``: the handle's own when ``w`` is a PackedWeight (the call must then leave
+    ``w_format``/``w_zero_point`` as None or equal them), else ``(None, w_format or "int8", w_zero_point or 0)``."""
+    if not isinstance(w, PackedWeight):
+        return None, ("int8" if w_format is None else w_format), (0 if w_zero_point is None else w_zero_point)
+    if w.kind != kind:
+        raise ValueError(f"{name} is a packed {w.kind} weight, expected a {kind} weight")
+    if w_format is not None and w_format != w.w_format:
+        raise ValueError(f"{name}_format={w_format!r} disagrees with the packed weight's format {w.w_format!r}")
+    if w_zero_point is not None:
+        raise ValueError(f"{name}_zero_point is fixed when the weight is packed: pass it to pack_weight, not here")
+    if kernel_size is not None and pair(kernel_size, "kernel_size", 1) != w.kernel_size:
+        raise ValueError(f"kernel_size {kernel_size!r} disagrees with the packed weight's {w.kernel_size}")
+    return w, w.w_format, w.w_zero_point
+
+
 # --------------------------------------------------------------------------- GEMM
 
 
@@ -302,24 +395,38 @@ class GemmArgs:
     w_zero_point: np.ndarray  # int32 [N]
     bias: np.ndarray  # int32 [N]
     out: OutStage
+    w_packed: dict | None = None  # backend name -> prepacked weight (from a PackedWeight handle)
+
+
+def gemm_weight(w, name: str, w_format, w_zero_point, k: int, n_expected: int | None = None):
+    """``(w, w_format, zw, B of §4.1, native forms)`` of a GEMM weight array or PackedWeight handle."""
+    h, w_format, w_zero_point = unpack_handle(w, name, "gemm", w_format, w_zero_point)
+    if h is None:
+        w = weight_matrix(w, name, w_format, n_expected, k)
+        zw = per_channel_ints(w_zero_point, f"{name}_zero_point", w.shape[0], *RANGES[w_format], default=0)
+        return w, w_format, zw, weight_b_term(w_format, zw), None
+    if h.k != k:
+        raise ValueError(f"{name} (packed) has K={h.k}, the activations have K={k}")
+    if n_expected is not None and h.n != n_expected:
+        raise ValueError(f"{name} must have {n_expected} rows, the packed weight has {h.n}")
+    return h.w, h.w_format, h.w_zero_point, h.b_term, h.native
 
 
 def gemm_args(x, w, x_zero_point, w_zero_point, bias, w_format, out_dtype, multiplier, shift, out_zero_point, out_scale,
               numerics="pyqsim") -> GemmArgs:
     x, x_type = activation(x, "x", 2, "[M, K]", "int_gemm")
     k = x.shape[1]
-    w = weight_matrix(w, "w", w_format, None, k)
+    w, w_format, zw, b_term, native = gemm_weight(w, "w", w_format, w_zero_point, k)
     n = w.shape[0]
     zx = zero_point_scalar(x_zero_point, "x_zero_point", x_type)
-    zw = per_channel_ints(w_zero_point, "w_zero_point", n, *RANGES[w_format], default=0)
     b = bias_vector(bias, n)
     bmax = int(np.abs(b.astype(np.int64)).max()) if n else 0
-    check_overflow(overflow_term(k, x_type, zx, w_format, zw) + bmax, "int_gemm", f"K={k}")
+    check_overflow(k * act_term(x_type, zx) * b_term + bmax, "int_gemm", f"K={k}")
     if profile(numerics).pair_saturation and (x_type != "uint8" or w_format != "int8"):
         raise ValueError(f"numerics={numerics!r} models FBGEMM's uint8 x int8 kernels: x must be uint8 and "
                          f"w_format 'int8', got x {x_type} and w_format {w_format!r} (spec §14.5)")
     out = out_stage(out_dtype, n, multiplier, shift, out_zero_point, out_scale, numerics=numerics)
-    return GemmArgs(x, x_type, w, w_format, k, zx, zw, b, out)
+    return GemmArgs(x, x_type, w, w_format, k, zx, zw, b, out, native)
 
 
 # --------------------------------------------------------------------------- conv2d
@@ -341,6 +448,7 @@ class ConvArgs:
     w_zero_point: np.ndarray
     bias: np.ndarray
     out: OutStage
+    w_packed: dict | None = None  # backend name -> prepacked weight (from a PackedWeight handle)
 
 
 def conv_weight(w, name: str, w_format: str, cin_g: int, kernel_size) -> tuple[np.ndarray, tuple[int, int]]:
@@ -394,23 +502,35 @@ def conv_args(x, w, stride, padding, dilation, groups, x_zero_point, w_zero_poin
         raise ValueError(f"groups must be <= max(C, 1) = {max(c, 1)} for C={c} input channels, got {g}")
     if c % g:
         raise ValueError(f"groups={g} must divide the input channels C={c} of {xn}")
-    w, kernel = conv_weight(w, wn, w_format, c // g, kernel_size)
+    h, w_format, w_zero_point = unpack_handle(w, wn, "conv", w_format, w_zero_point, kernel_size)
+    if h is None:
+        w, kernel = conv_weight(w, wn, w_format, c // g, kernel_size)
+    else:
+        if h.cin_per_group != c // g:
+            raise ValueError(f"{wn} (packed) has C/groups={h.cin_per_group}, {xn} has C/groups={c // g}")
+        if h.groups != g:
+            raise ValueError(f"groups={g} disagrees with the packed weight's groups={h.groups}")
+        w, kernel = h.w, h.kernel_size
     o = w.shape[0]
     if o % g:
         raise ValueError(f"groups={g} must divide the output channels O={o} of {wn}")
     st, pd, dl = pair(stride, "stride", 1), pair(padding, "padding", 0), pair(dilation, "dilation", 1)
     ohw = conv_geometry(x.shape[2], x.shape[3], kernel, st, pd, dl)
     zx = zero_point_scalar(x_zero_point, f"{xn}_zero_point", x_type)
-    zw = per_channel_ints(w_zero_point, f"{wn}_zero_point", o, *RANGES[w_format], default=0)
+    if h is None:
+        zw = per_channel_ints(w_zero_point, f"{wn}_zero_point", o, *RANGES[w_format], default=0)
+        b_term, native = weight_b_term(w_format, zw), None
+    else:
+        zw, b_term, native = h.w_zero_point, h.b_term, h.native
     b = bias_vector(bias, o)
     kk = c // g * kernel[0] * kernel[1]
     bmax = int(np.abs(b.astype(np.int64)).max()) if o else 0
-    check_overflow(overflow_term(kk, x_type, zx, w_format, zw) + bmax, "int_conv2d", f"C/groups*KH*KW={kk}")
+    check_overflow(kk * act_term(x_type, zx) * b_term + bmax, "int_conv2d", f"C/groups*KH*KW={kk}")
     if profile(numerics).pair_saturation:
         raise ValueError(f"int_conv2d: numerics={numerics!r} is defined for int_gemm and requantize only; FBGEMM's "
                          "conv kernels pair the reduction in their own layout (spec §14.5)")
     out = out_stage(out_dtype, o, multiplier, shift, out_zero_point, out_scale, numerics=numerics)
-    return ConvArgs(x, x_type, w, w_format, kernel, st, pd, dl, g, ohw, zx, zw, b, out)
+    return ConvArgs(x, x_type, w, w_format, kernel, st, pd, dl, g, ohw, zx, zw, b, out, native)
 
 
 # --------------------------------------------------------------------------- split shortcut
@@ -460,12 +580,11 @@ class SplitGemmArgs:
 def _branch_gemm(x, w, zx, zw, w_format, suffix, n_expected, bias):
     x, x_type = activation(x, f"x{suffix}", 2, f"[M, K{suffix}]", "split_gemm")
     k = x.shape[1]
-    w = weight_matrix(w, f"w{suffix}", w_format, n_expected, k)
+    w, w_format, zwv, _, native = gemm_weight(w, f"w{suffix}", w_format, zw, k, n_expected)
     n = w.shape[0]
     zxv = zero_point_scalar(zx, f"x{suffix}_zero_point", x_type)
-    zwv = per_channel_ints(zw, f"w{suffix}_zero_point", n, *RANGES[w_format], default=0)
     none = OutStage("int32", np.zeros(n, np.int32), np.zeros(n, np.int32), 0, np.zeros(n, np.float32))
-    return GemmArgs(x, x_type, w, w_format, k, zxv, zwv, bias_vector(bias, n), none)
+    return GemmArgs(x, x_type, w, w_format, k, zxv, zwv, bias_vector(bias, n), none, native)
 
 
 def split_gemm_args(x1, w1, x2, w2, x1_zero_point, x2_zero_point, w1_zero_point, w2_zero_point, bias, w1_format,
@@ -518,10 +637,27 @@ def split_conv_args(x1, w1, x2, w2, stride, padding, dilation, x1_zero_point, x2
 # --------------------------------------------------------------------------- log2 attention
 
 
+def at_least_2d(a, name: str, layout: str) -> None:
+    if a.ndim < 2:
+        raise ValueError(f"{name} must be at least 2-D {layout}, got shape {a.shape}")
+
+
+def batched_second(first, fname: str, second, sname: str, layout: str):
+    """``(array, type)`` of the activation operand of a batched op: the first operand's number of dimensions and
+    identical leading dimensions (spec §4.3, §7.1; no broadcasting)."""
+    second = as_array(second, sname)
+    if second.ndim != first.ndim:
+        raise ValueError(f"{sname} must be {first.ndim}-D {layout} like {fname} {first.shape}, got shape {second.shape}")
+    second, stype = activation(second, sname, first.ndim, layout)
+    if second.shape[:-2] != first.shape[:-2]:
+        raise ValueError(f"{sname} must have the leading dimensions of {fname} {first.shape[:-2]}, got shape {second.shape}")
+    return second, stype
+
+
 @dataclass(frozen=True)
 class Log2AttnArgs:
-    codes: np.ndarray  # uint8 [M, L]
-    v: np.ndarray  # int8/uint8 [L, N]
+    codes: np.ndarray  # uint8 [..., M, L]
+    v: np.ndarray  # int8/uint8 [..., L, N], the same leading dimensions
     v_type: str
     v_zero_point: int
     bits: int
@@ -545,10 +681,10 @@ def log2_attn_args(codes, v, v_zero_point, bits, mode, frac_bits, out_dtype, mul
                    out_scale) -> Log2AttnArgs:
     codes = as_array(codes, "codes")
     check_dtype(codes, "codes", [np.uint8])
-    check_ndim(codes, "codes", 2, "[M, L]")
-    v, v_type = activation(v, "v", 2, "[L, N]")
-    if v.shape[0] != codes.shape[1]:
-        raise ValueError(f"v must have L={codes.shape[1]} rows to match codes, got shape {v.shape}")
+    at_least_2d(codes, "codes", "[..., M, L]")
+    v, v_type = batched_second(codes, "codes", v, "v", "[..., L, N]")
+    if v.shape[-2] != codes.shape[-1]:
+        raise ValueError(f"v must have L={codes.shape[-1]} rows to match codes, got shape {v.shape}")
     b = log_bits(bits)
     kk = log_mode(mode)
     if codes.size and int(codes.max()) > 2**b - 1:
@@ -557,12 +693,41 @@ def log2_attn_args(codes, v, v_zero_point, bits, mode, frac_bits, out_dtype, mul
     if not 0 <= f <= FRAC_BITS_MAX:
         raise ValueError(f"frac_bits must be in [0, {FRAC_BITS_MAX}], got {f}")
     zv = zero_point_scalar(v_zero_point, "v_zero_point", v_type)
-    length = codes.shape[1]
+    length = codes.shape[-1]
     if length * 255 * (2**f) * (2**LOG2_P + LOG2_Q) >= 2**63:
         raise ValueError(f"L={length} is too long for frac_bits={f}: the int64 accumulator could overflow (spec §7)")
-    n = v.shape[1]
+    n = v.shape[-1]
     out = out_stage(out_dtype, n, multiplier, shift, out_zero_point, out_scale, ("int64", "float32") + REQUANT_OUT)
     return Log2AttnArgs(contiguous(codes), v, v_type, zv, b, kk, f, out)
+
+
+# --------------------------------------------------------------------------- batched matmul of activations
+
+
+@dataclass(frozen=True)
+class BmmArgs:
+    a: np.ndarray  # int8/uint8 [..., M, K]
+    a_type: str
+    b: np.ndarray  # int8/uint8 [..., N, K], the same leading dimensions
+    b_type: str
+    a_zero_point: int
+    b_zero_point: int
+    out: OutStage
+
+
+def bmm_args(a, b, a_zero_point, b_zero_point, out_dtype, multiplier, shift, out_zero_point, out_scale) -> BmmArgs:
+    a = as_array(a, "a")
+    at_least_2d(a, "a", "[..., M, K]")
+    a, a_type = activation(a, "a", a.ndim, "[..., M, K]", "int_bmm")
+    b, b_type = batched_second(a, "a", b, "b", "[..., N, K]")
+    k = a.shape[-1]
+    if b.shape[-1] != k:
+        raise ValueError(f"b must have K={k} columns to match a, got shape {b.shape}")
+    za = zero_point_scalar(a_zero_point, "a_zero_point", a_type)
+    zb = zero_point_scalar(b_zero_point, "b_zero_point", b_type)
+    check_overflow(k * act_term(a_type, za) * act_term(b_type, zb), "int_bmm", f"K={k}")
+    out = out_stage(out_dtype, b.shape[-2], multiplier, shift, out_zero_point, out_scale)
+    return BmmArgs(a, a_type, b, b_type, za, zb, out)
 
 
 # --------------------------------------------------------------------------- requantize

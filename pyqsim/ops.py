@@ -28,14 +28,17 @@ _AUTO_ORDER = ("cuda", "cpu", "reference")
 
 __all__ = [
     "quantize", "dequantize", "quantize_log", "dequantize_log", "pack_int4", "unpack_int4",
-    "quantize_multiplier", "quantize_multiplier_pair", "requantize", "int_gemm", "int_conv2d",
-    "split_gemm", "split_conv2d", "log2_attn_matmul", "requant_scale",
+    "quantize_multiplier", "quantize_multiplier_pair", "requantize", "int_gemm", "int_bmm", "int_conv2d",
+    "split_gemm", "split_conv2d", "log2_attn_matmul", "pack_weight", "requant_scale",
 ]
+
+PackedWeight = C.PackedWeight
 
 
 def _reference_table() -> dict:
     numpy_engine = {
         "int_gemm": _rgemm.int_gemm_compute,
+        "int_bmm": _rgemm.int_bmm_compute,
         "split_gemm": _rgemm.split_gemm_compute,
         "int_conv2d": _rconv.int_conv2d_compute,
         "split_conv2d": _rconv.split_conv2d_compute,
@@ -244,27 +247,66 @@ def requantize(acc, multiplier, shift, zero_point=0, out_dtype="int8", *, axis=-
     return _run("requantize", backend, C.requantize_args(acc, multiplier, shift, zero_point, out_dtype, axis, numerics))
 
 
-def int_gemm(x, w, *, x_zero_point=0, w_zero_point=0, bias=None, w_format="int8", out_dtype="int32",
+def pack_weight(w, *, w_format="int8", w_zero_point=0, kind="gemm", kernel_size=None, groups=1, k=None,
+                cin_per_group=None, backend="auto"):
+    """Validate a GEMM or conv weight once and prepack it: a :class:`PackedWeight` that ``int_gemm``,
+    ``int_conv2d`` and the split ops accept in place of ``w`` (identical results; spec §4.4).
+
+    ``k`` is the unpacked K of a packed int4/uint4 GEMM weight; ``cin_per_group`` the C/groups of a packed
+    int4/uint4 conv weight (``kernel_size`` required too). ``backend``: ``"auto"`` prepacks for every available
+    backend that has a packed form (``cpu``), a backend name for that one only, ``"reference"`` for none.
+    """
+    _host(backend)
+    h = C.pack_weight_args(w, w_format, w_zero_point, kind, kernel_size, groups, k, cin_per_group)
+    names = [b for b in available_backends() if b != "reference"] if backend == "auto" else [backend]
+    if backend == "auto" and os.environ.get("PYQSIM_BACKEND", "").strip():
+        names = [resolve_backend("auto", "int_gemm")]
+    for name in names:
+        if name == "reference":
+            continue
+        mod = _backend_module(name)
+        if mod is None:
+            raise RuntimeError(f"backend {name!r} is not available in this build/process (see pyqsim.build_info())")
+        packer = getattr(mod, "pack_weight", None)
+        if packer is None:
+            continue  # this backend computes from the plain array
+        h.native[name] = packer(h.w, h.w_format, k=h.k, kind=h.kind, kernel_size=h.kernel_size, groups=h.groups,
+                                cin_per_group=h.cin_per_group)
+    return h
+
+
+def int_gemm(x, w, *, x_zero_point=0, w_zero_point=None, bias=None, w_format=None, out_dtype="int32",
              multiplier=None, shift=None, out_zero_point=0, out_scale=None, numerics="pyqsim", backend="auto"):
-    """Integer ``x @ w.T`` (x [M,K] int8/uint8, w [N,K] int8 or packed int4) with one output stage (spec §4, §6, §14)."""
+    """Integer ``x @ w.T`` (x [M,K] int8/uint8, w [N,K] int8 or packed int4, or a :class:`PackedWeight`) with one
+    output stage (spec §4, §6, §14). ``w_format`` defaults to "int8" and ``w_zero_point`` to 0 (a handle carries both)."""
     args = C.gemm_args(x, w, x_zero_point, w_zero_point, bias, w_format, out_dtype, multiplier, shift,
                        out_zero_point, out_scale, numerics)
     return _run("int_gemm", backend, args)
 
 
-def int_conv2d(x, w, *, stride=1, padding=0, dilation=1, groups=1, x_zero_point=0, w_zero_point=0, bias=None,
-               w_format="int8", kernel_size=None, out_dtype="int32", multiplier=None, shift=None, out_zero_point=0,
+def int_bmm(a, b, *, a_zero_point=0, b_zero_point=0, out_dtype="int32", multiplier=None, shift=None,
+            out_zero_point=0, out_scale=None, backend="auto"):
+    """Batched ``(a - za) @ (b - zb)^T`` of two activation tensors (a [..., M, K], b [..., N, K], int8/uint8), exact
+    int32 accumulation and one output stage along N (spec §4.3)."""
+    args = C.bmm_args(a, b, a_zero_point, b_zero_point, out_dtype, multiplier, shift, out_zero_point, out_scale)
+    return _run("int_bmm", backend, args)
+
+
+def int_conv2d(x, w, *, stride=1, padding=0, dilation=1, groups=1, x_zero_point=0, w_zero_point=None, bias=None,
+               w_format=None, kernel_size=None, out_dtype="int32", multiplier=None, shift=None, out_zero_point=0,
                out_scale=None, numerics="pyqsim", backend="auto"):
-    """Integer NCHW conv2d with zero-point padding and one output stage (spec §5, §6, §14)."""
+    """Integer NCHW conv2d with zero-point padding and one output stage (spec §5, §6, §14); ``w`` may be a
+    :class:`PackedWeight` (kind "conv")."""
     args = C.conv_args(x, w, stride, padding, dilation, groups, x_zero_point, w_zero_point, bias, w_format,
                        kernel_size, out_dtype, multiplier, shift, out_zero_point, out_scale, numerics=numerics)
     return _run("int_conv2d", backend, args)
 
 
-def split_gemm(x1, w1, x2, w2, *, x1_zero_point=0, x2_zero_point=0, w1_zero_point=0, w2_zero_point=0, bias=None,
-               w1_format="int8", w2_format="int8", out_dtype="int8", multiplier1=None, multiplier2=None, shift=None,
-               out_zero_point=0, out_scale1=None, out_scale2=None, numerics="pyqsim", backend="auto"):
-    """Split-shortcut GEMM: two accumulations, one output, one rounding (spec §8; ``numerics`` §14.6)."""
+def split_gemm(x1, w1, x2, w2, *, x1_zero_point=0, x2_zero_point=0, w1_zero_point=None, w2_zero_point=None,
+               bias=None, w1_format=None, w2_format=None, out_dtype="int8", multiplier1=None, multiplier2=None,
+               shift=None, out_zero_point=0, out_scale1=None, out_scale2=None, numerics="pyqsim", backend="auto"):
+    """Split-shortcut GEMM: two accumulations, one output, one rounding (spec §8; ``numerics`` §14.6); weights may be
+    handles."""
     C.split_numerics(numerics, "split_gemm")
     args = C.split_gemm_args(x1, w1, x2, w2, x1_zero_point, x2_zero_point, w1_zero_point, w2_zero_point, bias,
                              w1_format, w2_format, out_dtype, multiplier1, multiplier2, shift, out_zero_point,
@@ -273,10 +315,11 @@ def split_gemm(x1, w1, x2, w2, *, x1_zero_point=0, x2_zero_point=0, w1_zero_poin
 
 
 def split_conv2d(x1, w1, x2, w2, *, stride=1, padding=0, dilation=1, x1_zero_point=0, x2_zero_point=0,
-                 w1_zero_point=0, w2_zero_point=0, bias=None, w1_format="int8", w2_format="int8", kernel_size=None,
-                 out_dtype="int8", multiplier1=None, multiplier2=None, shift=None, out_zero_point=0,
-                 out_scale1=None, out_scale2=None, numerics="pyqsim", backend="auto"):
-    """Split-shortcut conv2d over ``concat(x1, x2)`` channels, one rounding (spec §8; ``numerics`` §14.6)."""
+                 w1_zero_point=None, w2_zero_point=None, bias=None, w1_format=None, w2_format=None,
+                 kernel_size=None, out_dtype="int8", multiplier1=None, multiplier2=None, shift=None,
+                 out_zero_point=0, out_scale1=None, out_scale2=None, numerics="pyqsim", backend="auto"):
+    """Split-shortcut conv2d over ``concat(x1, x2)`` channels, one rounding (spec §8; ``numerics`` §14.6);
+    weights may be handles."""
     C.split_numerics(numerics, "split_conv2d")
     args = C.split_conv_args(x1, w1, x2, w2, stride, padding, dilation, x1_zero_point, x2_zero_point,
                              w1_zero_point, w2_zero_point, bias, w1_format, w2_format, kernel_size, out_dtype,

@@ -22,6 +22,11 @@ def dims(max_value: int = 70, tails=TAILS):
     return st.one_of(st.sampled_from([t for t in tails if t <= max_value]), st.integers(0, max_value))
 
 
+def lead_shapes(max_dims: int = 3, max_size: int = 3):
+    """Leading (batch) dimensions: 0..max_dims of them, sizes including 0 and 1."""
+    return st.lists(st.integers(0, max_size), min_size=0, max_size=max_dims).map(tuple)
+
+
 def codes(dtype: str, shape, fill=None):
     """An array of codes of ``dtype`` (int4/uint4 in their containers), with constant fills among the draws."""
     lo, hi = C.RANGES[dtype]
@@ -110,6 +115,18 @@ def gemm_cases(draw, max_dim: int = 70, formats=("int8", "int4", "uint4")):
     used = C.overflow_term(k, xt, zx, fmt, zwv.astype(np.int32))
     kw = dict(x=x, w=w, x_zero_point=zx, w_zero_point=zw, w_format=fmt,
               bias=_bias_for(draw, n, 2**31 - 1 - used))
+    kw.update(draw(out_stage(n)))
+    return kw
+
+
+@st.composite
+def bmm_cases(draw, max_dim: int = 40, lead=lead_shapes()):
+    """int_bmm kwargs: a [..., M, K] and b [..., N, K] activations of either type, any zero points."""
+    lead = draw(lead)
+    m, n, k = draw(dims(max_dim)), draw(dims(max_dim)), draw(dims(max_dim))
+    at, bt = draw(st.sampled_from(ACT_TYPES)), draw(st.sampled_from(ACT_TYPES))
+    kw = dict(a=draw(codes(at, (*lead, m, k))), b=draw(codes(bt, (*lead, n, k))), a_zero_point=draw(zero_points(at)),
+              b_zero_point=draw(zero_points(bt)))
     kw.update(draw(out_stage(n)))
     return kw
 
@@ -204,16 +221,19 @@ def split_conv_cases(draw):
 
 
 @st.composite
-def log2_cases(draw, max_dim: int = 40):
+def log2_cases(draw, max_dim: int = 40, lead=st.just(())):
+    """log2_attn_matmul kwargs; ``lead`` draws the leading dimensions shared by codes and v."""
     bits = draw(st.integers(2, 8))
     mode = draw(st.sampled_from(["log2", "sqrt2"]))
     frac_bits = draw(st.sampled_from([16, 16, 0, 4, 8, 24]))
+    lead = draw(lead)
     m, length, n = draw(dims(max_dim)), draw(dims(max_dim)), draw(dims(max_dim))
     vt = draw(st.sampled_from(ACT_TYPES))
     zero_code = 2**bits - 1
-    cd = draw(st.one_of(hnp.arrays(np.uint8, (m, length), elements=st.integers(0, zero_code)),
-                        st.sampled_from([0, zero_code, zero_code - 1]).map(lambda c: np.full((m, length), c, np.uint8))))
-    v = draw(codes(vt, (length, n)))
+    cshape = (*lead, m, length)
+    cd = draw(st.one_of(hnp.arrays(np.uint8, cshape, elements=st.integers(0, zero_code)),
+                        st.sampled_from([0, zero_code, zero_code - 1]).map(lambda c: np.full(cshape, c, np.uint8))))
+    v = draw(codes(vt, (*lead, length, n)))
     kw = dict(codes=cd, v=v, v_zero_point=draw(zero_points(vt)), bits=bits, mode=mode, frac_bits=frac_bits)
     kind = draw(st.sampled_from(["int64", "int8", "uint8", "int4", "uint4", "float32"]))
     kw["out_dtype"] = kind

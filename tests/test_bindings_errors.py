@@ -109,6 +109,11 @@ def base_log2_attn_matmul():
                 out_dtype="int64", multiplier=None, shift=None, out_zero_point=0, out_scale=None)
 
 
+def base_int_bmm():
+    return dict(a=arr((2, 3, 4), np.uint8), b=arr((2, 5, 4)), a_zero_point=0, b_zero_point=0, out_dtype="int32",
+                multiplier=None, shift=None, out_zero_point=0, out_scale=None)
+
+
 def base_pack_gemm_weight():
     return dict(w=arr((3, 4)), w_format="int8", k=4)
 
@@ -120,6 +125,7 @@ def base_pack_conv_weight():
 BASES = {
     "int_gemm": base_int_gemm, "split_gemm": base_split_gemm, "int_conv2d": base_int_conv2d,
     "split_conv2d": base_split_conv2d, "requantize": base_requantize, "log2_attn_matmul": base_log2_attn_matmul,
+    "int_bmm": base_int_bmm,
     "pack_gemm_weight": base_pack_gemm_weight, "pack_conv_weight": base_pack_conv_weight,
 }
 REQ = dict(out_dtype="int8", multiplier=i32(3, 2**30), shift=i32(3, 31))
@@ -331,6 +337,20 @@ CASES = [
     ("requantize", "zero_point uint4 16", dict(zero_point=16, out_dtype="uint4"), ValueError, "out_zero_point"),
     ("requantize", "out_dtype int32", dict(out_dtype="int32"), ValueError, "out_dtype"),
     ("requantize", "out_dtype float32", dict(out_dtype="float32"), ValueError, "out_dtype"),
+    # ---- int_bmm
+    ("int_bmm", "a int32", dict(a=arr((2, 3, 4), np.int32)), TypeError, "a must have dtype"),
+    ("int_bmm", "a 1-D", dict(a=arr(4, np.uint8)), ValueError, "a must be at least 2-D"),
+    ("int_bmm", "a strided", dict(a=strided(arr((2, 3, 4), np.uint8))), ValueError, "a must be C-contiguous"),
+    ("int_bmm", "b float", dict(b=arr((2, 5, 4), np.float32)), TypeError, "b must have dtype"),
+    ("int_bmm", "b leading dims", dict(b=arr((3, 5, 4))), ValueError, "leading dimensions of a"),
+    ("int_bmm", "b ndim", dict(b=arr((5, 4))), ValueError, "leading dimensions of a"),
+    ("int_bmm", "K mismatch", dict(b=arr((2, 5, 3))), ValueError, "K=4"),
+    ("int_bmm", "a_zero_point 256", dict(a_zero_point=256), ValueError, "a_zero_point"),
+    ("int_bmm", "b_zero_point -129", dict(b_zero_point=-129), ValueError, "b_zero_point"),
+    ("int_bmm", "K beyond §4.1", dict(a=arr((1, 1, 70000), np.uint8), b=arr((1, 1, 70000), np.uint8)), ValueError,
+     "int_bmm: worst-case"),
+    ("int_bmm", "out_dtype int64", dict(out_dtype="int64"), ValueError, "out_dtype"),
+    ("int_bmm", "float32 without scale", dict(out_dtype="float32"), ValueError, "out_scale is required"),
     # ---- log2_attn_matmul
     ("log2_attn_matmul", "codes out of range", dict(codes=arr((2, 3), np.uint8, 16)), ValueError,
      "codes must be in \\[0, 15\\]"),
@@ -338,7 +358,10 @@ CASES = [
      "codes must be in \\[0, 3\\]"),
     ("log2_attn_matmul", "codes int8", dict(codes=arr((2, 3))), TypeError, "codes must have dtype uint8"),
     ("log2_attn_matmul", "codes strided", dict(codes=strided(arr((2, 3), np.uint8))), ValueError, "codes must be C-contiguous"),
-    ("log2_attn_matmul", "codes 1-D", dict(codes=arr(3, np.uint8)), ValueError, "codes must be 2-D"),
+    ("log2_attn_matmul", "codes 1-D", dict(codes=arr(3, np.uint8)), ValueError, "codes must be at least 2-D"),
+    ("log2_attn_matmul", "v leading dims", dict(codes=arr((2, 2, 3), np.uint8), v=arr((3, 3, 4))), ValueError,
+     "leading dimensions of codes"),
+    ("log2_attn_matmul", "v ndim", dict(codes=arr((2, 2, 3), np.uint8)), ValueError, "leading dimensions of codes"),
     ("log2_attn_matmul", "v int32", dict(v=arr((3, 4), np.int32)), TypeError, "v must have dtype"),
     ("log2_attn_matmul", "v L mismatch", dict(v=arr((4, 4))), ValueError, "L=3"),
     ("log2_attn_matmul", "bits 1", dict(bits=1), ValueError, "bits must be in \\[2, 8\\]"),

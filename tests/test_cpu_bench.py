@@ -24,3 +24,14 @@ def test_bench_gemm_quick_runs(tmp_path):
     data = json.loads(out.read_text())
     assert data["rows"] and all(r["results"]["pyqsim"]["gops"] > 0 for r in data["rows"])
     assert report["threads"] >= 1
+
+
+def test_bench_attention_quick_runs(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "benchmarks" / "bench_attention.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "bench.json"
+    mod.main(["--quick", "--reps", "1", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["attention"]["rows"]["log2"]["gops"] > 0 and data["attention"]["log2_over_int_gemm"] > 0
+    assert data["packed"]["shapes"] and all(s["fraction_of_sign_peak"] > 0 for s in data["packed"]["shapes"])

@@ -16,8 +16,8 @@ from hypothesis.extra import numpy as hnp
 
 from pyqsim import _checks as C
 from pyqsim import ops, reference as R
-from strategies import (at_shift_edges, conv_cases, gemm_cases, log2_cases, requant_cases, split_conv_cases,
-                        split_gemm_cases)
+from strategies import (at_shift_edges, conv_cases, gemm_cases, lead_shapes, log2_cases, requant_cases,
+                        split_conv_cases, split_gemm_cases)
 
 
 # ----------------------------------------------------------------------------- exact oracles
@@ -485,7 +485,7 @@ def test_numba_requantize_equals_numpy(kw):
     assert np.array_equal(nb.requantize_args_compute(a), R.requantize(**kw))
 
 
-@given(log2_cases(max_dim=20))
+@given(log2_cases(max_dim=20, lead=lead_shapes()))
 @at_shift_edges("log2_attn_matmul", None)
 def test_numba_log2_attn_equals_numpy(kw):
     from pyqsim.reference import _numba as nb

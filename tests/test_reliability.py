@@ -113,11 +113,28 @@ def log2(be, **kw):
     return ops.log2_attn_matmul(**{"codes": CODES, "v": V, **kw}, backend=be)
 
 
+def bmm(be, **kw):
+    return ops.int_bmm(**{"a": np.zeros((2, 3, 4), np.uint8), "b": np.zeros((2, 5, 4), np.int8), **kw}, backend=be)
+
+
 # --------------------------------------------------------------------------------------------- op battery
 # (op, id, fn(backend), exception, regex naming the argument). Kernel ops run on every backend; host ops
 # (float <-> codes, packing, multipliers) run on the host whatever the backend, so once.
 
 KERNEL_CASES = [
+    # int_bmm
+    ("int_bmm", "a int32", lambda be: bmm(be, a=np.zeros((2, 3, 4), np.int32)), TypeError, "a must have dtype"),
+    ("int_bmm", "a 1-D", lambda be: bmm(be, a=np.zeros(4, np.int8)), ValueError, "a must be at least 2-D"),
+    ("int_bmm", "b float", lambda be: bmm(be, b=np.zeros((2, 5, 4), np.float32)), TypeError, "b must have dtype"),
+    ("int_bmm", "b 2-D", lambda be: bmm(be, b=np.zeros((5, 4), np.int8)), ValueError, "b must be 3-D"),
+    ("int_bmm", "leading dims", lambda be: bmm(be, b=np.zeros((3, 5, 4), np.int8)), ValueError, "leading dimensions"),
+    ("int_bmm", "K mismatch", lambda be: bmm(be, b=np.zeros((2, 5, 3), np.int8)), ValueError, "K=4"),
+    ("int_bmm", "a_zero_point 256", lambda be: bmm(be, a_zero_point=256), ValueError, "a_zero_point"),
+    ("int_bmm", "b_zero_point 128 int8", lambda be: bmm(be, b_zero_point=128), ValueError, "b_zero_point"),
+    ("int_bmm", "K beyond §4.1", lambda be: bmm(be, a=fake((1, 1, 70000), np.uint8), b=fake((1, 1, 70000), np.uint8)),
+     ValueError, "int_bmm.*K=70000"),
+    ("int_bmm", "out_dtype int64", lambda be: bmm(be, out_dtype="int64"), ValueError, "out_dtype"),
+    ("int_bmm", "requant without shift", lambda be: bmm(be, out_dtype="int8", multiplier=1), ValueError, "shift"),
     # int_gemm
     ("int_gemm", "x float64", lambda be: gemm(be, x=X8.astype(np.float64)), TypeError, "x must have dtype"),
     ("int_gemm", "x int32", lambda be: gemm(be, x=X8.astype(np.int32)), TypeError, "x must have dtype"),
@@ -132,7 +149,11 @@ KERNEL_CASES = [
     ("int_gemm", "K mismatch", lambda be: gemm(be, w=np.zeros((3, 5), np.int8)), ValueError, "K=4"),
     ("int_gemm", "packed width", lambda be: gemm(be, w=np.zeros((3, 3), np.uint8), w_format="uint4"), ValueError,
      "ceil\\(K/2\\)=2"),
-    ("int_gemm", "w_format None", lambda be: gemm(be, w_format=None), ValueError, "w_format"),
+    ("int_gemm", "w_format 'int2'", lambda be: gemm(be, w_format="int2"), ValueError, "w_format"),
+    ("int_gemm", "w_format for a handle", lambda be: gemm(be, w=ops.pack_weight(W8, backend="reference"),
+                                                          w_format="int4"), ValueError, "disagrees"),
+    ("int_gemm", "w_zero_point for a handle", lambda be: gemm(be, w=ops.pack_weight(W8, backend="reference"),
+                                                              w_zero_point=1), ValueError, "pass it to pack_weight"),
     ("int_gemm", "x_zero_point 256 uint8", lambda be: gemm(be, x=XU, x_zero_point=256), ValueError, "x_zero_point"),
     ("int_gemm", "x_zero_point -1 uint8", lambda be: gemm(be, x=XU, x_zero_point=-1), ValueError, "x_zero_point"),
     ("int_gemm", "x_zero_point -129 int8", lambda be: gemm(be, x_zero_point=-129), ValueError, "x_zero_point"),
@@ -282,7 +303,7 @@ KERNEL_CASES = [
     # log2_attn_matmul
     ("log2_attn_matmul", "codes int8", lambda be: log2(be, codes=CODES.astype(np.int8)), TypeError, "codes"),
     ("log2_attn_matmul", "codes float", lambda be: log2(be, codes=F), TypeError, "codes must have dtype uint8"),
-    ("log2_attn_matmul", "codes 3-D", lambda be: log2(be, codes=CODES[None]), ValueError, "codes must be 2-D"),
+    ("log2_attn_matmul", "codes 3-D, v 2-D", lambda be: log2(be, codes=CODES[None]), ValueError, "v must be 3-D"),
     ("log2_attn_matmul", "v float", lambda be: log2(be, v=V.astype(np.float32)), TypeError, "v must have dtype"),
     ("log2_attn_matmul", "v 1-D", lambda be: log2(be, v=np.zeros(3, np.int8)), ValueError, "v must be 2-D"),
     ("log2_attn_matmul", "L mismatch", lambda be: log2(be, v=np.zeros((4, 4), np.int8)), ValueError, "L=3"),
@@ -310,6 +331,17 @@ KERNEL_CASES = [
 ]
 
 HOST_CASES = [
+    # pack_weight
+    ("pack_weight", "w float", lambda: ops.pack_weight(np.zeros((3, 4), np.float32)), TypeError, "w must have dtype"),
+    ("pack_weight", "kind", lambda: ops.pack_weight(W8, kind="linear"), ValueError, "kind must be one of"),
+    ("pack_weight", "w_zero_point range", lambda: ops.pack_weight(W8, w_zero_point=200), ValueError, "w_zero_point"),
+    ("pack_weight", "int4 without k", lambda: ops.pack_weight(np.zeros((3, 2), np.uint8), w_format="int4"),
+     ValueError, "k \\(the unpacked K\\) is required"),
+    ("pack_weight", "conv 2-D int8", lambda: ops.pack_weight(W8, kind="conv"), ValueError, "w must be 4-D"),
+    ("pack_weight", "conv groups", lambda: ops.pack_weight(WC, kind="conv", groups=4), ValueError, "groups=4"),
+    ("pack_weight", "gemm handle for conv", lambda: conv("reference", w=ops.pack_weight(W8, backend="reference")),
+     ValueError, "packed gemm weight"),
+    ("pack_weight", "backend", lambda: ops.pack_weight(W8, backend="tpu"), ValueError, "backend"),
     # quantize
     ("quantize", "x int", lambda: ops.quantize(np.zeros(2, np.int32), 1.0), TypeError, "x must be a float array"),
     ("quantize", "x list", lambda: ops.quantize([0.5], 1.0), TypeError, "x must be a NumPy array"),

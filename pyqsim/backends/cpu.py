@@ -106,6 +106,11 @@ def _int_gemm(a):
                        o.zero_point, o.scale)
 
 
+def _int_bmm(a):
+    o = a.out
+    return _C.int_bmm(a.a, a.b, a.a_zero_point, a.b_zero_point, o.dtype, o.multiplier, o.shift, o.zero_point, o.scale)
+
+
 def _split_gemm(s):
     a, b, o = s.a, s.b, s.out
     return _C.split_gemm(a.x, _w(a), a.w_format, b.x, _w(b), b.w_format, a.x_zero_point, b.x_zero_point, a.w_zero_point,
@@ -147,6 +152,7 @@ def _log2_attn_matmul(a):
 
 OPS = {} if _C is None else {
     "int_gemm": _int_gemm,
+    "int_bmm": _int_bmm,
     "split_gemm": _split_gemm,
     "int_conv2d": _int_conv2d,
     "split_conv2d": _split_conv2d,

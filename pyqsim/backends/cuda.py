@@ -227,13 +227,18 @@ def _requantize(a):
 
 
 def _log2_attn_matmul(a):
+    """§7 on device; the batched form is one launch of the 2-D kernel per leading index."""
     o = a.out
     with _Call(a.codes, a.v) as c:
-        m, length = a.codes.shape
-        n = a.v.shape[1]
-        y, finish = c.output((m, n), o.dtype)
-        _cu.log2_attn_matmul(c.ptr(a.codes), c.ptr(a.v), a.v_type, a.v_zero_point, m, length, n, a.bits, a.k, a.frac_bits,
-                             o.dtype, o.multiplier, o.shift, o.zero_point, o.scale, y, c.stream)
+        *lead, m, length = a.codes.shape
+        n = a.v.shape[-1]
+        y, finish = c.output((*lead, m, n), o.dtype)
+        cp, vp = c.ptr(a.codes), c.ptr(a.v)
+        ybytes = m * n * np.dtype(_NP_OUT[o.dtype]).itemsize
+        for i in range(int(np.prod(lead, dtype=np.int64))):
+            _cu.log2_attn_matmul(cp + i * m * length, vp + i * length * n, a.v_type, a.v_zero_point, m, length, n,
+                                 a.bits, a.k, a.frac_bits, o.dtype, o.multiplier, o.shift, o.zero_point, o.scale,
+                                 y + i * ybytes, c.stream)
         return finish()
 
 

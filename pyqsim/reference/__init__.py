@@ -5,7 +5,7 @@ engine over the same canonical arguments, tested to return identical results; se
 ``reference`` backend with ``PYQSIM_REFERENCE_ENGINE=numba``.
 """
 from .conv import int_conv2d, split_conv2d
-from .gemm import int_gemm, split_gemm
+from .gemm import int_bmm, int_gemm, split_gemm
 from .int4 import pack_int4, unpack_int4
 from .log2attn import log2_attn_matmul
 from .quant import dequantize, dequantize_log, quantize, quantize_log, uniform_qparams
@@ -14,5 +14,5 @@ from .requant import quantize_multiplier, quantize_multiplier_pair, requantize
 __all__ = [
     "quantize", "dequantize", "quantize_log", "dequantize_log", "uniform_qparams",
     "pack_int4", "unpack_int4", "quantize_multiplier", "quantize_multiplier_pair", "requantize",
-    "int_gemm", "int_conv2d", "split_gemm", "split_conv2d", "log2_attn_matmul",
+    "int_gemm", "int_bmm", "int_conv2d", "split_gemm", "split_conv2d", "log2_attn_matmul",
 ]

@@ -147,8 +147,15 @@ def requantize_args_compute(a: C.RequantArgs) -> np.ndarray:
 
 
 def log2_attn_acc(a: C.Log2AttnArgs) -> np.ndarray:
-    d = np.ascontiguousarray(a.v.astype(np.int64) - a.v_zero_point)
-    return _log2_acc(a.codes, d, 2**a.bits - 1, a.k, a.frac_bits, C.LOG2_P, C.LOG2_Q)
+    *lead, m, length = a.codes.shape
+    n = a.v.shape[-1]
+    batch = int(np.prod(lead, dtype=np.int64))
+    codes = a.codes.reshape(batch, m, length)
+    d = (a.v.astype(np.int64) - a.v_zero_point).reshape(batch, length, n)
+    out = np.empty((batch, m, n), np.int64)
+    for i in range(codes.shape[0]):
+        out[i] = _log2_acc(codes[i], np.ascontiguousarray(d[i]), 2**a.bits - 1, a.k, a.frac_bits, C.LOG2_P, C.LOG2_Q)
+    return out.reshape(*lead, m, n)
 
 
 @njit(cache=True, parallel=True)
@@ -167,10 +174,11 @@ def log2_attn_matmul_compute(a: C.Log2AttnArgs) -> np.ndarray:
     out = a.out
     if out.dtype in ("int64", "float32"):
         from .requant import apply_out_stage_wide
-        return apply_out_stage_wide(acc, out, axis=1)
+        return apply_out_stage_wide(acc, out, axis=-1)
     lo, hi = C.RANGES[out.dtype]
-    y = _requant_wide(acc, out.multiplier, out.shift, np.int64(out.zero_point), np.int64(lo), np.int64(hi))
-    return y.astype(C.CONTAINERS[out.dtype])
+    rows = np.ascontiguousarray(acc.reshape(int(np.prod(acc.shape[:-1], dtype=np.int64)), acc.shape[-1]))
+    y = _requant_wide(rows, out.multiplier, out.shift, np.int64(out.zero_point), np.int64(lo), np.int64(hi))
+    return y.astype(C.CONTAINERS[out.dtype]).reshape(acc.shape)
 
 
 def quantize_log_codes(r: np.ndarray, k: int, zero_code: int) -> np.ndarray:

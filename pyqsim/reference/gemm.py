@@ -1,4 +1,4 @@
-"""Integer GEMM ``x @ w.T`` and split-shortcut GEMM (spec §4, §6, §8)."""
+"""Integer GEMM ``x @ w.T``, batched ``a @ b^T`` of activations and split-shortcut GEMM (spec §4, §6, §8)."""
 from __future__ import annotations
 
 import numpy as np
@@ -29,6 +29,18 @@ def int_gemm(x, w, *, x_zero_point=0, w_zero_point=0, bias=None, w_format="int8"
     """Integer ``x @ w.T`` with zero points, int32 bias and one output stage (spec §4, §6)."""
     return int_gemm_compute(C.gemm_args(x, w, x_zero_point, w_zero_point, bias, w_format, out_dtype, multiplier,
                                         shift, out_zero_point, out_scale))
+
+
+def int_bmm_compute(a: C.BmmArgs) -> np.ndarray:
+    acc = (a.a.astype(np.int64) - a.a_zero_point) @ np.swapaxes(a.b.astype(np.int64) - a.b_zero_point, -1, -2)
+    return apply_out_stage(acc, a.out, axis=-1)
+
+
+def int_bmm(a, b, *, a_zero_point=0, b_zero_point=0, out_dtype="int32", multiplier=None, shift=None, out_zero_point=0,
+            out_scale=None) -> np.ndarray:
+    """Exact ``(a - za) @ (b - zb)^T`` per leading index (a [..., M, K], b [..., N, K]), one output stage (spec §4.3)."""
+    return int_bmm_compute(C.bmm_args(a, b, a_zero_point, b_zero_point, out_dtype, multiplier, shift, out_zero_point,
+                                      out_scale))
 
 
 def split_out(acc1: np.ndarray, acc2: np.ndarray, out: C.SplitOutStage, axis: int) -> np.ndarray:

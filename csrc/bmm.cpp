@@ -1,0 +1,64 @@
+// §4.3 batched integer matmul of two activation tensors: driver over the GEMM machinery (driver.h).
+//
+// b[i] ([N, K], uint8 or int8) is packed as an int8 weight per batch element (uint8 codes shifted by -128 with
+// the zero point shifted alike, so every b - zb is unchanged), then one GemmJob per batch element goes to
+// run_jobs, which spreads the row blocks of all of them over the threads.
+#include <algorithm>
+#include <vector>
+
+#include "driver.h"
+#include "threadpool.h"
+
+namespace qsim {
+
+using namespace detail;
+
+void int_bmm(const void* a, ActType at, int32_t za, const void* b, ActType bt, int32_t zb, int64_t batch, int64_t m,
+             int64_t n, int64_t k, const OutStage& out, void* y) {
+  if (batch == 0 || m == 0 || n == 0) return;
+  const Isa isa = resolve_isa();
+  const int64_t kp = round_up(k, 4);
+  const uint8_t bxor = bt == ActType::U8 ? 0x80 : 0;
+  const int32_t zbm = mapped_zero_point(bt, zb);
+  const int32_t zam = mapped_zero_point(at, za);
+  std::vector<PackedMatrix> pms(static_cast<size_t>(batch));
+  ThreadPool::instance().run(batch, [&](int64_t i, int) {
+    std::vector<int8_t> codes(static_cast<size_t>(n * kp), 0);
+    const uint8_t* src = static_cast<const uint8_t*>(b) + i * n * k;
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = 0; j < k; ++j) codes[r * kp + j] = static_cast<int8_t>(src[r * k + j] ^ bxor);
+    pms[i] = pack_codes(codes.data(), n, kp, WFormat::S8);
+  });
+  const std::vector<int32_t> zw(static_cast<size_t>(n), zbm);
+  const size_t np = static_cast<size_t>(round_up(n, kNR) + kNR);
+  EpiStorage base;
+  prepare_out(base, n, out);
+  std::vector<EpiStorage> sts(static_cast<size_t>(batch));
+  std::vector<MatrixA> as;
+  as.reserve(static_cast<size_t>(batch));
+  std::vector<GemmJob> jobs(static_cast<size_t>(batch));
+  const int64_t elem = out_elem_size(out.type);
+  for (int64_t i = 0; i < batch; ++i) {
+    EpiStorage& st = sts[i];
+    st.epi = base.epi;  // output-stage vectors are shared (owned by base)
+    st.colc1.assign(np, 0);
+    st.zw1.assign(np, 0);
+    if (fill_branch_consts(n, pms[i], pms[i].colsum.data(), zw.data(), zam, k, nullptr, st.colc1.data(),
+                           st.zw1.data()))
+      st.epi.zw1 = st.zw1.data();
+    st.epi.colc1 = st.colc1.data();
+    as.emplace_back(static_cast<const uint8_t*>(a) + i * m * k, k, pms[i], at);
+    GemmJob& jb = jobs[i];
+    jb.m = m;
+    jb.n = n;
+    jb.br[0] = {&as[i], &pms[i]};
+    jb.epi = st.epi;
+    jb.out = static_cast<char*>(y) + i * m * n * elem;
+    jb.ldm = n;
+    jb.ldn = 1;
+    jb.elem = elem;
+  }
+  run_jobs(jobs, isa);
+}
+
+}  // namespace qsim

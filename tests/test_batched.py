@@ -1,0 +1,265 @@
+"""Batched ops (spec §7 batched form, §4.3 int_bmm) and packed weights (§4.4): CPU backend == reference, bit for bit
+(``np.array_equal``) on the scalar and AVX2 paths, and the batched reference == the 2-D reference looped over the
+leading dimensions. Every result here is an integer or a float32 stage with a stated order of operations: no
+tolerance anywhere.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import strategies as S
+from pyqsim import _checks as C
+from pyqsim import ops
+from test_cpu_ops import FIXTURE_OK, isa, same  # noqa: F401  (isa is a fixture)
+
+LOG2_KW = ("v_zero_point", "bits", "mode", "frac_bits", "out_dtype", "multiplier", "shift", "out_zero_point",
+           "out_scale")
+
+
+OUT_DTYPES = {"int64": np.int64, "float32": np.float32, "int8": np.int8, "int4": np.int8, "uint8": np.uint8,
+              "uint4": np.uint8, "int32": np.int32}
+
+
+def _log2_loop(kw):
+    """The 2-D reference applied to every leading index (the definition of the batched form)."""
+    codes, v = kw["codes"], kw["v"]
+    rest = {k: kw[k] for k in LOG2_KW if k in kw}
+    lead, m, n = codes.shape[:-2], codes.shape[-2], v.shape[-1]
+    out = np.zeros((*lead, m, n), OUT_DTYPES[kw["out_dtype"]])
+    for i in np.ndindex(*lead):
+        out[i] = ops.log2_attn_matmul(codes[i], v[i], backend="reference", **rest)
+    return out
+
+
+def _example(lead, m=5, length=9, n=17, bits=4, mode="sqrt2", frac_bits=16, vt=np.uint8, out="int64", seed=0):
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 2**bits, (*lead, m, length), dtype=np.uint8)
+    lo, hi = (0, 256) if vt == np.uint8 else (-128, 128)
+    v = rng.integers(lo, hi, (*lead, length, n)).astype(vt)
+    kw = dict(codes=codes, v=v, v_zero_point=int(hi - 1), bits=bits, mode=mode, frac_bits=frac_bits, out_dtype=out)
+    if out == "float32":
+        kw["out_scale"] = np.full(n, 2.0**-20, np.float32)
+    elif out != "int64":
+        kw.update(multiplier=np.full(n, 2**30, np.int32), shift=np.full(n, 40, np.int32), out_zero_point=0)
+    return kw
+
+
+def _every_shift(kw):
+    """Requantized output with every shift 1..94 (one per channel) and multipliers up to 2^31 - 1."""
+    n = kw["v"].shape[-1]
+    rng = np.random.default_rng(n)
+    return dict(kw, shift=(np.arange(n) % 94 + 1).astype(np.int32),
+                multiplier=rng.integers(0, 2**31, n).astype(np.int32), out_zero_point=-3 if kw["out_dtype"] == "int8"
+                else 7)
+
+
+LOG2_EDGES = [_example(()), _example((0,)), _example((1,)), _example((2, 3)), _example((2, 0, 3)),
+              _example((1, 2, 3), m=1, length=1, n=1), _example((3,), m=0), _example((2,), length=0),
+              _example((2,), n=0), _example((2, 2), bits=8, mode="log2", frac_bits=0, out="int8"),
+              _example((2,), bits=8, mode="sqrt2", frac_bits=24, vt=np.int8, out="float32"),
+              _example((4,), m=13, length=33, n=65, bits=2, mode="log2", out="uint4"),
+              _every_shift(_example((2,), m=6, length=40, n=94, bits=5, mode="sqrt2", frac_bits=24, out="int8")),
+              _every_shift(_example((1,), m=7, length=3, n=94, bits=4, mode="log2", frac_bits=0, vt=np.int8,
+                                    out="uint8"))]
+
+
+def _with_examples(test):
+    for kw in LOG2_EDGES:
+        test = example(kw=kw)(test)
+    return test
+
+
+@_with_examples
+@given(kw=S.log2_cases(max_dim=20, lead=S.lead_shapes()))
+def test_log2_batched_reference_equals_loop(kw):
+    ref = ops.log2_attn_matmul(**kw, backend="reference")
+    loop = _log2_loop(kw)
+    assert ref.shape == loop.shape and ref.dtype == loop.dtype
+    assert np.array_equal(ref, loop)
+
+
+@pytest.mark.needs_cpu_ext
+@FIXTURE_OK
+@_with_examples
+@given(kw=S.log2_cases(max_dim=24, lead=S.lead_shapes()))
+def test_log2_batched_cpu_equals_reference(isa, kw):
+    same("log2_attn_matmul", kw)
+
+
+@pytest.mark.needs_cpu_ext
+@pytest.mark.parametrize("bits,mode", [(4, "sqrt2"), (5, "log2"), (8, "sqrt2"), (8, "log2")])
+@pytest.mark.parametrize("frac_bits", [0, 16, 24])
+def test_log2_batched_deep_codes(isa, bits, mode, frac_bits):
+    for kw in S.log2_deep_cases(bits, mode, frac_bits):
+        kw = dict(kw, codes=np.stack([kw["codes"], kw["codes"][::-1]]), v=np.stack([kw["v"], kw["v"][:, ::-1]]))
+        same("log2_attn_matmul", kw)
+
+
+@pytest.mark.needs_cpu_ext
+@pytest.mark.parametrize("vt", [np.uint8, np.int8])
+def test_log2_long_l_chunks(isa, vt):
+    """L beyond the kernels' int32 chunk (with N = 272 the chunk is 15420 rows of v): R summed over chunks."""
+    for out in ("int64", "int8"):
+        kw = _example((2,), m=5, length=20000, n=272, bits=5, mode="sqrt2", frac_bits=16, vt=vt, out=out, seed=3)
+        kw["codes"][..., ::7] = 0  # code 0: the largest weight, in every chunk
+        same("log2_attn_matmul", kw)
+
+
+def test_log2_leading_dims_must_match():
+    codes = np.zeros((2, 3, 4), np.uint8)
+    with pytest.raises(ValueError, match="leading dimensions"):
+        ops.log2_attn_matmul(codes, np.zeros((3, 4, 5), np.uint8), backend="reference")
+    with pytest.raises(ValueError, match="3-D"):
+        ops.log2_attn_matmul(codes, np.zeros((4, 5), np.uint8), backend="reference")
+    with pytest.raises(ValueError, match="at least 2-D"):
+        ops.log2_attn_matmul(np.zeros(3, np.uint8), np.zeros((3, 5), np.uint8), backend="reference")
+
+
+@pytest.mark.needs_cuda_simt
+@pytest.mark.parametrize("kw", LOG2_EDGES, ids=[f"edge{i}" for i in range(len(LOG2_EDGES))])
+def test_log2_batched_cuda_on_simt_equals_reference(kw):
+    """The CUDA backend's batched form (one 2-D launch per leading index), run on the host SIMT emulator."""
+    from pyqsim.backends import cuda as cuda_backend
+    ref = ops.log2_attn_matmul(**kw, backend="reference")
+    with cuda_backend.simulated():
+        got = ops.log2_attn_matmul(**kw, backend="cuda")
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    assert np.array_equal(got, ref)
+
+
+# ------------------------------------------------------------------------------------------ int_bmm (§4.3)
+
+
+def _bmm_edge(lead, m, n, k, at=np.uint8, bt=np.uint8, za=0, zb=0, fill=None, seed=0, out="int32"):
+    rng = np.random.default_rng(seed)
+
+    def draw(t, shape):
+        if fill is not None:
+            return np.full(shape, fill[0] if t == np.uint8 else fill[1], t)
+        return rng.integers(0, 256, shape).astype(t) if t == np.uint8 else rng.integers(-128, 128, shape).astype(t)
+    kw = dict(a=draw(at, (*lead, m, k)), b=draw(bt, (*lead, n, k)), a_zero_point=za, b_zero_point=zb, out_dtype=out)
+    if out == "float32":
+        kw["out_scale"] = np.float32(2.0**-20)
+    elif out != "int32":
+        kw.update(multiplier=2**30, shift=40, out_zero_point=0)
+    return kw
+
+
+BMM_EDGES = [
+    _bmm_edge((), 5, 7, 9), _bmm_edge((0,), 3, 3, 3), _bmm_edge((2, 0, 1), 3, 3, 3), _bmm_edge((2, 3), 17, 33, 65),
+    _bmm_edge((2,), 4, 5, 0, out="int8"), _bmm_edge((1,), 0, 5, 4), _bmm_edge((3,), 4, 0, 4),
+    _bmm_edge((2,), 9, 16, 64, at=np.int8, bt=np.int8, fill=(0, -128), za=127, zb=127, out="float32"),
+    # K at the §4.1 bound for uint8 x uint8 with zero points 0: 33025 * 255 * 255 = 2^31 - 32767
+    _bmm_edge((1,), 2, 3, 33025, fill=(255, 0), out="uint4"),
+    _bmm_edge((2,), 2, 3, 33025, fill=(255, 0)),
+]
+
+
+@example(kw=BMM_EDGES[0])
+@given(kw=S.bmm_cases())
+def test_bmm_reference_equals_exact_loop(kw):
+    """The reference's batched NumPy form == Python integer sums per leading index (the §4.3 definition)."""
+    y = ops.int_bmm(**kw, backend="reference")
+    a, b = kw["a"].astype(object), kw["b"].astype(object)
+    acc = np.zeros(y.shape, object)
+    for i in np.ndindex(*a.shape[:-2]):
+        acc[i] = (a[i] - kw["a_zero_point"]).dot((b[i] - kw["b_zero_point"]).T) if a.shape[-1] else 0
+    kind, n = kw["out_dtype"], y.shape[-1]
+    if kind == "int32":
+        expect = acc
+    elif kind == "float32":  # §6: fl32(fl32(acc) * scale[n])
+        sc = np.broadcast_to(np.asarray(kw["out_scale"], np.float32), (n,))
+        expect = np.zeros(y.shape, object)
+        for i in np.ndindex(*y.shape):
+            expect[i] = np.float32(np.float32(acc[i]) * sc[i[-1]])
+    else:  # §6: clamp(((acc * M0 + 2^(S-1)) >> S) + zy)
+        lo, hi = C.RANGES[kind]
+        mult = np.broadcast_to(np.asarray(kw["multiplier"]), (n,))
+        shift = np.broadcast_to(np.asarray(kw["shift"]), (n,))
+        expect = np.zeros(y.shape, object)
+        for i in np.ndindex(*y.shape):
+            s_ = int(shift[i[-1]])
+            q = (int(acc[i]) * int(mult[i[-1]]) + (1 << (s_ - 1))) >> s_
+            expect[i] = min(max(q + kw["out_zero_point"], lo), hi)
+    assert y.tolist() == expect.tolist()
+
+
+@pytest.mark.needs_cpu_ext
+@FIXTURE_OK
+@given(kw=S.bmm_cases())
+def test_bmm_cpu_equals_reference(isa, kw):
+    same("int_bmm", kw)
+
+
+@pytest.mark.needs_cpu_ext
+@pytest.mark.parametrize("kw", BMM_EDGES, ids=[f"edge{i}" for i in range(len(BMM_EDGES))])
+def test_bmm_edges(isa, kw):
+    same("int_bmm", kw)
+
+
+def test_bmm_rejects_k_beyond_the_bound():
+    kw = _bmm_edge((1,), 1, 1, 33026, fill=(255, 0))
+    with pytest.raises(ValueError, match="int_bmm.*K=33026"):
+        ops.int_bmm(**kw, backend="reference")
+
+
+# ------------------------------------------------------------------------------------------ packed weights (§4.4)
+
+
+def _pack(kw, name="w", kind="gemm", k=None, groups=1, cin=None):
+    """Move the weight, its format and zero point of a kwargs dict into a PackedWeight handle."""
+    kw = dict(kw)
+    fmt = kw.pop(f"{name}_format")
+    h = ops.pack_weight(kw[name], w_format=fmt, w_zero_point=kw.pop(f"{name}_zero_point"), kind=kind, k=k,
+                        kernel_size=kw.get("kernel_size"), groups=groups, cin_per_group=cin)
+    kw[name] = h
+    return kw
+
+
+def _same_packed(op, kw, packed):
+    fn = getattr(ops, op)
+    ref = fn(**kw, backend="reference")
+    for be in ["reference"] + (["cpu"] if "cpu" in ops.available_backends() else []):
+        got = fn(**packed, backend=be)
+        assert got.dtype == ref.dtype and got.shape == ref.shape and np.array_equal(got, ref), be
+
+
+@given(kw=S.gemm_cases(max_dim=40))
+def test_packed_gemm_equals_plain(kw):
+    _same_packed("int_gemm", kw, _pack(kw, k=kw["x"].shape[1]))
+
+
+@given(kw=S.conv_cases())
+def test_packed_conv_equals_plain(kw):
+    g = kw["groups"]
+    _same_packed("int_conv2d", kw, _pack(kw, kind="conv", groups=g, cin=kw["x"].shape[1] // g))
+
+
+@given(kw=S.split_gemm_cases())
+def test_packed_split_gemm_equals_plain(kw):
+    packed = _pack(_pack(kw, "w1", k=kw["x1"].shape[1]), "w2", k=kw["x2"].shape[1])
+    _same_packed("split_gemm", kw, packed)
+
+
+@given(kw=S.split_conv_cases())
+def test_packed_split_conv_equals_plain(kw):
+    packed = _pack(_pack(kw, "w1", kind="conv", cin=kw["x1"].shape[1]), "w2", kind="conv", cin=kw["x2"].shape[1])
+    _same_packed("split_conv2d", kw, packed)
+
+
+def test_packed_weight_checks():
+    w = np.zeros((3, 4), np.int8)
+    h = ops.pack_weight(w, w_zero_point=2, backend="reference")
+    assert h.native == {} and h.k == 4 and h.n == 3 and "gemm int8 3x4" in repr(h)
+    with pytest.raises(ValueError, match="has K=4, the activations have K=5"):
+        ops.int_gemm(np.zeros((2, 5), np.int8), h, backend="reference")
+    with pytest.raises(ValueError, match="pass it to pack_weight"):
+        ops.int_gemm(np.zeros((2, 4), np.int8), h, w_zero_point=2, backend="reference")
+    hc = ops.pack_weight(np.zeros((4, 2, 3, 3), np.int8), kind="conv", groups=2, backend="reference")
+    with pytest.raises(ValueError, match="groups=1 disagrees"):
+        ops.int_conv2d(np.zeros((1, 2, 5, 5), np.int8), hc, backend="reference")
+    with pytest.raises(ValueError, match="packed conv weight, expected a gemm weight"):
+        ops.int_gemm(np.zeros((2, 4), np.int8), hc, backend="reference")
