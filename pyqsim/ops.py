@@ -18,7 +18,8 @@ import numpy as np
 from . import _checks as C
 from . import _device
 from ._version import __version__
-from .reference import conv as _rconv, gemm as _rgemm, int4 as _rint4, log2attn as _rlog, quant as _rquant
+from .reference import conv as _rconv, floatops as _rfloat, gemm as _rgemm, int4 as _rint4, log2attn as _rlog
+from .reference import quant as _rquant
 from .reference import requant as _rreq
 
 BACKENDS = ("reference", "cpu", "cuda")
@@ -27,7 +28,7 @@ _AUTO_ORDER = ("cuda", "cpu", "reference")
 __all__ = [
     "quantize", "dequantize", "quantize_log", "dequantize_log", "pack_int4", "unpack_int4",
     "quantize_multiplier", "quantize_multiplier_pair", "requantize", "int_gemm", "int_conv2d",
-    "split_gemm", "split_conv2d", "log2_attn_matmul",
+    "split_gemm", "split_conv2d", "log2_attn_matmul", "softmax", "layer_norm", "group_norm", "gelu", "silu",
 ]
 
 # Ops computed on the host for every backend: parameter derivation and layout, not arithmetic kernels.
@@ -42,6 +43,12 @@ def _reference_table() -> dict:
         "split_conv2d": _rconv.split_conv2d_compute,
         "log2_attn_matmul": _rlog.log2_attn_matmul_compute,
         "requantize": _rreq.requantize_args_compute,
+        "quantize": _rquant.quantize_compute,
+        "softmax": lambda a: _rfloat.softmax(a.x),
+        "layer_norm": lambda a: _rfloat.layer_norm(a.x, a.weight, a.bias, a.eps),
+        "group_norm": lambda a: _rfloat.group_norm(a.x, a.groups, a.weight, a.bias, a.eps),
+        "gelu": lambda a: _rfloat.gelu(a.x, "tanh" if a.op == "gelu_tanh" else "none"),
+        "silu": lambda a: _rfloat.silu(a.x),
     }
     engine = os.environ.get("PYQSIM_REFERENCE_ENGINE", "numpy")
     if engine not in ("numpy", "numba"):
@@ -160,8 +167,7 @@ def _host(backend: str) -> None:
 
 def quantize(x, scale, zero_point=0, dtype="int8", *, axis=None, bits=None, narrow=False, backend="auto"):
     """Uniform codes of float ``x`` (spec §2); per channel along ``axis``."""
-    _host(backend)
-    return _rquant.quantize(x, scale, zero_point, dtype, axis=axis, bits=bits, narrow=narrow)
+    return _run("quantize", backend, C.quantize_args(x, scale, zero_point, dtype, axis, bits, narrow))
 
 
 def dequantize(q, scale, zero_point=0, *, axis=None, backend="auto"):
@@ -258,6 +264,35 @@ def log2_attn_matmul(codes, v, *, v_zero_point=0, bits=4, mode="sqrt2", frac_bit
     args = C.log2_attn_args(codes, v, v_zero_point, bits, mode, frac_bits, out_dtype, multiplier, shift,
                             out_zero_point, out_scale)
     return _run("log2_attn_matmul", backend, args)
+
+
+# --------------------------------------------------------------------------- float stages (spec §14)
+
+
+def softmax(x, *, backend="auto"):
+    """Softmax of float32 ``x`` over the last axis (spec §14.5)."""
+    return _run("softmax", backend, C.softmax_args(x))
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5, *, backend="auto"):
+    """LayerNorm of float32 ``x`` over the last axis, optional weight and bias [C] (spec §14.6)."""
+    return _run("layer_norm", backend, C.layer_norm_args(x, weight, bias, eps))
+
+
+def group_norm(x, groups, weight=None, bias=None, eps=1e-5, *, backend="auto"):
+    """GroupNorm of float32 ``x`` [N, C, *spatial] in ``groups`` groups, optional weight and bias [C] (spec §14.6)."""
+    return _run("group_norm", backend, C.group_norm_args(x, groups, weight, bias, eps))
+
+
+def gelu(x, approximate="none", *, backend="auto"):
+    """GELU of float32 ``x``: erf form (``"none"``) or tanh form (``"tanh"``) (spec §14.4)."""
+    approx = C.check_type_name(approximate, "approximate", ("none", "tanh"))
+    return _run("gelu", backend, C.unary_args(x, "gelu_tanh" if approx == "tanh" else "gelu"))
+
+
+def silu(x, *, backend="auto"):
+    """SiLU ``x * sigmoid(x)`` of float32 ``x`` (spec §14.4)."""
+    return _run("silu", backend, C.unary_args(x, "silu"))
 
 
 # --------------------------------------------------------------------------- build

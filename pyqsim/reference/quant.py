@@ -14,21 +14,7 @@ T_THREE_QUARTERS = float.fromhex("0x1.306fe0a31b715p-1")
 SQRT2 = math.sqrt(2.0)
 
 
-def code_range(dtype: str = "int8", bits: int | None = None, narrow: bool = False) -> tuple[int, int]:
-    """Code range of ``dtype`` or of a ``bits``-wide signed/unsigned code held in it."""
-    C.check_type_name(dtype, "dtype", tuple(C.CONTAINERS))
-    lo, hi = C.RANGES[dtype]
-    if bits is not None:
-        b = C.as_int(bits, "bits")
-        full = 8 if dtype in ("int8", "uint8") else 4
-        if not 2 <= b <= full:
-            raise ValueError(f"bits must be in [2, {full}] for {dtype}, got {b}")
-        lo, hi = (-(2 ** (b - 1)), 2 ** (b - 1) - 1) if lo < 0 else (0, 2**b - 1)
-    if narrow:
-        if lo >= 0:
-            raise ValueError("narrow=True needs a signed dtype")
-        lo += 1
-    return lo, hi
+code_range = C.code_range
 
 
 def _channel_params(scale, zero_point, x: np.ndarray, axis, lo: int, hi: int):
@@ -52,12 +38,17 @@ def _channel_params(scale, zero_point, x: np.ndarray, axis, lo: int, hi: int):
 
 def quantize(x, scale, zero_point=0, dtype: str = "int8", *, axis=None, bits=None, narrow=False) -> np.ndarray:
     """Codes ``clamp(round_half_even(fl32(x / s)) + z)`` in ``dtype`` (spec §2); per channel along ``axis``."""
-    x = C.finite_float(x, "x")
-    lo, hi = code_range(dtype, bits, narrow)
-    s, z = _channel_params(scale, zero_point, x, axis, lo, hi)
-    t = np.rint(x / s)  # float32 division, round half to even
-    q = np.clip(t, (lo - z).astype(np.float32), (hi - z).astype(np.float32)).astype(np.int64) + z
-    return q.astype(C.CONTAINERS[dtype])
+    return quantize_compute(C.quantize_args(x, scale, zero_point, dtype, axis, bits, narrow))
+
+
+def quantize_compute(a: C.QuantizeArgs) -> np.ndarray:
+    """``quantize`` on canonical arguments: x [outer, N, inner] with scale and zero point along N."""
+    s = a.scale[None, :, None]
+    z = a.zero_point.astype(np.int64)[None, :, None]
+    with np.errstate(over="ignore"):  # x / s beyond float32 is +-inf, then clamped
+        t = np.rint(a.x / s)  # float32 division, round half to even
+    q = np.clip(t, (a.lo - z).astype(np.float32), (a.hi - z).astype(np.float32)).astype(np.int64) + z
+    return q.astype(a.container).reshape(a.shape)
 
 
 def dequantize(q, scale, zero_point=0, *, axis=None) -> np.ndarray:
