@@ -25,7 +25,19 @@ struct Avx2Ops {
   static void store_part(float* p, V v, int k) { _mm256_maskstore_ps(p, first(k), v); }
   static I load_int(const int32_t* p, int k) { return _mm256_maskload_epi32(p, first(k)); }
   static I set_int(int32_t v) { return _mm256_set1_epi32(v); }
-  static void store_int(int32_t* p, I v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), v); }
+  static void store_codes(uint8_t* p, I v, int k) {  // the low byte (two's complement) of each lane
+    const __m256i low = _mm256_shuffle_epi8(v, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                                -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                                -1, -1));
+    const __m128i b = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(low, _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1)));
+    if (k == W) {
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(p), b);
+    } else {
+      alignas(16) uint8_t tmp[16];
+      _mm_store_si128(reinterpret_cast<__m128i*>(tmp), b);
+      for (int j = 0; j < k; ++j) p[j] = tmp[j];
+    }
+  }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }

@@ -45,7 +45,6 @@ const FloatKernels& float_kernel_table() {
       [](const float* x, int64_t n, const float* s, const float* lo, const float* hi, const int32_t* z, int stride,
          uint8_t* out) {
         constexpr int W = O::W;
-        alignas(32) int32_t q[W];
         for (int64_t i = 0; i < n; i += W) {
           const int k = static_cast<int>(n - i < W ? n - i : W);
           const int64_t p = stride ? i : 0;
@@ -54,8 +53,7 @@ const FloatKernels& float_kernel_table() {
           const V lv = stride ? fmath::load_n<O>(lo + p, k) : O::set(lo[0]);
           const V hv = stride ? fmath::load_n<O>(hi + p, k) : O::set(hi[0]);
           const typename O::I zv = stride ? O::load_int(z + p, k) : O::set_int(z[0]);
-          O::store_int(q, fmath::quantize_lanes<O>(xv, sv, lv, hv, zv));
-          for (int j = 0; j < k; ++j) out[i + j] = static_cast<uint8_t>(q[j]);  // two's complement byte
+          O::store_codes(out + i, fmath::quantize_lanes<O>(xv, sv, lv, hv, zv), k);
         }
       },
   };

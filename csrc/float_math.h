@@ -6,8 +6,9 @@
 // V); set, zero, load, store, load_fill(p, k, fill) / store_part(p, v, k) for the first k < W lanes;
 // add, sub, mul, div, abs (each one correctly rounded IEEE operation, or exact); gt, ge, unord (masks),
 // mor, select, any; to_int (exact for integral values), iadd, isub, sra1, pow2 (2^k as float for k in
-// [-126, 127]); keep(v, k) (lanes >= k set to +0), hmax_lanes (largest lane, NaN-free input) and tree
-// (the halving sum of §14.1 inside one V).
+// [-126, 127]); keep(v, k) (lanes >= k set to +0), hmax_lanes (largest lane, NaN-free input), tree
+// (the halving sum of §14.1 inside one V); set_int, load_int(p, k) and store_codes(p, i, k) (the low byte
+// of each of the first k int32 lanes) for quantize.
 #pragma once
 
 #include <cmath>

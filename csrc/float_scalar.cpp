@@ -23,7 +23,9 @@ struct ScalarOps {
   }
   static I load_int(const int32_t* p, int k) { return k > 0 ? *p : 0; }
   static I set_int(int32_t v) { return v; }
-  static void store_int(int32_t* p, I v) { *p = v; }
+  static void store_codes(uint8_t* p, I v, int k) {  // the low byte (two's complement) of each lane
+    if (k > 0) *p = static_cast<uint8_t>(v);
+  }
   static V add(V a, V b) { return a + b; }
   static V sub(V a, V b) { return a - b; }
   static V mul(V a, V b) { return a * b; }
