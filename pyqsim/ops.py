@@ -33,6 +33,8 @@ __all__ = [
 
 # Ops computed on the host for every backend: parameter derivation and layout, not arithmetic kernels.
 HOST_OPS = ("dequantize", "dequantize_log", "pack_int4", "unpack_int4", "quantize_multiplier", "quantize_multiplier_pair")
+# Kernel ops without CUDA kernels: backend="cuda" runs them on the host (cpu, else reference; spec §14.7).
+HOST_FALLBACK = ("quantize", "softmax", "layer_norm", "group_norm", "gelu", "silu")
 
 
 def _reference_table() -> dict:
@@ -105,6 +107,8 @@ def resolve_backend(backend: str, op: str) -> str:
                     return b
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    if backend == "cuda" and op in HOST_FALLBACK and op not in _table("cuda"):
+        backend = "cpu" if op in _table("cpu") else "reference"
     if op not in _table(backend):
         if backend != "reference" and _backend_module(backend) is None:
             raise RuntimeError(f"backend {backend!r} is not available in this build/process (see pyqsim.build_info())")
@@ -128,7 +132,8 @@ def scope(name: str):
 
 @contextlib.contextmanager
 def record():
-    """Collect ``(scope, op, canonical args, result)`` for every kernel op called inside."""
+    """Collect ``(scope, op, canonical args, result)`` for every integer kernel op called inside (not the
+    ``HOST_FALLBACK`` ops: quantize and the float stages)."""
     calls: list = []
     token = _RECORDER.set(calls)
     try:
@@ -151,6 +156,8 @@ def run_canonical(op: str, args, backend: str = "auto"):
 
 def _run(op: str, backend: str, args):
     result = _dispatch(op, backend, args)
+    if op in HOST_FALLBACK:  # float stages and quantize are not recorded (the vector format holds integer ops)
+        return result
     calls = _RECORDER.get()
     if calls is not None:
         calls.append((".".join(_SCOPE.get()), op, args, result))
