@@ -22,6 +22,7 @@ namespace py = pybind11;
 #if defined(PYQSIM_HAVE_CUDA)
 void register_cuda(py::module_& parent);  // bindings/cuda.cpp
 #endif
+void register_float_ops(py::module_& m);  // bindings/floatops.cpp
 using qsim::ActType;
 using qsim::OutType;
 using qsim::WFormat;
@@ -891,6 +892,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("log2_attn_matmul", &log2_attn_matmul, py::arg("codes"), py::arg("v"), py::arg("v_zero_point"), py::arg("bits"),
         py::arg("k"), py::arg("frac_bits"), py::arg("out_dtype"), py::arg("multiplier"), py::arg("shift"),
         py::arg("out_zero_point"), py::arg("out_scale"), "spec §7");
+  register_float_ops(m);
 
   m.def("build_info", &build_info, "Compiled SIMD level, runtime-detected ISA, threads, CUDA");
   m.def("set_num_threads", &qsim::set_num_threads, py::arg("n"), "Threads used by the kernels (>= 1)");

@@ -162,6 +162,24 @@ void requantize_profile(const int32_t* acc, int64_t outer, int64_t n, int64_t in
 void log2_attn_matmul(const uint8_t* codes, const void* v, ActType vt, int64_t batch, int64_t m, int64_t l, int64_t n,
                       int32_t zv, int bits, int k, int frac_bits, const OutStage& out, void* y);
 
+// ------------------------------------------------------------------------------------------ float stages (§15)
+// float32 in, float32 out, C-contiguous; results do not depend on the ISA or the thread count.
+enum class UnaryOp : int { GeluErf = 0, GeluTanh = 1, Silu = 2 };
+
+// §15.5: softmax of each of `rows` rows of length n.
+void softmax(const float* x, float* y, int64_t rows, int64_t n);
+// §15.6: LayerNorm of each row of length n; w, b: [n].
+void layer_norm(const float* x, float* y, int64_t rows, int64_t n, const float* w, const float* b, float eps);
+// §15.6: GroupNorm of x [batch, c, spatial] with `groups` groups (dividing c); w, b: [c].
+void group_norm(const float* x, float* y, int64_t batch, int64_t c, int64_t spatial, int64_t groups, const float* w,
+                const float* b, float eps);
+// §15.4: elementwise GELU (erf or tanh form) or SiLU of n values.
+void unary(UnaryOp op, const float* x, float* y, int64_t n);
+// §2: codes of x [outer, n, inner] with scale[n] (> 0, finite) and zero point z[n] in [lo, hi]; x finite.
+// out: int8/uint8 container bytes.
+void quantize(const float* x, int64_t outer, int64_t n, int64_t inner, const float* scale, const int32_t* z,
+              int32_t lo, int32_t hi, uint8_t* out);
+
 // ------------------------------------------------------------------------------------------ info
 struct CudaInfo {
   bool compiled = false;

@@ -769,3 +769,127 @@ def finite_float(x, name: str) -> np.ndarray:
     if x.size and not np.all(np.isfinite(x)):
         raise ValueError(f"{name} must be finite (no NaN or inf)")
     return x
+
+
+def code_range(dtype: str = "int8", bits: int | None = None, narrow: bool = False) -> tuple[int, int]:
+    """Code range of ``dtype`` or of a ``bits``-wide signed/unsigned code held in it (spec §1, §2)."""
+    check_type_name(dtype, "dtype", tuple(CONTAINERS))
+    lo, hi = RANGES[dtype]
+    if bits is not None:
+        b = as_int(bits, "bits")
+        full = 8 if dtype in ("int8", "uint8") else 4
+        if not 2 <= b <= full:
+            raise ValueError(f"bits must be in [2, {full}] for {dtype}, got {b}")
+        lo, hi = (-(2 ** (b - 1)), 2 ** (b - 1) - 1) if lo < 0 else (0, 2**b - 1)
+    if narrow:
+        if lo >= 0:
+            raise ValueError("narrow=True needs a signed dtype")
+        lo += 1
+    return lo, hi
+
+
+@dataclass
+class QuantizeArgs:
+    x: np.ndarray           # float32 [outer, N, inner], finite
+    scale: np.ndarray       # float32 [N], finite, > 0
+    zero_point: np.ndarray  # int32 [N] in [lo, hi]
+    lo: int
+    hi: int
+    container: str          # "int8" or "uint8"
+    shape: tuple
+
+
+def quantize_args(x, scale, zero_point, dtype, axis, bits, narrow) -> QuantizeArgs:
+    """Canonical arguments of ``quantize`` (spec §2): per tensor (N = 1) or per channel along ``axis``."""
+    x = finite_float(x, "x")
+    lo, hi = code_range(dtype, bits, narrow)
+    if axis is None:
+        s = np.array([positive_scale(scale, "scale")], np.float32)
+        z = as_int(zero_point, "zero_point")
+        if not lo <= z <= hi:
+            raise ValueError(f"zero_point must be in [{lo}, {hi}], got {z}")
+        z = np.array([z], np.int32)
+        outer, n, inner = 1, 1, x.size
+    else:
+        ax = as_int(axis, "axis")
+        if not -x.ndim <= ax < x.ndim:
+            raise ValueError(f"axis must be in [{-x.ndim}, {x.ndim - 1}] for shape {x.shape}, got {ax}")
+        ax %= x.ndim
+        n = x.shape[ax]
+        s = per_channel_scales(scale, "scale", n)
+        z = per_channel_ints(zero_point, "zero_point", n, lo, hi)
+        outer, inner = int(np.prod(x.shape[:ax], dtype=np.int64)), int(np.prod(x.shape[ax + 1:], dtype=np.int64))
+    container = "int8" if CONTAINERS[dtype] is np.int8 else "uint8"
+    return QuantizeArgs(x.reshape(outer, n, inner), s, z, lo, hi, container, x.shape)
+
+
+# --------------------------------------------------------------------------- float stages (spec §15)
+
+UNARY_OPS = ("gelu", "gelu_tanh", "silu")
+
+
+@dataclass
+class FloatArgs:
+    x: np.ndarray  # float32, C-contiguous
+    op: str = ""   # the elementwise function (UNARY_OPS) for gelu / silu
+
+
+@dataclass
+class NormArgs:
+    x: np.ndarray       # float32, C-contiguous: [..., C] (layer_norm) or [N, C, *spatial] (group_norm)
+    weight: np.ndarray  # float32 [C]; 1.0 when absent
+    bias: np.ndarray    # float32 [C]; -0.0 when absent (x + -0.0 == x for every x)
+    eps: float          # a float32 value, finite, >= 0
+    groups: int = 0     # group_norm only
+
+
+def float32_input(x, name: str, min_ndim: int = 0) -> np.ndarray:
+    """A float32 host array (any values, NaN and inf included), C-contiguous."""
+    x = host(as_array(x, name))
+    if x.dtype != np.float32:
+        raise TypeError(f"{name} must have dtype float32, got {x.dtype}")
+    if x.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {x.shape}")
+    return canonical(x)
+
+
+def unary_args(x, op: str) -> FloatArgs:
+    return FloatArgs(float32_input(x, "x"), check_type_name(op, "op", UNARY_OPS))
+
+
+def softmax_args(x) -> FloatArgs:
+    return FloatArgs(float32_input(x, "x", 1))
+
+
+def _affine_vector(v, name: str, c: int, absent: float) -> np.ndarray:
+    if v is None:
+        return np.full(c, absent, np.float32)
+    v = float32_input(v, name)
+    if v.shape != (c,):
+        raise ValueError(f"{name} must have shape ({c},), got {v.shape}")
+    return v
+
+
+def _eps(eps) -> float:
+    try:
+        e = np.float32(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}") from None
+    if np.ndim(e) != 0 or not (np.isfinite(e) and e >= 0):
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    return float(e)
+
+
+def layer_norm_args(x, weight, bias, eps) -> NormArgs:
+    x = float32_input(x, "x", 1)
+    c = x.shape[-1]
+    return NormArgs(x, _affine_vector(weight, "weight", c, 1.0), _affine_vector(bias, "bias", c, -0.0), _eps(eps))
+
+
+def group_norm_args(x, groups, weight, bias, eps) -> NormArgs:
+    x = float32_input(x, "x", 2)
+    c = x.shape[1]
+    g = as_int(groups, "groups")
+    if g < 1 or (c % g if c else g != 1):
+        raise ValueError(f"groups must be >= 1 and divide the {c} channels of x, got {g}")
+    return NormArgs(x, _affine_vector(weight, "weight", c, 1.0), _affine_vector(bias, "bias", c, -0.0), _eps(eps), g)

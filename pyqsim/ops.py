@@ -19,9 +19,9 @@ import numpy as np
 from . import _checks as C
 from . import _device
 from ._version import __version__
-from .numerics import NAMES as NUMERICS
-from .reference import conv as _rconv, gemm as _rgemm, int4 as _rint4, log2attn as _rlog, quant as _rquant
-from .reference import profiles as _rprof, requant as _rreq
+from .numerics import NAMES as NUMERICS, profile as _profile
+from .reference import conv as _rconv, floatops as _rfloat, gemm as _rgemm, int4 as _rint4, log2attn as _rlog
+from .reference import profiles as _rprof, quant as _rquant, requant as _rreq
 
 BACKENDS = ("reference", "cpu", "cuda")
 _AUTO_ORDER = ("cuda", "cpu", "reference")
@@ -30,9 +30,12 @@ __all__ = [
     "quantize", "dequantize", "quantize_log", "dequantize_log", "pack_int4", "unpack_int4",
     "quantize_multiplier", "quantize_multiplier_pair", "requantize", "int_gemm", "int_bmm", "int_conv2d",
     "split_gemm", "split_conv2d", "log2_attn_matmul", "pack_weight", "requant_scale",
+    "softmax", "layer_norm", "group_norm", "gelu", "silu",
 ]
 
 PackedWeight = C.PackedWeight
+# Kernel ops without CUDA kernels: backend="cuda" runs them on the host (cpu, else reference; spec §15.7).
+HOST_FALLBACK = ("quantize", "softmax", "layer_norm", "group_norm", "gelu", "silu")
 
 
 def _reference_table() -> dict:
@@ -44,6 +47,12 @@ def _reference_table() -> dict:
         "split_conv2d": _rconv.split_conv2d_compute,
         "log2_attn_matmul": _rlog.log2_attn_matmul_compute,
         "requantize": _rreq.requantize_args_compute,
+        "quantize": _rquant.quantize_compute,
+        "softmax": lambda a: _rfloat.softmax(a.x),
+        "layer_norm": lambda a: _rfloat.layer_norm(a.x, a.weight, a.bias, a.eps),
+        "group_norm": lambda a: _rfloat.group_norm(a.x, a.groups, a.weight, a.bias, a.eps),
+        "gelu": lambda a: _rfloat.gelu(a.x, "tanh" if a.op == "gelu_tanh" else "none"),
+        "silu": lambda a: _rfloat.silu(a.x),
     }
     engine = os.environ.get("PYQSIM_REFERENCE_ENGINE", "numpy")
     if engine not in ("numpy", "numba"):
@@ -119,6 +128,8 @@ def resolve_backend(backend: str, op: str, numerics: str = "pyqsim") -> str:
                     return b
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    if backend == "cuda" and op in HOST_FALLBACK and op not in _table("cuda"):
+        backend = "cpu" if op in _table("cpu") else "reference"
     if op not in _table(backend):
         if backend != "reference" and _backend_module(backend) is None:
             raise RuntimeError(f"backend {backend!r} is not available in this build/process (see pyqsim.build_info())")
@@ -145,7 +156,8 @@ def scope(name: str):
 
 @contextlib.contextmanager
 def record():
-    """Collect ``(scope, op, canonical args, result)`` for every kernel op called inside."""
+    """Collect ``(scope, op, canonical args, result)`` for every integer kernel op called inside (not the
+    ``HOST_FALLBACK`` ops: quantize and the float stages)."""
     calls: list = []
     token = _RECORDER.set(calls)
     try:
@@ -169,6 +181,8 @@ def run_canonical(op: str, args, backend: str = "auto"):
 
 def _run(op: str, backend: str, args):
     result = _dispatch(op, backend, args)
+    if op in HOST_FALLBACK:  # float stages and quantize are not recorded (the vector format holds integer ops)
+        return result
     calls = _RECORDER.get()
     if calls is not None:
         calls.append((".".join(_SCOPE.get()), op, args, result))
@@ -186,8 +200,10 @@ def _host(backend: str) -> None:
 def quantize(x, scale, zero_point=0, dtype="int8", *, axis=None, bits=None, narrow=False, numerics="pyqsim",
              backend="auto"):
     """Uniform codes of float ``x`` (spec §2, rounding per ``numerics`` §14); per channel along ``axis``."""
-    _host(backend)
-    return _rquant.quantize(x, scale, zero_point, dtype, axis=axis, bits=bits, narrow=narrow, numerics=numerics)
+    if _profile(numerics).name != "pyqsim":  # the target profiles' quantize steps run on the host (§14)
+        _host(backend)
+        return _rquant.quantize(x, scale, zero_point, dtype, axis=axis, bits=bits, narrow=narrow, numerics=numerics)
+    return _run("quantize", backend, C.quantize_args(x, scale, zero_point, dtype, axis, bits, narrow))
 
 
 def dequantize(q, scale, zero_point=0, *, axis=None, backend="auto"):
@@ -333,6 +349,35 @@ def log2_attn_matmul(codes, v, *, v_zero_point=0, bits=4, mode="sqrt2", frac_bit
     args = C.log2_attn_args(codes, v, v_zero_point, bits, mode, frac_bits, out_dtype, multiplier, shift,
                             out_zero_point, out_scale)
     return _run("log2_attn_matmul", backend, args)
+
+
+# --------------------------------------------------------------------------- float stages (spec §15)
+
+
+def softmax(x, *, backend="auto"):
+    """Softmax of float32 ``x`` over the last axis (spec §15.5)."""
+    return _run("softmax", backend, C.softmax_args(x))
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5, *, backend="auto"):
+    """LayerNorm of float32 ``x`` over the last axis, optional weight and bias [C] (spec §15.6)."""
+    return _run("layer_norm", backend, C.layer_norm_args(x, weight, bias, eps))
+
+
+def group_norm(x, groups, weight=None, bias=None, eps=1e-5, *, backend="auto"):
+    """GroupNorm of float32 ``x`` [N, C, *spatial] in ``groups`` groups, optional weight and bias [C] (spec §15.6)."""
+    return _run("group_norm", backend, C.group_norm_args(x, groups, weight, bias, eps))
+
+
+def gelu(x, approximate="none", *, backend="auto"):
+    """GELU of float32 ``x``: erf form (``"none"``) or tanh form (``"tanh"``) (spec §15.4)."""
+    approx = C.check_type_name(approximate, "approximate", ("none", "tanh"))
+    return _run("gelu", backend, C.unary_args(x, "gelu_tanh" if approx == "tanh" else "gelu"))
+
+
+def silu(x, *, backend="auto"):
+    """SiLU ``x * sigmoid(x)`` of float32 ``x`` (spec §15.4)."""
+    return _run("silu", backend, C.unary_args(x, "silu"))
 
 
 # --------------------------------------------------------------------------- build

@@ -35,3 +35,14 @@ def test_bench_attention_quick_runs(tmp_path):
     data = json.loads(out.read_text())
     assert data["attention"]["rows"]["log2"]["gops"] > 0 and data["attention"]["log2_over_int_gemm"] > 0
     assert data["packed"]["shapes"] and all(s["fraction_of_sign_peak"] > 0 for s in data["packed"]["shapes"])
+
+
+def test_bench_float_quick_runs(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_float", ROOT / "benchmarks" / "bench_float.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "bench_float.json"
+    report = mod.main(["--quick", "--reps", "1", "--skip-reference", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert {r["op"] for r in data["rows"]} >= {"softmax", "layer_norm", "group_norm", "gelu", "silu", "quantize"}
+    assert all(r["results"]["pyqsim"]["best"] > 0 for r in data["rows"]) and report["threads"] == 1

@@ -328,6 +328,20 @@ KERNEL_CASES = [
     ("log2_attn_matmul", "L beyond int64 bound", lambda be: log2(be, codes=np.zeros((0, 2**40), np.uint8),
                                                                  v=np.zeros((2**40, 0), np.int8)), ValueError,
      "L=1099511627776 is too long"),
+    # float stages (spec §15)
+    ("softmax", "x float64", lambda be: ops.softmax(np.zeros((2, 3)), backend=be), TypeError, "x must have dtype float32"),
+    ("softmax", "x 0-d", lambda be: ops.softmax(np.float32(0), backend=be), ValueError, "at least 1 dimension"),
+    ("layer_norm", "weight [C+1]", lambda be: ops.layer_norm(np.zeros((2, 3), np.float32), np.ones(4, np.float32),
+                                                            backend=be), ValueError, "weight must have shape"),
+    ("layer_norm", "eps NaN", lambda be: ops.layer_norm(np.zeros((2, 3), np.float32), eps=np.nan, backend=be),
+     ValueError, "eps"),
+    ("group_norm", "groups 4 of 6", lambda be: ops.group_norm(np.zeros((1, 6, 2), np.float32), 4, backend=be),
+     ValueError, "groups must be >= 1 and divide"),
+    ("group_norm", "bias int", lambda be: ops.group_norm(np.zeros((1, 6), np.float32), 2, None, np.zeros(6, np.int32),
+                                                        backend=be), TypeError, "bias must have dtype float32"),
+    ("gelu", "approximate erf", lambda be: ops.gelu(np.zeros(2, np.float32), "erf", backend=be), ValueError,
+     "approximate must be one of"),
+    ("silu", "x int8", lambda be: ops.silu(np.zeros(2, np.int8), backend=be), TypeError, "x must have dtype float32"),
 ]
 
 HOST_CASES = [

@@ -150,6 +150,10 @@ def _log2_attn_matmul(a):
                                o.zero_point, o.scale)
 
 
+def _quantize(a):
+    return _C.quantize(a.x, a.scale, a.zero_point, a.lo, a.hi, a.container).reshape(a.shape)
+
+
 OPS = {} if _C is None else {
     "int_gemm": _int_gemm,
     "int_bmm": _int_bmm,
@@ -158,4 +162,10 @@ OPS = {} if _C is None else {
     "split_conv2d": _split_conv2d,
     "requantize": _requantize,
     "log2_attn_matmul": _log2_attn_matmul,
+    "quantize": _quantize,
+    "softmax": lambda a: _C.softmax(a.x),
+    "layer_norm": lambda a: _C.layer_norm(a.x, a.weight, a.bias, a.eps),
+    "group_norm": lambda a: _C.group_norm(a.x, a.groups, a.weight, a.bias, a.eps),
+    "gelu": lambda a: _C.unary(a.x, a.op),
+    "silu": lambda a: _C.unary(a.x, a.op),
 }

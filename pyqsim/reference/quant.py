@@ -17,21 +17,7 @@ SQRT2 = math.sqrt(2.0)
 F32_TINY = np.float32(2.0**-149)  # smallest positive float32: the least scale §2.1 returns
 
 
-def code_range(dtype: str = "int8", bits: int | None = None, narrow: bool = False) -> tuple[int, int]:
-    """Code range of ``dtype`` or of a ``bits``-wide signed/unsigned code held in it."""
-    C.check_type_name(dtype, "dtype", tuple(C.CONTAINERS))
-    lo, hi = C.RANGES[dtype]
-    if bits is not None:
-        b = C.as_int(bits, "bits")
-        full = 8 if dtype in ("int8", "uint8") else 4
-        if not 2 <= b <= full:
-            raise ValueError(f"bits must be in [2, {full}] for {dtype}, got {b}")
-        lo, hi = (-(2 ** (b - 1)), 2 ** (b - 1) - 1) if lo < 0 else (0, 2**b - 1)
-    if narrow:
-        if lo >= 0:
-            raise ValueError("narrow=True needs a signed dtype")
-        lo += 1
-    return lo, hi
+code_range = C.code_range
 
 
 def _channel_params(scale, zero_point, x: np.ndarray, axis, lo: int, hi: int):
@@ -57,8 +43,10 @@ def quantize(x, scale, zero_point=0, dtype: str = "int8", *, axis=None, bits=Non
              numerics="pyqsim") -> np.ndarray:
     """Codes ``clamp(round(fl32(x / s)) + z)`` in ``dtype`` (spec §2; rounding per profile, §14); per channel
     along ``axis``."""
-    x = C.finite_float(x, "x")
     name = profile(numerics).name
+    if name == "pyqsim":
+        return quantize_compute(C.quantize_args(x, scale, zero_point, dtype, axis, bits, narrow))
+    x = C.finite_float(x, "x")
     lo, hi = code_range(dtype, bits, narrow)
     s, z = _channel_params(scale, zero_point, x, axis, lo, hi)
     if name.startswith("fbgemm") and axis is None:  # fl32(x * fl32(1/s) + z) fused, round half even (§14.5)
@@ -67,10 +55,21 @@ def quantize(x, scale, zero_point=0, dtype: str = "int8", *, axis=None, bits=Non
     if name.startswith("fbgemm"):  # per channel: fl32(z + fl32(x * fl32(1/s))), not fused (§14.5)
         t = np.rint(z.astype(np.float32) + x * (np.float32(1) / s))
         return np.clip(t, lo, hi).astype(C.CONTAINERS[dtype])
-    q = x / s  # float32 division
+    with np.errstate(over="ignore"):  # x / s beyond float32 is +-inf, then clamped
+        q = x / s  # float32 division
     t = round_half_away(q) if name.startswith("tflite") else np.rint(q)  # TfLiteRound, else round half even
     q = np.clip(t, (lo - z).astype(np.float32), (hi - z).astype(np.float32)).astype(np.int64) + z
     return q.astype(C.CONTAINERS[dtype])
+
+
+def quantize_compute(a: C.QuantizeArgs) -> np.ndarray:
+    """``quantize`` on canonical arguments: x [outer, N, inner] with scale and zero point along N."""
+    s = a.scale[None, :, None]
+    z = a.zero_point.astype(np.int64)[None, :, None]
+    with np.errstate(over="ignore"):  # x / s beyond float32 is +-inf, then clamped
+        t = np.rint(a.x / s)  # float32 division, round half to even
+    q = np.clip(t, (a.lo - z).astype(np.float32), (a.hi - z).astype(np.float32)).astype(np.int64) + z
+    return q.astype(a.container).reshape(a.shape)
 
 
 def dequantize(q, scale, zero_point=0, *, axis=None) -> np.ndarray:

@@ -1,0 +1,147 @@
+// pyqsim._C bindings of the float stages (docs/spec.md §15) and of float -> code quantization (§2).
+// Checks and marshalling only: dtype, shape, contiguity, alignment and parameter ranges are checked
+// before a kernel runs (with the GIL released); errors name the argument (§11).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "qsim.h"
+
+namespace py = pybind11;
+
+namespace {
+
+bool is_dtype(const py::array& a, char kind, int size) {
+  return a.dtype().kind() == kind && a.itemsize() == size && a.dtype().attr("isnative").cast<bool>();
+}
+
+// A C-contiguous, aligned native array of the given kind/size with at least min_ndim dimensions.
+py::array checked(py::handle obj, const std::string& name, char kind, int size, const char* dtype, int min_ndim) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(name + " must be a NumPy array, got " +
+                         py::str(py::type::handle_of(obj).attr("__name__")).cast<std::string>());
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  if (!is_dtype(a, kind, size))
+    throw py::type_error(name + " must have dtype " + dtype + ", got " + py::str(a.dtype()).cast<std::string>());
+  if (a.ndim() < min_ndim)
+    throw py::value_error(name + " must have at least " + std::to_string(min_ndim) + " dimension(s), got ndim " +
+                          std::to_string(a.ndim()));
+  if (!(a.flags() & py::array::c_style))
+    throw py::value_error(name + " must be C-contiguous (pass numpy.ascontiguousarray(" + name + "))");
+  if (reinterpret_cast<uintptr_t>(a.data()) % static_cast<uintptr_t>(size) != 0)
+    throw py::value_error(name + " must be aligned to its item size");
+  return a;
+}
+
+// float32 [c] per-channel vector
+const float* channel_vector(py::handle obj, const std::string& name, int64_t c) {
+  py::array a = checked(obj, name, 'f', 4, "float32", 1);
+  if (a.ndim() != 1 || a.shape(0) != c)
+    throw py::value_error(name + " must have shape (" + std::to_string(c) + ",)");
+  return static_cast<const float*>(a.data());
+}
+
+float checked_eps(double eps) {
+  const float e = static_cast<float>(eps);
+  if (!(std::isfinite(e) && e >= 0.0f)) throw py::value_error("eps must be finite and >= 0 as a float32");
+  return e;
+}
+
+// y = a new float32 array shaped like x; kernel(x data, y data) runs without the GIL.
+template <class F>
+py::array run_like(const py::array& x, F kernel) {
+  py::array_t<float> y(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+  const float* xp = static_cast<const float*>(x.data());
+  float* yp = y.mutable_data();
+  py::gil_scoped_release nogil;
+  kernel(xp, yp);
+  return y;
+}
+
+py::array softmax(py::handle x_) {
+  py::array x = checked(x_, "x", 'f', 4, "float32", 1);
+  const int64_t n = x.shape(x.ndim() - 1), rows = n ? x.size() / n : 0;
+  return run_like(x, [&](const float* xp, float* yp) { qsim::softmax(xp, yp, rows, n); });
+}
+
+py::array layer_norm(py::handle x_, py::handle w_, py::handle b_, double eps) {
+  py::array x = checked(x_, "x", 'f', 4, "float32", 1);
+  const int64_t n = x.shape(x.ndim() - 1), rows = n ? x.size() / n : 0;
+  const float* w = channel_vector(w_, "weight", n);
+  const float* b = channel_vector(b_, "bias", n);
+  const float e = checked_eps(eps);
+  return run_like(x, [&](const float* xp, float* yp) { qsim::layer_norm(xp, yp, rows, n, w, b, e); });
+}
+
+py::array group_norm(py::handle x_, int64_t groups, py::handle w_, py::handle b_, double eps) {
+  py::array x = checked(x_, "x", 'f', 4, "float32", 2);
+  const int64_t batch = x.shape(0), c = x.shape(1);
+  if (groups < 1 || (c > 0 && c % groups != 0) || (c == 0 && groups != 1))
+    throw py::value_error("groups must be >= 1 and divide C=" + std::to_string(c) + ", got " + std::to_string(groups));
+  int64_t spatial = 1;
+  for (py::ssize_t i = 2; i < x.ndim(); ++i) spatial *= x.shape(i);
+  const float* w = channel_vector(w_, "weight", c);
+  const float* b = channel_vector(b_, "bias", c);
+  const float e = checked_eps(eps);
+  return run_like(x, [&](const float* xp, float* yp) { qsim::group_norm(xp, yp, batch, c, spatial, groups, w, b, e); });
+}
+
+py::array unary(py::handle x_, const std::string& op) {
+  qsim::UnaryOp u;
+  if (op == "gelu") u = qsim::UnaryOp::GeluErf;
+  else if (op == "gelu_tanh") u = qsim::UnaryOp::GeluTanh;
+  else if (op == "silu") u = qsim::UnaryOp::Silu;
+  else throw py::value_error("op must be 'gelu', 'gelu_tanh' or 'silu', got '" + op + "'");
+  py::array x = checked(x_, "x", 'f', 4, "float32", 0);
+  const int64_t n = x.size();
+  return run_like(x, [&](const float* xp, float* yp) { qsim::unary(u, xp, yp, n); });
+}
+
+py::array quantize(py::handle x_, py::handle scale_, py::handle zp_, int64_t lo, int64_t hi, const std::string& dtype) {
+  if (dtype != "int8" && dtype != "uint8") throw py::value_error("dtype must be 'int8' or 'uint8', got '" + dtype + "'");
+  const int64_t cmin = dtype == "int8" ? -128 : 0, cmax = dtype == "int8" ? 127 : 255;
+  if (lo < cmin || hi > cmax || lo > hi)
+    throw py::value_error("code range [lo, hi] must lie in [" + std::to_string(cmin) + ", " + std::to_string(cmax) +
+                          "] for " + dtype + ", got [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+  py::array x = checked(x_, "x", 'f', 4, "float32", 3);
+  if (x.ndim() != 3) throw py::value_error("x must be 3-D [outer, N, inner], got ndim " + std::to_string(x.ndim()));
+  const int64_t outer = x.shape(0), n = x.shape(1), inner = x.shape(2);
+  const float* s = channel_vector(scale_, "scale", n);
+  for (int64_t c = 0; c < n; ++c)
+    if (!(std::isfinite(s[c]) && s[c] > 0.0f)) throw py::value_error("scale must be finite and > 0");
+  py::array z = checked(zp_, "zero_point", 'i', 4, "int32", 1);
+  if (z.ndim() != 1 || z.shape(0) != n) throw py::value_error("zero_point must have shape (" + std::to_string(n) + ",)");
+  const int32_t* zp = static_cast<const int32_t*>(z.data());
+  for (int64_t c = 0; c < n; ++c)
+    if (zp[c] < lo || zp[c] > hi)
+      throw py::value_error("zero_point must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " +
+                            std::to_string(zp[c]));
+  const float* xp = static_cast<const float*>(x.data());
+  const int64_t total = x.size();
+  bool finite = true;
+  for (int64_t i = 0; i < total; ++i) finite &= std::fabs(xp[i]) <= 3.40282347e+38f;  // false for NaN and inf
+  if (!finite) throw py::value_error("x must be finite (no NaN or inf)");
+  py::array y = dtype == "int8" ? py::array(py::array_t<int8_t>({outer, n, inner}))
+                                : py::array(py::array_t<uint8_t>({outer, n, inner}));
+  uint8_t* yp = static_cast<uint8_t*>(y.mutable_data());
+  py::gil_scoped_release nogil;
+  qsim::quantize(xp, outer, n, inner, s, zp, static_cast<int32_t>(lo), static_cast<int32_t>(hi), yp);
+  return y;
+}
+
+}  // namespace
+
+void register_float_ops(py::module_& m) {
+  m.def("softmax", &softmax, py::arg("x"), "spec §15.5: softmax over the last axis (float32)");
+  m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
+        "spec §15.6: LayerNorm over the last axis (float32)");
+  m.def("group_norm", &group_norm, py::arg("x"), py::arg("groups"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
+        "spec §15.6: GroupNorm of x [N, C, *spatial] (float32)");
+  m.def("unary", &unary, py::arg("x"), py::arg("op"), "spec §15.4: 'gelu', 'gelu_tanh' or 'silu' (float32)");
+  m.def("quantize", &quantize, py::arg("x"), py::arg("scale"), py::arg("zero_point"), py::arg("lo"), py::arg("hi"),
+        py::arg("dtype"), "spec §2: codes of float32 x [outer, N, inner], per-channel scale and zero point along N");
+}

@@ -1,0 +1,211 @@
+// Float stages of docs/spec.md §15, written once over a lane type so that the scalar kernels
+// (float_scalar.cpp: one float per lane) and the AVX2 kernels (float_avx2.cpp: eight) perform the same
+// IEEE binary32 operations in the same order and return the same bits.
+//
+// A lane-operations class O provides: V (the float lanes), I (int32 lanes), M (a lane mask), W (lanes per
+// V); set, zero, load, store, load_fill(p, k, fill) / store_part(p, v, k) for the first k < W lanes;
+// add, sub, mul, div, abs (each one correctly rounded IEEE operation, or exact); gt, ge, unord (masks),
+// mor, select, any; to_int (exact for integral values), iadd, isub, sra1, pow2 (2^k as float for k in
+// [-126, 127]); keep(v, k) (lanes >= k set to +0), hmax_lanes (largest lane, NaN-free input), tree
+// (the halving sum of §15.1 inside one V); set_int, load_int(p, k) and store_codes(p, i, k) (the low byte
+// of each of the first k int32 lanes) for quantize.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace qsim {
+namespace fmath {
+
+constexpr int kLanes = 32;  // §15.1 accumulator lanes
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();  // bits 0x7FC00000 (§15)
+
+// §15.2 exp
+constexpr float kExpHi = 89.0f, kExpLo = -104.0f;
+constexpr float kLog2e = 0x1.715476p+0f, kRounder = 0x1.8p+23f;
+constexpr float kLn2Hi = 0x1.63p-1f, kLn2Lo = -0x1.bd0106p-13f;
+constexpr float kExpPoly[8] = {0x1.a01a02p-13f, 0x1.6c16c2p-10f, 0x1.111112p-7f, 0x1.555556p-5f,
+                               0x1.555556p-3f,  0x1.0p-1f,       1.0f,            1.0f};
+// §15.3 erfc polynomial (scripts/fit_erfc.py), highest degree first
+constexpr float kErfcPoly[11] = {-0x1.2f44f6p-3f, 0x1.04de88p-2f, -0x1.79a79p-10f, -0x1.2b2f2p-2f,
+                                 0x1.b729d6p-4f,  0x1.20ee4p-2f,  -0x1.42d98p-3f,  -0x1.802b4p-2f,
+                                 0x1.83d25ep-3f,  0x1.5864b2p+0f, -0x1.57f564p-1f};
+constexpr float kInvSqrt2 = 0x1.6a09e6p-1f;
+// §15.4 tanh form
+constexpr float kGeluT = -0x1.988454p+0f, kGeluC = 0.044715f;
+
+template <class O>
+typename O::V exp(typename O::V x) {
+  using V = typename O::V;
+  const V hi = O::set(kExpHi), lo = O::set(kExpLo), rounder = O::set(kRounder);
+  const V c = O::select(O::gt(x, hi), hi, O::select(O::ge(x, lo), x, lo));  // NaN -> lo
+  const V n = O::sub(O::add(O::mul(c, O::set(kLog2e)), rounder), rounder);
+  const V r = O::sub(O::sub(c, O::mul(n, O::set(kLn2Hi))), O::mul(n, O::set(kLn2Lo)));
+  V p = O::set(kExpPoly[0]);
+  for (int i = 1; i < 8; ++i) p = O::add(O::mul(p, r), O::set(kExpPoly[i]));
+  const typename O::I ni = O::to_int(n);
+  const typename O::I n1 = O::sra1(ni);
+  return O::mul(O::mul(p, O::pow2(n1)), O::pow2(O::isub(ni, n1)));
+}
+
+template <class O>
+typename O::V canon(typename O::V y) {
+  return O::select(O::unord(y, y), O::set(kNaN), y);
+}
+
+// Phi(x) = erfc(-x / sqrt 2) / 2 (§15.3)
+template <class O>
+typename O::V normal_cdf(typename O::V x) {
+  using V = typename O::V;
+  const V half = O::set(0.5f), one = O::set(1.0f);
+  const V u = O::mul(O::abs(x), O::set(kInvSqrt2));
+  const V t = O::div(one, O::add(one, O::mul(half, u)));
+  const V v = O::sub(t, half);
+  V p = O::set(kErfcPoly[0]);
+  for (int i = 1; i < 11; ++i) p = O::add(O::mul(p, v), O::set(kErfcPoly[i]));
+  const V h = O::mul(half, O::mul(t, exp<O>(O::sub(p, O::mul(O::mul(x, x), half)))));  // u^2 = x^2 / 2
+  return O::select(O::ge(x, O::zero()), O::sub(one, h), h);
+}
+
+template <class O>
+typename O::V gelu_erf(typename O::V x) {
+  return canon<O>(O::mul(x, normal_cdf<O>(x)));
+}
+
+template <class O>
+typename O::V gelu_tanh(typename O::V x) {
+  using V = typename O::V;
+  const V one = O::set(1.0f);
+  const V w = O::mul(O::set(kGeluT), O::mul(x, O::add(one, O::mul(O::set(kGeluC), O::mul(x, x)))));
+  return canon<O>(O::div(x, O::add(one, exp<O>(w))));
+}
+
+template <class O>
+typename O::V silu(typename O::V x) {
+  return canon<O>(O::div(x, O::add(O::set(1.0f), exp<O>(O::sub(O::zero(), x)))));
+}
+
+// y[i] = f(x[i]) for i < n
+template <class O, class F>
+void map(const float* x, float* y, int64_t n, F f) {
+  constexpr int W = O::W;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) O::store(y + i, f(O::load(x + i)));
+  if (i < n) O::store_part(y + i, f(O::load_fill(x + i, static_cast<int>(n - i), 0.0f)), static_cast<int>(n - i));
+}
+
+// §15.1: sum of g(i) over i < n (g(i) = the V of elements [i, i + W), zero-filled past n) in 32 lanes,
+// then the halving tree.
+template <class O, class G>
+float lane_sum(int64_t n, G g) {
+  using V = typename O::V;
+  constexpr int W = O::W, NA = kLanes / W;
+  V acc[NA];
+  for (int a = 0; a < NA; ++a) acc[a] = O::zero();
+  for (int64_t i = 0; i < n; i += kLanes)
+    for (int a = 0; a < NA; ++a) {
+      const int64_t j = i + int64_t(a) * W;
+      const int64_t k = n - j >= W ? W : (n - j > 0 ? n - j : 0);
+      acc[a] = O::add(acc[a], k == W ? g(j, W) : (k > 0 ? O::keep(g(j, static_cast<int>(k)), static_cast<int>(k))
+                                                        : O::zero()));
+    }
+  for (int h = NA / 2; h >= 1; h /= 2)
+    for (int a = 0; a < h; ++a) acc[a] = O::add(acc[a], acc[a + h]);
+  return O::tree(acc[0]);
+}
+
+template <class O>
+typename O::V load_n(const float* p, int k) {
+  return k == O::W ? O::load(p) : O::load_fill(p, k, 0.0f);
+}
+
+// §15.5 one row of length n >= 1.
+template <class O>
+void softmax_row(const float* x, float* y, int64_t n) {
+  using V = typename O::V;
+  constexpr int W = O::W;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  V m = O::set(ninf);
+  typename O::M nan = O::unord(m, m);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const V v = O::load(x + i);
+    nan = O::mor(nan, O::unord(v, v));
+    m = O::select(O::gt(v, m), v, m);
+  }
+  if (i < n) {
+    const V v = O::load_fill(x + i, static_cast<int>(n - i), ninf);
+    nan = O::mor(nan, O::unord(v, v));
+    m = O::select(O::gt(v, m), v, m);
+  }
+  const float mx = O::hmax_lanes(m);
+  if (O::any(nan) || mx == std::numeric_limits<float>::infinity() || mx == ninf) {
+    const float fill = O::any(nan) || mx != ninf ? kNaN : 0.0f;
+    for (int64_t j = 0; j < n; ++j) y[j] = fill;
+    return;
+  }
+  const V mv = O::set(mx);
+  map<O>(x, y, n, [&](V v) { return exp<O>(O::sub(v, mv)); });
+  const V s = O::set(lane_sum<O>(n, [&](int64_t j, int k) { return load_n<O>(y + j, k); }));
+  map<O>(y, y, n, [&](V v) { return O::div(v, s); });
+}
+
+// §15.6 statistics of one row/segment of length n >= 1: mean and 1 / sqrt(var + eps).
+template <class O>
+void moments(const float* x, int64_t n, float eps, float& mean, float& rstd) {
+  using V = typename O::V;
+  const float nf = static_cast<float>(n);
+  mean = lane_sum<O>(n, [&](int64_t j, int k) { return load_n<O>(x + j, k); }) / nf;
+  const V mv = O::set(mean);
+  const float var = lane_sum<O>(n, [&](int64_t j, int k) {
+                      const V d = O::sub(load_n<O>(x + j, k), mv);
+                      return O::mul(d, d);
+                    }) / nf;
+  rstd = 1.0f / std::sqrt(var + eps);  // IEEE square root, correctly rounded
+}
+
+// y = canon(((x - mean) * rstd) * w + b) over n elements sharing (w, b)
+template <class O>
+void normalize_run(const float* x, float* y, int64_t n, float mean, float rstd, float w, float b) {
+  using V = typename O::V;
+  const V mv = O::set(mean), rv = O::set(rstd), wv = O::set(w), bv = O::set(b);
+  map<O>(x, y, n, [&](V v) { return canon<O>(O::add(O::mul(O::mul(O::sub(v, mv), rv), wv), bv)); });
+}
+
+// LayerNorm row: per-element weight and bias vectors
+template <class O>
+void layer_norm_row(const float* x, float* y, int64_t n, const float* w, const float* b, float eps) {
+  using V = typename O::V;
+  constexpr int W = O::W;
+  float mean, rstd;
+  moments<O>(x, n, eps, mean, rstd);
+  const V mv = O::set(mean), rv = O::set(rstd);
+  int64_t i = 0;
+  for (; i + W <= n; i += W)
+    O::store(y + i, canon<O>(O::add(O::mul(O::mul(O::sub(O::load(x + i), mv), rv), O::load(w + i)), O::load(b + i))));
+  if (i < n) {
+    const int k = static_cast<int>(n - i);
+    const V r = O::add(O::mul(O::mul(O::sub(O::load_fill(x + i, k, 0.0f), mv), rv), O::load_fill(w + i, k, 0.0f)),
+                       O::load_fill(b + i, k, 0.0f));
+    O::store_part(y + i, canon<O>(r), k);
+  }
+}
+
+// Inline templates only, and no library templates (std::min, std::fill): this header is compiled with and
+// without -mavx2, and a shared out-of-line instantiation could carry AVX2 code into the scalar path.
+
+// §2 uniform quantization of a run of n floats: q = clamp(rint(x / s), lo - z, hi - z) + z, with the
+// clamp applied first (equal, as the bounds are integers) so the rounding works on |t| <= 510.
+// Parameters per element when stride == 1, shared when stride == 0. codes: int32 results.
+template <class O>
+typename O::I quantize_lanes(typename O::V x, typename O::V s, typename O::V lo, typename O::V hi, typename O::I z) {
+  using V = typename O::V;
+  const V t = O::div(x, s);
+  const V c = O::select(O::gt(t, hi), hi, O::select(O::gt(lo, t), lo, t));
+  const V rounder = O::set(kRounder);
+  return O::iadd(O::to_int(O::sub(O::add(c, rounder), rounder)), z);
+}
+
+}  // namespace fmath
+}  // namespace qsim
