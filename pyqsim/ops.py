@@ -79,6 +79,17 @@ def reset_backend_cache() -> None:
     _table.cache_clear()
 
 
+def unavailable_reason(backend: str) -> str:
+    """Why ``backend`` cannot run here (not compiled, or compiled with no usable device); "" when it can."""
+    if backend == "reference" or _backend_module(backend) is not None:
+        return ""
+    try:
+        mod = importlib.import_module(f".backends.{backend}", __package__)
+    except ImportError as exc:
+        return f"its module does not import ({exc})"
+    return mod.info().get("reason") or "see pyqsim.build_info()"
+
+
 def available_backends() -> list[str]:
     """Backends usable in this process, fastest first."""
     return [b for b in _AUTO_ORDER if b == "reference" or _backend_module(b) is not None]
@@ -100,7 +111,7 @@ def resolve_backend(backend: str, op: str) -> str:
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     if op not in _table(backend):
         if backend != "reference" and _backend_module(backend) is None:
-            raise RuntimeError(f"backend {backend!r} is not available in this build/process (see pyqsim.build_info())")
+            raise RuntimeError(f"backend {backend!r} is not available: {unavailable_reason(backend)}")
         raise RuntimeError(f"op {op!r} has no {backend!r} implementation")
     return backend
 
