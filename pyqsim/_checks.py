@@ -127,7 +127,7 @@ def per_channel_ints(v, name: str, n: int, lo: int, hi: int, default: int | None
 def to_float32(arr: np.ndarray, name: str, must_be: str) -> np.ndarray:
     """Contiguous float32 copy of a real array; a value that is not finite, or that rounds beyond float32, is an error.
 
-    The cast's overflow is detected here (a finite value that became inf) instead of warned about by NumPy."""
+    The cast's overflow is detected here (a finite value that became inf), not warned about by NumPy (spec §11)."""
     arr = np.asarray(arr)
     with np.errstate(over="ignore"):
         out = np.array(arr, dtype=np.float32, order="C")

@@ -121,9 +121,11 @@ def markdown(result: dict) -> str:
         "![layer error](layer_error.png)", "",
         "`layer_error.png`: per layer (Linear / Conv2d), the signal-to-quantization-noise ratio of its output against "
         "the FP32 model's, in dB (higher is better; 20 dB = error a tenth of the signal's amplitude), for the "
-        "fake-quant model and for the integer run (layers whose integer output is float32; the ViT layers that "
-        "output integer codes have no integer bar). Both see the FP32 inputs of the first layer only; the error "
-        f"accumulates along the network. Bars are capped at {SQNR_CAP_DB:.0f} dB.", "",
+        "fake-quant model (blue) and for the integer run (orange). All three models get the same input, so a "
+        "layer's error includes what earlier layers passed on. Where the two bars match, the integer arithmetic "
+        "adds no error of its own. A layer without an orange bar has no float32 integer output recorded under its "
+        "name (the ViT's qkv layers, for one, hand integer codes to the attention). Bars are capped at "
+        f"{SQNR_CAP_DB:.0f} dB.", "",
         "![attention codes](attn_codes.png)", "",
         "`attn_codes.png`: " + attn_caption(vit["attn_code_hist"]), "",
         f"Parameter files: `{vit['params']}`, `{unet['params']}` (run them with `pyqsim run`, check them with "
@@ -144,7 +146,7 @@ def attn_caption(hist) -> str:
             "the ViT's integer run on the test set (log scale). Code c stands for the probability delta x 2^(-c/2) "
             "(log-sqrt2 quantization, RepQ-ViT): small codes are large probabilities, and every two codes the "
             f"probability halves. The most frequent code is {top}; {pct(small):.1f} % of the probabilities have a "
-            f"code of {half} or more (below delta x 2^-{half // 2}). The last, gray bar (code {n - 1}) is the "
+            f"code of {half} or more (at most delta x 2^-{half // 2}). The last, gray bar (code {n - 1}) is the "
             f"reserved code for exactly zero, taken by probabilities below the smallest power: {zero:,} "
             f"({pct(zero):.1f} %).")
 
