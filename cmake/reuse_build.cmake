@@ -32,6 +32,12 @@ endforeach()
 #    setting dropped since the last run is dropped there too.
 set(_args -S "${CMAKE_SOURCE_DIR}" -B "${_inner}" -G "${CMAKE_GENERATOR}" -DPYQSIM_INNER_BUILD=ON
           "-Dpybind11_DIR=${_pb11_copy}/share/cmake/pybind11")
+if(CMAKE_GENERATOR_PLATFORM)
+  list(APPEND _args -A "${CMAKE_GENERATOR_PLATFORM}")
+endif()
+if(CMAKE_GENERATOR_TOOLSET)
+  list(APPEND _args -T "${CMAKE_GENERATOR_TOOLSET}")
+endif()
 if(EXISTS "${CMAKE_BINARY_DIR}/CMakeInit.txt")
   list(APPEND _args -C "${CMAKE_BINARY_DIR}/CMakeInit.txt")
 endif()
@@ -58,9 +64,13 @@ if(NOT _rc EQUAL 0)
 endif()
 
 # 3. Build (every time; the inner build system decides what is out of date) and install into the wheel.
-add_custom_target(pyqsim_native ALL COMMAND "${CMAKE_COMMAND}" --build "${_inner}" USES_TERMINAL)
+add_custom_target(pyqsim_native ALL COMMAND "${CMAKE_COMMAND}" --build "${_inner}" --config $<CONFIG> USES_TERMINAL)
 install(CODE "
-  execute_process(COMMAND \"${CMAKE_COMMAND}\" --install \"${_inner}\" --prefix \"\${CMAKE_INSTALL_PREFIX}\"
+  set(_cfg)
+  if(CMAKE_INSTALL_CONFIG_NAME)
+    set(_cfg --config \"\${CMAKE_INSTALL_CONFIG_NAME}\")
+  endif()
+  execute_process(COMMAND \"${CMAKE_COMMAND}\" --install \"${_inner}\" --prefix \"\${CMAKE_INSTALL_PREFIX}\" \${_cfg}
                   RESULT_VARIABLE _rc)
   if(NOT _rc EQUAL 0)
     message(FATAL_ERROR \"pyqsim: installing the native build from ${_inner} failed\")
