@@ -280,14 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("info", cmd_info, "the build: version, SIMD level, CUDA compiled, GPUs seen")
     from .experiments import qdiffusion_table, repqvit_table
     tb_help = "reproduce a paper's table on the bundled model (JSON + Markdown)"
-    tb = sub.add_parser("table", help=tb_help, description=tb_help + "; `pyqsim table NAME --help` lists its options")
+    tb = sub.add_parser("table", help=tb_help, description=tb_help + "; `pyqsim table NAME --help` explains its options",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     tables = tb.add_subparsers(dest="which", required=True, metavar="NAME")
+    usages = []
     for name, mod, what in (("repq-vit", repqvit_table, "RepQ-ViT ablation on the digits ViT (W4A4, W6A6)"),
                             ("qdiffusion", qdiffusion_table, "Q-Diffusion vs linear quantization on the digits UNet")):
         t = tables.add_parser(name, help=what, description=mod.__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(t)
         t.set_defaults(fn=cmd_table, table_module=mod)
+        first, *rest = t.format_usage().replace("usage: ", "  ", 1).splitlines()
+        usages += [first] + [line[5:] for line in rest]  # continuation lines follow the shorter prefix
+    tb.epilog = "options of each table:\n" + "\n".join(usages)
     return p
 
 

@@ -148,6 +148,7 @@ def test_table_help_lists_the_tables(capsys):
     out = capsys.readouterr().out
     assert e.value.code == 0
     assert out.startswith("usage: pyqsim table") and "repq-vit" in out and "qdiffusion" in out
+    assert "[--seeds SEEDS]" in out and "[--samples SAMPLES]" in out  # each table's options
     assert "python -m" not in out
 
 
