@@ -125,6 +125,21 @@ def per_channel_ints(v, name: str, n: int, lo: int, hi: int, default: int | None
     return canonical(arr, np.int32)
 
 
+def to_float32(arr: np.ndarray, name: str, must_be: str) -> np.ndarray:
+    """Contiguous float32 copy of a real array; a value that is not finite, or that rounds beyond float32, is an error.
+
+    The cast's overflow is detected here (a finite value that became inf), not warned about by NumPy (spec §11)."""
+    arr = np.asarray(arr)
+    with np.errstate(over="ignore"):
+        out = np.array(arr, dtype=np.float32, order="C")
+    if out.size and not np.all(np.isfinite(out)):
+        beyond = (np.isinf(out) & np.isfinite(arr)).ravel()
+        if np.any(beyond):
+            raise ValueError(f"{name} must be {must_be} within float32 range, got {float(arr.ravel()[beyond][0])!r}")
+        raise ValueError(f"{name} must be {must_be}")
+    return out
+
+
 def per_channel_scales(v, name: str, n: int) -> np.ndarray:
     """Broadcast a positive finite float scale (scalar or [n]) to float32 [n]."""
     if v is None:
@@ -132,25 +147,26 @@ def per_channel_scales(v, name: str, n: int) -> np.ndarray:
     arr = np.asarray(host(v))
     if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
         raise TypeError(f"{name} must be a float or a float array, got dtype {arr.dtype}")
-    arr = arr.astype(np.float32)
     if arr.ndim == 0:
-        arr = np.full(n, arr, dtype=np.float32)
+        arr = np.full(n, arr, dtype=arr.dtype)
     elif arr.shape != (n,):
         raise ValueError(f"{name} must be a scalar or have shape ({n},), got {arr.shape}")
-    if arr.size and not (np.all(np.isfinite(arr)) and np.all(arr > 0)):
+    arr = to_float32(arr, name, "finite and > 0")
+    if arr.size and not np.all(arr > 0):
         raise ValueError(f"{name} must be finite and > 0")
-    return np.ascontiguousarray(arr)
+    return arr
 
 
 def positive_scale(v, name: str) -> float:
     """A positive finite float32 scale as a Python float (already rounded to float32)."""
     try:
-        f = float(np.float32(v))
+        d = float(np.float64(v))
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a float, got {type(v).__name__}") from None
     if isinstance(v, np.ndarray) and v.ndim != 0:
         raise ValueError(f"{name} must be a scalar, got shape {v.shape}")
-    if not (math.isfinite(f) and f > 0):
+    f = float(to_float32(np.float64(d), name, "finite and > 0"))
+    if not f > 0:
         raise ValueError(f"{name} must be finite and > 0, got {v!r}")
     return f
 
@@ -765,10 +781,7 @@ def finite_float(x, name: str) -> np.ndarray:
     x = host(as_array(x, name))
     if x.dtype.kind != "f":
         raise TypeError(f"{name} must be a float array, got dtype {x.dtype}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.size and not np.all(np.isfinite(x)):
-        raise ValueError(f"{name} must be finite (no NaN or inf)")
-    return x
+    return to_float32(x, name, "finite (no NaN or inf)")
 
 
 def code_range(dtype: str = "int8", bits: int | None = None, narrow: bool = False) -> tuple[int, int]:

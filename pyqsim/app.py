@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import build_info, ops
+from . import build_info, ops, report
 
 
 class Progress:
@@ -62,35 +62,59 @@ def _sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
     return float("inf") if noise == 0 else 10 * np.log10(max(power, 1e-30) / noise)
 
 
-def layer_errors(fp_model, q_model, inputs: tuple, names=None) -> dict:
-    """SQNR (dB) of each Linear/Conv2d output of ``q_model`` against the same-named module of ``fp_model``."""
+def _module_outputs(model, inputs: tuple, names) -> dict:
+    """Output of each named submodule of ``model`` on ``inputs`` (first call), as float NumPy arrays."""
     import torch
 
-    kinds = (torch.nn.Linear, torch.nn.Conv2d)
-    names = names or [n for n, m in fp_model.named_modules() if isinstance(m, kinds)]
-    q_mods = dict(q_model.named_modules())
-    got: dict = {"fp": {}, "q": {}}
-    hooks = []
+    mods = dict(model.named_modules())
+    got, hooks = {}, []
 
-    def keep(tag, name):
+    def keep(name):
         def hook(module, inputs, output):
-            got[tag].setdefault(name, output.detach().float().numpy().copy())
+            got.setdefault(name, output.detach().float().numpy().copy())
         return hook
 
     for n in names:
-        if n not in q_mods:
-            continue
-        for tag, mod in (("fp", fp_model.get_submodule(n)), ("q", q_mods[n])):
-            hooks.append(mod.register_forward_hook(keep(tag, n)))
+        if n in mods:
+            hooks.append(mods[n].register_forward_hook(keep(n)))
     try:
         with torch.no_grad():
-            fp_model(*inputs)
-            q_model(*inputs)
+            model(*inputs)
     finally:
         for h in hooks:
             h.remove()
-    return {n: _sqnr_db(got["fp"][n], got["q"][n]) for n in names
-            if n in got["fp"] and n in got["q"] and got["fp"][n].shape == got["q"][n].shape}
+    return got
+
+
+def _integer_outputs(run_integer, names) -> dict:
+    """Float32 outputs of the integer GEMM/convolution ops recorded under each layer's scope name."""
+    layer_ops = ("int_gemm", "int_conv2d", "split_gemm", "split_conv2d")
+    with ops.record() as calls:
+        run_integer()
+    wanted, got = set(names), {}
+    for scope, op, _, result in calls:
+        if op in layer_ops and scope in wanted and np.asarray(result).dtype == np.float32:
+            got.setdefault(scope, np.asarray(result))
+    return got
+
+
+def layer_errors(fp_model, q_model, inputs: tuple, run_integer=None) -> dict:
+    """SQNR (dB) of each Linear/Conv2d output against the same-named module of ``fp_model``: of ``q_model``
+    (``"fake"``) and, given ``run_integer`` (a call of the integer program on the same inputs), of the integer
+    layer outputs recorded under that name (``"integer"``)."""
+    import torch
+
+    kinds = (torch.nn.Linear, torch.nn.Conv2d)
+    names = [n for n, m in fp_model.named_modules() if isinstance(m, kinds)]
+    fp = _module_outputs(fp_model, inputs, names)
+    fake = _module_outputs(q_model, inputs, names)
+    res = {"fake": {n: _sqnr_db(fp[n], fake[n]) for n in names
+                    if n in fp and n in fake and fp[n].shape == fake[n].shape}, "integer": {}}
+    if run_integer is not None:
+        for n, y in _integer_outputs(run_integer, names).items():
+            if n in fp and y.size == fp[n].size:
+                res["integer"][n] = _sqnr_db(fp[n], y.reshape(fp[n].shape))
+    return res
 
 
 # --------------------------------------------------------------------------- ViT
@@ -125,14 +149,15 @@ def demo_vit(out: Path, st: DemoSettings, backend: str, prog: Progress) -> dict:
     check = {"backend": ops.resolve_backend(backend, "int_gemm"), **replay_counts(calls)}
     prog.step("ViT: every integer op re-run on the reference")
     codes = np.concatenate([a.codes.ravel() for _, op, a, _ in calls if op == "log2_attn_matmul"])
-    errors = layer_errors(model, res.model, (x_te_t[:64],))
+    errors = layer_errors(model, res.model, (x_te_t[:64],), lambda: program.run(x_te[:64], backend=backend))
     top1 = lambda lg: float((lg.argmax(1) == y_te).mean() * 100)  # noqa: E731
     return {
         "model": "digits ViT", "bits": "W4A4", "params": path.name, "test_images": int(len(y_te)),
         "fp32_top1": top1(fp_logits), "fake_top1": top1(fake_logits), "int_top1": top1(int_logits),
         "int_vs_fake_agreement": float((int_logits.argmax(1) == fake_logits.argmax(1)).mean() * 100),
         "calib_seconds": calib_s, "int_seconds": int_s, "backend": check["backend"], "check": check,
-        "attn_code_hist": np.bincount(codes, minlength=16).tolist(), "layer_sqnr_db": errors,
+        "attn_code_hist": np.bincount(codes, minlength=16).tolist(), "layer_sqnr_db": errors["fake"],
+        "layer_sqnr_db_integer": errors["integer"],
     }
 
 
@@ -179,71 +204,20 @@ def demo_unet(out: Path, st: DemoSettings, backend: str, prog: Progress) -> dict
     prog.step("UNet: integer sampling re-run on the reference")
     xt = torch.from_numpy(np.random.default_rng(3).standard_normal((16, *shape), dtype=np.float32))
     tt = torch.full((16,), 500, dtype=torch.long)
-    errors = layer_errors(model, qmodel, (xt, tt))
+    errors = layer_errors(model, qmodel, (xt, tt), lambda: program.run((xt.numpy(), tt.numpy()), backend=backend))
     scores = lambda x: {"fid": fid(x, clf=clf), "is": inception_score(x, clf=clf)}  # noqa: E731
     return {
         "model": "digits UNet", "bits": "W4A8", "params": path.name, "samples": st.unet_samples,
         "ddim_steps": st.unet_steps, "fp32": {**scores(fp_x), "seconds": fp_s},
         "fake": {**scores(fq_x), "seconds": fq_s}, "integer": {**scores(int_x), "seconds": int_s},
         "mean_abs_pixel_diff_int_vs_fake": float(np.abs(int_x - fq_x).mean()),
-        "calib_seconds": calib_s, "check": check, "layer_sqnr_db": errors,
+        "calib_seconds": calib_s, "check": check, "layer_sqnr_db": errors["fake"],
+        "layer_sqnr_db_integer": errors["integer"],
         "_grids": {"FP32": fp_x, "Q-Diffusion W4A8 fake-quant": fq_x, "Q-Diffusion W4A8 integer": int_x},
     }
 
 
 # --------------------------------------------------------------------------- report
-
-
-def _figures(out: Path, vit: dict, unet: dict) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .experiments.qdiffusion_table import save_grid
-
-    save_grid(out / "samples.png", unet.pop("_grids"))
-    fig, axes = plt.subplots(2, 1, figsize=(11, 7))
-    for ax, res in zip(axes, (vit, unet)):
-        names = list(res["layer_sqnr_db"])
-        vals = [min(v, 80.0) for v in res["layer_sqnr_db"].values()]
-        ax.bar(range(len(vals)), vals, color="tab:blue")
-        ax.set_xticks(range(len(vals)))
-        ax.set_xticklabels(names, rotation=90, fontsize=5)
-        ax.set_ylabel("SQNR vs FP32 (dB)")
-        ax.set_title(f"{res['model']} {res['bits']}: per-layer output quantization error (fake-quant vs FP32)")
-    fig.tight_layout()
-    fig.savefig(out / "layer_error.png", dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    hist = vit["attn_code_hist"]
-    ax.bar(range(len(hist)), hist, color=["tab:orange"] * (len(hist) - 1) + ["tab:gray"])
-    ax.set_xlabel("log-sqrt2 code c (value delta * 2^(-c/2)); last bar: reserved zero code")
-    ax.set_ylabel("count")
-    ax.set_yscale("log")
-    ax.set_title("digits ViT W4A4: post-softmax attention codes (integer run, test set)")
-    fig.tight_layout()
-    fig.savefig(out / "attn_codes.png", dpi=120)
-    plt.close(fig)
-    return ["samples.png", "layer_error.png", "attn_codes.png"]
-
-
-def _summary(vit: dict, unet: dict, total_s: float, info: dict) -> str:
-    vc, uc = vit["check"], unet["check"]
-    lines = [
-        f"pyqsim demo: backend {vc['backend']} ({info.get('cpu', {}).get('isa', 'reference')}), total {total_s:.1f} s",
-        "",
-        "model              bits   metric   FP32    fake-quant  integer   int-vs-fake          kernel-vs-reference mismatches",
-        f"digits ViT         W4A4   top-1 %  {vit['fp32_top1']:6.2f}  {vit['fake_top1']:9.2f}  {vit['int_top1']:8.2f}  "
-        f"{vit['int_vs_fake_agreement']:5.1f}% agree          {vc['mismatches']} / {vc['elements']:,} elements",
-        f"digits UNet        W4A8   FID      {unet['fp32']['fid']:6.2f}  {unet['fake']['fid']:9.2f}  {unet['integer']['fid']:8.2f}  "
-        f"|dx| {unet['mean_abs_pixel_diff_int_vs_fake']:.4f}          {uc['mismatches']} / {uc['elements']:,} elements",
-        f"                          IS       {unet['fp32']['is']:6.2f}  {unet['fake']['is']:9.2f}  {unet['integer']['is']:8.2f}",
-        "",
-        f"calibration: RepQ-ViT {vit['calib_seconds']:.1f} s, Q-Diffusion {unet['calib_seconds']:.1f} s; "
-        f"FID/IS over {unet['samples']} samples, {unet['ddim_steps']} DDIM steps",
-    ]
-    return "\n".join(lines)
 
 
 def demo(out_dir="pyqsim-report", quick: bool = False, backend: str = "auto", progress: bool = True,
@@ -259,19 +233,16 @@ def demo(out_dir="pyqsim-report", quick: bool = False, backend: str = "auto", pr
     t0 = time.perf_counter()
     vit = demo_vit(out, st, backend, prog)
     unet = demo_unet(out, st, backend, prog)
-    figures = _figures(out, vit, unet)
+    figures = report.figures(out, vit, unet)
     prog.step("report written")
     total = time.perf_counter() - t0
     info = build_info()
-    summary = _summary(vit, unet, total, info)
+    summary = report.summary(vit, unet, total, info, st)
     ok = vit["check"]["mismatches"] == 0 and unet["check"]["mismatches"] == 0
     result = {"ok": ok, "quick": quick, "seconds": total, "build": info, "vit": vit, "unet": unet,
               "settings": st.__dict__, "figures": figures, "summary": summary}
     (out / "report.json").write_text(json.dumps(result, indent=1, default=str))
-    md = ["# pyqsim demo report", "", "```", summary, "```", ""] + [f"![{f}]({f})" for f in figures]
-    md += ["", f"Parameter files: `{vit['params']}`, `{unet['params']}` "
-           "(run them with `pyqsim run`, check them with `pyqsim verify`, export vectors with `pyqsim vectors`)."]
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    (out / "report.md").write_text(report.markdown({**result, "settings_obj": st}))
     result["summary"] = summary + f"\n\nreport: {out / 'report.md'}" + ("" if ok else "\nFAILED: mismatches found")
     return result
 

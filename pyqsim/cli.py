@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from . import build_info, ops
+from ._argtypes import BACKEND_CHOICES, int_in as _int_in, positive_int as _positive_int
 from ._version import __version__
 
 
@@ -93,30 +94,6 @@ def _run_program(program, args_in, backend):
     return out if isinstance(out, tuple) else (out,)
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (sample and batch counts)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {v}")
-    return v
-
-
-def _int_in(lo: int, hi: int):
-    """argparse type: an integer in [lo, hi] (bit widths)."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer in [{lo}, {hi}], got {text!r}") from None
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"must be an integer in [{lo}, {hi}], got {v}")
-        return v
-    return parse
-
-
 def _check_out_file(path: str, flag: str) -> None:
     """Fail before a long computation when the output file cannot be created."""
     parent = os.path.dirname(os.path.abspath(path))
@@ -124,6 +101,26 @@ def _check_out_file(path: str, flag: str) -> None:
         raise CLIError(f"{flag} {path} is a directory; give a file name")
     if not os.path.isdir(parent):
         raise CLIError(f"{flag} {path}: directory {parent} does not exist")
+
+
+# Activation bit width of ``calibrate`` when --a-bits is not given: the settings of each method's paper table.
+DEFAULT_A_BITS = {"repq-vit": 4, "qdiffusion": 8}
+
+
+def _check_environment(args) -> None:
+    """Fail before any work when the environment or ``--backend`` names something this process cannot run."""
+    from .backends import cpu
+    if cpu.available():
+        try:
+            cpu.get_isa()  # reads PYQSIM_CPU_ISA: an unknown value, or avx2 without AVX2, raises
+        except (ValueError, RuntimeError) as exc:
+            raise CLIError(str(exc)) from None
+    backend = getattr(args, "backend", None)
+    if backend is not None:
+        try:
+            ops.resolve_backend(backend, "int_gemm")
+        except (ValueError, RuntimeError) as exc:
+            raise CLIError(f"--backend {backend}: {exc}" if backend != "auto" else str(exc)) from None
 
 
 # --------------------------------------------------------------------------- commands
@@ -246,11 +243,13 @@ def cmd_calibrate(args) -> int:
             shape = tuple(int(v) for v in args.shape.split(","))
         except ValueError:
             raise CLIError(f"--shape must be C,H,W integers, got {args.shape!r}") from None
+    a_bits = DEFAULT_A_BITS[args.method] if args.a_bits is None else args.a_bits
     from . import app
-    res = app.calibrate(args.method, out=args.out, w_bits=args.w_bits, a_bits=args.a_bits, calib_n=args.calib_n,
+    res = app.calibrate(args.method, out=args.out, w_bits=args.w_bits, a_bits=a_bits, calib_n=args.calib_n,
                         model_file=args.model, quick=args.quick, progress=not args.json,
                         calib_file=args.calib, shape=shape)
-    _emit(args, res, f"wrote {res['params']} ({args.method}, W{args.w_bits}A{args.a_bits}) in {res['seconds']:.1f} s")
+    res = {**res, "w_bits": args.w_bits, "a_bits": a_bits}
+    _emit(args, res, f"wrote {res['params']} ({args.method}, W{args.w_bits}A{a_bits}) in {res['seconds']:.1f} s")
     return 0
 
 
@@ -264,11 +263,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_table(args) -> int:
-    if args.which == "repq-vit":
-        from .experiments.repqvit_table import main as table_main
-    else:
-        from .experiments.qdiffusion_table import main as table_main
-    return table_main(args.rest + (["--json"] if args.json else []), prog="pyqsim table")
+    return args.table_module.run(args)
 
 
 # --------------------------------------------------------------------------- parser
@@ -285,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    backend = dict(default="auto", choices=["auto", "reference", "cpu", "cuda"], help="integer-op backend")
+    backend = dict(default="auto", choices=BACKEND_CHOICES, help="integer-op backend (default: auto)")
     d = add("demo", cmd_demo, "calibrate the bundled digits ViT (RepQ-ViT W4A4) and UNet (Q-Diffusion W4A8), "
                               "run them on the integer kernels, verify against the reference, write a report")
     d.add_argument("--quick", action="store_true", help="smaller settings (under a minute)")
@@ -294,8 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = add("calibrate", cmd_calibrate, "calibrate a bundled model or a user's model file; write a parameter file")
     c.add_argument("method", choices=["repq-vit", "qdiffusion"])
     c.add_argument("--out", required=True, help="parameter file to write")
-    c.add_argument("--w-bits", type=_int_in(2, 8), default=4)
-    c.add_argument("--a-bits", type=_int_in(2, 32), default=None, help="default: 4 for repq-vit, 8 for qdiffusion")
+    c.add_argument("--w-bits", type=_int_in(2, 8), default=4, help="weight bit width, 2..8 (default: 4)")
+    c.add_argument("--a-bits", type=_int_in(2, 8), default=None,
+                   help="activation bit width, 2..8 (default: " +
+                        ", ".join(f"{v} for {k}" for k, v in DEFAULT_A_BITS.items()) + ")")
     c.add_argument("--calib-n", type=_positive_int, default=None, help="calibration samples (default: the method's)")
     c.add_argument("--model", default=None, help="the user's model: a file saved with torch.save(module), or a "
                    "package.module:factory spec (imported from the current folder)")
@@ -323,16 +320,28 @@ def build_parser() -> argparse.ArgumentParser:
     k = add("cost", cmd_cost, "model size (Mb) and bit-operations per forward, per layer and total")
     k.add_argument("params")
     add("info", cmd_info, "the build: version, SIMD level, CUDA compiled, GPUs seen")
-    tb = add("table", cmd_table, "reproduce a paper's table on the bundled model (options after the name are "
-                                 "passed on; see `pyqsim table repq-vit -- --help`)")
-    tb.add_argument("which", choices=["repq-vit", "qdiffusion"])
-    tb.add_argument("rest", nargs=argparse.REMAINDER, help="options of the table command (e.g. --quick --out DIR)")
+    from .experiments import qdiffusion_table, repqvit_table
+    tb_help = "reproduce a paper's table on the bundled model (JSON + Markdown)"
+    tb = sub.add_parser("table", help=tb_help, description=tb_help + "; `pyqsim table NAME --help` explains its options",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    tables = tb.add_subparsers(dest="which", required=True, metavar="NAME")
+    usages = []
+    for name, mod, what in (("repq-vit", repqvit_table, "RepQ-ViT ablation on the digits ViT (W4A4, W6A6)"),
+                            ("qdiffusion", qdiffusion_table, "Q-Diffusion vs linear quantization on the digits UNet")):
+        t = tables.add_parser(name, help=what, description=mod.__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(t)
+        t.set_defaults(fn=cmd_table, table_module=mod)
+        first, *rest = t.format_usage().replace("usage: ", "  ", 1).splitlines()
+        usages += [first] + [line[5:] for line in rest]  # continuation lines follow the shorter prefix
+    tb.epilog = "options of each table:\n" + "\n".join(usages)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_environment(args)
         return args.fn(args)
     except CLIError as exc:
         print(f"pyqsim {args.command}: error: {exc}", file=sys.stderr)

@@ -104,6 +104,17 @@ def reset_backend_cache() -> None:
     _table_at.cache_clear()
 
 
+def unavailable_reason(backend: str) -> str:
+    """Why ``backend`` cannot run here (not compiled, or compiled with no usable device); "" when it can."""
+    if backend == "reference" or _backend_module(backend) is not None:
+        return ""
+    try:
+        mod = importlib.import_module(f".backends.{backend}", __package__)
+    except ImportError as exc:
+        return f"its module does not import ({exc})"
+    return mod.info().get("reason") or "see pyqsim.build_info()"
+
+
 def available_backends() -> list[str]:
     """Backends usable in this process, fastest first."""
     return [b for b in _AUTO_ORDER if b == "reference" or _backend_module(b) is not None]
@@ -132,7 +143,7 @@ def resolve_backend(backend: str, op: str, numerics: str = "pyqsim") -> str:
         backend = "cpu" if op in _table("cpu") else "reference"
     if op not in _table(backend):
         if backend != "reference" and _backend_module(backend) is None:
-            raise RuntimeError(f"backend {backend!r} is not available in this build/process (see pyqsim.build_info())")
+            raise RuntimeError(f"backend {backend!r} is not available: {unavailable_reason(backend)}")
         raise RuntimeError(f"op {op!r} has no {backend!r} implementation")
     if numerics not in _numerics_of(backend):
         raise RuntimeError(f"backend {backend!r} does not implement numerics={numerics!r} (spec §14); "

@@ -20,7 +20,8 @@ except ImportError as _exc:  # pragma: no cover - builds without the extension
     _C, _cu, _IMPORT_ERROR = None, None, str(_exc)
 else:
     _cu = getattr(_C, "cuda", None)
-    _IMPORT_ERROR = None if _cu is not None else "pyqsim._C was built without CUDA (PYQSIM_CUDA=OFF or no nvcc)"
+    _IMPORT_ERROR = None if _cu is not None else ("pyqsim was built without the CUDA kernels (at install time "
+                                                  "PYQSIM_CUDA was OFF, or AUTO found no nvcc or no GPU)")
 _GPU_MODULE = _cu  # the kernels compiled by nvcc (None without them); _cu is the module the ops call
 generation = 0  # counts switches of _cu; pyqsim.ops caches this backend's availability per generation
 
@@ -87,9 +88,11 @@ def info() -> dict:
     d["device_names"] = [gpu.device_name(i) for i in range(d["devices"])]
     d["device_capabilities"] = [gpu.device_capability(i) for i in range(d["devices"])]
     if not d["devices"]:
-        d["reason"] = f"no CUDA device visible ({d.get('error') or 'cudaGetDeviceCount returned 0'})"
+        d["reason"] = ("the CUDA kernels are compiled, but no CUDA device (GPU) is visible "
+                       f"({d.get('error') or 'cudaGetDeviceCount returned 0'})")
     elif not any(_usable(i, gpu) for i in range(d["devices"])):
-        d["reason"] = f"no CUDA device of compute capability >= {MIN_CAPABILITY // 10}.0 (the kernels need sm_80+)"
+        d["reason"] = (f"the CUDA kernels are compiled, but no CUDA device of compute capability >= "
+                       f"{MIN_CAPABILITY // 10}.0 is visible (the kernels need sm_80+)")
     return d
 
 

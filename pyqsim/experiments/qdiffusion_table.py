@@ -1,13 +1,13 @@
 """Q-Diffusion table for the bundled digits UNet: FP, linear quant and Q-Diffusion at W8A32, W4A32, W8A8 and
 W4A8 with size, bit-operations, FID and IS for fake-quant and integer sampling, the fake-vs-integer pixel
 difference, the kernel-vs-reference mismatch count of a whole integer sampling run, and calibration time.
-
-Usage: python -m pyqsim.experiments.qdiffusion_table [--quick] [--out DIR]
+Writes table.json, table.md, sample grids (PNG) and the parameter files to --out; prints the Markdown table.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -87,7 +87,7 @@ def run_table(out_dir="pyqsim-report/qdiffusion", n_samples: int = 1000, steps: 
                         "cali_st": cali_st, "seed": seed, "torch_threads": torch.get_num_threads()},
               "rows": [{"method": "fp", "bits": "W32A32", "size_mb": fp_cost["size_mb"], "gbitops": fp_cost["gbitops"],
                         "fake": {**scores(fp_x), "sample_seconds": fp_t}}]}
-    log(result["rows"][0])
+    log("FP32 sampled and scored")
     save_grid(out / "fp.png", {"FP32": fp_x})
     t0 = time.time()
     cali = generate_calibration_data(model, sampler, cali_n, cali_st, shape, seed=seed + 1)
@@ -114,7 +114,7 @@ def run_table(out_dir="pyqsim-report/qdiffusion", n_samples: int = 1000, steps: 
             if integer:
                 row["integer"]["check"] = count_mismatches(program, sampler, check_n, seed, backend)
             result["rows"].append(row)
-            log(row)
+            log(f"{method} {qcfg.label}: done ({cal_s:.0f} s calibration)")
             save_grid(out / f"{method}_{qcfg.label}.png", {f"{method} {qcfg.label} fake-quant": fq_x,
                                                           f"{method} {qcfg.label} integer": int_x})
     (out / "table.json").write_text(json.dumps(result, indent=1))
@@ -137,18 +137,27 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None, prog: str | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="pyqsim-report/qdiffusion", help="folder for table.json, PNGs and params")
-    ap.add_argument("--samples", type=int, default=1000)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--eta", type=float, default=0.0)
-    ap.add_argument("--skip", choices=("uniform", "quadratic"), default="quadratic")
-    ap.add_argument("--backend", default="auto")
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The table's options (``pyqsim table qdiffusion`` and ``python -m pyqsim.experiments.qdiffusion_table``)."""
+    from .._argtypes import BACKEND_CHOICES, positive_int
+
+    ap.add_argument("--out", default="pyqsim-report/qdiffusion",
+                    help="folder for table.json, table.md, PNGs and parameter files (default: %(default)s)")
+    ap.add_argument("--samples", type=positive_int, default=1000,
+                    help="images sampled per row for FID/IS (default: %(default)s)")
+    ap.add_argument("--steps", type=positive_int, default=20, help="DDIM steps (default: %(default)s)")
+    ap.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0 = deterministic (default: %(default)s)")
+    ap.add_argument("--skip", choices=("uniform", "quadratic"), default="quadratic",
+                    help="DDIM timestep spacing (default: %(default)s)")
+    ap.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="integer-op backend (default: auto)")
     ap.add_argument("--quick", action="store_true", help="W4A8 only, 200 samples, short calibration")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for this model)")
+    ap.add_argument("--threads", type=positive_int, default=1,
+                    help="torch CPU threads (default: 1, the fastest for this model)")
     ap.add_argument("--json", action="store_true", help="print the JSON result instead of Markdown")
-    args = ap.parse_args(argv)
+
+
+def run(args) -> int:
+    """Compute the table with parsed options; progress on stderr, the table once on stdout."""
     import torch
     torch.set_num_threads(args.threads)
     kw = {}
@@ -156,9 +165,19 @@ def main(argv=None, prog: str | None = None) -> int:
         kw = dict(rows=((4, 8),), calib_overrides={"weight_iters": 100, "act_iters": 50})
         args.samples = 200
     result = run_table(args.out, n_samples=args.samples, steps=args.steps, eta=args.eta, skip=args.skip,
-                       backend=args.backend, log=(lambda r: None) if args.json else print, **kw)
-    print(json.dumps(result, indent=1) if args.json else markdown(result))
+                       backend=args.backend,
+                       log=(lambda r: None) if args.json else (lambda r: print(r, file=sys.stderr, flush=True)), **kw)
+    md = markdown(result)
+    (Path(args.out) / "table.md").write_text(md + "\n")
+    print(json.dumps(result, indent=1) if args.json else md)
     return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pyqsim.experiments.qdiffusion_table", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,7 @@ shift-based log2); at W4A4 and W6A6. Per row: fake-quant and integer top-1 (mean
 integer-vs-fake top-1 agreement, kernel-vs-reference mismatches over a whole test-set run, calibration time.
 A second table repeats the post-LN rows on a function-preserving variant of the model whose post-LN
 activations have outlier channels, as large trained ViTs do (the case RepQ-ViT is designed for).
-
-Usage: python -m pyqsim.experiments.repqvit_table [--quick] [--seeds N] [--out DIR] [--deit-s]
+Writes table.json, table.md and the parameter files to --out; prints the Markdown table.
 """
 from __future__ import annotations
 
@@ -13,6 +12,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -129,7 +129,7 @@ def run_table(out_dir="pyqsim-report/repqvit", seeds: int = 5, bits=BITS, rows=R
     result = {"model": "digits ViT (pyqsim/models/weights/digits_vit.npz)", "test_images": int(len(y_te)),
               "calib_images": calib_images, "seeds": seeds, "torch_threads": torch.get_num_threads(),
               "fp32_top1": fp, "rows": [], "outliers": dict(OUTLIERS), "outlier_rows": []}
-    log(f"FP32 top-1 {fp:.2f}% on {len(y_te)} test images")
+    log(f"FP32 top-1 {fp:.2f} % on {len(y_te)} test images")
     variant = with_outlier_channels(model, **OUTLIERS)
     with torch.no_grad():
         result["outliers"]["fp32_top1"] = _top1(variant(x_te_t).numpy(), y_te)
@@ -139,7 +139,8 @@ def run_table(out_dir="pyqsim-report/repqvit", seeds: int = 5, bits=BITS, rows=R
                 row = _run_row(net, RepQConfig(w_bits, a_bits, post_ln, softmax), label, x_tr_t, x_te, y_te, seeds,
                                calib_images, backend, out / f"repqvit_w{w_bits}a{a_bits}_{post_ln}_{softmax}{tag}")
                 result[key].append(row)
-                log(_row_md(row))
+                log(f"{'outlier model ' if tag else ''}{row['bits']} {label}: done "
+                    f"({row['calib_seconds']:.1f} s calibration per seed)")
     result.update(wall_seconds=round(time.perf_counter() - t0, 1), load_average=os.getloadavg()[0])
     (out / "table.json").write_text(json.dumps(result, indent=1))
     return result
@@ -169,16 +170,24 @@ def markdown(result: dict) -> str:
             + table(o["fp32_top1"], result["outlier_rows"]))
 
 
-def main(argv=None, prog: str | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="pyqsim-report/repqvit", help="folder for table.json and parameter files")
-    ap.add_argument("--seeds", type=int, default=5, help="calibration-set draws averaged per row")
-    ap.add_argument("--backend", default="auto")
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The table's options (``pyqsim table repq-vit`` and ``python -m pyqsim.experiments.repqvit_table``)."""
+    from .._argtypes import BACKEND_CHOICES, positive_int
+
+    ap.add_argument("--out", default="pyqsim-report/repqvit",
+                    help="folder for table.json, table.md and parameter files (default: %(default)s)")
+    ap.add_argument("--seeds", type=positive_int, default=5,
+                    help="calibration-set draws averaged per row (default: %(default)s)")
+    ap.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="integer-op backend (default: auto)")
     ap.add_argument("--quick", action="store_true", help="one calibration seed")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for this model)")
+    ap.add_argument("--threads", type=positive_int, default=1,
+                    help="torch CPU threads (default: 1, the fastest for this model)")
     ap.add_argument("--deit-s", action="store_true", help="only time RepQ-ViT calibration of a random DeiT-S")
     ap.add_argument("--json", action="store_true", help="print the JSON result instead of Markdown")
-    args = ap.parse_args(argv)
+
+
+def run(args) -> int:
+    """Compute the table with parsed options; progress on stderr, the table once on stdout."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -188,9 +197,18 @@ def main(argv=None, prog: str | None = None) -> int:
         print(json.dumps(time_deit_small(threads=max(args.threads, 2)), indent=1))
         return 0
     result = run_table(args.out, seeds=1 if args.quick else args.seeds, backend=args.backend,
-                       log=(lambda r: None) if args.json else print)
-    print(json.dumps(result, indent=1) if args.json else "\n" + markdown(result))
+                       log=(lambda r: None) if args.json else (lambda r: print(r, file=sys.stderr, flush=True)))
+    md = markdown(result)
+    (Path(args.out) / "table.md").write_text(md + "\n")
+    print(json.dumps(result, indent=1) if args.json else md)
     return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pyqsim.experiments.repqvit_table", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":
