@@ -41,7 +41,8 @@ def test_ddim_timesteps():
 
 
 def _kind(name, args, **attrs):
-    return KINDS[name].run(args, attrs, {}, None)
+    from pyqsim.program.program import _Ctx
+    return KINDS[name].run(args, attrs, {}, _Ctx("auto", {}))
 
 
 def test_float_stages_match_torch():

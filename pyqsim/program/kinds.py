@@ -67,6 +67,23 @@ def _check_out(attrs, t, n):
         raise ValueError(f"bias has shape {list(t['bias'].shape)}, expected [{n}]")
 
 
+_FOUR_BIT = ("int4", "uint4")
+
+
+def _packed(ctx, t, key, zp, w_format, kind, **shape):
+    """The node's weight ``t[key]`` validated and prepacked once per program (``ops.pack_weight``), then reused."""
+    cache_key = (ctx.node, key, ctx.backend)
+    h = ctx.cache.get(cache_key)
+    if h is None:
+        if w_format not in _FOUR_BIT:
+            shape.pop("k", None)
+            shape.pop("cin_per_group", None)
+        backend = "reference" if ctx.backend == "reference" else "auto"
+        h = ops.pack_weight(t[key], w_format=w_format, w_zero_point=t[zp], kind=kind, backend=backend, **shape)
+        ctx.cache[cache_key] = h
+    return h
+
+
 def _check_gemm(attrs, t):
     _check_out(attrs, t, _weight_rows(t))
 
@@ -84,9 +101,9 @@ def _int_gemm(args, attrs, t, ctx):
     """Integer x @ W^T over the last axis of uint8/int8 codes (spec §4, §6)."""
     x = args[0]
     lead = x.shape[:-1]
-    y = ops.int_gemm(np.ascontiguousarray(x.reshape(-1, x.shape[-1])), t["weight"],
-                     x_zero_point=attrs["x_zero_point"], w_zero_point=t["w_zero_point"], bias=t.get("bias"),
-                     w_format=attrs.get("w_format", "int8"), backend=ctx.backend, **_out_kw(attrs, t))
+    w = _packed(ctx, t, "weight", "w_zero_point", attrs.get("w_format", "int8"), "gemm", k=x.shape[-1])
+    y = ops.int_gemm(np.ascontiguousarray(x.reshape(-1, x.shape[-1])), w, x_zero_point=attrs["x_zero_point"],
+                     bias=t.get("bias"), backend=ctx.backend, **_out_kw(attrs, t))
     return _clip_bits(y, attrs).reshape(*lead, -1)
 
 
@@ -98,12 +115,15 @@ _CONV_TENSORS = dict(_INT_TENSORS, weight=TensorSpec((I8, U8), None))
 @kind("int_conv2d", args=(("x", TENSOR),), attrs=_CONV_ATTRS, tensors=_CONV_TENSORS, integer=True, check=_check_gemm)
 def _int_conv2d(args, attrs, t, ctx):
     """Integer NCHW conv2d with zero-point padding (spec §5, §6)."""
+    x, groups = args[0], attrs.get("groups", 1)
+    ks = tuple(attrs.get("kernel_size", [1, 1]))
+    w = _packed(ctx, t, "weight", "w_zero_point", attrs.get("w_format", "int8"), "conv", kernel_size=ks,
+                groups=groups, cin_per_group=x.shape[1] // groups if x.ndim == 4 else None)
     return _clip_bits(ops.int_conv2d(
-        np.ascontiguousarray(args[0]), t["weight"], stride=tuple(attrs.get("stride", [1, 1])),
+        np.ascontiguousarray(x), w, stride=tuple(attrs.get("stride", [1, 1])),
         padding=tuple(attrs.get("padding", [0, 0])), dilation=tuple(attrs.get("dilation", [1, 1])),
-        groups=attrs.get("groups", 1), x_zero_point=attrs["x_zero_point"], w_zero_point=t["w_zero_point"],
-        bias=t.get("bias"), w_format=attrs.get("w_format", "int8"),
-        kernel_size=tuple(attrs.get("kernel_size", [1, 1])), backend=ctx.backend, **_out_kw(attrs, t)), attrs)
+        groups=groups, x_zero_point=attrs["x_zero_point"], bias=t.get("bias"), backend=ctx.backend,
+        **_out_kw(attrs, t)), attrs)
 
 
 _SPLIT_ATTRS = {"x1_zero_point": (INT, REQUIRED, None), "x2_zero_point": (INT, REQUIRED, None),
@@ -155,17 +175,11 @@ def _split_conv2d(args, attrs, t, ctx):
                             kernel_size=tuple(attrs.get("kernel_size", [1, 1])), **_split_kw(attrs, t, ctx))
 
 
-def _as_weight_operand(codes: np.ndarray, zero_point: int, bits: int):
-    """Unsigned activation codes as the int8 weight operand of a GEMM (shifted by -128 at 8 bits)."""
-    if bits == 8:
-        return (codes.astype(np.int16) - 128).astype(np.int8), zero_point - 128
-    return codes.view(np.int8), zero_point
-
-
 def _leading(a: np.ndarray, b: np.ndarray):
-    """Broadcast leading dimensions of two batched operands [..., X, Y]."""
+    """Broadcast leading dimensions of two batched operands [..., X, Y] (C-contiguous copies where broadcast)."""
     lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    return lead, np.broadcast_to(a, lead + a.shape[-2:]), np.broadcast_to(b, lead + b.shape[-2:])
+    return (np.ascontiguousarray(np.broadcast_to(a, lead + a.shape[-2:])),
+            np.ascontiguousarray(np.broadcast_to(b, lead + b.shape[-2:])))
 
 
 @kind("int_bmm", args=(("a", TENSOR), ("b", TENSOR)),
@@ -173,16 +187,10 @@ def _leading(a: np.ndarray, b: np.ndarray):
              "b_bits": (INT, 8, None)},
       tensors={"out_scale": _SCALAR_F32}, integer=True)
 def _int_bmm(args, attrs, t, ctx):
-    """Batched integer a @ b^T of two code tensors [..., M, K] x [..., N, K], float32 out (spec §4, §6)."""
-    lead, a, b = _leading(args[0], args[1])
-    m, n = a.shape[-2], b.shape[-2]
-    a2, b2 = a.reshape(-1, m, a.shape[-1]), b.reshape(-1, n, b.shape[-1])
-    out = np.empty((a2.shape[0], m, n), np.float32)
-    for i in range(a2.shape[0]):
-        w, zw = _as_weight_operand(np.ascontiguousarray(b2[i]), attrs["b_zero_point"], attrs.get("b_bits", 8))
-        out[i] = ops.int_gemm(np.ascontiguousarray(a2[i]), w, x_zero_point=attrs["a_zero_point"], w_zero_point=zw,
-                              out_dtype="float32", out_scale=t["out_scale"], backend=ctx.backend)
-    return out.reshape(lead + (m, n))
+    """Batched integer a @ b^T of two code tensors [..., M, K] x [..., N, K], float32 out (spec §4.3, §6)."""
+    a, b = _leading(args[0], args[1])
+    return ops.int_bmm(a, b, a_zero_point=attrs["a_zero_point"], b_zero_point=attrs["b_zero_point"],
+                       out_dtype="float32", out_scale=t["out_scale"], backend=ctx.backend)
 
 
 @kind("log2_attn_matmul", args=(("codes", TENSOR), ("v", TENSOR)),
@@ -191,16 +199,10 @@ def _int_bmm(args, attrs, t, ctx):
       tensors={"out_scale": _SCALAR_F32}, integer=True)
 def _log2_attn(args, attrs, t, ctx):
     """Batched attn @ (v - zv) from log codes [..., L, S] and value codes [..., S, d] with shifts and adds (spec §7)."""
-    lead, c, v = _leading(args[0], args[1])
-    m, n = c.shape[-2], v.shape[-1]
-    c2, v2 = c.reshape(-1, m, c.shape[-1]), v.reshape(-1, v.shape[-2], n)
-    out = np.empty((c2.shape[0], m, n), np.float32)
-    for i in range(c2.shape[0]):
-        out[i] = ops.log2_attn_matmul(np.ascontiguousarray(c2[i]), np.ascontiguousarray(v2[i]),
-                                      v_zero_point=attrs["v_zero_point"], bits=attrs["bits"], mode=attrs["mode"],
-                                      frac_bits=attrs.get("frac_bits", 16), out_dtype="float32",
-                                      out_scale=t["out_scale"], backend=ctx.backend)
-    return out.reshape(lead + (m, n))
+    c, v = _leading(args[0], args[1])
+    return ops.log2_attn_matmul(c, v, v_zero_point=attrs["v_zero_point"], bits=attrs["bits"], mode=attrs["mode"],
+                                frac_bits=attrs.get("frac_bits", 16), out_dtype="float32", out_scale=t["out_scale"],
+                                backend=ctx.backend)
 
 
 @kind("quantize", args=(("x", TENSOR),), attrs={"bits": (INT, 8, None)},
@@ -361,28 +363,26 @@ def _erf(x: np.ndarray) -> np.ndarray:
 
 @kind("gelu", args=(("x", TENSOR),), attrs={"approximate": (STR, "none", ("none", "tanh"))})
 def _gelu(args, attrs, t, ctx):
-    """GELU, erf form or tanh form, float32 result."""
-    x = np.asarray(args[0]).astype(np.float64)
-    if attrs.get("approximate", "none") == "tanh":
-        return _f32(0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3))))
-    return _f32(0.5 * x * (1.0 + _erf(x / math.sqrt(2.0))))
+    """GELU, erf form or tanh form, float32 (spec §15.4)."""
+    return ops.gelu(_f32(args[0]), attrs.get("approximate", "none"), backend=ctx.backend)
 
 
 @kind("silu", args=(("x", TENSOR),))
 def _silu(args, attrs, t, ctx):
-    """x * sigmoid(x) in float32."""
-    x = _f32(args[0])
-    with np.errstate(over="ignore"):
-        return _f32(x / (np.float32(1) + np.exp(-x)))
+    """x * sigmoid(x) in float32 (spec §15.4)."""
+    return ops.silu(_f32(args[0]), backend=ctx.backend)
 
 
 @kind("softmax", args=(("x", TENSOR), ("dim", INT)))
 def _softmax(args, attrs, t, ctx):
-    """Softmax along dim in float32 (a row of -inf gives NaN, as in PyTorch)."""
+    """Softmax along dim in float32 (spec §15.5; a row of -inf gives +0.0 everywhere)."""
     x, d = _f32(args[0]), args[1]
-    with np.errstate(invalid="ignore", over="ignore"):
-        e = np.exp(x - x.max(axis=d, keepdims=True))
-        return _f32(e / e.sum(axis=d, keepdims=True))
+    d = d % x.ndim if x.ndim else 0
+    if x.ndim == 0:
+        return np.ones((), np.float32)
+    if d == x.ndim - 1:
+        return ops.softmax(x, backend=ctx.backend)
+    return np.moveaxis(ops.softmax(np.moveaxis(x, d, -1), backend=ctx.backend), -1, d)
 
 
 @kind("log_softmax", args=(("x", TENSOR), ("dim", INT)))
@@ -396,39 +396,23 @@ def _log_softmax(args, attrs, t, ctx):
 @kind("layer_norm", args=(("x", TENSOR), ("normalized_shape", INTS), ("weight", OPT_TENSOR, None),
                           ("bias", OPT_TENSOR, None)), attrs={"eps": (FLOAT, 1e-5, None)})
 def _layer_norm(args, attrs, t, ctx):
-    """LayerNorm over the trailing normalized_shape axes in float32."""
+    """LayerNorm over the trailing normalized_shape axes in float32 (spec §15.6)."""
     x, shape, w, b = (list(args) + [None, None])[:4]
     x = _f32(x)
-    axes = tuple(range(x.ndim - len(shape), x.ndim))
-    mean = x.mean(axis=axes, keepdims=True, dtype=np.float32)
-    d = x - mean
-    var = (d * d).mean(axis=axes, keepdims=True, dtype=np.float32)
-    y = d / np.sqrt(var + np.float32(attrs.get("eps", 1e-5)))
-    if w is not None:
-        y = y * w
-    if b is not None:
-        y = y + b
-    return _f32(y)
+    c = int(np.prod(shape, dtype=np.int64))
+    flat = lambda v: None if v is None else _f32(v).reshape(c)  # noqa: E731
+    y = ops.layer_norm(x.reshape(x.shape[:x.ndim - len(shape)] + (c,)), flat(w), flat(b),
+                       attrs.get("eps", 1e-5), backend=ctx.backend)
+    return y.reshape(x.shape)
 
 
 @kind("group_norm", args=(("x", TENSOR), ("groups", INT), ("weight", OPT_TENSOR, None), ("bias", OPT_TENSOR, None)),
       attrs={"eps": (FLOAT, 1e-5, None)})
 def _group_norm(args, attrs, t, ctx):
-    """GroupNorm of [N, C, *] in float32."""
+    """GroupNorm of [N, C, *] in float32 (spec §15.6)."""
     x, g, w, b = (list(args) + [None, None])[:4]
-    x = _f32(x)
-    n, c = x.shape[:2]
-    xg = x.reshape(n, g, -1)
-    mean = xg.mean(axis=2, keepdims=True, dtype=np.float32)
-    d = xg - mean
-    var = (d * d).mean(axis=2, keepdims=True, dtype=np.float32)
-    y = (d / np.sqrt(var + np.float32(attrs.get("eps", 1e-5)))).reshape(x.shape)
-    bshape = (1, c) + (1,) * (x.ndim - 2)
-    if w is not None:
-        y = y * w.reshape(bshape)
-    if b is not None:
-        y = y + b.reshape(bshape)
-    return _f32(y)
+    return ops.group_norm(_f32(x), g, None if w is None else _f32(w), None if b is None else _f32(b),
+                          attrs.get("eps", 1e-5), backend=ctx.backend)
 
 
 @kind("matmul", args=(("a", TENSOR), ("b", TENSOR)))

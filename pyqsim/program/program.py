@@ -17,6 +17,8 @@ PROGRAM_KEY = "program"
 @dataclasses.dataclass
 class _Ctx:
     backend: str
+    cache: dict  # per-program values built once (prepacked weights), keyed by node
+    node: str = ""
 
 
 def _resolve(v, env):
@@ -44,6 +46,7 @@ class Program:
         self.nodes = prog.get("nodes")
         self.info = {k: v for k, v in prog.items() if k not in ("inputs", "outputs", "nodes")}
         self._validate()
+        self._cache: dict = {}
 
     # ------------------------------------------------------------------ validation
 
@@ -145,12 +148,13 @@ class Program:
     def execute(self, inputs=(), named=None, backend: str = "auto", keep: bool = False):
         """Run every node; returns (outputs list, env of all values when ``keep``)."""
         env = self._bind(tuple(inputs), named or {})
-        ctx = _Ctx(backend)
+        ctx = _Ctx(backend, self._cache)
         last_use = self._last_use() if not keep else {}
         for i, node in enumerate(self.nodes):
             k = KINDS[node["kind"]]
             args = [_resolve(a, env) for a in node.get("args", [])]
             attrs = {a: decode_literal(v) for a, v in node.get("attrs", {}).items()}
+            ctx.node = node["name"]
             with ops.scope(node.get("scope") or node["name"]):
                 try:
                     y = k.run(args, attrs, self._node_tensors(node), ctx)

@@ -87,7 +87,7 @@ def requant_scale(x_scale, w_scale, y_scale, numerics: str = "pyqsim") -> np.nda
     sw = sw.astype(np.float32)
     if sw.size and not (np.all(np.isfinite(sw)) and np.all(sw > 0)):
         raise ValueError("w_scale must be finite and > 0")
-    if prof.params.params == "float":  # fl32(fl32(s_x * s_w) / s_y)
+    if prof.params == "float":  # fl32(fl32(s_x * s_w) / s_y)
         return (sx * sw) / sy
     if numerics.startswith("tflite") and sw.ndim == 0:  # product in float32, quotient in float64
         return np.float64(sx * sw) / np.float64(sy)

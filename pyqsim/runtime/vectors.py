@@ -21,19 +21,23 @@ _WORD_BITS = {"int8": 8, "uint8": 8, "int32": 32, "int64": 64, "float32": 32}
 _ARG_CLASSES = {
     "int_gemm": C.GemmArgs, "int_conv2d": C.ConvArgs, "split_gemm": C.SplitGemmArgs,
     "split_conv2d": C.SplitConvArgs, "log2_attn_matmul": C.Log2AttnArgs, "requantize": C.RequantArgs,
+    "int_bmm": C.BmmArgs,
 }
 _NESTED = {
     (C.GemmArgs, "out"): C.OutStage, (C.ConvArgs, "out"): C.OutStage, (C.Log2AttnArgs, "out"): C.OutStage,
     (C.RequantArgs, "out"): C.OutStage, (C.SplitGemmArgs, "a"): C.GemmArgs, (C.SplitGemmArgs, "b"): C.GemmArgs,
     (C.SplitGemmArgs, "out"): C.SplitOutStage, (C.SplitConvArgs, "a"): C.ConvArgs,
-    (C.SplitConvArgs, "b"): C.ConvArgs, (C.SplitConvArgs, "out"): C.SplitOutStage,
+    (C.SplitConvArgs, "b"): C.ConvArgs, (C.SplitConvArgs, "out"): C.SplitOutStage, (C.BmmArgs, "out"): C.OutStage,
 }
+_NOT_STORED = ("w_packed",)  # prepacked weights: a cache of the stored weight, rebuilt on replay
 
 
 def flatten(args, prefix: str = "") -> tuple[dict, dict]:
     """Split canonical args into (arrays, scalars), keyed by dotted field path."""
     arrays, scalars = {}, {}
     for f in dataclasses.fields(args):
+        if f.name in _NOT_STORED:
+            continue
         v = getattr(args, f.name)
         key = prefix + f.name
         if dataclasses.is_dataclass(v):
@@ -51,6 +55,8 @@ def unflatten(cls, arrays: dict, scalars: dict, prefix: str = ""):
     """Rebuild canonical args of ``cls`` from :func:`flatten` output."""
     values = {}
     for f in dataclasses.fields(cls):
+        if f.name in _NOT_STORED:
+            continue
         key = prefix + f.name
         sub = _NESTED.get((cls, f.name))
         if sub is not None:
