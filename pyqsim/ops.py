@@ -34,8 +34,10 @@ __all__ = [
 ]
 
 PackedWeight = C.PackedWeight
-# Kernel ops without CUDA kernels: backend="cuda" runs them on the host (cpu, else reference; spec §15.7).
-HOST_FALLBACK = ("quantize", "softmax", "layer_norm", "group_norm", "gelu", "silu")
+# Ops outside the golden-vector format (it holds integer kernel ops): quantize and the float stages.
+UNRECORDED = ("quantize", "softmax", "layer_norm", "group_norm", "gelu", "silu")
+# Kernel ops without CUDA kernels: backend="cuda" runs them on the host (cpu, else reference; spec §13, §15.7).
+HOST_FALLBACK = UNRECORDED + ("int_bmm",)
 
 
 def _reference_table() -> dict:
@@ -168,7 +170,7 @@ def scope(name: str):
 @contextlib.contextmanager
 def record():
     """Collect ``(scope, op, canonical args, result)`` for every integer kernel op called inside (not the
-    ``HOST_FALLBACK`` ops: quantize and the float stages)."""
+    ``UNRECORDED`` ops: quantize and the float stages)."""
     calls: list = []
     token = _RECORDER.set(calls)
     try:
@@ -192,7 +194,7 @@ def run_canonical(op: str, args, backend: str = "auto"):
 
 def _run(op: str, backend: str, args):
     result = _dispatch(op, backend, args)
-    if op in HOST_FALLBACK:  # float stages and quantize are not recorded (the vector format holds integer ops)
+    if op in UNRECORDED:
         return result
     calls = _RECORDER.get()
     if calls is not None:
