@@ -133,6 +133,25 @@ py::array quantize(py::handle x_, py::handle scale_, py::handle zp_, int64_t lo,
   return y;
 }
 
+py::array quantize_log(py::handle p_, float delta, int k, int zero_code) {
+  if (k != 1 && k != 2) throw py::value_error("k must be 1 (log2) or 2 (log-sqrt2), got " + std::to_string(k));
+  if (zero_code < 3 || zero_code > 255)
+    throw py::value_error("zero_code must be 2^bits - 1 for bits in [2, 8], got " + std::to_string(zero_code));
+  if (!(std::isfinite(delta) && delta > 0.0f)) throw py::value_error("delta must be finite and > 0");
+  py::array p = checked(p_, "p", 'f', 4, "float32", 0);
+  const float* pp = static_cast<const float*>(p.data());
+  const int64_t n = p.size();
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= pp[i] >= 0.0f && pp[i] <= 3.40282347e+38f;  // false for NaN, inf, < 0
+  if (!ok) throw py::value_error("p must be finite and >= 0 (post-softmax probabilities)");
+  std::vector<py::ssize_t> shape(p.shape(), p.shape() + p.ndim());
+  py::array_t<uint8_t> y(shape);
+  uint8_t* yp = y.mutable_data();
+  py::gil_scoped_release nogil;
+  qsim::quantize_log(pp, n, delta, k, zero_code, yp);
+  return std::move(y);
+}
+
 }  // namespace
 
 void register_float_ops(py::module_& m) {
@@ -144,4 +163,6 @@ void register_float_ops(py::module_& m) {
   m.def("unary", &unary, py::arg("x"), py::arg("op"), "spec §15.4: 'gelu', 'gelu_tanh' or 'silu' (float32)");
   m.def("quantize", &quantize, py::arg("x"), py::arg("scale"), py::arg("zero_point"), py::arg("lo"), py::arg("hi"),
         py::arg("dtype"), "spec §2: codes of float32 x [outer, N, inner], per-channel scale and zero point along N");
+  m.def("quantize_log", &quantize_log, py::arg("p"), py::arg("delta"), py::arg("k"), py::arg("zero_code"),
+        "spec §3: log2 (k=1) / log-sqrt2 (k=2) codes of float32 p >= 0");
 }

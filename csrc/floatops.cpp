@@ -2,6 +2,7 @@
 // segment or run is computed by one task with the per-ISA kernels of float_kernels.h, so results do
 // not depend on the thread count.
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "float_kernels.h"
@@ -94,6 +95,29 @@ void quantize(const float* x, int64_t outer, int64_t n, int64_t inner, const flo
     const int64_t off = row * inner + i0;
     fk.quantize_run(x + off, std::min(kTaskElems, inner - i0), scale + c, lo_f.data() + c, hi_f.data() + c, z + c, 0,
                     out + off);
+  });
+}
+
+// §3: r = fl64(p) / fl64(delta) is zero or a normal float64 (2^-277 <= r <= 2^277 for float32 p > 0 and
+// delta), so frexp is read from the bits: e = biased exponent - 1022 and, as m and each threshold share the
+// exponent -1, m <= T compares their 52-bit fractions.
+void quantize_log(const float* p, int64_t n, float delta, int k, int zero_code, uint8_t* out) {
+  if (n == 0) return;
+  constexpr uint64_t kFrac = (uint64_t(1) << 52) - 1;
+  constexpr uint64_t kHalf = 0x6a09e667f3bccULL, kQuarter = 0xae89f995ad3adULL, kThreeQuarters = 0x306fe0a31b715ULL;
+  const double d = static_cast<double>(delta);
+  ThreadPool::instance().run(ceil_div(n, kTaskElems), [&](int64_t t, int) {
+    const int64_t i0 = t * kTaskElems, i1 = std::min(n, i0 + kTaskElems);
+    for (int64_t i = i0; i < i1; ++i) {
+      const double r = static_cast<double>(p[i]) / d;
+      uint64_t bits;
+      std::memcpy(&bits, &r, sizeof bits);
+      const int64_t e = static_cast<int64_t>(bits >> 52) - 1022;  // p >= 0, so the sign bit is 0
+      const uint64_t f = bits & kFrac;
+      int64_t c = k == 1 ? -e + (f <= kHalf) : -2 * e + (f <= kQuarter) + (f <= kThreeQuarters);
+      c = c < 0 ? 0 : c;
+      out[i] = static_cast<uint8_t>(r == 0.0 || c >= zero_code ? zero_code : c);
+    }
   });
 }
 

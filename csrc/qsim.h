@@ -179,6 +179,8 @@ void unary(UnaryOp op, const float* x, float* y, int64_t n);
 // out: int8/uint8 container bytes.
 void quantize(const float* x, int64_t outer, int64_t n, int64_t inner, const float* scale, const int32_t* z,
               int32_t lo, int32_t hi, uint8_t* out);
+// §3: log2 (k = 1) or log-sqrt2 (k = 2) codes of n values p >= 0 (finite), zero code `zero_code` = 2^bits - 1.
+void quantize_log(const float* p, int64_t n, float delta, int k, int zero_code, uint8_t* out);
 
 // ------------------------------------------------------------------------------------------ info
 struct CudaInfo {

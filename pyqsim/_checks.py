@@ -693,6 +693,23 @@ def log_mode(mode) -> int:
     return LOG_MODES[check_type_name(mode, "mode", tuple(LOG_MODES))]
 
 
+@dataclass
+class QuantizeLogArgs:
+    p: np.ndarray  # float32, C-contiguous, finite, >= 0
+    delta: float   # a float32 value, finite, > 0
+    k: int         # 1 (log2) or 2 (log-sqrt2)
+    zero_code: int  # 2^bits - 1
+
+
+def quantize_log_args(p, delta, bits, mode) -> QuantizeLogArgs:
+    """Canonical arguments of ``quantize_log`` (spec §3)."""
+    p = finite_float(p, "p")
+    if p.size and float(p.min()) < 0:
+        raise ValueError("p must be >= 0 (post-softmax probabilities)")
+    d = float(np.float32(positive_scale(delta, "delta")))
+    return QuantizeLogArgs(p, d, log_mode(mode), 2 ** log_bits(bits) - 1)
+
+
 def log2_attn_args(codes, v, v_zero_point, bits, mode, frac_bits, out_dtype, multiplier, shift, out_zero_point,
                    out_scale) -> Log2AttnArgs:
     codes = as_array(codes, "codes")

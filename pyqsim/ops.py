@@ -34,8 +34,8 @@ __all__ = [
 ]
 
 PackedWeight = C.PackedWeight
-# Ops outside the golden-vector format (it holds integer kernel ops): quantize and the float stages.
-UNRECORDED = ("quantize", "softmax", "layer_norm", "group_norm", "gelu", "silu")
+# Ops outside the golden-vector format (it holds integer kernel ops): the quantize steps and the float stages.
+UNRECORDED = ("quantize", "quantize_log", "softmax", "layer_norm", "group_norm", "gelu", "silu")
 # Kernel ops without CUDA kernels: backend="cuda" runs them on the host (cpu, else reference; spec §13, §15.7).
 HOST_FALLBACK = UNRECORDED + ("int_bmm",)
 
@@ -50,6 +50,7 @@ def _reference_table() -> dict:
         "log2_attn_matmul": _rlog.log2_attn_matmul_compute,
         "requantize": _rreq.requantize_args_compute,
         "quantize": _rquant.quantize_compute,
+        "quantize_log": _rquant.quantize_log_compute,
         "softmax": lambda a: _rfloat.softmax(a.x),
         "layer_norm": lambda a: _rfloat.layer_norm(a.x, a.weight, a.bias, a.eps),
         "group_norm": lambda a: _rfloat.group_norm(a.x, a.groups, a.weight, a.bias, a.eps),
@@ -227,8 +228,7 @@ def dequantize(q, scale, zero_point=0, *, axis=None, backend="auto"):
 
 def quantize_log(p, delta, bits=4, mode="sqrt2", *, backend="auto"):
     """log2 / log-sqrt2 codes of post-softmax ``p``, zero code ``2**bits - 1`` (spec §3)."""
-    _host(backend)
-    return _rquant.quantize_log(p, delta, bits, mode)
+    return _run("quantize_log", backend, C.quantize_log_args(p, delta, bits, mode))
 
 
 def dequantize_log(codes, delta, bits=4, mode="sqrt2", *, backend="auto"):

@@ -1,4 +1,4 @@
-"""Float stages (spec §15) and native quantize (§2): CPU == reference bit for bit, and accuracy against binary64.
+"""Float stages (spec §15) and native quantize (§2, §3): CPU == reference bit for bit, and accuracy against binary64.
 
 Bit equality: outputs are compared as uint32 bit patterns (NaN, infinities and -0.0 included), on the scalar
 and the AVX2 path, with Hypothesis drawing values over the whole float32 range (subnormals, +-FLT_MAX, +-inf,
@@ -227,6 +227,27 @@ def test_quantize_native_equals_reference(args):
         finally:
             _C.set_cpu_isa(None)
         want = ops.quantize(x, s, z, dtype, axis=axis, bits=bits, backend="reference")
+        assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+
+
+@given(p=hnp.arrays(np.float32, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=20),
+                   elements=st.floats(0, float(np.finfo(F32).max), width=32)
+                   | st.sampled_from([0.0, 1.0, 2.0**-0.5, 2.0**-0.25, 2.0**-0.75, TINY, 2.0**-126])),
+       delta=st.floats(TINY, float(np.finfo(F32).max), width=32) | st.floats(2.0**-4, 2.0, width=32),
+       bits=st.integers(2, 8), mode=st.sampled_from(["log2", "sqrt2"]))
+@example(p=np.array([0.0, TINY, float(np.finfo(F32).max), 1.0, 0.7071067], F32), delta=TINY, bits=8, mode="sqrt2")
+@example(p=np.array([0.0, TINY, float(np.finfo(F32).max), 1.0, 0.5946035], F32),
+         delta=float(np.finfo(F32).max), bits=2, mode="log2")
+def test_quantize_log_native_equals_reference(p, delta, bits, mode):
+    """§3 codes: the native loop reads frexp from the float64 bits; the reference calls np.frexp."""
+    from pyqsim import _C
+    want = ops.quantize_log(p, delta, bits, mode, backend="reference")
+    for path in ISAS:
+        _C.set_cpu_isa(path)
+        try:
+            got = ops.quantize_log(p, delta, bits, mode, backend="cpu")
+        finally:
+            _C.set_cpu_isa(None)
         assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
 
 

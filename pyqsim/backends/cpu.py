@@ -154,6 +154,10 @@ def _quantize(a):
     return _C.quantize(a.x, a.scale, a.zero_point, a.lo, a.hi, a.container).reshape(a.shape)
 
 
+def _quantize_log(a):
+    return _C.quantize_log(a.p, a.delta, a.k, a.zero_code)
+
+
 OPS = {} if _C is None else {
     "int_gemm": _int_gemm,
     "int_bmm": _int_bmm,
@@ -163,6 +167,7 @@ OPS = {} if _C is None else {
     "requantize": _requantize,
     "log2_attn_matmul": _log2_attn_matmul,
     "quantize": _quantize,
+    "quantize_log": _quantize_log,
     "softmax": lambda a: _C.softmax(a.x),
     "layer_norm": lambda a: _C.layer_norm(a.x, a.weight, a.bias, a.eps),
     "group_norm": lambda a: _C.group_norm(a.x, a.groups, a.weight, a.bias, a.eps),

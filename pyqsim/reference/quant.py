@@ -106,14 +106,13 @@ def uniform_qparams(lo, hi, bits: int = 8, *, symmetric: bool = False, signed: b
 
 def quantize_log(p, delta, bits: int = 4, mode: str = "sqrt2") -> np.ndarray:
     """uint8 log2 / log-sqrt2 codes of non-negative ``p``; code ``2**bits - 1`` is exact zero (spec §3)."""
-    p = C.finite_float(p, "p")
-    if p.size and float(p.min()) < 0:
-        raise ValueError("p must be >= 0 (post-softmax probabilities)")
-    d = C.positive_scale(delta, "delta")
-    b = C.log_bits(bits)
-    k = C.log_mode(mode)
-    zero_code = 2**b - 1
-    r = p.astype(np.float64) / np.float64(d)
+    return quantize_log_compute(C.quantize_log_args(p, delta, bits, mode))
+
+
+def quantize_log_compute(a: C.QuantizeLogArgs) -> np.ndarray:
+    """``quantize_log`` on canonical arguments."""
+    k, zero_code = a.k, a.zero_code
+    r = a.p.astype(np.float64) / np.float64(a.delta)
     m, e = np.frexp(r)
     e = e.astype(np.int64)
     if k == 1:
