@@ -679,6 +679,13 @@ def _index(lw, node):
     return lw.emit("index", [lw.arg(node.args[0]), idx], base=node.name, dtype=lw.dtype_of(node))
 
 
+@aten("gather")
+def _gather(lw, node):
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+    return lw.emit("gather", [lw.arg(node.args[0]), int(dim), lw.arg(node.args[2])], base=node.name,
+                   dtype=lw.dtype_of(node))
+
+
 @aten("cat", "concat", "concatenate")
 def _cat(lw, node):
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)

@@ -648,6 +648,18 @@ def _index(args, attrs, t, ctx):
     return x[tuple(slice(None) if i is None else i for i in idx)]
 
 
+@kind("gather", args=(("x", TENSOR), ("dim", INT), ("index", TENSOR)))
+def _gather(args, attrs, t, ctx):
+    """torch.gather: x values at integer index along dim (bounds checked)."""
+    x, dim, idx = args
+    idx = np.asarray(idx, np.int64)
+    if idx.size and (idx.min() < -x.shape[dim] or idx.max() >= x.shape[dim]):
+        raise IndexError(f"gather index out of range for size {x.shape[dim]}")
+    if idx.shape != x.shape:  # index may be smaller than x on every axis but dim
+        x = x[tuple(slice(0, n) if a != dim % x.ndim else slice(None) for a, n in enumerate(idx.shape))]
+    return np.take_along_axis(x, idx, axis=dim)
+
+
 @kind("cat", args=(("tensors", TENSORS), ("dim", INT, 0)))
 def _cat(args, attrs, t, ctx):
     """Concatenate along dim."""
