@@ -218,3 +218,109 @@ def test_interrupted_export_leaves_old_file(path, monkeypatch):
         save_params(path, {"other": np.ones(5, np.int8)}, {})
     assert path.read_bytes() == before
     assert [f for f in os.listdir(path.parent) if f.endswith(".tmp")] == []
+
+
+# --------------------------------------------------------------------------- program validation (pyqsim.load)
+
+def _program():
+    """A small valid program: x -> quantize -> dequantize -> linear(w, b)."""
+    tensors = {"s": np.array(0.1, np.float32), "z": np.array(128, np.int32), "w": np.ones((3, 4), np.float32),
+               "b": np.zeros(3, np.float32)}
+    nodes = [{"name": "q", "kind": "quantize", "args": [{"@": "x"}], "attrs": {"bits": 8},
+              "tensors": {"scale": "s", "zero_point": "z"}},
+             {"name": "dq", "kind": "dequantize", "args": [{"@": "q"}], "tensors": {"scale": "s", "zero_point": "z"}},
+             {"name": "w", "kind": "constant", "tensors": {"value": "w"}},
+             {"name": "b", "kind": "constant", "tensors": {"value": "b"}},
+             {"name": "fc", "kind": "linear", "args": [{"@": "dq"}, {"@": "w"}, {"@": "b"}]}]
+    prog = {"inputs": [{"name": "x", "dtype": "float32", "shape": [None, 4]}], "nodes": nodes,
+            "outputs": [{"name": "y", "value": {"@": "fc"}}]}
+    return tensors, prog
+
+
+def _edit_unknown_kind(t, p):
+    p["nodes"][4]["kind"] = "conv9d"
+
+
+def _edit_missing_tensor(t, p):
+    p["nodes"][0]["tensors"]["scale"] = "absent"
+
+
+def _edit_missing_slot(t, p):
+    del p["nodes"][1]["tensors"]["zero_point"]
+
+
+def _edit_wrong_rank(t, p):
+    t["s2"] = np.array([0.1], np.float32)
+    p["nodes"][1]["tensors"]["scale"] = "s2"
+
+
+def _edit_wrong_dtype(t, p):
+    t["z2"] = np.array(128.0, np.float32)
+    p["nodes"][0]["tensors"]["zero_point"] = "z2"
+
+
+def _edit_dangling(t, p):
+    p["nodes"][1]["args"] = [{"@": "nowhere"}]
+
+
+def _edit_cycle(t, p):  # q reads dq, dq reads q
+    p["nodes"][0]["args"] = [{"@": "dq"}]
+
+
+def _edit_duplicate(t, p):
+    p["nodes"][3]["name"] = "w"
+
+
+def _edit_unknown_attr(t, p):
+    p["nodes"][0]["attrs"]["rounding"] = "up"
+
+
+def _edit_bad_attr_value(t, p):
+    p["nodes"][0]["attrs"]["bits"] = "eight"
+
+
+def _edit_bad_arg(t, p):
+    p["nodes"][4]["args"][0] = "dq"
+
+
+@pytest.mark.parametrize("edit, node, why", [
+    (_edit_unknown_kind, "fc", "unknown kind 'conv9d'"),
+    (_edit_missing_tensor, "q", "not in the file"),
+    (_edit_missing_slot, "dq", "lacks tensor 'zero_point'"),
+    (_edit_wrong_rank, "dq", "expected 0 dimensions"),
+    (_edit_wrong_dtype, "q", "has dtype float32"),
+    (_edit_dangling, "dq", "dangling edge or cycle"),
+    (_edit_cycle, "q", "dangling edge or cycle"),
+    (_edit_duplicate, "w", "defined twice"),
+    (_edit_unknown_attr, "q", "unknown attribute 'rounding'"),
+    (_edit_bad_attr_value, "q", "attribute 'bits' must be int"),
+    (_edit_bad_arg, "fc", "argument 'x' must be tensor"),
+], ids=lambda v: v.__name__[6:] if callable(v) else None)
+def test_bad_program_names_the_node(tmp_path, edit, node, why):
+    import pyqsim
+
+    tensors, prog = _program()
+    good = tmp_path / "good.pqs"
+    save_params(good, tensors, {"program": prog})
+    y = pyqsim.load(good).run(np.ones((2, 4), np.float32), backend="reference")
+    assert y.shape == (2, 3)
+    edit(tensors, prog)
+    bad = tmp_path / "bad.pqs"
+    save_params(bad, tensors, {"program": prog})
+    with pytest.raises(ParamFileError, match=f"node '{node}'.*{why}") as exc:
+        pyqsim.load(bad)
+    assert str(bad) in str(exc.value)
+
+
+@pytest.mark.parametrize("cut", [5, 100, -3])
+def test_truncated_program_names_the_file(tmp_path, cut):
+    import pyqsim
+
+    tensors, prog = _program()
+    p = tmp_path / "prog.pqs"
+    save_params(p, tensors, {"program": prog})
+    blob = p.read_bytes()
+    p.write_bytes(blob[:cut])
+    with pytest.raises(ParamFileError, match="truncated|JSON|data_offsets|checksum") as exc:
+        pyqsim.load(p)
+    assert str(p) in str(exc.value)

@@ -557,6 +557,70 @@ def _group_norm(lw, node):
                    {"eps": float(a[4] if a[4] is not None else 1e-5)}, base=node.name, dtype="float32")
 
 
+@aten("batch_norm", "_native_batch_norm_legit_no_training")
+def _batch_norm(lw, node):
+    a = list(node.args) + [None] * 9
+    if _op_name(node.target) == "batch_norm":
+        if a[5]:
+            raise LoweringError(f"batch_norm in training mode (node {node.name}) has no program form; call .eval()")
+        eps = a[7]
+    else:  # (x, w, b, mean, var, momentum, eps) -> (out, save_mean, save_rstd); users read item 0
+        eps = a[6]
+    ref = lw.emit("batch_norm", [lw.arg(x) for x in a[:5]], {"eps": float(eps if eps is not None else 1e-5)},
+                  base=node.name, dtype="float32")
+    if _op_name(node.target) == "batch_norm":
+        return ref
+    return lw.emit("identity", [[ref]], base=node.name + "_tuple")
+
+
+def _pool_attrs(node, kernel, stride, padding):
+    kernel = _pair(kernel)
+    stride = _pair(stride) if stride else kernel
+    return {"kernel": [int(k) for k in kernel], "stride": [int(s) for s in stride],
+            "padding": [int(p) for p in _pair(padding or 0)]}
+
+
+@aten("max_pool2d", "max_pool2d_with_indices")
+def _max_pool2d(lw, node):
+    a = list(node.args) + [None] * 5
+    if any(d != 1 for d in _pair(a[4] or 1)):
+        raise LoweringError(f"max_pool2d with dilation {a[4]} (node {node.name}) has no program form")
+    attrs = {"op": "max", **_pool_attrs(node, a[1], a[2], a[3]), "ceil_mode": bool(a[5])}
+    ref = lw.emit("pool2d", [lw.arg(a[0])], attrs, base=node.name, dtype="float32")
+    if _op_name(node.target) == "max_pool2d_with_indices":
+        for user in node.users:
+            if not (_op_name(user.target).endswith("getitem") and user.args[1] == 0):
+                raise LoweringError(f"max_pool2d indices (node {node.name}) have no program form")
+        return lw.emit("identity", [[ref]], base=node.name + "_tuple")
+    return ref
+
+
+@aten("avg_pool2d")
+def _avg_pool2d(lw, node):
+    a = list(node.args) + [None] * 6
+    attrs = {"op": "avg", **_pool_attrs(node, a[1], a[2], a[3]), "ceil_mode": bool(a[4]),
+             "count_include_pad": True if a[5] is None else bool(a[5])}
+    if a[6] is not None:
+        attrs["divisor"] = int(a[6])
+    return lw.emit("pool2d", [lw.arg(a[0])], attrs, base=node.name, dtype="float32")
+
+
+@aten("adaptive_avg_pool2d", "_adaptive_avg_pool2d")
+def _adaptive_avg_pool2d(lw, node):
+    x = lw.values[node.args[0]]
+    size = [x.shape[-2 + i] if s is None else int(s) for i, s in enumerate(_pair(node.args[1]))]
+    if size == [1, 1]:
+        return lw.emit("reduce", [lw.arg(node.args[0]), [-2, -1], True], {"op": "mean"}, base=node.name,
+                       dtype="float32")
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    if h % size[0] or w % size[1]:
+        raise LoweringError(f"adaptive_avg_pool2d from {h}x{w} to {size[0]}x{size[1]} (node {node.name}): only "
+                            "output sizes that divide the input have a program form")
+    k = [h // size[0], w // size[1]]
+    return lw.emit("pool2d", [lw.arg(node.args[0])], {"op": "avg", "kernel": k, "stride": k}, base=node.name,
+                   dtype="float32")
+
+
 @aten("softmax", "_softmax", "_safe_softmax")
 def _softmax(lw, node):
     return lw.emit("softmax", [lw.arg(node.args[0]), int(node.args[1])], base=node.name, dtype="float32")
@@ -615,6 +679,13 @@ def _index(lw, node):
     return lw.emit("index", [lw.arg(node.args[0]), idx], base=node.name, dtype=lw.dtype_of(node))
 
 
+@aten("gather")
+def _gather(lw, node):
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+    return lw.emit("gather", [lw.arg(node.args[0]), int(dim), lw.arg(node.args[2])], base=node.name,
+                   dtype=lw.dtype_of(node))
+
+
 @aten("cat", "concat", "concatenate")
 def _cat(lw, node):
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -670,11 +741,14 @@ def _upsample(lw, node):
 
 @aten("constant_pad_nd", "pad")
 def _pad(lw, node):
-    a = list(node.args) + [0]
-    mode = node.kwargs.get("mode", "constant")
+    a = list(node.args)
+    if _op_name(node.target) == "pad":  # pad(x, pad, mode="constant", value=None)
+        a = a + [node.kwargs.get("mode", "constant"), node.kwargs.get("value")][len(a) - 2:]
+        mode, value = a[2], a[3]
+    else:  # constant_pad_nd(x, pad, value=0)
+        mode, value = "constant", a[2] if len(a) > 2 else node.kwargs.get("value", 0)
     if mode != "constant":
         raise LoweringError(f"pad mode {mode!r} (node {node.name}) has no program form")
-    value = a[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
     return lw.emit("pad", [lw.arg(a[0]), lw.arg(a[1]), 0 if value is None else value], base=node.name,
                    dtype=lw.dtype_of(node))
 

@@ -52,6 +52,7 @@ class RepQConfig:
     input_bits: int = 8
     percentiles: tuple = PERCENTILES
     weight_shrink: tuple = WEIGHT_SHRINK  # extra MSE candidates for weights; () = the paper code's search
+    require_patterns: bool = True  # False: a model without attention or LayerNorm -> Linear (a CNN) is accepted
 
     def __post_init__(self):
         for name in ("w_bits", "a_bits", "input_bits"):
@@ -529,6 +530,57 @@ def _weight_module(gm, node):
     return mod
 
 
+def _find_patterns(find, gm, name: str, cfg: RepQConfig, none):
+    """``find(gm, name)``, or ``none`` when the pattern is absent and ``cfg.require_patterns`` is False."""
+    try:
+        return find(gm, name)
+    except PatternError:
+        if cfg.require_patterns:
+            raise
+        return none
+
+
+def fold_batchnorm(gm: fx.GraphModule) -> int:
+    """Fold each inference batch_norm that is the only user of a conv2d with parameter weights into that
+    conv's weight and bias (float64 arithmetic, stored as fp32), so the integer conv computes conv + BN.
+    Returns the number folded; other batch_norm nodes stay and lower to the float ``batch_norm`` kind."""
+    folded = 0
+    for bn in list(gm.graph.nodes):
+        if not _is(bn, "batch_norm") or bn.args[5]:
+            continue
+        conv = bn.args[0]
+        stats = bn.args[1:5]
+        if not (isinstance(conv, fx.Node) and _is(conv, "conv2d") and len(conv.users) == 1
+                and all(a is None or (isinstance(a, fx.Node) and a.op == "get_attr") for a in stats)
+                and stats[2] is not None and stats[3] is not None):
+            continue
+        a = list(conv.args) + [None] * (7 - len(conv.args))
+        w, b = a[1], a[2]
+        if not (isinstance(w, fx.Node) and w.op == "get_attr") or not (b is None or (isinstance(b, fx.Node)
+                                                                                  and b.op == "get_attr")):
+            continue
+        gamma, beta, mean, var = (None if x is None else _fetch_attr(gm, x.target).detach().double() for x in stats)
+        wt = _fetch_attr(gm, w.target).detach().double()
+        scale = (gamma if gamma is not None else 1.0) / torch.sqrt(var + float(bn.args[7]))
+        bias = (_fetch_attr(gm, b.target).detach().double() if b is not None else torch.zeros_like(mean))
+        holder = nn.Module()
+        holder.weight = nn.Parameter((wt * scale.reshape(-1, 1, 1, 1)).float(), requires_grad=False)
+        holder.bias = nn.Parameter(((bias - mean) * scale + (beta if beta is not None else 0.0)).float(),
+                                   requires_grad=False)
+        base = _unique(gm, w.target.rsplit(".", 1)[0] + "_bn" if "." in w.target else f"{w.target}_bn")
+        gm.add_submodule(base, holder)
+        with gm.graph.inserting_before(conv):
+            wn, bnode = gm.graph.get_attr(f"{base}.weight"), gm.graph.get_attr(f"{base}.bias")
+        conv.args = (a[0], wn, bnode, *a[3:])
+        bn.replace_all_uses_with(conv)
+        gm.graph.erase_node(bn)
+        folded += 1
+    if folded:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return folded
+
+
 def build(model: nn.Module, cfg: RepQConfig, args: tuple, kwargs: dict | None = None):
     """Fake-quant GraphModule of ``model`` (uncalibrated), its post-LN groups and attention sites.
 
@@ -537,7 +589,8 @@ def build(model: nn.Module, cfg: RepQConfig, args: tuple, kwargs: dict | None = 
     """
     gm = trace(model, args, kwargs)
     name = type(model).__name__
-    sites, sdpa = _find_attention(gm, name)
+    fold_batchnorm(gm)
+    sites, sdpa = _find_patterns(_find_attention, gm, name, cfg, ([], []))
     for node in list(gm.graph.nodes):
         if not _is(node, "linear", "conv2d"):
             continue
@@ -547,7 +600,7 @@ def build(model: nn.Module, cfg: RepQConfig, args: tuple, kwargs: dict | None = 
         scope = node.args[1].target.rsplit(".", 1)[0] if node.args[1].target.endswith("weight") else node.name
         qmod = QLinear(mod, cfg, quant_input=True) if isinstance(mod, nn.Linear) else QConv2d(mod, cfg)
         _replace_with_module(gm, node, _unique(gm, scope + "_q"), qmod, (node.args[0],))
-    groups = _find_post_ln(gm, name)
+    groups = _find_patterns(_find_post_ln, gm, name, cfg, [])
     post_ln = [_insert_post_ln_quantizer(gm, cfg, *g) for g in groups]
     attention = []
     for qk, av in sites:

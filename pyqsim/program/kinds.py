@@ -415,6 +415,57 @@ def _group_norm(args, attrs, t, ctx):
                           attrs.get("eps", 1e-5), backend=ctx.backend)
 
 
+@kind("batch_norm", args=(("x", TENSOR), ("weight", OPT_TENSOR, None), ("bias", OPT_TENSOR, None), ("mean", TENSOR),
+                          ("var", TENSOR)), attrs={"eps": (FLOAT, 1e-5, None)})
+def _batch_norm(args, attrs, t, ctx):
+    """Inference BatchNorm of [N, C, *] with running statistics, in float32."""
+    x, w, b, mean, var = args
+    x = _f32(x)
+    bshape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
+    y = (x - _f32(mean).reshape(bshape)) / np.sqrt(_f32(var).reshape(bshape) + np.float32(attrs.get("eps", 1e-5)))
+    if w is not None:
+        y = y * _f32(w).reshape(bshape)
+    if b is not None:
+        y = y + _f32(b).reshape(bshape)
+    return _f32(y)
+
+
+def _pool_axis(n, k, s, p, ceil):
+    """(output size, right padding, per-window divisor with padding, without) along one axis, as PyTorch."""
+    span = n + 2 * p - k
+    out = (-(-span // s) if ceil else span // s) + 1
+    if ceil and (out - 1) * s >= n + p:
+        out -= 1
+    start = np.arange(out) * s - p
+    end_pad = np.minimum(start + k, n + p)
+    with_pad = end_pad - start
+    without = np.minimum(end_pad, n) - np.maximum(start, 0)
+    return out, max(0, (out - 1) * s + k - n - p), with_pad, without
+
+
+@kind("pool2d", args=(("x", TENSOR),),
+      attrs={"op": (STR, REQUIRED, ("max", "avg")), "kernel": (INTS, REQUIRED, None), "stride": (INTS, REQUIRED, None),
+             "padding": (INTS, [0, 0], None), "ceil_mode": (BOOL, False, None), "count_include_pad": (BOOL, True, None),
+             "divisor": (OPT_INT, None, None)})
+def _pool2d(args, attrs, t, ctx):
+    """Max / average pooling of NCHW float32 (PyTorch's max_pool2d / avg_pool2d; dilation 1)."""
+    x = _f32(args[0])
+    (kh, kw), (sh, sw), (ph, pw) = attrs["kernel"], attrs["stride"], attrs.get("padding", [0, 0])
+    ceil = bool(attrs.get("ceil_mode", False))
+    oh, rh, dh_pad, dh_in = _pool_axis(x.shape[2], kh, sh, ph, ceil)
+    ow, rw, dw_pad, dw_in = _pool_axis(x.shape[3], kw, sw, pw, ceil)
+    fill = -np.inf if attrs["op"] == "max" else 0.0
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph + rh), (pw, pw + rw)), constant_values=fill)
+    win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw][:, :, :oh, :ow]
+    if attrs["op"] == "max":
+        return _f32(win.max(axis=(4, 5)))
+    total = win.sum(axis=(4, 5), dtype=np.float32)
+    if attrs.get("divisor") is not None:
+        return _f32(total / np.float32(attrs["divisor"]))
+    dh, dw = (dh_pad, dw_pad) if attrs.get("count_include_pad", True) else (dh_in, dw_in)
+    return _f32(total / np.outer(dh, dw).astype(np.float32))
+
+
 @kind("matmul", args=(("a", TENSOR), ("b", TENSOR)))
 def _matmul(args, attrs, t, ctx):
     """Float32 matmul (a product the calibration left unquantized)."""
@@ -579,6 +630,18 @@ def _index(args, attrs, t, ctx):
     """Advanced indexing x[i0, i1, ...] (None entries keep the axis)."""
     x, idx = args
     return x[tuple(slice(None) if i is None else i for i in idx)]
+
+
+@kind("gather", args=(("x", TENSOR), ("dim", INT), ("index", TENSOR)))
+def _gather(args, attrs, t, ctx):
+    """torch.gather: x values at integer index along dim (bounds checked)."""
+    x, dim, idx = args
+    idx = np.asarray(idx, np.int64)
+    if idx.size and (idx.min() < -x.shape[dim] or idx.max() >= x.shape[dim]):
+        raise IndexError(f"gather index out of range for size {x.shape[dim]}")
+    if idx.shape != x.shape:  # index may be smaller than x on every axis but dim
+        x = x[tuple(slice(0, n) if a != dim % x.ndim else slice(None) for a, n in enumerate(idx.shape))]
+    return np.take_along_axis(x, idx, axis=dim)
 
 
 @kind("cat", args=(("tensors", TENSORS), ("dim", INT, 0)))
