@@ -147,6 +147,18 @@ void prepare_split_out(EpiStorage& st, int64_t n, const SplitOutStage& out) {
   }
 }
 
+// §10.2: each weight -128 of panel p entered the tile as -127; x' * -128 = x' * -127 - x' (mod 2^32). The A panel
+// ([kg][2][mr][4]) holds x'[r, k] at (k / 4) * 8 * mr + 4 * r + k % 4.
+inline void fix_min_codes(const PackedMatrix& pm, int64_t p, const int8_t* ap, int mr, int32_t* tile) {
+  for (int64_t f = pm.fix_off[p]; f < pm.fix_off[p + 1]; ++f) {
+    const int64_t k = pm.fix_k[f];
+    const int8_t* xk = ap + (k >> 2) * 8 * mr + (k & 3);
+    int32_t* col = tile + pm.fix_c[f];
+    for (int r = 0; r < mr; ++r)
+      col[r * kNR] = static_cast<int32_t>(static_cast<uint32_t>(col[r * kNR]) - static_cast<uint32_t>(int32_t{xk[4 * r]}));
+  }
+}
+
 void run_jobs(const std::vector<GemmJob>& jobs, Isa isa) {
   const KernelSet& ks = kernels_for(isa);
   const int nt = ThreadPool::instance().num_threads();
@@ -217,7 +229,7 @@ void run_jobs(const std::vector<GemmJob>& jobs, Isa isa) {
         const PackedMatrix& pm = *jb.br[b].b;
         if (pm.format == WFormat::S8) {
           bp[b] = pm.panel(p);
-          ukr[b] = pm.min_panel[p] ? ks.ukr_wide : ks.ukr;  // §10.2: per 16-channel panel
+          ukr[b] = ks.ukr;  // -128 weights were packed as -127 (§10.2, fixed after the kernel)
         } else if (mc <= 2 * kMR && ks.ukr4_nib[1]) {
           bp[b] = pm.panel(p);  // few rows: unpack nibbles in registers
           ukr[b] = ks.ukr4_nib;
@@ -233,7 +245,9 @@ void run_jobs(const std::vector<GemmJob>& jobs, Isa isa) {
         const int mr = static_cast<int>(std::min<int64_t>(kMR, mc - i * kMR));
         for (int b = 0; b < jb.nbranch; ++b) {
           const PackedMatrix& pm = *jb.br[b].b;
-          ukr[b][mr](abuf[b] + 2 * i * kMR * pm.kp, bp[b], pm.kg, tile[b]);
+          const int8_t* ap = abuf[b] + 2 * i * kMR * pm.kp;
+          ukr[b][mr](ap, bp[b], pm.kg, tile[b]);
+          if (pm.format == WFormat::S8) fix_min_codes(pm, p, ap, mr, tile[b]);
         }
         const int64_t row = m0 + i * kMR;
         TileOut to{jb.out + (row * jb.ldm + n0 * jb.ldn) * jb.elem, jb.ldm, jb.ldn};

@@ -68,7 +68,6 @@ using PackAFn = void (*)(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64
 struct KernelSet {
   Isa isa;
   UkrFn ukr[kMR + 1];       // sign path (§10 steps 1-3); index = mr (1..4)
-  UkrFn ukr_wide[kMR + 1];  // exact for weights containing -128 (§10 step 4)
   UkrFn ukr4[kMR + 1];      // 4-bit weights, unpacked panel: sum u * c (u = x' + 128, c in [0, 15])
   UkrFn ukr4_nib[kMR + 1];  // same, reading the nibble panel directly (may be null)
   EpiFn epi;

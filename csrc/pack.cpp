@@ -48,7 +48,7 @@ PackedMatrix pack_codes(const int8_t* codes, int64_t n, int64_t kp, WFormat fmt)
   pm.buf = aligned_bytes(static_cast<size_t>(pm.panels * pm.panel_bytes));
   require_allocatable(static_cast<size_t>(pm.panels * kNR) * sizeof(int32_t));
   pm.colsum.assign(static_cast<size_t>(pm.panels * kNR), 0);
-  pm.min_panel.assign(static_cast<size_t>(pm.panels), 0);
+  pm.fix_off.assign(static_cast<size_t>(pm.panels + 1), 0);
   if (kp == 0) return pm;  // empty reduction: nothing to pack, every column sum is 0
   uint8_t* base = pm.buf.get();
   for (int64_t c = 0; c < n; ++c) {
@@ -61,9 +61,15 @@ PackedMatrix pack_codes(const int8_t* codes, int64_t n, int64_t kp, WFormat fmt)
     if (!four) {
       for (int64_t g = 0; g < pm.kg; ++g) {
         std::memcpy(pan + g * 64 + cc * 4, row + 4 * g, 4);
-        for (int b = 0; b < 4; ++b) pm.min_panel[c / kNR] |= row[4 * g + b] == -128;
+        for (int b = 0; b < 4; ++b)
+          if (row[4 * g + b] == -128) {  // §10.2: packed as -127, the tile gets -x' for it
+            pan[g * 64 + cc * 4 + b] = static_cast<uint8_t>(static_cast<int8_t>(-127));
+            pm.fix_k.push_back(4 * g + b);
+            pm.fix_c.push_back(static_cast<int32_t>(cc));
+            pm.has_min = true;
+          }
       }
-      pm.has_min |= pm.min_panel[c / kNR] != 0;
+      pm.fix_off[static_cast<size_t>(c / kNR) + 1] = static_cast<int64_t>(pm.fix_k.size());
     } else {
       for (int64_t g8 = 0; g8 < pm.kg / 2; ++g8)
         for (int b = 0; b < 4; ++b) {
@@ -73,6 +79,7 @@ PackedMatrix pack_codes(const int8_t* codes, int64_t n, int64_t kp, WFormat fmt)
         }
     }
   }
+  for (int64_t p = 1; p <= pm.panels; ++p) pm.fix_off[p] = std::max(pm.fix_off[p], pm.fix_off[p - 1]);
   return pm;
 }
 

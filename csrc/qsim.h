@@ -93,7 +93,11 @@ struct PackedMatrix {
   int64_t panel_bytes = 0;
   WFormat format = WFormat::S8;
   bool has_min = false;           // an int8 weight equals -128 (§10.2)
-  std::vector<uint8_t> min_panel; // per panel: one of its weights equals -128, so it takes the wide kernel (§10.2)
+  // §10.2: int8 weights equal to -128 are packed as -127; fix_k[f] (the k index) and fix_c[f] (the channel within
+  // the panel) list them, panel p's entries being f in [fix_off[p], fix_off[p + 1]).
+  std::vector<int64_t> fix_off;
+  std::vector<int64_t> fix_k;
+  std::vector<int32_t> fix_c;
   int32_t code_offset = 0;        // weight = stored code - code_offset (8 for int4, else 0)
   std::vector<int32_t> colsum;    // sum_k w[n, k] (codes, before zero points), padded to panels*16
   std::shared_ptr<uint8_t> buf;   // panels * panel_bytes, 64-byte aligned

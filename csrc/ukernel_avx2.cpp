@@ -6,8 +6,8 @@
 //     vpmaddubsw(|x'|, sign(w, x'))      |x'| <= 128 read as unsigned; sign(w, x') = w * sgn(x')
 // which equals x'*w pairwise; with w in [-127, 127] every pair sum is at most 2*128*127 = 32512, so
 // the int16 saturation of vpmaddubsw never triggers. vpmaddwd with ones widens pairs to int32 exactly
-// and vpaddd accumulates modulo 2^32 (§4.1). Weight panels that contain -128 use ukr_wide: bytes are
-// sign-extended to int16 and multiplied by vpmaddwd (int16 x int16 -> int32, exact for all codes).
+// and vpaddd accumulates modulo 2^32 (§4.1). Weights -128 arrive packed as -127; the driver subtracts x' for
+// each of them after the kernel (§10.2, gemm.cpp).
 #include <immintrin.h>
 
 #include <cstdint>
@@ -78,41 +78,6 @@ void ukr_avx2(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile) {
                           acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(p0, ones));
                           acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(p1, ones));
                         });
-}
-
-// ------------------------------------------------------------------------------ exact int16 path (-128)
-// B bytes [c][k0..k3] for 4 channels -> 16 int16; A's 4 codes as int16 broadcast to every 64-bit
-// lane; vpmaddwd gives, per channel, (k0,k1) and (k2,k3) partial sums in adjacent int32 lanes.
-template <int MR>
-void ukr_wide_half(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile, int half) {
-  __m256i lo[MR], hi[MR];  // channels 8h+0..3 and 8h+4..7
-  for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
-  b += 32 * half;
-  for (int64_t g = 0; g < kg; ++g) {
-    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
-    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
-    for (int r = 0; r < MR; ++r) {
-      int32_t v;
-      std::memcpy(&v, a + 4 * r, 4);
-      const __m128i x16 = _mm_cvtepi8_epi16(_mm_cvtsi32_si128(v));
-      const __m256i x = _mm256_broadcastq_epi64(x16);
-      lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(w0, x));
-      hi[r] = _mm256_add_epi32(hi[r], _mm256_madd_epi16(w1, x));
-    }
-    a += 8 * MR;
-    b += 64;
-  }
-  for (int r = 0; r < MR; ++r) {
-    // hadd -> [c0 c1 c4 c5 | c2 c3 c6 c7]; permute 64-bit lanes (0,2,1,3) -> c0..c7
-    const __m256i h = _mm256_hadd_epi32(lo[r], hi[r]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + r * kNR + 8 * half), _mm256_permute4x64_epi64(h, 0xD8));
-  }
-}
-
-template <int MR>
-void ukr_wide(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile) {
-  ukr_wide_half<MR>(a, b, kg, tile, 0);
-  ukr_wide_half<MR>(a, b, kg, tile, 1);
 }
 
 // ------------------------------------------------------------------------------ 4-bit weights
@@ -586,11 +551,6 @@ const KernelSet& avx2_kernels() {
     k.ukr[2] = ukr_avx2<2>;
     k.ukr[3] = ukr_avx2<3>;
     k.ukr[4] = ukr_avx2<4>;
-    k.ukr_wide[0] = nullptr;
-    k.ukr_wide[1] = ukr_wide<1>;
-    k.ukr_wide[2] = ukr_wide<2>;
-    k.ukr_wide[3] = ukr_wide<3>;
-    k.ukr_wide[4] = ukr_wide<4>;
     k.epi = epi_avx2;
     k.unpack4 = unpack4_avx2;
     k.pack_a = pack_a_avx2;

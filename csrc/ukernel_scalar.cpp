@@ -177,7 +177,6 @@ const KernelSet& scalar_kernels() {
     k.ukr[2] = ukr_scalar<2>;
     k.ukr[3] = ukr_scalar<3>;
     k.ukr[4] = ukr_scalar<4>;
-    for (int i = 0; i <= kMR; ++i) k.ukr_wide[i] = k.ukr[i];  // int32 products: exact for every code
     k.epi = epi_scalar;
     k.unpack4 = unpack4_scalar;
     k.pack_a = pack_a_scalar;

@@ -131,8 +131,12 @@ def to_float32(arr: np.ndarray, name: str, must_be: str) -> np.ndarray:
     The cast's overflow is detected here (a finite value that became inf), not warned about by NumPy (spec §11)."""
     arr = np.asarray(arr)
     with np.errstate(over="ignore"):
-        out = np.array(arr, dtype=np.float32, order="C")
-    if out.size and not np.all(np.isfinite(out)):
+        out = canonical(arr, np.float32)  # no copy when arr is an aligned contiguous float32 array already
+    # one pass without a temporary: v @ v is finite when every value is (it can also overflow, hence the exact test)
+    v = out.reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        quick = np.isfinite(np.dot(v, v)) if v.size else True
+    if not quick and not np.all(np.isfinite(out)):
         beyond = (np.isinf(out) & np.isfinite(arr)).ravel()
         if np.any(beyond):
             raise ValueError(f"{name} must be {must_be} within float32 range, got {float(arr.ravel()[beyond][0])!r}")

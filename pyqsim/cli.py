@@ -47,9 +47,8 @@ def _load(path):
         raise CLIError(str(exc)) from None
 
 
-def _inputs(program, path, n):
-    if path is None:
-        return program.example_inputs(n)
+def _inputs(path):
+    """The arrays of a .npy/.npz input file (checked: readable, numeric, non-empty)."""
     if not os.path.isfile(path):
         raise CLIError(f"input file not found: {path}")
     try:
@@ -75,7 +74,7 @@ def _named_inputs(program, path, n):
     if path is None:
         ex = program.example_inputs()
         return (), {k: np.resize(v, (n,) + v.shape[1:]) if v.ndim else v for k, v in ex.items()}
-    arrays = _inputs(program, path, n)
+    arrays = _inputs(path)
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as z:
             names = list(z.files)

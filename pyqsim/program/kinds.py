@@ -622,7 +622,9 @@ def _slice(args, attrs, t, ctx):
 def _select(args, attrs, t, ctx):
     """x[index] along dim (the axis removed)."""
     x, d, i = args
-    return np.take(x, i, axis=d)
+    idx = [slice(None)] * x.ndim
+    idx[d] = i
+    return x[tuple(idx)]
 
 
 @kind("index", args=(("x", TENSOR), ("indices", ANY)))
