@@ -169,6 +169,65 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _eps_inputs(program):
+    """(C, H, W, number of timesteps) of a noise-prediction program with inputs x [N, C, H, W] float and t [N] int."""
+    ins = program.inputs
+    ok = (len(ins) == 2 and ins[0]["dtype"].startswith("float") and len(ins[0]["shape"]) == 4
+          and ins[1]["dtype"].startswith(("int", "uint")) and len(ins[1]["shape"]) == 1)
+    if not ok:
+        desc = ", ".join(f"{i['name']} {i['dtype']}{i['shape']}" for i in ins)
+        raise CLIError(f"sample needs a noise-prediction program with inputs (x [N, C, H, W] float32, t [N] int); "
+                       f"this one takes {desc}")
+    shape = list(ins[0]["shape"][1:])
+    if any(s is None for s in shape):
+        ex = program.example_inputs().get(ins[0]["name"])
+        if ex is None:
+            raise CLIError("the program's image size is symbolic and it stores no example input; re-export it")
+        shape = list(ex.shape[1:])
+    rng = ins[1].get("range")
+    return tuple(shape), (int(rng[1]) + 1 if rng else 1000)
+
+
+def cmd_sample(args) -> int:
+    from .models.ddim import DDIMSampler
+    from .runtime.images import grid, to_uint8, write_png
+    program = _load(args.params)
+    (c, h, w), n_t = _eps_inputs(program)
+    if c not in (1, 3):
+        raise CLIError(f"the program makes {c}-channel images; a PNG grid needs 1 or 3 (use --npy for the arrays)")
+    _check_out_file(args.out, "--out")
+    if args.npy:
+        _check_out_file(args.npy, "--npy")
+    if not args.eta >= 0:
+        raise CLIError(f"--eta must be >= 0, got {args.eta}")
+    if args.steps > n_t:
+        raise CLIError(f"--steps must be <= the program's {n_t} timesteps, got {args.steps}")
+    sampler = DDIMSampler(steps=args.steps, eta=args.eta, num_timesteps=n_t)
+    backend = ops.resolve_backend(args.backend, "int_gemm")
+    tty = sys.stderr.isatty() and not args.json
+    t0 = time.perf_counter()
+
+    def eps(x, t):
+        out = program.run(x, t, backend=backend)
+        return out[0] if isinstance(out, tuple) else out
+
+    def progress(i, t, x):
+        if tty:
+            print(f"\rstep {i + 1}/{args.steps} (t = {t})", end="", file=sys.stderr, flush=True)
+
+    x = sampler.sample(eps, (args.n, c, h, w), seed=args.seed, callback=progress)
+    if tty:
+        print(file=sys.stderr)
+    dt = time.perf_counter() - t0
+    write_png(args.out, grid(to_uint8(x)))
+    if args.npy:
+        np.save(args.npy, x)
+    data = {"params": args.params, "backend": backend, "n": args.n, "steps": args.steps, "eta": args.eta,
+            "seed": args.seed, "out": args.out, "seconds": dt}
+    _emit(args, data, f"sampled {args.n} images ({args.steps} DDIM steps, {backend}) in {dt:.1f} s: wrote {args.out}")
+    return 0
+
+
 def verify_program(program, n: int, backends=None) -> dict:
     """Per-op replay on every backend plus whole-model runs, compared with ``==`` to the reference."""
     from .runtime.verify import compare, verify_calls
@@ -305,6 +364,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--n", type=_positive_int, default=8, help="number of example inputs when --input is not given")
     r.add_argument("--out", help="save the output as .npy")
     r.add_argument("--backend", **backend)
+    s = add("sample", cmd_sample, "draw images from a noise-prediction (UNet) program with integer DDIM sampling "
+                                  "(DDPM linear beta schedule 1e-4..0.02 over the program's timesteps)")
+    s.add_argument("params")
+    s.add_argument("--n", type=_positive_int, default=16, help="number of images (default 16)")
+    s.add_argument("--steps", type=_positive_int, default=20, help="DDIM steps (default 20)")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="samples.png", help="PNG grid of the images (default samples.png)")
+    s.add_argument("--npy", default=None, help="also save the images [N, C, H, W] in [-1, 1] as .npy")
+    s.add_argument("--backend", **backend)
     v = add("verify", cmd_verify, "run on every backend and on the reference; exit 1 on any mismatch, "
                                   f"{EXIT_NOTHING_COMPARED} when only the reference backend is available (nothing "
                                   "compared)")

@@ -214,3 +214,37 @@ def test_ddpm_cifar10_config_calibrates_exports_and_runs(cifar, tmp_path):
     # agreement is checked here (the per-element policy applies to the trained digits model above)
     print("cifar int-vs-fake mean |diff| / mean |eps|:", np.abs(eps_int - eps_fq).mean() / np.abs(eps_fq).mean())
     assert np.abs(eps_int - eps_fq).mean() <= MEAN_TOL_RANDOM * np.abs(eps_fq).mean()
+
+
+def test_sample_command_draws_the_same_images_on_every_backend(exported, tmp_path, capsys):
+    """`pyqsim sample`: integer DDIM sampling of the exported program; cpu == reference bit for bit, and the PNG
+    grid (read back by matplotlib's decoder) holds the samples' bytes."""
+    import json
+    from pyqsim.cli import main
+    from pyqsim.runtime.images import grid, to_uint8
+    path, _ = exported
+    runs = {}
+    for backend in ("reference", "cpu"):
+        png, npy = tmp_path / f"{backend}.png", tmp_path / f"{backend}.npy"
+        rc = main(["sample", str(path), "--n", "3", "--steps", "3", "--seed", "5", "--out", str(png), "--npy", str(npy),
+                   "--backend", backend, "--json"])
+        assert rc == 0 and json.loads(capsys.readouterr().out)["steps"] == 3
+        runs[backend] = (png, np.load(npy))
+    x = runs["cpu"][1]
+    assert x.shape == (3,) + SHAPE and np.isfinite(x).all()
+    assert np.array_equal(x, runs["reference"][1])
+    mpimg = pytest.importorskip("matplotlib.image")
+    px = np.rint(mpimg.imread(runs["cpu"][0]) * 255).astype(np.uint8)
+    want = grid(to_uint8(x))
+    assert np.array_equal(px.reshape(want.shape), want)
+
+
+def test_sample_command_rejects_programs_that_are_not_eps_models(tmp_path, capsys):
+    from pyqsim.cli import main
+    from pyqsim.program import Program
+    prog = {"inputs": [{"name": "x", "dtype": "float32", "shape": [None, 4]}], "nodes": [],
+            "outputs": [{"name": "y", "value": {"@": "x"}}]}
+    path = tmp_path / "identity.pqs"
+    Program({}, {"program": prog}).save(path)
+    assert main(["sample", str(path), "--out", str(tmp_path / "s.png")]) == 2
+    assert "noise-prediction program" in capsys.readouterr().err
