@@ -20,7 +20,8 @@ def quantize(model, calib, method: str = "repq-vit", w_bits: int | None = None, 
     ``method="repq-vit"``: ``calib`` is what the model takes (a tensor, a tuple of tensors or a dict of keyword
     tensors), batched on dim 0; defaults W4A4. ``method="qdiffusion"``: ``calib`` is the timestep-aware set of
     :func:`pyqsim.calib.qdiffusion.generate_calibration_data` for an ``eps = model(x, t)`` model; defaults W4A8.
-    ``options`` are the fields of RepQConfig / QDiffConfig.
+    ``method="linear"``: the min-max baseline of the Q-Diffusion paper on the same set. ``options`` are the fields
+    of RepQConfig / QDiffConfig.
     """
     from .calib import quantize as _quantize
     return _quantize(model, calib, method, w_bits, a_bits, **options)

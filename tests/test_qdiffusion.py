@@ -109,8 +109,13 @@ def test_split_layers_get_separate_quantizers(model, qmodel):
     assert not torch.equal(m.wq[0].scale, m.wq[1].scale)
 
 
-def test_linear_baseline_has_no_split_and_minmax(model, cali):
-    q = Q.calibrate(model, cali, Q.QDiffConfig(w_bits=8, a_bits=8, method="linear"))
+@pytest.mark.parametrize("entry", ["calibrate", "pyqsim.quantize"])
+def test_linear_baseline_has_no_split_and_minmax(model, cali, entry):
+    if entry == "calibrate":
+        q = Q.calibrate(model, cali, Q.QDiffConfig(w_bits=8, a_bits=8, method="linear"))
+    else:
+        import pyqsim
+        q = pyqsim.quantize(model, cali, method="linear", w_bits=8, a_bits=8)
     layers = [m for m in q.modules() if isinstance(m, Q.QuantLayer)]
     assert all(m.split == 0 and m.wq[0].alpha is None for m in layers)
     w = layers[0].module.weight.detach().reshape(len(layers[0].module.weight), -1)
