@@ -7,6 +7,13 @@ Tolerance policy
   == per-channel codes of the original (the next layer's output is unchanged, ==). The one exception is an
   exact rounding tie x/s = k + 1/2 with an odd r2: round-half-even (spec §2) is not translation invariant,
   round(t + r2) = round(t) + r2 +- 1 there; with round-half-up the equality is unconditional (both tested).
+- Program vs fake-quant, one integer node at a time on the same input codes (every node of the exported program
+  has a float32 output stage). Both compute the same real number y = sum_k (x_k - zx)(w_nk - zw) s_x s_w + b_int
+  s_x s_w up to float32 rounding (u = 2^-24): the fake path rounds each dequantized operand (u each), its bias step
+  fl32(s_x s_w) (u) and sums K products in any order (Higham: gamma_K = K u / (1 - K u)); the program's accumulator
+  is exact and its output stage fl32(fl32(acc) * fl32(s_x s_w)) rounds three times. To first order
+  |y_int - y_fake| <= (K + 6) u * (sum_k |x^_k w^_nk| + |b^_n|); we use TOL(K) = (K + 8) u as the factor. For
+  attn @ v add 0.75 * 2^-16 * delta * s_v per log code deeper than 2^-16 in the row (spec §7 per-term rounding).
 - End to end, errors cascade through softmax, GELU and later quantizers: top-1 agreement >= 99%.
 """
 import math
@@ -28,6 +35,11 @@ from pyqsim.runtime.paramfile import load_params  # noqa: E402
 
 pytestmark = pytest.mark.needs_torch
 N_IMAGES = 24
+U = 2.0 ** -24
+
+
+def tol(k: int) -> float:
+    return (k + 8) * U
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -182,6 +194,47 @@ def test_runtime_runs_without_torch(calibrated, digits, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(os.path.dirname(os.path.dirname(pyqsim.__file__))),
                                                        os.environ.get("PYTHONPATH", "")]))
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_program_matches_fake_quant_node_by_node(calibrated, digits):
+    """Every integer node of a reference run against the calibrated module it came from (same input codes)."""
+    res, path, _, _ = calibrated
+    F = torch.nn.functional
+    g = res.model
+    f32 = lambda a: torch.from_numpy(np.asarray(a, np.float32))  # noqa: E731
+    with ops.record() as calls:
+        load_program(path).run(digits[2][:N_IMAGES], backend="reference")
+    seen = set()
+    for scope, op, a, out in calls:
+        m = g.get_submodule(scope)
+        if op in ("int_gemm", "int_conv2d"):
+            w, b = m.fake_weight_bias()
+            xh = (f32(a.x) - a.x_zero_point) * m.input_quantizer().scale
+            if op == "int_gemm":
+                fake, mag = F.linear(xh, w, b), F.linear(xh.abs(), w.abs(), b.abs())
+                k = a.k
+            else:
+                fake, mag = F.conv2d(xh, w, b, **m.conv_args), F.conv2d(xh.abs(), w.abs(), b.abs(), **m.conv_args)
+                k = w[0].numel()
+        elif op == "int_bmm":
+            ah = (f32(a.a) - a.a_zero_point) * m.a_quant.scale
+            bh = (f32(a.b) - a.b_zero_point) * m.b_quant.scale
+            fake, mag, k = ah @ bh.transpose(-2, -1), ah.abs() @ bh.abs().transpose(-2, -1), a.a.shape[-1]
+        else:
+            assert op == "log2_attn_matmul", op
+            c = torch.from_numpy(a.codes.astype(np.int64))
+            p = m.p_quant.dequant(c)
+            vh = (f32(a.v) - a.v_zero_point) * m.v_quant.scale
+            fake, k = p @ vh, c.shape[-1]
+            e = -torch.div(-c, m.p_quant.k, rounding_mode="floor")
+            deep = ((e > a.frac_bits) & (c != 2 ** a.bits - 1)).sum(-1, keepdim=True)
+            mag = p.abs() @ vh.abs() + 0.75 * 2.0 ** -a.frac_bits * float(m.p_quant.delta) * float(m.v_quant.scale) \
+                * deep / tol(k)
+        bound = tol(k) * mag.numpy().reshape(out.shape)
+        diff = np.abs(out - fake.numpy().reshape(out.shape))
+        assert np.all(diff <= bound), (scope, float(diff.max()), float(bound[diff > bound].min()))
+        seen.add(op)
+    assert seen == {"int_conv2d", "int_gemm", "int_bmm", "log2_attn_matmul"}
 
 
 def test_runner_agrees_with_fake_quant_top1(calibrated, digits):
