@@ -284,6 +284,10 @@ def cmd_cost(args) -> int:
         lines.append(f"{l['layer'][-44:]:44s} {l['op']:16s} {l['macs']:12d} {l['w_bits']:2d} {l['a_bits']:2d} "
                      f"{l['size_mb']:9.4f}")
     t = res["total"]
+    res = {"inputs": program.inputs, **res}
+    lines.insert(0, "inputs: " + ", ".join(
+        f"{i['name']} {i['dtype']}[{', '.join('*' if s is None else str(s) for s in i['shape'])}]"
+        + (f" in [{i['range'][0]}, {i['range'][1]}]" if i.get("range") else "") for i in program.inputs))
     lines.append(f"per sample: {t['macs']} MACs ({t['gmacs']:.3f} G), {t['gbitops']:.4f} Gbit-ops; integer weights "
                  f"{t['weight_params']} parameters, {t['size_mb']:.4f} MB at their code bits; float constants "
                  f"{t['float_params']} parameters, {t['float_size_mb']:.4f} MB at 32 bits")
@@ -360,7 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quick", action="store_true", help="CPU-light settings")
     r = add("run", cmd_run, "run inference from a parameter file")
     r.add_argument("params")
-    r.add_argument("--input", help=".npy/.npz input (default: the file's example inputs)")
+    r.add_argument("--input", help="a .npy for a program with one input, or a .npz of arrays named after the "
+                   "program's inputs (e.g. x and t for a UNet, input_ids and attention_mask for BERT; `pyqsim cost "
+                   "FILE` lists them), or of arrays in input order. Dtypes and shapes are checked, integer "
+                   "inputs against their stored range (a UNet's t: [0, 999]); float inputs are used as given, so "
+                   "pass the range the model was calibrated on (the bundled ViT: pixels in [0, 1]). Default: the "
+                   "file's example inputs")
     r.add_argument("--n", type=_positive_int, default=8, help="number of example inputs when --input is not given")
     r.add_argument("--out", help="save the output as .npy")
     r.add_argument("--backend", **backend)
