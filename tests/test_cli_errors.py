@@ -94,6 +94,13 @@ CASES = [
     Case("vectors", "--n 0", ("vectors", "{params}", "--out", "{tmp}/v", "--n", "0"), "argument --n"),
     Case("vectors", "--backend bogus", ("vectors", "{params}", "--out", "{tmp}/v", "--backend", "x"), "--backend"),
     # cost
+    Case("sample", "missing params", ("sample",), "required: params"),
+    Case("sample", "params not found", ("sample", "{tmp}/nope.pqs"), "parameter file not found"),
+    Case("sample", "not a program", ("sample", "{tmp}/nomodel.pqs"), "no program in the file"),
+    Case("sample", "a classifier program", ("sample", "{params}", "--out", "{tmp}/s.png"),
+         "noise-prediction program with inputs \\(x \\[N, C, H, W\\]", needs_params=True),
+    Case("sample", "--steps 0", ("sample", "{tmp}/nope.pqs", "--steps", "0"), "argument --steps: must be"),
+    Case("sample", "--n -2", ("sample", "{tmp}/nope.pqs", "--n", "-2"), "argument --n: must be"),
     Case("cost", "missing params", ("cost",), "required: params"),
     Case("cost", "params not found", ("cost", "{tmp}/nope.pqs"), "parameter file not found"),
     Case("cost", "random bytes", ("cost", "{tmp}/junk.bin"), "header length"),

@@ -17,9 +17,15 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
+import importlib.util
+
 from pyqsim import ops
 from test_cpu_ops import ISAS
 from pyqsim.numerics import NAMES, PROFILES
+
+needs_onnxruntime = pytest.mark.skipif(
+    importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None,
+    reason="onnx and onnxruntime are not installed (pip install -e '.[test]')")
 
 EXAMPLES = max(settings().max_examples, 300)
 RUNTIME = settings(max_examples=EXAMPLES)
@@ -96,6 +102,7 @@ def _as_int8_weight(w, zw):
     return w, zw
 
 
+@needs_onnxruntime
 @pytest.mark.parametrize("backend", BACKENDS)
 @RUNTIME
 @given(c=qmatmul_cases())
@@ -153,6 +160,7 @@ def _geometry(c):
     return dict(stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=c["groups"])
 
 
+@needs_onnxruntime
 @pytest.mark.parametrize("backend", BACKENDS)
 @RUNTIME
 @given(c=qconv_cases())
@@ -176,6 +184,7 @@ def test_qlinearconv_equals_onnxruntime(c, backend):
     assert np.array_equal(got, want)
 
 
+@needs_onnxruntime
 @pytest.mark.parametrize("backend", BACKENDS)
 @RUNTIME
 @given(c=qmatmul_cases())
@@ -193,6 +202,7 @@ def test_matmulinteger_equals_onnxruntime(c, backend):
     assert np.array_equal(got, want)
 
 
+@needs_onnxruntime
 @pytest.mark.parametrize("backend", BACKENDS)
 @RUNTIME
 @given(c=qconv_cases())
@@ -222,6 +232,7 @@ def float_cases(draw):
     return dict(x=x, dtype=dtype, scale=scale, zp=zp, axis=0 if per_axis else None)
 
 
+@needs_onnxruntime
 @RUNTIME
 @given(c=float_cases())
 def test_quantizelinear_equals_onnxruntime(c):
