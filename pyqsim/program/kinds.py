@@ -1,8 +1,8 @@
 """Every node kind of the program format, declared once: schema and reference semantics (docs/program.md).
 
-Integer kinds call the op table (``pyqsim.ops``) on the program's backend; float and shape kinds are
-float32 NumPy (spec §9) and run identically whatever the backend, so two backends give bit-identical
-programs exactly when every integer op agrees.
+Integer kinds and the normalization/activation kinds call the op table (``pyqsim.ops``, spec §15 for the
+float stages) on the program's backend; the other float and shape kinds are float32 NumPy (spec §9), identical
+whatever the backend. So two backends give bit-identical programs exactly when every integer op agrees.
 """
 from __future__ import annotations
 

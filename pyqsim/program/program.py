@@ -188,7 +188,7 @@ class Program:
         """The model's outputs (NumPy) for NumPy inputs; one array when the model has one output, else a tuple.
 
         Inputs are positional in the order of ``describe()["inputs"]`` or by name; PyTorch CPU tensors are
-        accepted and converted. Integer ops run on ``backend``; float stages in float32 NumPy (spec §9).
+        accepted and converted. Integer ops and the float stages of spec §15 run on ``backend``; the rest in NumPy (spec §9).
         """
         outs, _ = self.execute(inputs, named_inputs, backend)
         return outs[0] if len(outs) == 1 else tuple(outs)
