@@ -106,13 +106,25 @@ def layer_errors(fp_model, q_model, inputs: tuple, run_integer=None) -> dict:
 
     kinds = (torch.nn.Linear, torch.nn.Conv2d)
     names = [n for n, m in fp_model.named_modules() if isinstance(m, kinds)]
+    q_mods = dict(q_model.named_modules())
+    # the calibrated module of each layer: the same path, or the quantized copy RepQ-ViT inserts ("<path>_q"),
+    # under Q-Diffusion's EpsModel wrapper ("model.<path>"); program nodes carry the same path as their scope
+    q_name = {}
+    for n in names:
+        for cand in (f"{n}_q", n, f"model.{n}_q", f"model.{n}"):
+            if cand in q_mods:
+                q_name[n] = cand
+                break
     fp = _module_outputs(fp_model, inputs, names)
-    fake = _module_outputs(q_model, inputs, names)
+    fake_by_q = _module_outputs(q_model, inputs, list(q_name.values()))
+    fake = {n: fake_by_q[q] for n, q in q_name.items() if q in fake_by_q}
     res = {"fake": {n: _sqnr_db(fp[n], fake[n]) for n in names
                     if n in fp and n in fake and fp[n].shape == fake[n].shape}, "integer": {}}
     if run_integer is not None:
-        for n, y in _integer_outputs(run_integer, names).items():
-            if n in fp and y.size == fp[n].size:
+        got = _integer_outputs(run_integer, list(q_name.values()))
+        for n, q in q_name.items():
+            y = got.get(q)
+            if y is not None and n in fp and y.size == fp[n].size:
                 res["integer"][n] = _sqnr_db(fp[n], y.reshape(fp[n].shape))
     return res
 
@@ -204,7 +216,7 @@ def demo_unet(out: Path, st: DemoSettings, backend: str, prog: Progress) -> dict
     prog.step("UNet: integer sampling re-run on the reference")
     xt = torch.from_numpy(np.random.default_rng(3).standard_normal((16, *shape), dtype=np.float32))
     tt = torch.full((16,), 500, dtype=torch.long)
-    errors = layer_errors(model, qmodel, (xt, tt), lambda: program.run((xt.numpy(), tt.numpy()), backend=backend))
+    errors = layer_errors(model, qmodel, (xt, tt), lambda: program.run(xt.numpy(), tt.numpy(), backend=backend))
     scores = lambda x: {"fid": fid(x, clf=clf), "is": inception_score(x, clf=clf)}  # noqa: E731
     return {
         "model": "digits UNet", "bits": "W4A8", "params": path.name, "samples": st.unet_samples,

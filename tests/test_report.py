@@ -114,3 +114,22 @@ def test_integer_layer_error_is_the_sqnr_of_the_recorded_output():
     for n in ("0", "2"):
         assert errs["fake"][n] == app._sqnr_db(fp_out[n], fake_out[n])
     assert errs["integer"]["0"] == app._sqnr_db(fp0, got["y"])
+
+
+def test_layer_errors_find_every_layer_of_the_calibrated_digits_vit():
+    """RepQ-ViT inserts quantized copies ("<path>_q") and its program's nodes carry that path: every Linear/Conv2d
+    of the FP32 model gets a fake-quant and an integer error."""
+    import torch
+    from pyqsim.calib.repqvit import RepQConfig, calibrate, calibration_batch
+    from pyqsim.models.vit import digits_split, digits_vit
+    from pyqsim.runtime import load
+
+    x_tr, _, x_te, _ = digits_split()
+    model = digits_vit()
+    res = calibrate(model, calibration_batch(torch.from_numpy(x_tr), 16, 0), RepQConfig(4, 4))
+    program = res.lower()
+    errs = app.layer_errors(model, res.model, (torch.from_numpy(x_te[:8]),),
+                            lambda: program.run(x_te[:8], backend="reference"))
+    layers = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    assert set(errs["fake"]) == layers and set(errs["integer"]) == layers
+    assert all(np.isfinite(v) and v > 0 for v in errs["integer"].values())
