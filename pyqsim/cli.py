@@ -245,8 +245,64 @@ def verify_program(program, n: int, backends=None) -> dict:
             "ok": not mismatches and not any(end_to_end.values())}
 
 
+def _onnx_session(program):
+    """An ONNX Runtime CPU session on the program's ONNX export, or CLIError saying why not."""
+    from .program.onnx_export import OnnxExportError
+    try:
+        import onnxruntime as ort
+        model = program.to_onnx()
+    except ImportError as exc:
+        raise CLIError(f"--against onnxruntime needs onnx and onnxruntime ({exc})") from None
+    except OnnxExportError as exc:
+        raise CLIError(str(exc)) from None
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def cmd_verify_onnxruntime(args, program) -> int:
+    """The program (numerics="onnxruntime", every backend) against ONNX Runtime on its ONNX export, with ==."""
+    sess = _onnx_session(program)
+    pos, named = _named_inputs(program, None, args.n)
+    names = [i["name"] for i in program.inputs]
+    feed = dict(zip(names, pos)) | named
+    feed = {s.name: np.asarray(feed[n], dtype=np.dtype(_ONNX_NP[s.type]))
+            for s, n in zip(sess.get_inputs(), names)}
+    want = sess.run(None, feed)
+    backends = args.backends or ops.available_backends()
+    res = {"against": "onnxruntime", "backends": backends, "mismatches": {}, "outputs": len(want)}
+    for b in backends:
+        out = program.run(*pos, backend=b, numerics="onnxruntime", **named)
+        outs = out if isinstance(out, tuple) else (out,)
+        res["mismatches"][b] = int(sum(np.count_nonzero(np.asarray(o).view(np.uint32) != np.asarray(w, np.float32)
+                                                        .view(np.uint32)) for o, w in zip(outs, want)))
+    res["ok"] = all(v == 0 for v in res["mismatches"].values())
+    lines = [f"{b}: {m} of the outputs' values differ from ONNX Runtime" for b, m in res["mismatches"].items()]
+    lines.append("OK: equal to ONNX Runtime bit for bit" if res["ok"] else "FAILED: differs from ONNX Runtime")
+    _emit(args, res, "\n".join(lines))
+    return 0 if res["ok"] else 1
+
+
+_ONNX_NP = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(uint8)": "uint8",
+            "tensor(bool)": "bool"}
+
+
+def cmd_export(args) -> int:
+    from .program.onnx_export import OnnxExportError
+    program = _load(args.params)
+    _check_out_file(args.out, "--out")
+    try:
+        program.to_onnx(args.out)
+    except ImportError as exc:
+        raise CLIError(str(exc)) from None
+    except OnnxExportError as exc:
+        raise CLIError(str(exc)) from None
+    _emit(args, {"params": args.params, "format": args.format, "out": args.out}, f"wrote {args.out} (ONNX opset 17)")
+    return 0
+
+
 def cmd_verify(args) -> int:
     program = _load(args.params)
+    if args.against == "onnxruntime":
+        return cmd_verify_onnxruntime(args, program)
     res = verify_program(program, args.n, args.backends)
     if not res["backends"]:
         res["ok"] = False
@@ -389,6 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("params")
     v.add_argument("--n", type=_positive_int, default=4, help="example inputs to run")
     v.add_argument("--backends", nargs="*", default=None, help="backends to check (default: all available)")
+    v.add_argument("--against", choices=["reference", "onnxruntime"], default="reference",
+                   help="reference (default): every backend against pyqsim's reference; onnxruntime: the program "
+                        "run with numerics='onnxruntime' against ONNX Runtime on its ONNX export, bit for bit")
+    e = add("export", cmd_export, "write the program in another format (ONNX: MatMulInteger/ConvInteger, "
+                                  "QuantizeLinear and float operators; a node without an ONNX form is named)")
+    e.add_argument("params")
+    e.add_argument("--format", choices=["onnx"], default="onnx")
+    e.add_argument("--out", required=True, help="output file (.onnx)")
     g = add("vectors", cmd_vectors, "write golden per-layer test vectors (.npz, $readmemh hex, manifest.json)")
     g.add_argument("params")
     g.add_argument("--out", required=True, help="output folder")

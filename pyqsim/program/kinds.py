@@ -103,7 +103,7 @@ def _int_gemm(args, attrs, t, ctx):
     lead = x.shape[:-1]
     w = _packed(ctx, t, "weight", "w_zero_point", attrs.get("w_format", "int8"), "gemm", k=x.shape[-1])
     y = ops.int_gemm(np.ascontiguousarray(x.reshape(-1, x.shape[-1])), w, x_zero_point=attrs["x_zero_point"],
-                     bias=t.get("bias"), backend=ctx.backend, **_out_kw(attrs, t))
+                     bias=t.get("bias"), numerics=ctx.numerics, backend=ctx.backend, **_out_kw(attrs, t))
     return _clip_bits(y, attrs).reshape(*lead, -1)
 
 
@@ -122,8 +122,8 @@ def _int_conv2d(args, attrs, t, ctx):
     return _clip_bits(ops.int_conv2d(
         np.ascontiguousarray(x), w, stride=tuple(attrs.get("stride", [1, 1])),
         padding=tuple(attrs.get("padding", [0, 0])), dilation=tuple(attrs.get("dilation", [1, 1])),
-        groups=groups, x_zero_point=attrs["x_zero_point"], bias=t.get("bias"), backend=ctx.backend,
-        **_out_kw(attrs, t)), attrs)
+        groups=groups, x_zero_point=attrs["x_zero_point"], bias=t.get("bias"), numerics=ctx.numerics,
+        backend=ctx.backend, **_out_kw(attrs, t)), attrs)
 
 
 _SPLIT_ATTRS = {"x1_zero_point": (INT, REQUIRED, None), "x2_zero_point": (INT, REQUIRED, None),
@@ -149,7 +149,7 @@ def _split_kw(attrs, t, ctx):
     return dict(x1_zero_point=attrs["x1_zero_point"], x2_zero_point=attrs["x2_zero_point"],
                 w1_zero_point=t["w1_zero_point"], w2_zero_point=t["w2_zero_point"], bias=t.get("bias"),
                 w1_format=fmt, w2_format=fmt, out_dtype="float32", out_scale1=t["out_scale1"],
-                out_scale2=t["out_scale2"], backend=ctx.backend)
+                out_scale2=t["out_scale2"], numerics=ctx.numerics, backend=ctx.backend)
 
 
 @kind("split_gemm", args=(("x1", TENSOR), ("x2", TENSOR)), attrs=_SPLIT_ATTRS, tensors=_SPLIT_TENSORS, integer=True,
@@ -210,7 +210,7 @@ def _log2_attn(args, attrs, t, ctx):
 def _quantize(args, attrs, t, ctx):
     """Float32 -> unsigned b-bit codes in uint8, per tensor (spec §2)."""
     return ops.quantize(_f32(args[0]), t["scale"][()], int(t["zero_point"][()]), "uint8", bits=attrs.get("bits", 8),
-                        backend=ctx.backend)
+                        numerics=ctx.numerics, backend=ctx.backend)
 
 
 @kind("dequantize", args=(("q", TENSOR),), tensors={"scale": _SCALAR_F32, "zero_point": _SCALAR_I32}, integer=True)

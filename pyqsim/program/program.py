@@ -19,6 +19,7 @@ class _Ctx:
     backend: str
     cache: dict  # per-program values built once (prepacked weights), keyed by node
     node: str = ""
+    numerics: str = "pyqsim"  # the profile of the quantize and integer nodes (spec §14)
 
 
 def _resolve(v, env):
@@ -145,10 +146,12 @@ class Program:
     def _node_tensors(self, node) -> dict:
         return {k: self.tensors[v] for k, v in node.get("tensors", {}).items() if v is not None}
 
-    def execute(self, inputs=(), named=None, backend: str = "auto", keep: bool = False):
+    def execute(self, inputs=(), named=None, backend: str = "auto", keep: bool = False, numerics: str = "pyqsim"):
         """Run every node; returns (outputs list, env of all values when ``keep``)."""
+        from ..numerics import profile
+        profile(numerics)
         env = self._bind(tuple(inputs), named or {})
-        ctx = _Ctx(backend, self._cache)
+        ctx = _Ctx(backend, self._cache, numerics=numerics)
         last_use = self._last_use() if not keep else {}
         for i, node in enumerate(self.nodes):
             k = KINDS[node["kind"]]
@@ -184,16 +187,25 @@ class Program:
                 out[i].append(name)
         return out
 
-    def run(self, *inputs, backend: str = "auto", **named_inputs):
+    def run(self, *inputs, backend: str = "auto", numerics: str = "pyqsim", **named_inputs):
         """The model's outputs (NumPy) for NumPy inputs; one array when the model has one output, else a tuple.
 
         Inputs are positional in the order of ``describe()["inputs"]`` or by name; PyTorch CPU tensors are
         accepted and converted. Integer ops and the float stages of spec §15 run on ``backend``; the rest in NumPy (spec §9).
+        ``numerics`` selects the deployment profile (spec §14) of every quantize and integer node: "onnxruntime",
+        "fbgemm", "tflite", ...; the split ops exist under "pyqsim" only.
         """
-        outs, _ = self.execute(inputs, named_inputs, backend)
+        outs, _ = self.execute(inputs, named_inputs, backend, numerics=numerics)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     __call__ = run
+
+    def to_onnx(self, path=None):
+        """The program as an ONNX model (opset 17; written to ``path`` when given). Integer nodes become
+        MatMulInteger / ConvInteger with exact int32 corrections, so ONNX Runtime computes the same bits for them;
+        a node kind without an ONNX form raises OnnxExportError naming the node."""
+        from .onnx_export import to_onnx
+        return to_onnx(self, path)
 
     # ------------------------------------------------------------------ introspection
 
