@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch.export import Dim
 
 from ..program import Program
-from ..program.schema import encode_float
+from ..program.schema import encode_float, unique_name
 
 _SKIP = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size", "sym_constrain_range",
          "_assert_async", "_functional_assert_async"}
@@ -179,12 +179,7 @@ class Lowerer:
     # ---------------------------------------------------------------- building blocks
 
     def fresh(self, base: str) -> str:
-        base = "".join(c if c.isalnum() or c in "_.:-" else "_" for c in base)[:200] or "n"
-        name, i = base, 1
-        while name in self._names:
-            name, i = f"{base}_{i}", i + 1
-        self._names.add(name)
-        return name
+        return unique_name(base, self._names)
 
     def tensor(self, key: str, arr) -> str:
         """Store an array under a fresh tensor name; returns the name."""

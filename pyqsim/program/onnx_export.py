@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import ops
-from .schema import DTYPES, decode_literal, is_ref
+from .schema import DTYPES, decode_literal, is_ref, unique_name
 
 OPSET = 17
 
@@ -39,12 +39,7 @@ class _Builder:
         self.rank: dict = {}  # ONNX tensor name -> rank, where known
 
     def fresh(self, base: str) -> str:
-        name = "".join(c if c.isalnum() or c in "._-" else "_" for c in base) or "v"
-        out, i = name, 1
-        while out in self.names:
-            out, i = f"{name}_{i}", i + 1
-        self.names.add(out)
-        return out
+        return unique_name(base, self.names)
 
     def init(self, base: str, value) -> str:
         name = self.fresh(base)

@@ -185,3 +185,14 @@ def validate_node(node, defined: set, tensors: dict, where: str) -> None:
                     {tn: tensors[key] for tn, key in tmap.items() if key is not None})
         except (ValueError, TypeError, KeyError) as exc:
             raise ParamFileError(f"{where}: node {name!r} ({k.name}): {exc}") from None
+
+
+def unique_name(base: str, taken: set, fallback: str = "n") -> str:
+    """``base`` reduced to letters, digits and ``_.:-`` (200 characters at most) and made unique in ``taken``
+    with a ``_1``, ``_2``, ... suffix; the name is added to ``taken``."""
+    base = "".join(c if c.isalnum() or c in "_.:-" else "_" for c in base)[:200] or fallback
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
