@@ -107,3 +107,24 @@ def test_help_on_every_subcommand(capsys):
             main([cmd, "--help"])
         assert exc.value.code == 0
     assert "--json" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_cost_counts_the_bits_the_codes_use(bits, tmp_path, capsys):
+    """W/A b for b in 2..8: every integer layer's weights count b bits (stored in int8 or packed uint4 alike),
+    inputs b bits (the patch embedding reads the 8-bit image codes), size = parameters x b / 8e6 MB."""
+    import torch
+    from pyqsim.calib.repqvit import RepQConfig, calibrate, calibration_batch
+    from pyqsim.models.vit import digits_split, digits_vit
+
+    res = calibrate(digits_vit(), calibration_batch(torch.from_numpy(digits_split()[0]), 8, 0),
+                    RepQConfig(bits, bits))
+    path = tmp_path / "vit.safetensors"
+    res.export(path)
+    rc, cost = run_json(capsys, ["cost", str(path)])
+    assert rc == 0
+    weighted = [l for l in cost["layers"] if l["weight_params"]]
+    assert weighted and all(l["w_bits"] == bits for l in weighted)
+    assert all(l["a_bits"] == (8 if l["op"] == "int_conv2d" else bits) for l in weighted)
+    assert all(l["size_mb"] == pytest.approx(l["weight_params"] * bits / 8e6, rel=1e-12) for l in weighted)
+    assert all(l["bitops"] == l["macs"] * l["w_bits"] * l["a_bits"] for l in cost["layers"])
