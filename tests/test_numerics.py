@@ -406,11 +406,14 @@ def _oracle_multiplier(r: float, single: bool):
 @example(acc=np.array([-3, -1, 1, 3, -(2**31), 2**31 - 1], np.int32), real=0.5, numerics="tflite", zy=0)
 @example(acc=np.array([-3, -1, 1, 3, -(2**31), 2**31 - 1], np.int32), real=2.0**-33, numerics="tflite", zy=0)
 @example(acc=np.array([-5, 5, 2**30], np.int32), real=2.0**29, numerics="tflite-single", zy=127)
+@example(acc=np.array([4], np.int32), real=536870881.0, numerics="tflite", zy=-128)  # v + zy wraps past -2^31
 def test_tflite_profiles_equal_kernel_formulas(acc, real, numerics, zy):
     single = numerics == "tflite-single"
     m, s = ops.quantize_multiplier(real, numerics=numerics)
     assert (int(m), int(s)) == _oracle_multiplier(real, single)
-    want = [min(max(((_oracle_tflite(int(a), int(m), int(s), single) + 2**31) % 2**32 - 2**31) + zy, -128), 127)
+    # spec §14.2/§14.3: y = clamp(wrap32(v + zy)); the int32 cast of v and the int32 addition of the zero point
+    # both wrap, i.e. one wrap of v + zy modulo 2^32
+    want = [min(max((_oracle_tflite(int(a), int(m), int(s), single) + zy + 2**31) % 2**32 - 2**31, -128), 127)
             for a in acc]
     for backend in ops.available_backends():
         if backend != "cuda":
