@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import pathlib
 import sys
 
@@ -94,9 +93,8 @@ def main(argv=None) -> dict:
         report["rows"].append(row)
         print(f"{name:<11} {str(shape):<18} {best['pyqsim'] * 1e3:>10.2f} {best.get('reference', np.nan) * 1e3:>9.1f} "
               f"{best.get('torch', np.nan) * 1e3:>9.2f} {row['ref_over_pyqsim']:>11.1f} {row['torch_over_pyqsim']:>13.2f}")
-    out = pathlib.Path(args.out) if args.out else RESULTS / f"bench_float-{args.threads}thread-{args.clock}clock.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, default=float))
+    out = _timer.write_report(report, args.out or RESULTS / f"bench_float-{args.threads}thread-{args.clock}clock.json",
+                              RESULTS, "bench_float")
     print(f"wrote {out}")
     return report
 

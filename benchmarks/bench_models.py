@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import json
 import os
 import pathlib
 import sys
@@ -270,9 +269,8 @@ def main(argv=None) -> dict:
               f"{r.get('ort-int8/int', float('nan')):>8.2f} {row['outside_kernels_fraction']:>6.1%}", flush=True)
         if "ort-int8" not in ms:
             print(f"  ort-int8: {row['ort']}")
-    out = pathlib.Path(args.out) if args.out else RESULTS / f"bench_models-{args.threads}threads.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, default=float))
+    out = _timer.write_report(report, args.out or RESULTS / f"bench_models-{args.threads}threads.json", RESULTS,
+                              "bench_models")
     print(f"wrote {out}")
     return report
 

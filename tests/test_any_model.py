@@ -54,6 +54,13 @@ def same_bits(a, b) -> bool:
     return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
+def _export(q, tmp_path_factory, name: str):
+    """The calibrated model's program file in a fresh temporary folder."""
+    path = tmp_path_factory.mktemp(name) / f"{name}.safetensors"
+    q.export(path)
+    return path
+
+
 def run_both(prog, *args, **kw):
     """(cpu output, reference output, cpu seconds) of one run; outputs as tuples."""
     t0 = time.perf_counter()
@@ -100,9 +107,7 @@ def bert(tmp_path_factory):
                                   intermediate_size=64, max_position_embeddings=64, hidden_act="gelu")
     model = transformers.BertModel(cfg).eval()
     q = pyqsim.quantize(model, _bert_batch(32, 16, 0), w_bits=8, a_bits=8)
-    path = tmp_path_factory.mktemp("bert") / "bert.safetensors"
-    q.export(path)
-    return q, path
+    return q, _export(q, tmp_path_factory, "bert")
 
 
 @pytest.mark.parametrize("length", [16, 64], ids=["exported-length", "longer"])
@@ -150,9 +155,7 @@ def vit(tmp_path_factory):
     model = transformers.ViTForImageClassification(cfg).eval()
     q = pyqsim.quantize(model, torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
                         w_bits=8, a_bits=8)
-    path = tmp_path_factory.mktemp("vit") / "vit.safetensors"
-    q.export(path)
-    return q, path
+    return q, _export(q, tmp_path_factory, "vit")
 
 
 def test_vit_integer_program(vit):
@@ -171,18 +174,9 @@ def test_vit_cli(vit, capsys, tmp_path):
 
 # --------------------------------------------------------------------------- 3. torch.nn.TransformerEncoder
 
-class EncoderClassifier(torch.nn.Module):
-    def __init__(self, norm_first: bool):
-        super().__init__()
-        layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, activation="gelu", batch_first=True,
-                                                 norm_first=norm_first)
-        self.emb = torch.nn.Linear(8, 32)
-        self.enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.norm = torch.nn.LayerNorm(32)
-        self.head = torch.nn.Linear(32, 5)
-
-    def forward(self, x):
-        return self.head(self.norm(self.enc(self.emb(x))).mean(1))
+def EncoderClassifier(norm_first: bool):  # noqa: N802 - the encoder classifier of tests/test_repqvit.py
+    from test_repqvit import _EncoderClassifier
+    return _EncoderClassifier(norm_first, classes=5, pool="mean")
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["pre-LN", "post-LN"])
@@ -191,9 +185,7 @@ def encoder(request, tmp_path_factory):
     model = EncoderClassifier(request.param).eval()
     q = pyqsim.quantize(model, torch.randn(32, 10, 8, generator=torch.Generator().manual_seed(0)),
                         w_bits=8, a_bits=8)
-    path = tmp_path_factory.mktemp("encoder") / "encoder.safetensors"
-    q.export(path)
-    return q, path
+    return q, _export(q, tmp_path_factory, "encoder")
 
 
 def test_transformer_encoder_integer_program(encoder):
@@ -247,9 +239,7 @@ def cnn(tmp_path_factory):
                 m.weight.uniform_(0.5, 1.5)
     calib = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     q = pyqsim.quantize(model, calib, w_bits=8, a_bits=8, require_patterns=False)
-    path = tmp_path_factory.mktemp("cnn") / "cnn.safetensors"
-    q.export(path)
-    return q, path
+    return q, _export(q, tmp_path_factory, "cnn")
 
 
 def test_cnn_integer_program(cnn):
@@ -320,9 +310,7 @@ def unet(tmp_path_factory):
     cali = generate_calibration_data(model, DDIMSampler(steps=4), cali_n=4, cali_st=4, shape=(3, 8, 8))
     q = pyqsim.quantize(model, cali, method="qdiffusion", w_bits=8, a_bits=8, weight_iters=0, act_iters=0,
                         init_samples=16)
-    path = tmp_path_factory.mktemp("unet") / "unet.safetensors"
-    q.export(path)
-    return q, path
+    return q, _export(q, tmp_path_factory, "unet")
 
 
 def test_unet_ddim_sampling_on_the_program(unet):

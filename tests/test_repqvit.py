@@ -267,17 +267,19 @@ def test_export_rejects_configurations_without_integer_form(digits):
 class _EncoderClassifier(torch.nn.Module):
     """Tokens -> torch.nn.TransformerEncoder (nn.MultiheadAttention inside) -> LayerNorm -> head."""
 
-    def __init__(self, norm_first: bool):
+    def __init__(self, norm_first: bool, classes: int = 3, pool: str = "first"):
         super().__init__()
         layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, activation="gelu", batch_first=True,
                                                  norm_first=norm_first)
         self.emb = torch.nn.Linear(8, 32)
         self.enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         self.norm = torch.nn.LayerNorm(32)
-        self.head = torch.nn.Linear(32, 3)
+        self.head = torch.nn.Linear(32, classes)
+        self.pool = pool  # "first" token or "mean" over tokens
 
     def forward(self, x):
-        return self.head(self.norm(self.enc(self.emb(x)))[:, 0])
+        h = self.norm(self.enc(self.emb(x)))
+        return self.head(h[:, 0] if self.pool == "first" else h.mean(1))
 
 
 class _BertLayer(torch.nn.Module):
