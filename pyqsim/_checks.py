@@ -5,7 +5,6 @@ dataclass of C-contiguous arrays with fixed dtypes that every backend consumes u
 """
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass
 

@@ -111,7 +111,7 @@ def markdown(result: dict) -> str:
         f"UNet: {st.check_samples} images sampled end to end). The count is of elements that differ.", "",
         "## Settings", "",
         settings_note(st), "",
-        f"Full settings: `report.json` (`settings`). The README's numbers come from `pyqsim table repq-vit` and "
+        "Full settings: `report.json` (`settings`). The README's numbers come from `pyqsim table repq-vit` and "
         "`pyqsim table qdiffusion` (docs/repqvit.md, docs/qdiffusion.md).", "",
         "## What a good result looks like", "",
         *_good(vit, unet), "",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hypothesis import example, given
-from hypothesis import strategies as st
 
 import strategies as S
 from pyqsim import _checks as C

@@ -122,7 +122,6 @@ def test_layer_errors_find_every_layer_of_the_calibrated_digits_vit():
     import torch
     from pyqsim.calib.repqvit import RepQConfig, calibrate, calibration_batch
     from pyqsim.models.vit import digits_split, digits_vit
-    from pyqsim.runtime import load
 
     x_tr, _, x_te, _ = digits_split()
     model = digits_vit()
