@@ -790,9 +790,11 @@ py::dict build_info() {
   py::list simd;
   simd.append("scalar");
   if (qsim::avx2_compiled()) simd.append("avx2");
+  if (qsim::avx512vnni_compiled()) simd.append("avx512vnni");
   d["simd_compiled"] = simd;
-  d["simd_level"] = qsim::avx2_compiled() ? "avx2" : "scalar";
+  d["simd_level"] = qsim::avx512vnni_compiled() ? "avx512vnni" : qsim::avx2_compiled() ? "avx2" : "scalar";
   d["cpu_has_avx2"] = qsim::cpu_has_avx2();
+  d["cpu_has_avx512vnni"] = qsim::cpu_has_avx512vnni();
   try {
     d["isa"] = qsim::isa_name(qsim::resolve_isa());
     d["isa_error"] = py::none();
@@ -903,7 +905,7 @@ PYBIND11_MODULE(_C, m) {
           qsim::set_isa_override(name.is_none() ? std::string() : name.cast<std::string>());
         },
         py::arg("name"),
-        "Force 'scalar', 'avx2' or 'auto' for later calls; None clears it (PYQSIM_CPU_ISA then decides)");
+        "Force 'scalar', 'avx2', 'avx512vnni' or 'auto' for later calls; None clears it (PYQSIM_CPU_ISA then decides)");
   m.def("get_cpu_isa", [] { return std::string(qsim::isa_name(qsim::resolve_isa())); },
         "The ISA the next kernel call will use");
   m.def("cuda_selftest", [] {
@@ -918,5 +920,6 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     return qsim::avx2_peak_gops(iterations);
   }, py::arg("iterations") = 20000000,
-        "Single-thread register-only GOPS: [vpmaddubsw, maddubs+maddwd+add unit, sign unit]");
+        "Single-thread register-only GOPS: [vpmaddubsw, maddubs+maddwd+add unit, sign unit] and, where the CPU has "
+        "AVX-512 VNNI, [vpdpbusd zmm]");
 }

@@ -43,7 +43,7 @@ void int_bmm(const void* a, ActType at, int32_t za, const void* b, ActType bt, i
     st.epi = base.epi;  // output-stage vectors are shared (owned by base)
     st.colc1.assign(np, 0);
     st.zw1.assign(np, 0);
-    if (fill_branch_consts(n, pms[i], pms[i].colsum.data(), zw.data(), zam, k, nullptr, st.colc1.data(),
+    if (fill_branch_consts(isa, n, pms[i], pms[i].colsum.data(), zw.data(), zam, k, nullptr, st.colc1.data(),
                            st.zw1.data()))
       st.epi.zw1 = st.zw1.data();
     st.epi.colc1 = st.colc1.data();

@@ -182,7 +182,7 @@ void int_conv2d(const void* x, ActType xt, int32_t zx, const ConvGeom& g, const 
   const int32_t zxm = mapped_zero_point(xt, zx);
   bool any_zw = false;
   for (int64_t gi = 0; gi < groups; ++gi)
-    any_zw |= fill_branch_consts(og, w.mats[gi], w.mats[gi].colsum.data(), zw + gi * og, zxm, w.k,
+    any_zw |= fill_branch_consts(isa, og, w.mats[gi], w.mats[gi].colsum.data(), zw + gi * og, zxm, w.k,
                                  bias ? bias + gi * og : nullptr, st.colc1.data() + gi * og, st.zw1.data() + gi * og);
   st.epi.colc1 = st.colc1.data();
   if (any_zw) st.epi.zw1 = st.zw1.data();
@@ -222,10 +222,10 @@ void split_conv2d(const void* x1, ActType xt1, int32_t zx1, int64_t c1, const Pa
   st.colc2.assign(np, 0);
   st.zw1.assign(np, 0);
   st.zw2.assign(np, 0);
-  if (fill_branch_consts(o, w1.mats[0], w1.mats[0].colsum.data(), zw1, mapped_zero_point(xt1, zx1), w1.k, bias,
+  if (fill_branch_consts(isa, o, w1.mats[0], w1.mats[0].colsum.data(), zw1, mapped_zero_point(xt1, zx1), w1.k, bias,
                          st.colc1.data(), st.zw1.data()))
     st.epi.zw1 = st.zw1.data();
-  if (fill_branch_consts(o, w2.mats[0], w2.mats[0].colsum.data(), zw2, mapped_zero_point(xt2, zx2), w2.k, nullptr,
+  if (fill_branch_consts(isa, o, w2.mats[0], w2.mats[0].colsum.data(), zw2, mapped_zero_point(xt2, zx2), w2.k, nullptr,
                          st.colc2.data(), st.zw2.data()))
     st.epi.zw2 = st.zw2.data();
   st.epi.colc1 = st.colc1.data();

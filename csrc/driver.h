@@ -70,8 +70,9 @@ struct EpiStorage {
 //                  acc = tile + colc - zwe * rs,  colc = bias - (zx' + 128) cs + K zx' zwe
 // with rs = sum x' (rows) and cs = sum of the stored codes (columns). Writes colc[n] and zwe[n]
 // (zwe_out may be null when every zwe is 0); returns whether any zwe is non-zero.
-bool fill_branch_consts(int64_t n, const PackedMatrix& pm, const int32_t* colsum, const int32_t* zw, int32_t zx_mapped,
-                        int64_t k, const int32_t* bias, int32_t* colc, int32_t* zwe_out);
+// The 4-bit form also holds for int8 weights (off = 0) under a kernel set whose int8 tile is sum u * w (s8_u).
+bool fill_branch_consts(Isa isa, int64_t n, const PackedMatrix& pm, const int32_t* colsum, const int32_t* zw,
+                        int32_t zx_mapped, int64_t k, const int32_t* bias, int32_t* colc, int32_t* zwe_out);
 
 // Builds the output-stage part of the Epi for `n` channels (padded by 16).
 void prepare_out(EpiStorage& st, int64_t n, const OutStage& out);

@@ -17,7 +17,7 @@ namespace {
 
 const FloatKernels& float_kernels() {
 #if defined(PYQSIM_HAVE_AVX2_TU)
-  if (resolve_isa() == Isa::Avx2) return float_kernels_avx2();
+  if (resolve_isa() != Isa::Scalar) return float_kernels_avx2();  // AVX-512 VNNI adds integer kernels only
 #endif
   return float_kernels_scalar();
 }

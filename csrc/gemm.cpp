@@ -48,11 +48,11 @@ uint8_t* scratch(size_t bytes) {
 inline size_t align64(size_t v) { return (v + 63) & ~size_t(63); }
 }  // namespace
 
-bool fill_branch_consts(int64_t n, const PackedMatrix& pm, const int32_t* colsum, const int32_t* zw, int32_t zx_mapped,
-                        int64_t k, const int32_t* bias, int32_t* colc, int32_t* zwe_out) {
-  const bool four = pm.format != WFormat::S8;
+bool fill_branch_consts(Isa isa, int64_t n, const PackedMatrix& pm, const int32_t* colsum, const int32_t* zw,
+                        int32_t zx_mapped, int64_t k, const int32_t* bias, int32_t* colc, int32_t* zwe_out) {
+  const bool u_tile = pm.format != WFormat::S8 || kernels_for(isa).s8_u;
   const uint32_t zx = static_cast<uint32_t>(zx_mapped);
-  const uint32_t zxa = zx + (four ? 128u : 0u);
+  const uint32_t zxa = zx + (u_tile ? 128u : 0u);
   const uint32_t kk = static_cast<uint32_t>(k);  // mod 2^32 is enough (§4.1)
   bool any = false;
   for (int64_t c = 0; c < n; ++c) {
@@ -147,15 +147,23 @@ void prepare_split_out(EpiStorage& st, int64_t n, const SplitOutStage& out) {
   }
 }
 
-// §10.2: each weight -128 of panel p entered the tile as -127; x' * -128 = x' * -127 - x' (mod 2^32). The A panel
-// ([kg][2][mr][4]) holds x'[r, k] at (k / 4) * 8 * mr + 4 * r + k % 4.
-inline void fix_min_codes(const PackedMatrix& pm, int64_t p, const int8_t* ap, int mr, int32_t* tile) {
+// §10.2: each weight -128 of panel p entered the tile as -127; x' * -128 = x' * -127 - x' (mod 2^32), and likewise
+// u * -128 = u * -127 - u for a u tile. The A panel ([kg][2][mr][4]) holds x'[r, k] at (k / 4) * 8 * mr + 4 * r +
+// k % 4 and u[r, k] (uint8) 4 * mr bytes further.
+inline void fix_min_codes(const PackedMatrix& pm, int64_t p, const int8_t* ap, int mr, bool u_tile, int32_t* tile) {
   for (int64_t f = pm.fix_off[p]; f < pm.fix_off[p + 1]; ++f) {
     const int64_t k = pm.fix_k[f];
     const int8_t* xk = ap + (k >> 2) * 8 * mr + (k & 3);
     int32_t* col = tile + pm.fix_c[f];
-    for (int r = 0; r < mr; ++r)
-      col[r * kNR] = static_cast<int32_t>(static_cast<uint32_t>(col[r * kNR]) - static_cast<uint32_t>(int32_t{xk[4 * r]}));
+    if (u_tile) {
+      const uint8_t* uk = reinterpret_cast<const uint8_t*>(xk + 4 * mr);
+      for (int r = 0; r < mr; ++r)
+        col[r * kNR] = static_cast<int32_t>(static_cast<uint32_t>(col[r * kNR]) - uint32_t{uk[4 * r]});
+    } else {
+      for (int r = 0; r < mr; ++r)
+        col[r * kNR] =
+            static_cast<int32_t>(static_cast<uint32_t>(col[r * kNR]) - static_cast<uint32_t>(int32_t{xk[4 * r]}));
+    }
   }
 }
 
@@ -247,7 +255,7 @@ void run_jobs(const std::vector<GemmJob>& jobs, Isa isa) {
           const PackedMatrix& pm = *jb.br[b].b;
           const int8_t* ap = abuf[b] + 2 * i * kMR * pm.kp;
           ukr[b][mr](ap, bp[b], pm.kg, tile[b]);
-          if (pm.format == WFormat::S8) fix_min_codes(pm, p, ap, mr, tile[b]);
+          if (pm.format == WFormat::S8) fix_min_codes(pm, p, ap, mr, ks.s8_u, tile[b]);
         }
         const int64_t row = m0 + i * kMR;
         TileOut to{jb.out + (row * jb.ldm + n0 * jb.ldn) * jb.elem, jb.ldm, jb.ldn};
@@ -274,7 +282,7 @@ void int_gemm(const void* x, ActType xt, int64_t m, int32_t zx, const PackedWeig
   const int32_t zxm = mapped_zero_point(xt, zx);
   st.colc1.assign(np, 0);
   st.zw1.assign(np, 0);
-  if (fill_branch_consts(n, pm, pm.colsum.data(), zw, zxm, k, bias, st.colc1.data(), st.zw1.data()))
+  if (fill_branch_consts(isa, n, pm, pm.colsum.data(), zw, zxm, k, bias, st.colc1.data(), st.zw1.data()))
     st.epi.zw1 = st.zw1.data();
   st.epi.colc1 = st.colc1.data();
   MatrixA a(x, k, pm, xt);
@@ -306,10 +314,10 @@ void split_gemm(const void* x1, ActType xt1, int32_t zx1, const PackedWeight& w1
   st.colc2.assign(np, 0);
   st.zw1.assign(np, 0);
   st.zw2.assign(np, 0);
-  if (fill_branch_consts(n, p1, p1.colsum.data(), zw1, mapped_zero_point(xt1, zx1), w1.k, bias, st.colc1.data(),
+  if (fill_branch_consts(isa, n, p1, p1.colsum.data(), zw1, mapped_zero_point(xt1, zx1), w1.k, bias, st.colc1.data(),
                          st.zw1.data()))
     st.epi.zw1 = st.zw1.data();
-  if (fill_branch_consts(n, p2, p2.colsum.data(), zw2, mapped_zero_point(xt2, zx2), w2.k, nullptr, st.colc2.data(),
+  if (fill_branch_consts(isa, n, p2, p2.colsum.data(), zw2, mapped_zero_point(xt2, zx2), w2.k, nullptr, st.colc2.data(),
                          st.zw2.data()))
     st.epi.zw2 = st.zw2.data();
   st.epi.colc1 = st.colc1.data();

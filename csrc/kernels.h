@@ -67,6 +67,9 @@ using PackAFn = void (*)(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64
 
 struct KernelSet {
   Isa isa;
+  // The int8-weight tile is sum u * w with u = x' + 128 (the A panel's second half, which pack_a then always
+  // fills with u) instead of sum x' * w: the epilogue constants and the §10.2 fix-up account for the 128.
+  bool s8_u = false;
   UkrFn ukr[kMR + 1];       // sign path (§10 steps 1-3); index = mr (1..4)
   UkrFn ukr4[kMR + 1];      // 4-bit weights, unpacked panel: sum u * c (u = x' + 128, c in [0, 15])
   UkrFn ukr4_nib[kMR + 1];  // same, reading the nibble panel directly (may be null)
@@ -116,6 +119,9 @@ inline int64_t shift_requant_one(int64_t r, int64_t mult, int s) {
 const KernelSet& scalar_kernels();
 #if defined(PYQSIM_HAVE_AVX2_TU)
 const KernelSet& avx2_kernels();
+#endif
+#if defined(PYQSIM_HAVE_VNNI_TU)
+const KernelSet& avx512vnni_kernels();
 #endif
 const KernelSet& kernels_for(Isa isa);
 

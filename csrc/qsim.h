@@ -60,16 +60,19 @@ struct SplitOutStage {
 };
 
 // ------------------------------------------------------------------------------------------ runtime
-enum class Isa : int { Scalar = 0, Avx2 = 1 };
+// Avx512Vnni: the AVX2 kernels with the integer dot-product micro-kernels on vpdpbusd (spec §10.7).
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512Vnni = 2 };
 
 const char* isa_name(Isa isa);
-bool avx2_compiled();   // the AVX2 translation unit is part of this build
-bool cpu_has_avx2();    // the running CPU (and OS) support AVX2
+bool avx2_compiled();         // the AVX2 translation unit is part of this build
+bool cpu_has_avx2();          // the running CPU (and OS) support AVX2
+bool avx512vnni_compiled();   // the AVX-512 VNNI translation unit is part of this build
+bool cpu_has_avx512vnni();    // the running CPU (and OS) support AVX-512 F, BW and VNNI (and AVX2)
 // The ISA a kernel call uses now: the override set by set_isa_override(), else PYQSIM_CPU_ISA
-// (read at every call: "auto" or unset -> best available, "scalar", "avx2"). Throws
-// std::invalid_argument for an unknown value and std::runtime_error for avx2 on a CPU without it.
+// (read at every call: "auto" or unset -> best available, "scalar", "avx2", "avx512vnni"). Throws
+// std::invalid_argument for an unknown value and std::runtime_error for an ISA this build or CPU lacks.
 Isa resolve_isa();
-// "auto", "scalar", "avx2" set an override; "" clears it (environment governs again).
+// "auto", "scalar", "avx2", "avx512vnni" set an override; "" clears it (environment governs again).
 void set_isa_override(const std::string& name);
 std::string isa_override();
 

@@ -12,7 +12,31 @@
 
 namespace qsim {
 
-const char* isa_name(Isa isa) { return isa == Isa::Avx2 ? "avx2" : "scalar"; }
+const char* isa_name(Isa isa) {
+  return isa == Isa::Avx512Vnni ? "avx512vnni" : isa == Isa::Avx2 ? "avx2" : "scalar";
+}
+
+bool avx512vnni_compiled() {
+#if defined(PYQSIM_HAVE_VNNI_TU)
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512vnni() {
+#if defined(PYQSIM_HAVE_VNNI_TU) && (defined(__GNUC__) || defined(__clang__))
+  // libgcc's CPU model reports AVX-512 features only when the OS saves the ZMM and mask state (XGETBV).
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vnni");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
 
 bool avx2_compiled() {
 #if defined(PYQSIM_HAVE_AVX2_TU)
@@ -40,7 +64,10 @@ std::mutex g_isa_mu;
 std::string g_isa_override;  // "" = none
 
 Isa parse_isa(const std::string& v, const char* source) {
-  if (v.empty() || v == "auto") return (avx2_compiled() && cpu_has_avx2()) ? Isa::Avx2 : Isa::Scalar;
+  if (v.empty() || v == "auto") {
+    if (avx512vnni_compiled() && cpu_has_avx512vnni()) return Isa::Avx512Vnni;
+    return (avx2_compiled() && cpu_has_avx2()) ? Isa::Avx2 : Isa::Scalar;
+  }
   if (v == "scalar") return Isa::Scalar;
   if (v == "avx2") {
     if (!avx2_compiled())
@@ -48,7 +75,15 @@ Isa parse_isa(const std::string& v, const char* source) {
     if (!cpu_has_avx2()) throw std::runtime_error(std::string(source) + "=avx2 but this CPU does not support AVX2");
     return Isa::Avx2;
   }
-  throw std::invalid_argument(std::string(source) + " must be 'auto', 'scalar' or 'avx2', got '" + v + "'");
+  if (v == "avx512vnni") {
+    if (!avx512vnni_compiled())
+      throw std::runtime_error(std::string(source) + "=avx512vnni but this build has no AVX-512 VNNI kernels");
+    if (!cpu_has_avx512vnni())
+      throw std::runtime_error(std::string(source) + "=avx512vnni but this CPU does not support AVX-512 VNNI");
+    return Isa::Avx512Vnni;
+  }
+  throw std::invalid_argument(std::string(source) + " must be 'auto', 'scalar', 'avx2' or 'avx512vnni', got '" + v +
+                              "'");
 }
 }  // namespace
 
@@ -85,6 +120,9 @@ void set_num_threads(int n) {
 
 namespace detail {
 const KernelSet& kernels_for(Isa isa) {
+#if defined(PYQSIM_HAVE_VNNI_TU)
+  if (isa == Isa::Avx512Vnni) return avx512vnni_kernels();
+#endif
 #if defined(PYQSIM_HAVE_AVX2_TU)
   if (isa == Isa::Avx2) return avx2_kernels();
 #endif

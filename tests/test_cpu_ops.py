@@ -24,12 +24,8 @@ FIXTURE_OK = settings(suppress_health_check=[HealthCheck.function_scoped_fixture
 
 
 def _isas():
-    try:
-        from pyqsim import _C
-    except ImportError:
-        return ["scalar"]
-    info = _C.build_info()
-    return ["scalar"] + (["avx2"] if "avx2" in info["simd_compiled"] and info["cpu_has_avx2"] else [])
+    from pyqsim.backends import cpu
+    return cpu.isas() or ["scalar"]
 
 
 ISAS = _isas()

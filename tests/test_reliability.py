@@ -629,9 +629,8 @@ def test_calls_stay_exact_while_threads_and_isa_change(expected):
     """Protection: ThreadPool serializes jobs with set_num_threads (workers are never stopped or restarted
     under a running job) and the ISA switch is read per call: 6 threads computing every op while another
     thread keeps changing the native thread count and the ISA still get exact results."""
-    from pyqsim import _C
     from pyqsim.backends import cpu
-    isas = ["scalar"] + (["avx2"] if _C.build_info()["cpu_has_avx2"] and "avx2" in _C.build_info()["simd_compiled"] else [])
+    isas = cpu.isas()
     old = cpu.get_num_threads()
     stop = threading.Event()
 
@@ -728,10 +727,8 @@ def test_gil_detector_detects_a_held_gil():
 def test_results_identical_for_1_and_n_native_threads_and_runs(expected):
     """Protection: each output element is computed by exactly one task with fixed arithmetic (csrc/driver.h),
     so results do not depend on the native thread count (1, 2, 3, 8), the ISA or the repetition."""
-    from pyqsim import _C
     from pyqsim.backends import cpu
-    info = _C.build_info()
-    isas = ["scalar"] + (["avx2"] if info["cpu_has_avx2"] and "avx2" in info["simd_compiled"] else [])
+    isas = cpu.isas()
     old = cpu.get_num_threads()
     try:
         for isa in isas:

@@ -1,0 +1,119 @@
+// AVX-512 VNNI micro-kernels (compiled with -mavx512f -mavx512bw -mavx512vnni; entered only after the runtime
+// CPU check in runtime.cpp). Everything else in this ISA's kernel table is the AVX2 one.
+//
+// Exactness (docs/spec.md §10.7): vpdpbusd adds four products u * w (u uint8, w int8) to an int32 lane with a
+// wrapping add and no intermediate saturation: each product fits 17 bits and the four-product sum 19 bits, so the
+// lane receives the exact sum modulo 2^32, which is §4.1's accumulator. The int8 sign path of §10.1 is therefore
+// not needed: the tile is sum u * w with u = x' + 128 (the A panel's second half, which this ISA's pack_a always
+// fills with u) and the driver's epilogue constants subtract 128 * colsum (fill_branch_consts with a u tile).
+// A 16-channel k-group of the B panel is one 64-byte vector; a row's 4 bytes of u are broadcast.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace qsim {
+namespace detail {
+namespace {
+
+inline __m512i bcast32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// tile[r][0..15] = sum over kg k-groups of u(a row r) . b, with a's k-group stride AStep bytes and row r's four
+// bytes at offset AOff + 4 r. Even and odd k-groups go to separate accumulators (2 * MR in flight hide the
+// instruction's latency) and are added at the end (mod 2^32, as every lane sum).
+template <int MR, int AStep, int AOff>
+inline void dp_tile(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile) {
+  __m512i e0 = _mm512_setzero_si512(), e1 = e0, e2 = e0, e3 = e0, o0 = e0, o1 = e0, o2 = e0, o3 = e0;
+  const int8_t* ag = a + AOff;
+  int64_t g = 0;
+  for (; g + 2 <= kg; g += 2) {
+    const __m512i b0 = _mm512_loadu_si512(b);
+    const __m512i b1 = _mm512_loadu_si512(b + 64);
+    e0 = _mm512_dpbusd_epi32(e0, bcast32(ag), b0);
+    if (MR > 1) e1 = _mm512_dpbusd_epi32(e1, bcast32(ag + 4), b0);
+    if (MR > 2) e2 = _mm512_dpbusd_epi32(e2, bcast32(ag + 8), b0);
+    if (MR > 3) e3 = _mm512_dpbusd_epi32(e3, bcast32(ag + 12), b0);
+    o0 = _mm512_dpbusd_epi32(o0, bcast32(ag + AStep), b1);
+    if (MR > 1) o1 = _mm512_dpbusd_epi32(o1, bcast32(ag + AStep + 4), b1);
+    if (MR > 2) o2 = _mm512_dpbusd_epi32(o2, bcast32(ag + AStep + 8), b1);
+    if (MR > 3) o3 = _mm512_dpbusd_epi32(o3, bcast32(ag + AStep + 12), b1);
+    ag += 2 * AStep;
+    b += 128;
+  }
+  if (g < kg) {
+    const __m512i b0 = _mm512_loadu_si512(b);
+    e0 = _mm512_dpbusd_epi32(e0, bcast32(ag), b0);
+    if (MR > 1) e1 = _mm512_dpbusd_epi32(e1, bcast32(ag + 4), b0);
+    if (MR > 2) e2 = _mm512_dpbusd_epi32(e2, bcast32(ag + 8), b0);
+    if (MR > 3) e3 = _mm512_dpbusd_epi32(e3, bcast32(ag + 12), b0);
+  }
+  _mm512_storeu_si512(tile, _mm512_add_epi32(e0, o0));
+  if (MR > 1) _mm512_storeu_si512(tile + 16, _mm512_add_epi32(e1, o1));
+  if (MR > 2) _mm512_storeu_si512(tile + 32, _mm512_add_epi32(e2, o2));
+  if (MR > 3) _mm512_storeu_si512(tile + 48, _mm512_add_epi32(e3, o3));
+}
+
+// int8 weights and 4-bit stored codes alike: tile = sum u * w over the A panel [kg][2][MR][4] (u in the second half).
+template <int MR>
+void ukr_vnni(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile) {
+  dp_tile<MR, 8 * MR, 4 * MR>(a, b, kg, tile);
+}
+
+// §7 shift weights: tile = sum a * v with a in [0, 128] (A panel [kg][MR][4], no second half), v int8.
+template <int MR>
+void ukr_shift_vnni(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile) {
+  dp_tile<MR, 4 * MR, 0>(a, b, kg, tile);
+}
+
+// The AVX2 packer with the second half always u = x' + 128 (the only half the kernels above read).
+void pack_a_vnni(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, uint8_t xor_mask, bool, int8_t* dst,
+                 int32_t* rowsum) {
+  avx2_kernels().pack_a(x, ldx, mr, k, kg, xor_mask, true, dst, rowsum);
+}
+
+}  // namespace
+
+const KernelSet& avx512vnni_kernels() {
+  static const KernelSet ks = [] {
+    KernelSet k = avx2_kernels();
+    k.isa = Isa::Avx512Vnni;
+    k.s8_u = true;
+    k.pack_a = pack_a_vnni;
+    QSIM_MR_TABLE(k.ukr, ukr_vnni);
+    QSIM_MR_TABLE(k.ukr4, ukr_vnni);
+    QSIM_MR_TABLE(k.ukr_shift, ukr_shift_vnni);
+    return k;
+  }();
+  return ks;
+}
+
+}  // namespace detail
+
+// 12 independent vpdpbusd zmm chains (the machine-peak line of benchmarks/, peak_avx2.cpp).
+__attribute__((noinline)) void vnni_peak_loop(int64_t n) {
+  __asm__ volatile(
+      "vpternlogd $0xff, %%zmm12, %%zmm12, %%zmm12\n\t"
+      "vpabsb %%zmm12, %%zmm12\n\t"
+#define Z(i) "vpxord %%zmm" #i ", %%zmm" #i ", %%zmm" #i "\n\t"
+      Z(0) Z(1) Z(2) Z(3) Z(4) Z(5) Z(6) Z(7) Z(8) Z(9) Z(10) Z(11)
+#undef Z
+      "1:\n\t"
+#define M(i) "vpdpbusd %%zmm12, %%zmm12, %%zmm" #i "\n\t"
+      M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11)
+#undef M
+      "dec %0\n\t"
+      "jnz 1b\n\t"
+      "vzeroupper\n\t"
+      : "+r"(n)
+      :
+      : "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11",
+        "xmm12");
+}
+
+}  // namespace qsim
