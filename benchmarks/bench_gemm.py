@@ -195,12 +195,11 @@ def run_peak(args):
     info = _C.build_info()
     if not (info["cpu_has_avx2"] and "avx2" in info["simd_compiled"]):
         return {}
-    raw, unit, sign = _C._peak_int8_gops(20_000_000 if not args.quick else 5_000_000)
+    peaks = _timer.int8_peaks(20_000_000 if not args.quick else 5_000_000)
     nt = _C.get_num_threads()
-    peak = {"threads": nt, "per_thread": {"vpmaddubsw": raw, "unit3": unit, "sign4": sign},
-            "machine": {"vpmaddubsw": raw * nt, "unit3": unit * nt, "sign4": sign * nt}}
-    print(f"peak    per thread: vpmaddubsw {raw:.1f}, maddubs+maddwd+add {unit:.1f}, sign+maddubs+maddwd+add {sign:.1f} "
-          f"GOPS; x{nt} threads = {raw * nt:.1f} / {unit * nt:.1f} / {sign * nt:.1f}", flush=True)
+    peak = {"threads": nt, "isa": _C.get_cpu_isa(), "per_thread": peaks, "machine": {k: v * nt for k, v in peaks.items()}}
+    print("peak    per thread (GOPS): " + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()) + f"; x{nt} threads",
+          flush=True)
     return peak
 
 
@@ -250,7 +249,7 @@ def main(argv=None):
             mp = report["peak"]["machine"]
             report["peak"]["best_w8a8_fraction"] = {k: best / v for k, v in mp.items()}
             print(f"peak    best W8A8 GEMM {best:.1f} GOPS = {best / mp['vpmaddubsw']:.0%} of the vpmaddubsw peak, "
-                  f"{best / mp['sign4']:.0%} of the exact sign-unit peak", flush=True)
+                  f"{best / mp['exact']:.0%} of the exact-step peak of {report['peak']['isa']}", flush=True)
     out = _timer.write_report(report, args.out, RESULTS, "bench_gemm")
     print(f"# wrote {out}")
     return report

@@ -147,23 +147,15 @@ void prepare_split_out(EpiStorage& st, int64_t n, const SplitOutStage& out) {
   }
 }
 
-// §10.2: each weight -128 of panel p entered the tile as -127; x' * -128 = x' * -127 - x' (mod 2^32), and likewise
-// u * -128 = u * -127 - u for a u tile. The A panel ([kg][2][mr][4]) holds x'[r, k] at (k / 4) * 8 * mr + 4 * r +
-// k % 4 and u[r, k] (uint8) 4 * mr bytes further.
-inline void fix_min_codes(const PackedMatrix& pm, int64_t p, const int8_t* ap, int mr, bool u_tile, int32_t* tile) {
+// §10.2: each weight -128 of panel p entered the tile as -127; x' * -128 = x' * -127 - x' (mod 2^32). The A panel
+// ([kg][2][mr][4]) holds x'[r, k] at (k / 4) * 8 * mr + 4 * r + k % 4.
+inline void fix_min_codes(const PackedMatrix& pm, int64_t p, const int8_t* ap, int mr, int32_t* tile) {
   for (int64_t f = pm.fix_off[p]; f < pm.fix_off[p + 1]; ++f) {
     const int64_t k = pm.fix_k[f];
     const int8_t* xk = ap + (k >> 2) * 8 * mr + (k & 3);
     int32_t* col = tile + pm.fix_c[f];
-    if (u_tile) {
-      const uint8_t* uk = reinterpret_cast<const uint8_t*>(xk + 4 * mr);
-      for (int r = 0; r < mr; ++r)
-        col[r * kNR] = static_cast<int32_t>(static_cast<uint32_t>(col[r * kNR]) - uint32_t{uk[4 * r]});
-    } else {
-      for (int r = 0; r < mr; ++r)
-        col[r * kNR] =
-            static_cast<int32_t>(static_cast<uint32_t>(col[r * kNR]) - static_cast<uint32_t>(int32_t{xk[4 * r]}));
-    }
+    for (int r = 0; r < mr; ++r)
+      col[r * kNR] = static_cast<int32_t>(static_cast<uint32_t>(col[r * kNR]) - static_cast<uint32_t>(int32_t{xk[4 * r]}));
   }
 }
 
@@ -236,8 +228,10 @@ void run_jobs(const std::vector<GemmJob>& jobs, Isa isa) {
       for (int b = 0; b < jb.nbranch; ++b) {
         const PackedMatrix& pm = *jb.br[b].b;
         if (pm.format == WFormat::S8) {
-          bp[b] = pm.panel(p);
-          ukr[b] = ks.ukr;  // -128 weights were packed as -127 (§10.2, fixed after the kernel)
+          // -128 weights were packed as -127 (§10.2, fixed after the sign-path kernel); the VNNI kernel takes the
+          // copy with the true codes, made at packing on a VNNI CPU whenever there is a -128 (§10.7)
+          bp[b] = ks.s8_u && pm.buf_exact ? pm.panel_exact(p) : pm.panel(p);
+          ukr[b] = ks.ukr;
         } else if (mc <= 2 * kMR && ks.ukr4_nib[1]) {
           bp[b] = pm.panel(p);  // few rows: unpack nibbles in registers
           ukr[b] = ks.ukr4_nib;
@@ -255,7 +249,7 @@ void run_jobs(const std::vector<GemmJob>& jobs, Isa isa) {
           const PackedMatrix& pm = *jb.br[b].b;
           const int8_t* ap = abuf[b] + 2 * i * kMR * pm.kp;
           ukr[b][mr](ap, bp[b], pm.kg, tile[b]);
-          if (pm.format == WFormat::S8) fix_min_codes(pm, p, ap, mr, ks.s8_u, tile[b]);
+          if (pm.format == WFormat::S8 && !ks.s8_u) fix_min_codes(pm, p, ap, mr, tile[b]);
         }
         const int64_t row = m0 + i * kMR;
         TileOut to{jb.out + (row * jb.ldm + n0 * jb.ldn) * jb.elem, jb.ldm, jb.ldn};

@@ -68,7 +68,8 @@ using PackAFn = void (*)(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64
 struct KernelSet {
   Isa isa;
   // The int8-weight tile is sum u * w with u = x' + 128 (the A panel's second half, which pack_a then always
-  // fills with u) instead of sum x' * w: the epilogue constants and the §10.2 fix-up account for the 128.
+  // fills with u) instead of sum x' * w: the epilogue constants account for the 128, and int8 panels with a -128
+  // come from PackedMatrix::buf_exact (true codes, no §10.2 fix-up).
   bool s8_u = false;
   UkrFn ukr[kMR + 1];       // sign path (§10 steps 1-3); index = mr (1..4)
   UkrFn ukr4[kMR + 1];      // 4-bit weights, unpacked panel: sum u * c (u = x' + 128, c in [0, 15])

@@ -80,6 +80,16 @@ PackedMatrix pack_codes(const int8_t* codes, int64_t n, int64_t kp, WFormat fmt)
     }
   }
   for (int64_t p = 1; p <= pm.panels; ++p) pm.fix_off[p] = std::max(pm.fix_off[p], pm.fix_off[p - 1]);
+  if (pm.has_min && cpu_has_avx512vnni()) {
+    const size_t bytes = static_cast<size_t>(pm.panels * pm.panel_bytes);
+    pm.buf_exact = aligned_bytes(bytes);
+    std::memcpy(pm.buf_exact.get(), pm.buf.get(), bytes);
+    for (int64_t p = 0; p < pm.panels; ++p)
+      for (int64_t f = pm.fix_off[p]; f < pm.fix_off[p + 1]; ++f) {
+        const int64_t k = pm.fix_k[f];
+        pm.buf_exact.get()[p * pm.panel_bytes + (k / 4) * 64 + pm.fix_c[f] * 4 + k % 4] = 0x80;  // -128
+      }
+  }
   return pm;
 }
 

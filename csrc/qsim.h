@@ -104,7 +104,11 @@ struct PackedMatrix {
   int32_t code_offset = 0;        // weight = stored code - code_offset (8 for int4, else 0)
   std::vector<int32_t> colsum;    // sum_k w[n, k] (codes, before zero points), padded to panels*16
   std::shared_ptr<uint8_t> buf;   // panels * panel_bytes, 64-byte aligned
+  // With has_min on a CPU with AVX-512 VNNI: the same panels holding the true codes (-128 included), which the
+  // VNNI kernels take without the fix list (§10.7); null otherwise.
+  std::shared_ptr<uint8_t> buf_exact;
   const uint8_t* panel(int64_t p) const { return buf.get() + p * panel_bytes; }
+  const uint8_t* panel_exact(int64_t p) const { return buf_exact.get() + p * panel_bytes; }
 };
 
 // Packs `codes` ([n, kp] int8 row-major codes in the k order the activations will use; kp a multiple
