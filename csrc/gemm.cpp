@@ -163,6 +163,7 @@ void run_jobs(const std::vector<GemmJob>& jobs, Isa isa) {
   const KernelSet& ks = kernels_for(isa);
   const int nt = ThreadPool::instance().num_threads();
   const int64_t MC = rows_per_task(jobs);
+  const int64_t W = ks.ukr_wide[1] ? kWideNP : 1;  // weight panels per micro-kernel call where the ISA has it
   std::vector<int64_t> mblocks(jobs.size(), 0);
   int64_t total_mb = 0, max_panels = 0;
   size_t abytes[2] = {0, 0}, ubytes[2] = {0, 0};
@@ -175,7 +176,7 @@ void run_jobs(const std::vector<GemmJob>& jobs, Isa isa) {
     for (int b = 0; b < jb.nbranch; ++b) {
       const PackedMatrix& pm = *jb.br[b].b;
       abytes[b] = std::max(abytes[b], align64(static_cast<size_t>(2 * MC * pm.kp)));
-      if (pm.format != WFormat::S8) ubytes[b] = std::max(ubytes[b], align64(static_cast<size_t>(pm.kg * 64)));
+      if (pm.format != WFormat::S8) ubytes[b] = std::max(ubytes[b], align64(static_cast<size_t>(W * pm.kg * 64)));
     }
   }
   if (total_mb == 0) return;
@@ -221,40 +222,54 @@ void run_jobs(const std::vector<GemmJob>& jobs, Isa isa) {
         jb.br[b].a->pack(ks, m0 + i * kMR, mr, abuf[b] + 2 * i * kMR * kp, rs[b] + i * kMR);
       }
     }
-    alignas(64) int32_t tile[2][kMR * kNR];
-    for (int64_t p = p0; p < p1; ++p) {
+    alignas(64) int32_t tile[2][kWideNP * kMR * kNR];
+    bool nib = false;  // few rows: 4-bit panels are read as nibbles, one panel per kernel call
+    for (int b = 0; b < jb.nbranch; ++b) nib |= jb.br[b].b->format != WFormat::S8 && mc <= 2 * kMR && ks.ukr4_nib[1];
+    const int64_t step = nib ? 1 : W;
+    for (int64_t p = p0; p < p1; p += step) {
+      const int np = static_cast<int>(std::min<int64_t>(step, p1 - p));
       const uint8_t* bp[2];
+      int64_t bstride[2];
       UkrFn const* ukr[2];
       for (int b = 0; b < jb.nbranch; ++b) {
         const PackedMatrix& pm = *jb.br[b].b;
+        bstride[b] = pm.panel_bytes;
         if (pm.format == WFormat::S8) {
           // -128 weights were packed as -127 (§10.2, fixed after the sign-path kernel); the VNNI kernel takes the
           // copy with the true codes, made at packing on a VNNI CPU whenever there is a -128 (§10.7)
           bp[b] = ks.s8_u && pm.buf_exact ? pm.panel_exact(p) : pm.panel(p);
           ukr[b] = ks.ukr;
-        } else if (mc <= 2 * kMR && ks.ukr4_nib[1]) {
-          bp[b] = pm.panel(p);  // few rows: unpack nibbles in registers
+        } else if (nib) {
+          bp[b] = pm.panel(p);
           ukr[b] = ks.ukr4_nib;
         } else {
-          ks.unpack4(pm.panel(p), pm.kg, ubuf[b]);  // once per panel, reused by every row panel
+          for (int j = 0; j < np; ++j)  // once per panel, reused by every row panel
+            ks.unpack4(pm.panel(p + j), pm.kg, ubuf[b] + j * pm.kg * 64);
           bp[b] = ubuf[b];
+          bstride[b] = pm.kg * 64;
           ukr[b] = ks.ukr4;
         }
       }
-      const int64_t n0 = p * kNR;
-      const int nc = static_cast<int>(std::min<int64_t>(kNR, jb.n - n0));
       for (int64_t i = 0; i < npan_a; ++i) {
         const int mr = static_cast<int>(std::min<int64_t>(kMR, mc - i * kMR));
         for (int b = 0; b < jb.nbranch; ++b) {
           const PackedMatrix& pm = *jb.br[b].b;
           const int8_t* ap = abuf[b] + 2 * i * kMR * pm.kp;
-          ukr[b][mr](ap, bp[b], pm.kg, tile[b]);
-          if (pm.format == WFormat::S8 && !ks.s8_u) fix_min_codes(pm, p, ap, mr, tile[b]);
+          if (step > 1) {
+            ks.ukr_wide[mr](ap, bp[b], bstride[b], np, pm.kg, tile[b]);
+          } else {
+            ukr[b][mr](ap, bp[b], pm.kg, tile[b]);
+            if (pm.format == WFormat::S8 && !ks.s8_u) fix_min_codes(pm, p, ap, mr, tile[b]);
+          }
         }
         const int64_t row = m0 + i * kMR;
-        TileOut to{jb.out + (row * jb.ldm + n0 * jb.ldn) * jb.elem, jb.ldm, jb.ldn};
-        ks.epi(jb.epi, n0, mr, nc, tile[0], rs[0] + i * kMR, jb.nbranch > 1 ? tile[1] : nullptr,
-               jb.nbranch > 1 ? rs[1] + i * kMR : nullptr, to);
+        for (int j = 0; j < np; ++j) {
+          const int64_t n0 = (p + j) * kNR;
+          const int nc = static_cast<int>(std::min<int64_t>(kNR, jb.n - n0));
+          TileOut to{jb.out + (row * jb.ldm + n0 * jb.ldn) * jb.elem, jb.ldm, jb.ldn};
+          ks.epi(jb.epi, n0, mr, nc, tile[0] + j * kMR * kNR, rs[0] + i * kMR,
+                 jb.nbranch > 1 ? tile[1] + j * kMR * kNR : nullptr, jb.nbranch > 1 ? rs[1] + i * kMR : nullptr, to);
+        }
       }
     }
   });

@@ -55,6 +55,10 @@ struct TileOut {
 };
 
 using UkrFn = void (*)(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile);
+// np (1..kWideNP) consecutive B panels, panel j at b + j * bstride (bytes), against one A panel: tiles + j * 64 is
+// panel j's [4][16] tile, as UkrFn would write it.
+constexpr int kWideNP = 4;
+using UkrWideFn = void (*)(const int8_t* a, const uint8_t* b, int64_t bstride, int np, int64_t kg, int32_t* tiles);
 // t1/t2: int32 tiles with row stride 16; reads whole 16-wide rows (pad partial tiles).
 using EpiFn = void (*)(const Epi& e, int64_t n0, int mr, int nc, const int32_t* t1, const int32_t* rs1,
                        const int32_t* t2, const int32_t* rs2, const TileOut& o);
@@ -74,6 +78,8 @@ struct KernelSet {
   UkrFn ukr[kMR + 1];       // sign path (§10 steps 1-3); index = mr (1..4)
   UkrFn ukr4[kMR + 1];      // 4-bit weights, unpacked panel: sum u * c (u = x' + 128, c in [0, 15])
   UkrFn ukr4_nib[kMR + 1];  // same, reading the nibble panel directly (may be null)
+  // s8_u kernel sets: the ukr / ukr4 tile over up to kWideNP panels at once (may be null)
+  UkrWideFn ukr_wide[kMR + 1];
   EpiFn epi;
   UnpackFn unpack4;
   PackAFn pack_a;

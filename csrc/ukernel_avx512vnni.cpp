@@ -65,6 +65,43 @@ void ukr_vnni(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile) {
   dp_tile<MR, 8 * MR, 4 * MR>(a, b, kg, tile);
 }
 
+// NP panels at once: MR * NP accumulators (16 at most) share each broadcast of u, and each B vector serves MR rows.
+template <int MR, int NP>
+inline void dp_wide(const int8_t* a, const uint8_t* b, int64_t bstride, int64_t kg, int32_t* tiles) {
+  __m512i acc[MR][NP];
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_setzero_si512();
+  const int8_t* ag = a + 4 * MR;  // the u half of k-group 0
+  for (int64_t g = 0; g < kg; ++g) {
+    __m512i bv[NP];
+#pragma GCC unroll 4
+    for (int j = 0; j < NP; ++j) bv[j] = _mm512_loadu_si512(b + j * bstride + g * 64);
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+      const __m512i av = bcast32(ag + 4 * r);
+#pragma GCC unroll 4
+      for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], av, bv[j]);
+    }
+    ag += 8 * MR;
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < NP; ++j)
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) _mm512_storeu_si512(tiles + j * 64 + r * 16, acc[r][j]);
+}
+
+template <int MR>
+void ukr_wide_vnni(const int8_t* a, const uint8_t* b, int64_t bstride, int np, int64_t kg, int32_t* tiles) {
+  switch (np) {
+    case 4: dp_wide<MR, 4>(a, b, bstride, kg, tiles); break;
+    case 3: dp_wide<MR, 3>(a, b, bstride, kg, tiles); break;
+    case 2: dp_wide<MR, 2>(a, b, bstride, kg, tiles); break;
+    default: dp_tile<MR, 8 * MR, 4 * MR>(a, b, kg, tiles); break;
+  }
+}
+
 // §7 shift weights: tile = sum a * v with a in [0, 128] (A panel [kg][MR][4], no second half), v int8.
 template <int MR>
 void ukr_shift_vnni(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile) {
@@ -87,6 +124,7 @@ const KernelSet& avx512vnni_kernels() {
     k.pack_a = pack_a_vnni;
     QSIM_MR_TABLE(k.ukr, ukr_vnni);
     QSIM_MR_TABLE(k.ukr4, ukr_vnni);
+    QSIM_MR_TABLE(k.ukr_wide, ukr_wide_vnni);
     QSIM_MR_TABLE(k.ukr_shift, ukr_shift_vnni);
     return k;
   }();

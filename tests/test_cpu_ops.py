@@ -151,11 +151,11 @@ TAILS = [1, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 65]
 @pytest.mark.parametrize("m", TAILS)
 @pytest.mark.parametrize("fmt", ["int8", "int4", "uint4"])
 def test_gemm_tile_tails_m(isa, m, fmt):
-    for n, k in [(17, 1), (16, 9), (33, 33), (1, 64), (65, 7)]:
+    for n, k in [(17, 1), (16, 9), (33, 33), (1, 64), (65, 7), (97, 5)]:
         same("int_gemm", gemm_kw(m, n, k, fmt=fmt, seed=m * 100 + n, out="uint8"))
 
 
-@pytest.mark.parametrize("n", TAILS)
+@pytest.mark.parametrize("n", TAILS + [97, 113, 129])  # also 1, 2 and 3 panels after groups of 4 (§10.7 kernels)
 def test_gemm_tile_tails_n(isa, n):
     for m, k in [(5, 3), (9, 31), (4, 32), (1, 65)]:
         for out in ("int32", "int8", "float32"):
