@@ -170,9 +170,10 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
       }
       for (int64_t pn = 0; pn < npan; ++pn) {
         const int64_t nc = std::min<int64_t>(kNR, n - pn * kNR);
-        for (int ri = 0; ri < mr; ++ri)
-          for (int64_t c = 0; c < kNR; ++c)
-            acc[ri * kNR + c] = single || c >= nc ? 0 : rbuf[(q * kMR + ri) * n + pn * kNR + c];
+        std::memset(acc, 0, sizeof(acc));
+        if (!single)
+          for (int ri = 0; ri < mr; ++ri)
+            std::memcpy(acc + ri * kNR, rbuf.data() + (q * kMR + ri) * n + pn * kNR, static_cast<size_t>(nc) * sizeof(int64_t));
         for (int p = 0; p < kPasses; ++p) {
           if (!live[p]) continue;
           ks.ukr_shift[mr](reinterpret_cast<const int8_t*>(apan[p].p + q * kg * 16), vpan.p + pn * kg * 64, kg, tile);

@@ -108,6 +108,44 @@ void ukr_shift_vnni(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile
   dp_tile<MR, 4 * MR, 0>(a, b, kg, tile);
 }
 
+// §7: acc[r * 16 + c] += int64(tile - corr[r]) * mul * 2^sh, one row of 16 per pair of 8-lane int64 vectors.
+void shift_acc_vnni(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc) {
+  const __m512i m = _mm512_set1_epi64(mul);
+  const __m128i cnt = _mm_cvtsi32_si128(sh);
+  for (int r = 0; r < mr; ++r) {
+    const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(tile + r * 16), _mm512_set1_epi32(corr[r]));
+    const __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(d));
+    const __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(d, 1));
+    int64_t* a = acc + r * 16;
+    _mm512_storeu_si512(a, _mm512_add_epi64(_mm512_loadu_si512(a), _mm512_sll_epi64(_mm512_mul_epi32(lo, m), cnt)));
+    _mm512_storeu_si512(a + 8,
+                        _mm512_add_epi64(_mm512_loadu_si512(a + 8), _mm512_sll_epi64(_mm512_mul_epi32(hi, m), cnt)));
+  }
+}
+
+// shift_requant_one (kernels.h) on 8 int64 lanes: vpmuldq forms A * M0 (A = the high dword), vpmuludq B * M0, and
+// AVX-512 has the arithmetic 64-bit shift and 64-bit min/max.
+void shift_requant_vnni(const int64_t* r, int64_t nc, const int32_t* mult, const int32_t* shift, int32_t zy, int32_t lo,
+                        int32_t hi, bool s8, void* out) {
+  const __m512i one = _mm512_set1_epi64(1), c33 = _mm512_set1_epi64(33), c32 = _mm512_set1_epi64(32);
+  const __m512i lo8 = _mm512_set1_epi64(static_cast<int64_t>(lo) - zy), hi8 = _mm512_set1_epi64(static_cast<int64_t>(hi) - zy);
+  const __m512i zy8 = _mm512_set1_epi64(zy);
+  int64_t c = 0;
+  for (; c + 8 <= nc; c += 8) {
+    const __m512i rv = _mm512_loadu_si512(r + c);
+    const __m512i m = _mm512_cvtepi32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mult + c)));
+    const __m512i s = _mm512_cvtepi32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(shift + c)));
+    const __m512i p1 = _mm512_mul_epi32(_mm512_srli_epi64(rv, 32), m);
+    const __m512i h0 = _mm512_srli_epi64(_mm512_mul_epu32(rv, m), 32);
+    const __m512i x = _mm512_add_epi64(_mm512_add_epi64(p1, h0), _mm512_sllv_epi64(one, _mm512_sub_epi64(s, c33)));
+    __m512i q = _mm512_srav_epi64(x, _mm512_sub_epi64(s, c32));
+    q = _mm512_add_epi64(_mm512_min_epi64(_mm512_max_epi64(q, lo8), hi8), zy8);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(out) + c), _mm512_cvtepi64_epi8(q));
+  }
+  if (c < nc)
+    avx2_kernels().shift_requant(r + c, nc - c, mult + c, shift + c, zy, lo, hi, s8, static_cast<uint8_t*>(out) + c);
+}
+
 // The AVX2 packer with the second half always u = x' + 128 (the only half the kernels above read).
 void pack_a_vnni(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, uint8_t xor_mask, bool, int8_t* dst,
                  int32_t* rowsum) {
@@ -126,6 +164,8 @@ const KernelSet& avx512vnni_kernels() {
     QSIM_MR_TABLE(k.ukr4, ukr_vnni);
     QSIM_MR_TABLE(k.ukr_wide, ukr_wide_vnni);
     QSIM_MR_TABLE(k.ukr_shift, ukr_shift_vnni);
+    k.shift_acc = shift_acc_vnni;
+    k.shift_requant = shift_requant_vnni;
     return k;
   }();
   return ks;
