@@ -10,6 +10,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -389,6 +390,41 @@ void define_api(py::module_& m) {
         },
         py::arg("acc"), py::arg("outer"), py::arg("n"), py::arg("inner"), py::arg("out_dtype"), py::arg("multiplier"),
         py::arg("shift"), py::arg("out_zero_point"), py::arg("y"), py::arg("stream"), "spec §6 on a device int32 array");
+
+  m.def("requantize_profile",
+        [](uintptr_t acc, int64_t outer, int64_t n, int64_t inner, const std::string& numerics,
+           const std::string& out_dtype, const std::optional<py::array>& mult, const std::optional<py::array>& shift,
+           const std::optional<py::array>& scale, int64_t zy, uintptr_t y, uintptr_t stream) {
+          check_dims({{"outer", outer}, {"N", n}, {"inner", inner}});
+          qsim::Numerics p;
+          if (!qsim::numerics::runtime_profile(numerics.c_str(), &p))
+            throw py::value_error("numerics must be one of 'tflite', 'tflite-single', 'onnxruntime', 'fbgemm', got '" +
+                                  numerics + "'");
+          const bool fixed = p == qsim::Numerics::Tflite || p == qsim::Numerics::TfliteSingle;
+          qsim::OutStage st;
+          st.type = out_type(out_dtype);
+          if (!qsim::is_requant(st.type)) throw py::value_error("out_dtype '" + out_dtype + "' is not a requantized type");
+          if (zy < qsim::out_qmin(st.type) || zy > qsim::out_qmax(st.type))
+            throw py::value_error("out_zero_point " + std::to_string(zy) + " is outside the range of " + out_dtype);
+          st.zero_point = static_cast<int32_t>(zy);
+          if (fixed) {
+            if (!mult || !shift)
+              throw py::value_error("multiplier and shift are required for numerics='" + numerics + "'");
+            st.multiplier = int_vec(*mult, "multiplier", n, 0, 2147483647LL);
+            st.shift = int_vec(*shift, "shift", n, 1, 62);
+          } else {
+            if (!scale) throw py::value_error("scale is required for numerics='" + numerics + "'");
+            st.scale = host_vec<float>(*scale, "scale", n, "float32");
+          }
+          const int64_t total = outer * n * inner;
+          const auto* ap = static_cast<const int32_t*>(dev_ptr(acc, total * 4, "acc"));
+          void* yp = const_cast<void*>(dev_ptr(y, total, "y"));
+          py::gil_scoped_release nogil;
+          qsim::cuda::requantize_profile(ap, outer, n, inner, p, st, yp, stream);
+        },
+        py::arg("acc"), py::arg("outer"), py::arg("n"), py::arg("inner"), py::arg("numerics"), py::arg("out_dtype"),
+        py::arg("multiplier"), py::arg("shift"), py::arg("scale"), py::arg("out_zero_point"), py::arg("y"),
+        py::arg("stream"), "spec §14 (a runtime profile's output stage) on a device int32 array");
 
   m.def("log2_attn_matmul",
         [](uintptr_t codes, uintptr_t v, const std::string& vt, int64_t zv, int64_t mm, int64_t l, int64_t n,

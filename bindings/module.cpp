@@ -674,20 +674,14 @@ py::array requantize(py::handle acc_, py::handle multiplier, py::handle shift, i
 // profiles a float32 scale (the unused arguments are None).
 py::array requantize_profile(py::handle acc_, const std::string& numerics, py::handle multiplier, py::handle shift,
                              py::handle scale, int64_t zero_point, const std::string& out_dtype) {
-  static const std::pair<const char*, qsim::Numerics> names[] = {{"tflite", qsim::Numerics::Tflite},
-                                                                 {"tflite-single", qsim::Numerics::TfliteSingle},
-                                                                 {"onnxruntime", qsim::Numerics::Onnxruntime},
-                                                                 {"fbgemm", qsim::Numerics::Fbgemm}};
-  const std::pair<const char*, qsim::Numerics>* prof = nullptr;
-  for (auto& nm : names)
-    if (numerics == nm.first) prof = &nm;
-  if (!prof)
+  qsim::Numerics prof;
+  if (!qsim::numerics::runtime_profile(numerics.c_str(), &prof))
     throw py::value_error("numerics must be one of 'tflite', 'tflite-single', 'onnxruntime', 'fbgemm', got '" + numerics + "'");
   Arr acc = take(acc_, "acc", {DT::I32}, 3, "[outer, N, inner]");
   const int64_t n = acc.dim(1);
   qsim::OutStage st;
   st.type = parse_out(out_dtype, {OutType::S8, OutType::U8, OutType::S4, OutType::U4});
-  const bool fixed = prof->second == qsim::Numerics::Tflite || prof->second == qsim::Numerics::TfliteSingle;
+  const bool fixed = prof == qsim::Numerics::Tflite || prof == qsim::Numerics::TfliteSingle;
   if (fixed) {
     if (multiplier.is_none() || shift.is_none())
       throw py::value_error("multiplier and shift are required for numerics='" + numerics + "'");
@@ -702,7 +696,7 @@ py::array requantize_profile(py::handle acc_, const std::string& numerics, py::h
   void* yp = y.mutable_data();
   {
     py::gil_scoped_release nogil;
-    qsim::requantize_profile(static_cast<const int32_t*>(acc.ptr), acc.dim(0), n, acc.dim(2), prof->second, st, yp);
+    qsim::requantize_profile(static_cast<const int32_t*>(acc.ptr), acc.dim(0), n, acc.dim(2), prof, st, yp);
   }
   return y;
 }

@@ -37,6 +37,9 @@ PROFILES = {p.name: p for p in (
             "(vpmaddubsw), as PyTorch runs on such CPUs or with FBGEMM_ENABLE_INSTRUCTIONS=AVX2", True),
 )}
 NAMES = tuple(PROFILES)
+# the profiles the native backends implement: the exact int32 op, then the output stage of csrc/numerics.h
+# (FBGEMM's int16 pair saturation is a property of its AVX2 kernel, modelled in the reference only)
+NATIVE = tuple(n for n, p in PROFILES.items() if not p.pair_saturation)
 FLOAT_PROFILES = tuple(n for n, p in PROFILES.items() if p.params == "float")
 
 

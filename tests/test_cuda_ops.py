@@ -38,6 +38,7 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import strategies as S
 from pyqsim import _checks as C
@@ -371,6 +372,58 @@ def test_requantize_equals_reference(kw):
 
 
 # ------------------------------------------------------------------------------------------ properties (torch)
+
+
+# ------------------------------------------------------------------------------------------ numerics profiles (§14)
+
+RUNTIME_PROFILES = ["tflite", "tflite-single", "onnxruntime", "fbgemm"]
+OUT_RANGE = {"int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "uint4": (0, 15)}
+REALS = st.one_of(st.floats(2.0**-31, 2.0**29), st.sampled_from([0.5, 0.25, 1.0, 3.0, 2.0**-31]))
+
+
+def profile_stage(data, numerics: str, n: int) -> dict:
+    """Output-stage keywords of a runtime profile: quantize_multiplier of drawn real scales, a drawn zero point."""
+    reals = data.draw(hnp.arrays(np.float64, n, elements=REALS), label="reals")
+    out = data.draw(st.sampled_from(sorted(OUT_RANGE)), label="out")
+    m, s = ops.quantize_multiplier(reals, numerics=numerics)
+    return dict(out_dtype=out, multiplier=m, shift=s, out_zero_point=data.draw(st.integers(*OUT_RANGE[out])),
+                numerics=numerics)
+
+
+@pytest.mark.parametrize("numerics", RUNTIME_PROFILES)
+@given(acc=hnp.arrays(np.int32, st.tuples(st.integers(0, 3), st.integers(1, 20), st.integers(0, 5)),
+                      elements=st.integers(-(2**31), 2**31 - 1)), data=st.data())
+@example(acc=np.array([[[-(2**31)], [2**31 - 1], [0]]], np.int32), data=None)
+def test_requantize_profiles_equal_reference(numerics, acc, data):
+    """Every int32 accumulator, wrapping and saturating steps included, through the profile's stage on device."""
+    if data is None:  # the @example: fixed parameters at the accumulator extremes
+        m, s = ops.quantize_multiplier(np.array([0.5, 2.0**-31, 3.0]), numerics=numerics)
+        kw = dict(out_dtype="int8", multiplier=m, shift=s, out_zero_point=-128, numerics=numerics)
+    else:
+        kw = profile_stage(data, numerics, acc.shape[1])
+    kw["zero_point"] = kw.pop("out_zero_point")
+    same("requantize", dict(acc=acc, axis=1, **kw), f"requantize numerics={numerics}")
+
+
+@pytest.mark.parametrize("numerics", RUNTIME_PROFILES)
+@FEWER
+@given(m=st.integers(0, 70), n=st.integers(1, 40), k=st.integers(1, 80), data=st.data())
+def test_int_gemm_profiles_equal_reference(numerics, m, n, k, data):
+    """The exact int32 GEMM on device, then the profile's stage (csrc/numerics.h, as on the CPU)."""
+    x = data.draw(hnp.arrays(np.uint8, (m, k)), label="x")
+    w = data.draw(hnp.arrays(np.int8, (n, k)), label="w")
+    kw = dict(x=x, w=w, x_zero_point=data.draw(st.integers(0, 255)), **profile_stage(data, numerics, n))
+    same("int_gemm", kw, f"int_gemm numerics={numerics}")
+
+
+@pytest.mark.parametrize("numerics", RUNTIME_PROFILES)
+@FEWER
+@given(b=st.integers(1, 2), c=st.integers(1, 6), hw=st.integers(1, 7), o=st.integers(1, 9), data=st.data())
+def test_int_conv2d_profiles_equal_reference(numerics, b, c, hw, o, data):
+    x = data.draw(hnp.arrays(np.uint8, (b, c, hw, hw)), label="x")
+    w = data.draw(hnp.arrays(np.int8, (o, c, 3, 3)), label="w")
+    kw = dict(x=x, w=w, padding=1, x_zero_point=data.draw(st.integers(0, 255)), **profile_stage(data, numerics, o))
+    same("int_conv2d", kw, f"int_conv2d numerics={numerics}")
 
 
 @needs_torch

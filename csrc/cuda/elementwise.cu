@@ -25,6 +25,29 @@ __global__ void requant_kernel(const int32_t* acc, int64_t total, int64_t n, int
   }
 }
 
+struct ProfileParams {
+  Numerics p;
+  bool s8;  // int8 / int4 output bytes, else uint8 / uint4
+  const int32_t* mult;  // tflite profiles
+  const int32_t* shift;
+  const float* scale;   // onnxruntime, fbgemm
+  int32_t zy, lo, hi;
+};
+
+// One thread per element, the §14 stage of csrc/numerics.h (the same function the CPU kernels run).
+__global__ void profile_kernel(const int32_t* acc, int64_t total, int64_t n, int64_t inner, ProfileParams P, void* y) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = (i / inner) % n;
+    const int32_t q = numerics::requant_code(P.p, acc[i], P.mult ? P.mult[c] : 0, P.shift ? P.shift[c] : 1,
+                                             P.scale ? P.scale[c] : 0.f, P.zy, P.lo, P.hi);
+    if (P.s8)
+      static_cast<int8_t*>(y)[i] = static_cast<int8_t>(q);
+    else
+      static_cast<uint8_t*>(y)[i] = static_cast<uint8_t>(q);
+  }
+}
+
 struct Log2Params {
   const uint8_t* codes;  // [M, L]
   const uint8_t* v;      // [L, N]
@@ -118,6 +141,31 @@ void requantize(const int32_t* acc, int64_t outer, int64_t n, int64_t inner, con
   ws.upload();
   QSIM_LAUNCH(requant_kernel, grid_for(total, 256), 256, 0, s)(acc, total, n, inner, make_epi(ws, eo, out), y);
   check(cudaGetLastError(), "requantize", "kernel launch");
+}
+
+void requantize_profile(const int32_t* acc, int64_t outer, int64_t n, int64_t inner, Numerics p, const OutStage& out,
+                        void* y, uintptr_t stream) {
+  using namespace detail;
+  const int64_t total = outer * n * inner;
+  if (total == 0) return;
+  cudaStream_t s = as_stream(stream);
+  Workspace ws("requantize_profile", s);
+  const bool fixed = p == Numerics::Tflite || p == Numerics::TfliteSingle;
+  const size_t ni = static_cast<size_t>(n) * 4;
+  const size_t om = fixed ? ws.add_host(out.multiplier, ni) : 0, os = fixed ? ws.add_host(out.shift, ni) : 0;
+  const size_t oc = fixed ? 0 : ws.add_host(out.scale, ni);
+  ws.upload();
+  ProfileParams P;
+  P.p = p;
+  P.s8 = out.type == OutType::S8 || out.type == OutType::S4;
+  P.mult = fixed ? ws.host_part<int32_t>(om) : nullptr;
+  P.shift = fixed ? ws.host_part<int32_t>(os) : nullptr;
+  P.scale = fixed ? nullptr : ws.host_part<float>(oc);
+  P.zy = out.zero_point;
+  P.lo = out_qmin(out.type);
+  P.hi = out_qmax(out.type);
+  QSIM_LAUNCH(profile_kernel, grid_for(total, 256), 256, 0, s)(acc, total, n, inner, P, y);
+  check(cudaGetLastError(), "requantize_profile", "kernel launch");
 }
 
 void log2_attn_matmul(const uint8_t* codes, const void* v, ActType vt, int64_t m, int64_t l, int64_t n, int32_t zv,

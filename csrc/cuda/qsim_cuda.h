@@ -48,6 +48,11 @@ void split_conv2d(const Operand& a, int64_t c1, const Operand& b, int64_t c2, co
 void requantize(const int32_t* acc, int64_t outer, int64_t n, int64_t inner, const OutStage& out, void* y,
                 uintptr_t stream);
 
+// §14: acc [outer, N, inner] int32 -> y of the stage's requantized type under runtime profile p (not Pyqsim):
+// tflite / tflite-single take out.multiplier and out.shift (1..62), onnxruntime / fbgemm take out.scale.
+void requantize_profile(const int32_t* acc, int64_t outer, int64_t n, int64_t inner, Numerics p, const OutStage& out,
+                        void* y, uintptr_t stream);
+
 // §7: codes [M, L] uint8, v [L, N]; y [M, N] int64, float32 or requantized.
 void log2_attn_matmul(const uint8_t* codes, const void* v, ActType vt, int64_t m, int64_t l, int64_t n, int32_t zv,
                       int bits, int k, int frac_bits, const OutStage& out, void* y, uintptr_t stream);

@@ -8,6 +8,8 @@ next to the plain ``w`` that the other backends use.
 """
 from __future__ import annotations
 
+from ..numerics import NATIVE as _NATIVE_NUMERICS
+
 try:
     from .. import _C
 except ImportError as _exc:  # pragma: no cover - exercised only in builds without the extension
@@ -19,7 +21,7 @@ else:
 PackedWeight = getattr(_C, "PackedWeight", None)
 # numerics profiles (spec §14) the kernels implement: the accumulation is exact for all, so a runtime
 # profile is the exact int32 op followed by the profile's requantization pass
-NUMERICS = ("pyqsim", "tflite", "tflite-single", "onnxruntime", "fbgemm")
+NUMERICS = _NATIVE_NUMERICS
 
 
 def available() -> bool:

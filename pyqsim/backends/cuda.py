@@ -13,6 +13,7 @@ import importlib
 import numpy as np
 
 from .._device import DeviceArray
+from ..numerics import NATIVE as _NATIVE_NUMERICS
 
 try:
     from .. import _C
@@ -23,6 +24,7 @@ else:
     _IMPORT_ERROR = None if _cu is not None else ("pyqsim was built without the CUDA kernels (at install time "
                                                   "PYQSIM_CUDA was OFF, or AUTO found no nvcc or no GPU)")
 _GPU_MODULE = _cu  # the kernels compiled by nvcc (None without them); _cu is the module the ops call
+NUMERICS = _NATIVE_NUMERICS  # spec §14: the exact int32 op, then the profile's stage (csrc/numerics.h)
 generation = 0  # counts switches of _cu; pyqsim.ops caches this backend's availability per generation
 
 
@@ -139,6 +141,12 @@ class _Call:
         self._keep.append(buf)
         return buf.ptr
 
+    def scratch(self, nbytes: int) -> int:
+        """A device buffer kept for the call (stream-ordered)."""
+        buf = _cu.Buffer(int(nbytes), self.stream)
+        self._keep.append(buf)
+        return buf.ptr
+
     def output(self, shape, dtype: str):
         """(device address, finisher returning the result array)."""
         shape = tuple(int(s) for s in shape)
@@ -174,13 +182,34 @@ class _Call:
         return int(out.data.ptr), lambda: out
 
 
+def _runtime_profile(o) -> bool:
+    return o.numerics != "pyqsim" and o.dtype not in ("int32", "float32")
+
+
+def _profile_pass(c, o, shape, n: int, inner: int, run):
+    """A runtime profile (spec §14) on device: the exact int32 op into scratch (``run(acc_ptr)``), then its stage."""
+    outer = shape[0]
+    acc = c.scratch(outer * n * inner * 4)
+    run(acc)
+    y, finish = c.output(shape, o.dtype)
+    _cu.requantize_profile(acc, outer, n, inner, o.numerics, o.dtype, o.multiplier, o.shift, o.scale, o.zero_point, y,
+                           c.stream)
+    return finish()
+
+
 def _int_gemm(a):
     o = a.out
     with _Call(a.x, a.w) as c:
         m, n = a.x.shape[0], a.w.shape[0]
+
+        def run(y, dtype, mult, shift, zy, scale):
+            _cu.int_gemm(c.ptr(a.x), a.x_type, a.x_zero_point, c.ptr(a.w), a.w_format, a.w_zero_point, m, n, a.k,
+                         a.bias, dtype, mult, shift, zy, scale, y, c.stream)
+        if _runtime_profile(o):
+            return _profile_pass(c, o, (m, n), n, 1,
+                                 lambda acc: run(acc, "int32", o.multiplier, o.shift, 0, o.scale))
         y, finish = c.output((m, n), o.dtype)
-        _cu.int_gemm(c.ptr(a.x), a.x_type, a.x_zero_point, c.ptr(a.w), a.w_format, a.w_zero_point, m, n, a.k, a.bias,
-                     o.dtype, o.multiplier, o.shift, o.zero_point, o.scale, y, c.stream)
+        run(y, o.dtype, o.multiplier, o.shift, o.zero_point, o.scale)
         return finish()
 
 
@@ -189,10 +218,17 @@ def _int_conv2d(a):
     with _Call(a.x, a.w) as c:
         b, _, _, _ = a.x.shape
         n = a.w.shape[0]
-        y, finish = c.output((b, n) + tuple(a.out_hw), o.dtype)
-        _cu.int_conv2d(c.ptr(a.x), a.x_type, a.x_zero_point, c.ptr(a.w), a.w_format, a.w_zero_point, tuple(a.x.shape), n,
-                       a.kernel_size, a.stride, a.padding, a.dilation, a.groups, a.out_hw, a.bias, o.dtype, o.multiplier,
-                       o.shift, o.zero_point, o.scale, y, c.stream)
+        shape = (b, n) + tuple(a.out_hw)
+
+        def run(y, dtype, mult, shift, zy, scale):
+            _cu.int_conv2d(c.ptr(a.x), a.x_type, a.x_zero_point, c.ptr(a.w), a.w_format, a.w_zero_point,
+                           tuple(a.x.shape), n, a.kernel_size, a.stride, a.padding, a.dilation, a.groups, a.out_hw,
+                           a.bias, dtype, mult, shift, zy, scale, y, c.stream)
+        if _runtime_profile(o):
+            return _profile_pass(c, o, shape, n, shape[2] * shape[3],
+                                 lambda acc: run(acc, "int32", o.multiplier, o.shift, 0, o.scale))
+        y, finish = c.output(shape, o.dtype)
+        run(y, o.dtype, o.multiplier, o.shift, o.zero_point, o.scale)
         return finish()
 
 
@@ -225,6 +261,10 @@ def _requantize(a):
     with _Call(a.acc) as c:
         outer, n, inner = a.acc.shape
         y, finish = c.output(a.shape, o.dtype)
+        if _runtime_profile(o):
+            _cu.requantize_profile(c.ptr(a.acc), outer, n, inner, o.numerics, o.dtype, o.multiplier, o.shift, o.scale,
+                                   o.zero_point, y, c.stream)
+            return finish()
         _cu.requantize(c.ptr(a.acc), outer, n, inner, o.dtype, o.multiplier, o.shift, o.zero_point, y, c.stream)
         return finish()
 
