@@ -729,7 +729,8 @@ py::array log2_attn_matmul(py::handle codes_, py::handle v_, int64_t v_zero_poin
   const uint8_t* cp = static_cast<const uint8_t*>(codes.ptr);
   const int64_t count = static_cast<int64_t>(codes.a.size());
   uint8_t top = 0;
-  for (int64_t i = 0; i < count; ++i) top = std::max(top, cp[i]);
+  if (qsim::bytes_exceed(cp, count, static_cast<uint8_t>(zero_code)))
+    for (int64_t i = 0; i < count; ++i) top = std::max(top, cp[i]);
   if (top > zero_code)
     throw py::value_error("codes must be in [0, " + std::to_string(zero_code) + "] for bits=" + std::to_string(bits) +
                           ", got " + std::to_string(top));

@@ -93,6 +93,7 @@ struct KernelSet {
   // (A panel [kg][mr][4], no second half) and b = int8 values (B panel [kg][16][4]); every pair sum
   // a0*b0 + a1*b1 lies in [-32768, 32512], so an int16 pairwise product is exact.
   UkrFn ukr_shift[kMR + 1];
+  UkrWideFn ukr_shift_wide[kMR + 1];  // the same over up to kWideNP panels of v (may be null)
   // §7: the A panel ([kg][mr][4], zero padded to 4 * kg) of weights lut[code] for mr rows of codes (row stride
   // ldc, lc codes each), and the weight sum of each row. lut16: lut is zero from index 16 on and every code is < 16.
   void (*shift_a)(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int64_t kg, const uint8_t* lut, bool lut16,

@@ -153,8 +153,9 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
         }
       }
     }
-    alignas(64) int32_t tile[kMR * kNR];
-    int64_t acc[kMR * kNR];
+    const int64_t W = ks.ukr_shift_wide[1] ? kWideNP : 1;  // v panels per micro-kernel call
+    alignas(64) int32_t tile[kWideNP * kMR * kNR];
+    int64_t acc[kWideNP][kMR * kNR];
     for (int64_t q = 0; q < quads; ++q) {
       const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - q * kMR));
       bool live[kPasses];  // weights are >= 0: zero row sums mean all-zero rows
@@ -168,24 +169,35 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
         }
         live[p] = any != 0;
       }
-      for (int64_t pn = 0; pn < npan; ++pn) {
-        const int64_t nc = std::min<int64_t>(kNR, n - pn * kNR);
+      for (int64_t pn0 = 0; pn0 < npan; pn0 += W) {
+        const int np = static_cast<int>(std::min<int64_t>(W, npan - pn0));
         std::memset(acc, 0, sizeof(acc));
-        if (!single)
+        for (int j = 0; j < np && !single; ++j) {
+          const int64_t pn = pn0 + j, nc = std::min<int64_t>(kNR, n - pn * kNR);
           for (int ri = 0; ri < mr; ++ri)
-            std::memcpy(acc + ri * kNR, rbuf.data() + (q * kMR + ri) * n + pn * kNR, static_cast<size_t>(nc) * sizeof(int64_t));
+            std::memcpy(acc[j] + ri * kNR, rbuf.data() + (q * kMR + ri) * n + pn * kNR,
+                        static_cast<size_t>(nc) * sizeof(int64_t));
+        }
         for (int p = 0; p < kPasses; ++p) {
           if (!live[p]) continue;
-          ks.ukr_shift[mr](reinterpret_cast<const int8_t*>(apan[p].p + q * kg * 16), vpan.p + pn * kg * 64, kg, tile);
-          ks.shift_acc(tile, mr, corr[p], (p & 1) ? kQ : 65536, pb.frac_bits - pb.top[p], acc);
-        }
-        for (int ri = 0; ri < mr; ++ri) {
-          const int64_t i = q * kMR + ri;
-          if (pb.deep) add_deep(pb, codes + i * l + j0, v, j0, lc, pn * kNR, nc, acc + ri * kNR);
-          if (single)
-            out_span(pb, ks, acc + ri * kNR, bi * pb.m + r0 + i, pn * kNR, nc);
+          const int8_t* ap = reinterpret_cast<const int8_t*>(apan[p].p + q * kg * 16);
+          if (W > 1)
+            ks.ukr_shift_wide[mr](ap, vpan.p + pn0 * kg * 64, kg * 64, np, kg, tile);
           else
-            std::memcpy(rbuf.data() + i * n + pn * kNR, acc + ri * kNR, static_cast<size_t>(nc) * sizeof(int64_t));
+            ks.ukr_shift[mr](ap, vpan.p + pn0 * kg * 64, kg, tile);
+          for (int j = 0; j < np; ++j)
+            ks.shift_acc(tile + j * kMR * kNR, mr, corr[p], (p & 1) ? kQ : 65536, pb.frac_bits - pb.top[p], acc[j]);
+        }
+        for (int j = 0; j < np; ++j) {
+          const int64_t pn = pn0 + j, nc = std::min<int64_t>(kNR, n - pn * kNR);
+          for (int ri = 0; ri < mr; ++ri) {
+            const int64_t i = q * kMR + ri;
+            if (pb.deep) add_deep(pb, codes + i * l + j0, v, j0, lc, pn * kNR, nc, acc[j] + ri * kNR);
+            if (single)
+              out_span(pb, ks, acc[j] + ri * kNR, bi * pb.m + r0 + i, pn * kNR, nc);
+            else
+              std::memcpy(rbuf.data() + i * n + pn * kNR, acc[j] + ri * kNR, static_cast<size_t>(nc) * sizeof(int64_t));
+          }
         }
       }
     }

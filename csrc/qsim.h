@@ -76,6 +76,9 @@ Isa resolve_isa();
 void set_isa_override(const std::string& name);
 std::string isa_override();
 
+// Whether some byte of p[0, n) has a bit outside `mask` (a value above mask when mask = 2^b - 1); an OR over words.
+bool bytes_exceed(const uint8_t* p, int64_t n, uint8_t mask);
+
 int get_num_threads();
 void set_num_threads(int n);  // n >= 1
 

@@ -109,6 +109,20 @@ std::string isa_override() {
   return g_isa_override;
 }
 
+bool bytes_exceed(const uint8_t* p, int64_t n, uint8_t mask) {
+  uint64_t any = 0;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t w;
+    std::memcpy(&w, p + i, 8);
+    any |= w;
+  }
+  uint8_t tail = 0;
+  for (; i < n; ++i) tail |= p[i];
+  for (int b = 0; b < 8; ++b) tail |= static_cast<uint8_t>(any >> (8 * b));
+  return (tail & static_cast<uint8_t>(~mask)) != 0;
+}
+
 int get_num_threads() { return ThreadPool::instance().num_threads(); }
 void set_num_threads(int n) {
   if (n < 1) throw std::invalid_argument("number of threads must be >= 1, got " + std::to_string(n));

@@ -65,15 +65,16 @@ void ukr_vnni(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile) {
   dp_tile<MR, 8 * MR, 4 * MR>(a, b, kg, tile);
 }
 
-// NP panels at once: MR * NP accumulators (16 at most) share each broadcast of u, and each B vector serves MR rows.
-template <int MR, int NP>
+// NP panels at once: MR * NP accumulators (16 at most) share each broadcast row, and each B vector serves MR rows.
+// A layout as dp_tile (k-group stride AStep, row r at AOff + 4 r).
+template <int MR, int NP, int AStep, int AOff>
 inline void dp_wide(const int8_t* a, const uint8_t* b, int64_t bstride, int64_t kg, int32_t* tiles) {
   __m512i acc[MR][NP];
 #pragma GCC unroll 4
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
     for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_setzero_si512();
-  const int8_t* ag = a + 4 * MR;  // the u half of k-group 0
+  const int8_t* ag = a + AOff;
   for (int64_t g = 0; g < kg; ++g) {
     __m512i bv[NP];
 #pragma GCC unroll 4
@@ -84,7 +85,7 @@ inline void dp_wide(const int8_t* a, const uint8_t* b, int64_t bstride, int64_t 
 #pragma GCC unroll 4
       for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], av, bv[j]);
     }
-    ag += 8 * MR;
+    ag += AStep;
   }
 #pragma GCC unroll 4
   for (int j = 0; j < NP; ++j)
@@ -92,14 +93,24 @@ inline void dp_wide(const int8_t* a, const uint8_t* b, int64_t bstride, int64_t 
     for (int r = 0; r < MR; ++r) _mm512_storeu_si512(tiles + j * 64 + r * 16, acc[r][j]);
 }
 
+template <int MR, int AStep, int AOff>
+inline void wide_np(const int8_t* a, const uint8_t* b, int64_t bstride, int np, int64_t kg, int32_t* tiles) {
+  switch (np) {
+    case 4: dp_wide<MR, 4, AStep, AOff>(a, b, bstride, kg, tiles); break;
+    case 3: dp_wide<MR, 3, AStep, AOff>(a, b, bstride, kg, tiles); break;
+    case 2: dp_wide<MR, 2, AStep, AOff>(a, b, bstride, kg, tiles); break;
+    default: dp_tile<MR, AStep, AOff>(a, b, kg, tiles); break;
+  }
+}
+
 template <int MR>
 void ukr_wide_vnni(const int8_t* a, const uint8_t* b, int64_t bstride, int np, int64_t kg, int32_t* tiles) {
-  switch (np) {
-    case 4: dp_wide<MR, 4>(a, b, bstride, kg, tiles); break;
-    case 3: dp_wide<MR, 3>(a, b, bstride, kg, tiles); break;
-    case 2: dp_wide<MR, 2>(a, b, bstride, kg, tiles); break;
-    default: dp_tile<MR, 8 * MR, 4 * MR>(a, b, kg, tiles); break;
-  }
+  wide_np<MR, 8 * MR, 4 * MR>(a, b, bstride, np, kg, tiles);
+}
+
+template <int MR>
+void ukr_shift_wide_vnni(const int8_t* a, const uint8_t* b, int64_t bstride, int np, int64_t kg, int32_t* tiles) {
+  wide_np<MR, 4 * MR, 0>(a, b, bstride, np, kg, tiles);
 }
 
 // §7 shift weights: tile = sum a * v with a in [0, 128] (A panel [kg][MR][4], no second half), v int8.
@@ -164,6 +175,7 @@ const KernelSet& avx512vnni_kernels() {
     QSIM_MR_TABLE(k.ukr4, ukr_vnni);
     QSIM_MR_TABLE(k.ukr_wide, ukr_wide_vnni);
     QSIM_MR_TABLE(k.ukr_shift, ukr_shift_vnni);
+    QSIM_MR_TABLE(k.ukr_shift_wide, ukr_shift_wide_vnni);
     k.shift_acc = shift_acc_vnni;
     k.shift_requant = shift_requant_vnni;
     return k;

@@ -169,6 +169,21 @@ def test_gemm_tile_tails_k(isa, k):
         same("int_gemm", gemm_kw(6, 19, k, fmt=fmt, seed=k, zw=zw))
 
 
+@pytest.mark.parametrize("n", [16, 64, 65, 97, 113, 129])  # value panels in groups of 4 and their tails (§10.7)
+def test_log2_attn_panel_tails(isa, n):
+    rng = np.random.default_rng(n)
+    for m, length, out in [(7, 33, "int64"), (9, 197, "uint8"), (4, 5, "float32")]:
+        kw = dict(codes=rng.integers(0, 16, (2, m, length), dtype=np.uint8),
+                  v=rng.integers(0, 256, (2, length, n), dtype=np.uint8), v_zero_point=int(rng.integers(0, 256)),
+                  bits=4, mode="sqrt2", out_dtype=out)
+        if out == "uint8":
+            kw.update(multiplier=rng.integers(2**30, 2**31 - 1, n).astype(np.int32),
+                      shift=rng.integers(33, 60, n).astype(np.int32), out_zero_point=128)
+        if out == "float32":
+            kw.update(out_scale=rng.random(n).astype(np.float32) * 2.0**-20)
+        same("log2_attn_matmul", kw)
+
+
 @pytest.mark.parametrize("m,n,k", [(0, 5, 3), (5, 0, 3), (5, 3, 0), (0, 0, 0), (1, 1, 0)])
 def test_gemm_zero_size(isa, m, n, k):
     for out in ("int32", "int8", "float32", "uint4"):
