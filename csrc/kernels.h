@@ -95,8 +95,9 @@ struct KernelSet {
   UkrFn ukr_shift[kMR + 1];
   UkrWideFn ukr_shift_wide[kMR + 1];  // the same over up to kWideNP panels of v (may be null)
   // §7: the A panel ([kg][mr][4], zero padded to 4 * kg) of weights lut[code] for mr rows of codes (row stride
-  // ldc, lc codes each), and the weight sum of each row. lut16: lut is zero from index 16 on and every code is < 16.
-  void (*shift_a)(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int64_t kg, const uint8_t* lut, bool lut16,
+  // ldc, lc codes each), and the weight sum of each row. win >= 0: lut is zero outside [win, win + 16), and lut has
+  // 16 readable entries from win on; win < 0: no such window.
+  void (*shift_a)(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int64_t kg, const uint8_t* lut, int win,
                   uint8_t* dst, int64_t* rowsum);
   // §7: the B panels [npan][kg][16][4] of v' = v ^ vxor for lc rows of v (row stride n), zero padded.
   void (*shift_b)(const uint8_t* v, int64_t n, int64_t lc, int64_t kg, uint8_t vxor, int8_t* dst);

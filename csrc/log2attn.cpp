@@ -51,10 +51,10 @@ struct Scratch {
 };
 
 struct CodeInfo {
-  int8_t pass;   // -1: the zero code, -2: a deep code (t < 0), else 2 * band + odd
+  int8_t pass;   // -1: the zero code or a code whose terms are all 0, -2: a deep code (t < 0), else 2 * band + odd
   uint8_t w;     // 2^(top - e) for exact codes
   int8_t odd;    // class of a deep code
-  int8_t sft;    // -t of a deep code, capped at 62
+  int8_t sft;    // -t of a deep code, in [1, 8]
 };
 
 struct Problem {
@@ -64,10 +64,10 @@ struct Problem {
   int64_t m, l, n;
   int32_t zvp;           // zv' (zero point mapped like v')
   CodeInfo info[256];
-  uint8_t lut[kPasses][256];    // weight of each code in each pass (0 elsewhere)
+  uint8_t lut[kPasses][256 + 16];  // weight of each code in each pass (0 elsewhere; 16 zero bytes past the end)
   bool possible[kPasses];       // some code falls in the pass
   int npasses;
-  bool lut16;                   // every code < 16 (bits <= 4)
+  int win[kPasses];             // the pass's non-zero weights lie in codes [win, win + 16), else -1
   bool deep;                    // some code has t < 0
   bool all_wide_shifts;         // requantized output with every shift >= 33 (KernelSet::shift_requant)
   int frac_bits;
@@ -148,7 +148,7 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
         apan[p].reset(static_cast<size_t>(quads * kg * 16), false);
         for (int64_t q = 0; q < quads; ++q) {
           const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - q * kMR));
-          ks.shift_a(codes + q * kMR * l + j0, l, mr, lc, kg, pb.lut[p], pb.lut16, apan[p].p + q * kg * 16,
+          ks.shift_a(codes + q * kMR * l + j0, l, mr, lc, kg, pb.lut[p], pb.win[p], apan[p].p + q * kg * 16,
                      rowsum.data() + p * rows + q * kMR);
         }
       }
@@ -232,8 +232,11 @@ void log2_attn_matmul(const uint8_t* codes, const void* v, ActType vt, int64_t b
     const int e = (c + k - 1) / k;  // ceil(c / k)
     ci.odd = static_cast<int8_t>(k == 2 && (c & 1));
     if (e > frac_bits) {
-      ci.pass = -2;
-      ci.sft = static_cast<int8_t>(std::min(e - frac_bits, 62));
+      // a deep term round_half_up(d / 2^sft) with |d| <= 255 is 0 once sft >= 9: such codes add nothing
+      if (e - frac_bits < 9) {
+        ci.pass = -2;
+        ci.sft = static_cast<int8_t>(e - frac_bits);
+      }
       continue;
     }
     const int band = e / 8, top = std::min(8 * band + 7, frac_bits);
@@ -252,7 +255,12 @@ void log2_attn_matmul(const uint8_t* codes, const void* v, ActType vt, int64_t b
     pb->deep |= ci.pass == -2;
   }
   pb->npasses = static_cast<int>(std::count(pb->possible, pb->possible + kPasses, true));
-  pb->lut16 = bits <= 4;
+  for (int p = 0; p < kPasses; ++p) {
+    int lo = 256, hi = -1;
+    for (int c = 0; c < 256; ++c)
+      if (pb->lut[p][c]) lo = std::min(lo, c), hi = std::max(hi, c);
+    pb->win[p] = hi < 0 ? 0 : (hi - lo < 16 ? lo : -1);
+  }
   pb->frac_bits = frac_bits;
   for (int p = 0; p < kPasses; ++p) pb->top[p] = std::min(8 * (p / 2) + 7, frac_bits);
   // chunk of L: int32 sums stay exact and the B panel stays within about 4 MiB

@@ -431,19 +431,26 @@ void ukr_shift_avx2(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile
 
 // Four rows of codes < 16: 16 codes per row at a time through a pshufb table, a 4 x 4 transpose of 32-bit
 // groups into the [g][4 rows][4] layout, and psadbw row sums; the tail and other shapes take the portable loop.
-void shift_a_avx2(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int64_t kg, const uint8_t* lut, bool lut16,
+void shift_a_avx2(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int64_t kg, const uint8_t* lut, int win,
                   uint8_t* dst, int64_t* rowsum) {
   for (int r = 0; r < mr; ++r) rowsum[r] = 0;
   int64_t j0 = 0;
-  if (lut16 && mr == kMR) {
-    const __m128i tab = _mm_loadu_si128(reinterpret_cast<const __m128i*>(lut));
+  if (win >= 0 && mr == kMR) {
+    // w = tab[c - win] for c in the window, else 0: c - win wraps to a byte, and the saturating + 0x70 keeps
+    // in-window indices below 0x80 (low nibble unchanged) and sends the rest to >= 0x80, which vpshufb zeroes.
+    const __m128i tab = _mm_loadu_si128(reinterpret_cast<const __m128i*>(lut + win));
+    const __m128i base = _mm_set1_epi8(static_cast<char>(win)), bias = _mm_set1_epi8(0x70);
     const __m128i zero = _mm_setzero_si128();
     __m128i s0 = zero, s1 = zero, s2 = zero, s3 = zero;
+    auto weights = [&](const uint8_t* p) {
+      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      return _mm_shuffle_epi8(tab, _mm_adds_epu8(_mm_sub_epi8(c, base), bias));
+    };
     for (; j0 + 16 <= lc; j0 += 16) {
-      const __m128i w0 = _mm_shuffle_epi8(tab, _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + j0)));
-      const __m128i w1 = _mm_shuffle_epi8(tab, _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + ldc + j0)));
-      const __m128i w2 = _mm_shuffle_epi8(tab, _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 2 * ldc + j0)));
-      const __m128i w3 = _mm_shuffle_epi8(tab, _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 3 * ldc + j0)));
+      const __m128i w0 = weights(codes + j0);
+      const __m128i w1 = weights(codes + ldc + j0);
+      const __m128i w2 = weights(codes + 2 * ldc + j0);
+      const __m128i w3 = weights(codes + 3 * ldc + j0);
       s0 = _mm_add_epi64(s0, _mm_sad_epu8(w0, zero));
       s1 = _mm_add_epi64(s1, _mm_sad_epu8(w1, zero));
       s2 = _mm_add_epi64(s2, _mm_sad_epu8(w2, zero));

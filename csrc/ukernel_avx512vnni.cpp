@@ -157,6 +157,55 @@ void shift_requant_vnni(const int64_t* r, int64_t nc, const int32_t* mult, const
     avx2_kernels().shift_requant(r + c, nc - c, mult + c, shift + c, zy, lo, hi, s8, static_cast<uint8_t*>(out) + c);
 }
 
+// The output stage (§6, §8, §10.4) one 16-channel row per vector for whole tiles stored row by row: int32, float32
+// (one conversion, one multiply [, one multiply and one add]: the AVX2 order of operations) and the int32 form of the
+// requantization (every shift in [33, 62]); other cases go to the AVX2 stage.
+inline __m512i corrected16(const int32_t* t, const int32_t* colc, const int32_t* zw, int32_t rs) {
+  __m512i v = _mm512_add_epi32(_mm512_loadu_si512(t), _mm512_loadu_si512(colc));
+  if (zw) v = _mm512_sub_epi32(v, _mm512_mullo_epi32(_mm512_loadu_si512(zw), _mm512_set1_epi32(rs)));
+  return v;
+}
+
+// The high dword of each exact product a * m (both int32; 64-bit products of even and odd lanes), [+ b * m2].
+inline __m512i high_products(__m512i a, __m512i m, const __m512i* b, __m512i m2) {
+  __m512i pe = _mm512_mul_epi32(a, m);
+  __m512i po = _mm512_mul_epi32(_mm512_srli_epi64(a, 32), _mm512_srli_epi64(m, 32));
+  if (b) {
+    pe = _mm512_add_epi64(pe, _mm512_mul_epi32(*b, m2));
+    po = _mm512_add_epi64(po, _mm512_mul_epi32(_mm512_srli_epi64(*b, 32), _mm512_srli_epi64(m2, 32)));
+  }
+  return _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
+}
+
+void epi_vnni(const Epi& e, int64_t n0, int mr, int nc, const int32_t* t1, const int32_t* rs1, const int32_t* t2,
+              const int32_t* rs2, const TileOut& o) {
+  const bool requant = is_requant(e.type);
+  if (nc != kNR || o.ldn != 1 || (requant && !e.fast32) || (e.type != OutType::I32 && e.type != OutType::F32 && !requant))
+    return avx2_kernels().epi(e, n0, mr, nc, t1, rs1, t2, rs2, o);
+  const int32_t* zw1 = e.zw1 ? e.zw1 + n0 : nullptr;
+  const int32_t* zw2 = e.split && e.zw2 ? e.zw2 + n0 : nullptr;
+  for (int r = 0; r < mr; ++r) {
+    const __m512i v = corrected16(t1 + r * kNR, e.colc1 + n0, zw1, rs1 ? rs1[r] : 0);
+    __m512i w = _mm512_setzero_si512();
+    if (e.split) w = corrected16(t2 + r * kNR, e.colc2 + n0, zw2, rs2 ? rs2[r] : 0);
+    if (e.type == OutType::I32) {
+      _mm512_storeu_si512(static_cast<int32_t*>(o.out) + r * o.ldm, v);
+    } else if (e.type == OutType::F32) {
+      __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_loadu_ps(e.s1 + n0));
+      if (e.split) f = _mm512_add_ps(f, _mm512_mul_ps(_mm512_cvtepi32_ps(w), _mm512_loadu_ps(e.s2 + n0)));
+      _mm512_storeu_ps(static_cast<float*>(o.out) + r * o.ldm, f);
+    } else {
+      const __m512i h = high_products(v, _mm512_loadu_si512(e.m1_32 + n0), e.split ? &w : nullptr,
+                                      e.split ? _mm512_loadu_si512(e.m2_32 + n0) : _mm512_setzero_si512());
+      __m512i y = _mm512_srav_epi32(_mm512_add_epi32(h, _mm512_loadu_si512(e.rnd32 + n0)),
+                                    _mm512_loadu_si512(e.shr32 + n0));
+      y = _mm512_add_epi32(y, _mm512_set1_epi32(e.zy));
+      y = _mm512_min_epi32(_mm512_max_epi32(y, _mm512_set1_epi32(e.lo)), _mm512_set1_epi32(e.hi));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(o.out) + r * o.ldm), _mm512_cvtepi32_epi8(y));
+    }
+  }
+}
+
 // The AVX2 packer with the second half always u = x' + 128 (the only half the kernels above read).
 void pack_a_vnni(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, uint8_t xor_mask, bool, int8_t* dst,
                  int32_t* rowsum) {
@@ -177,6 +226,7 @@ const KernelSet& avx512vnni_kernels() {
     QSIM_MR_TABLE(k.ukr_shift, ukr_shift_vnni);
     QSIM_MR_TABLE(k.ukr_shift_wide, ukr_shift_wide_vnni);
     k.shift_acc = shift_acc_vnni;
+    k.epi = epi_vnni;
     k.shift_requant = shift_requant_vnni;
     return k;
   }();

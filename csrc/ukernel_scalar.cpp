@@ -54,7 +54,7 @@ void ukr_shift_scalar(const int8_t* apanel, const uint8_t* bpanel, int64_t kg, i
     for (int c = 0; c < kNR; ++c) tile[r * kNR + c] = acc[r][c];
 }
 
-void shift_a_scalar(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int64_t kg, const uint8_t* lut, bool,
+void shift_a_scalar(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int64_t kg, const uint8_t* lut, int,
                     uint8_t* dst, int64_t* rowsum) {
   for (int r = 0; r < mr; ++r) rowsum[r] = 0;
   shift_a_rows(codes, ldc, mr, 0, lc, kg, lut, dst, rowsum);
