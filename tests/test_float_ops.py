@@ -376,6 +376,22 @@ def test_cuda_backend_runs_on_the_host(op):
     assert bits_equal(getattr(ops, op)(x, backend="cuda"), getattr(ops, op)(x, backend="reference"))
 
 
+@given(data=st.data(), shape=hnp.array_shapes(min_dims=2, max_dims=4, min_side=1, max_side=7))
+def test_quantize_node_of_a_permuted_view(data, shape):
+    """The program's quantize node reads a permuted or sliced view in memory order and returns its codes laid out
+    like the input: the same codes as quantizing the contiguous copy, on every backend."""
+    from pyqsim.program import KINDS
+    from pyqsim.program.program import _Ctx
+    base = data.draw(hnp.arrays(F32, shape, elements=st.floats(-300, 300, width=32)))
+    perm = data.draw(st.permutations(range(len(shape))))
+    x = base.transpose(perm)[..., ::data.draw(st.sampled_from([1, 2, -1]))]
+    t = {"scale": np.array(0.37, F32), "zero_point": np.array(9, np.int32)}
+    want = ops.quantize(np.ascontiguousarray(x), 0.37, 9, "uint8", bits=6, backend="reference")
+    for backend in ("reference", "cpu"):
+        got = KINDS["quantize"].run([x], {"bits": 6}, t, _Ctx(backend, {}))
+        assert got.dtype == np.uint8 and got.shape == x.shape and np.array_equal(got, want)
+
+
 def test_quantize_cuda_backend_runs_on_the_host():
     x = np.linspace(-3, 3, 11, dtype=F32)
     assert np.array_equal(ops.quantize(x, 0.1, 3, backend="cuda"), ops.quantize(x, 0.1, 3, backend="reference"))
