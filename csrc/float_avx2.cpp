@@ -43,6 +43,9 @@ struct Avx2Ops {
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V div(V a, V b) { return _mm256_div_ps(a, b); }
   static V abs(V a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  // max(v, lo) is v > lo ? v : lo (NaN -> lo), then min(., hi) is . < hi ? . : hi: equal values are the same
+  // float as the bounds are not zero
+  static V clamp(V v, V lo, V hi) { return _mm256_min_ps(_mm256_max_ps(v, lo), hi); }
   static M gt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
   static M ge(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
   static M unord(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_UNORD_Q); }
@@ -65,6 +68,42 @@ struct Avx2Ops {
   static I isub(I a, I b) { return _mm256_sub_epi32(a, b); }
   static I sra1(I a) { return _mm256_srai_epi32(a, 1); }
   static V pow2(I k) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23)); }
+
+  // §3 codes, eight at a time: the float64 quotients of fmath::log_code in two halves of four, the same bit tests
+  // on 64-bit lanes (f <= T as T + 1 > f), then the clamps on the low 32 bits of each code.
+  template <int K>
+  static __m128i log_half(__m128 p, __m256d delta) {
+    const __m256i bits = _mm256_castpd_si256(_mm256_div_pd(_mm256_cvtps_pd(p), delta));
+    const __m256i e = _mm256_sub_epi64(_mm256_srli_epi64(bits, 52), _mm256_set1_epi64x(1022));
+    const __m256i f = _mm256_and_si256(bits, _mm256_set1_epi64x(fmath::kLogFrac));
+    const auto le = [&](uint64_t t) {  // -1 where f <= t
+      return _mm256_cmpgt_epi64(_mm256_set1_epi64x(static_cast<int64_t>(t + 1)), f);
+    };
+    const __m256i c = K == 1 ? _mm256_sub_epi64(_mm256_sub_epi64(_mm256_setzero_si256(), e), le(fmath::kLogHalf))
+                             : _mm256_sub_epi64(_mm256_sub_epi64(_mm256_sub_epi64(_mm256_setzero_si256(),
+                                                                                  _mm256_slli_epi64(e, 1)),
+                                                                 le(fmath::kLogQuarter)),
+                                                le(fmath::kLogThreeQuarters));
+    return _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)));
+  }
+  template <int K>
+  static bool log_codes(const float* p, int64_t n, double delta, int zero_code, uint8_t* out) {
+    const __m256d dv = _mm256_set1_pd(delta);
+    const __m256i zc = _mm256_set1_epi32(zero_code);
+    __m256 bad = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += W) {
+      const int k = static_cast<int>(n - i < W ? n - i : W);
+      const V x = k == W ? load(p + i) : load_fill(p + i, k, 0.0f);
+      bad = _mm256_or_ps(bad, _mm256_or_ps(_mm256_cmp_ps(x, zero(), _CMP_NGE_UQ),
+                                           _mm256_cmp_ps(x, set(std::numeric_limits<float>::max()), _CMP_GT_OQ)));
+      __m256i c = _mm256_set_m128i(log_half<K>(_mm256_extractf128_ps(x, 1), dv),
+                                   log_half<K>(_mm256_castps256_ps128(x), dv));
+      c = _mm256_min_epi32(_mm256_max_epi32(c, _mm256_setzero_si256()), zc);  // r == 0 exactly when p == 0
+      c = _mm256_blendv_epi8(c, zc, _mm256_castps_si256(_mm256_cmp_ps(x, zero(), _CMP_EQ_OQ)));
+      store_codes(out + i, c, k);
+    }
+    return _mm256_movemask_ps(bad) == 0;
+  }
 };
 
 }  // namespace

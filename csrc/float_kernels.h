@@ -16,9 +16,12 @@ struct FloatKernels {
   void (*moments)(const float* x, int64_t n, float eps, float* mean, float* rstd);
   void (*normalize_run)(const float* x, float* y, int64_t n, float mean, float rstd, float w, float b);
   void (*unary)(UnaryOp op, const float* x, float* y, int64_t n);
-  // §2 codes of n floats; per-element parameters (s, lo - z, hi - z, z) when stride == 1, else shared
-  void (*quantize_run)(const float* x, int64_t n, const float* s, const float* lo, const float* hi, const int32_t* z,
+  // §2 codes of n floats; per-element parameters (s, lo - z, hi - z, z) when stride == 1, else shared.
+  // false when some x is not finite.
+  bool (*quantize_run)(const float* x, int64_t n, const float* s, const float* lo, const float* hi, const int32_t* z,
                        int stride, uint8_t* out);
+  // §3 codes of n floats (k = 1 or 2); false when some p is not finite and >= 0.
+  bool (*log_codes)(const float* p, int64_t n, double delta, int k, int zero_code, uint8_t* out);
 };
 
 template <class O>
@@ -42,19 +45,10 @@ const FloatKernels& float_kernel_table() {
           default: fmath::map<O>(x, y, n, [](V v) { return fmath::silu<O>(v); }); break;
         }
       },
-      [](const float* x, int64_t n, const float* s, const float* lo, const float* hi, const int32_t* z, int stride,
-         uint8_t* out) {
-        constexpr int W = O::W;
-        for (int64_t i = 0; i < n; i += W) {
-          const int k = static_cast<int>(n - i < W ? n - i : W);
-          const int64_t p = stride ? i : 0;
-          const V xv = fmath::load_n<O>(x + i, k);
-          const V sv = stride ? O::load_fill(s + p, k, 1.0f) : O::set(s[0]);
-          const V lv = stride ? fmath::load_n<O>(lo + p, k) : O::set(lo[0]);
-          const V hv = stride ? fmath::load_n<O>(hi + p, k) : O::set(hi[0]);
-          const typename O::I zv = stride ? O::load_int(z + p, k) : O::set_int(z[0]);
-          O::store_codes(out + i, fmath::quantize_lanes<O>(xv, sv, lv, hv, zv), k);
-        }
+      fmath::quantize_run<O>,
+      [](const float* p, int64_t n, double delta, int k, int zero_code, uint8_t* out) {
+        return k == 1 ? O::template log_codes<1>(p, n, delta, zero_code, out)
+                      : O::template log_codes<2>(p, n, delta, zero_code, out);
       },
   };
   return table;

@@ -4,7 +4,8 @@
 //
 // A lane-operations class O provides: V (the float lanes), I (int32 lanes), M (a lane mask), W (lanes per
 // V); set, zero, load, store, load_fill(p, k, fill) / store_part(p, v, k) for the first k < W lanes;
-// add, sub, mul, div, abs (each one correctly rounded IEEE operation, or exact); gt, ge, unord (masks),
+// add, sub, mul, div, abs (each one correctly rounded IEEE operation, or exact); clamp(v, lo, hi) (hi if v > hi,
+// v if v >= lo, else lo, NaN included; for bounds lo < hi that are not zero); gt, ge, unord (masks),
 // mor, select, any; to_int (exact for integral values), iadd, isub, sra1, pow2 (2^k as float for k in
 // [-126, 127]); keep(v, k) (lanes >= k set to +0), hmax_lanes (largest lane, NaN-free input), tree
 // (the halving sum of §15.1 inside one V); set_int, load_int(p, k) and store_codes(p, i, k) (the low byte
@@ -13,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 namespace qsim {
@@ -38,8 +40,8 @@ constexpr float kGeluT = -0x1.988454p+0f, kGeluC = 0.044715f;
 template <class O>
 typename O::V exp(typename O::V x) {
   using V = typename O::V;
-  const V hi = O::set(kExpHi), lo = O::set(kExpLo), rounder = O::set(kRounder);
-  const V c = O::select(O::gt(x, hi), hi, O::select(O::ge(x, lo), x, lo));  // NaN -> lo
+  const V rounder = O::set(kRounder);
+  const V c = O::clamp(x, O::set(kExpLo), O::set(kExpHi));  // NaN -> lo
   const V n = O::sub(O::add(O::mul(c, O::set(kLog2e)), rounder), rounder);
   const V r = O::sub(O::sub(c, O::mul(n, O::set(kLn2Hi))), O::mul(n, O::set(kLn2Lo)));
   V p = O::set(kExpPoly[0]);
@@ -195,16 +197,79 @@ void layer_norm_row(const float* x, float* y, int64_t n, const float* w, const f
 // Inline templates only, and no library templates (std::min, std::fill): this header is compiled with and
 // without -mavx2, and a shared out-of-line instantiation could carry AVX2 code into the scalar path.
 
-// §2 uniform quantization of a run of n floats: q = clamp(rint(x / s), lo - z, hi - z) + z, with the
-// clamp applied first (equal, as the bounds are integers) so the rounding works on |t| <= 510.
-// Parameters per element when stride == 1, shared when stride == 0. codes: int32 results.
+// §2 uniform quantization: q = clamp(rint(x / s), lo - z, hi - z) + z, with the clamp applied first (equal, as
+// the bounds are integers) so the rounding works on |t| <= 510 (a NaN t clamps to lo - z: defined, and reported).
 template <class O>
 typename O::I quantize_lanes(typename O::V x, typename O::V s, typename O::V lo, typename O::V hi, typename O::I z) {
   using V = typename O::V;
   const V t = O::div(x, s);
-  const V c = O::select(O::gt(t, hi), hi, O::select(O::gt(lo, t), lo, t));
+  const V c = O::select(O::gt(t, hi), hi, O::select(O::ge(t, lo), t, lo));
   const V rounder = O::set(kRounder);
   return O::iadd(O::to_int(O::sub(O::add(c, rounder), rounder)), z);
+}
+
+// lanes of x that are NaN or infinite
+template <class O>
+typename O::M nonfinite(typename O::V x) {
+  return O::mor(O::unord(x, x), O::gt(O::abs(x), O::set(std::numeric_limits<float>::max())));
+}
+
+// Codes of a run of n floats (out: the low byte of each code); parameters per element (s, lo - z, hi - z, z) when
+// stride == 1, else shared. Returns false when some x is not finite (the codes are then meaningless).
+template <class O>
+bool quantize_run(const float* x, int64_t n, const float* s, const float* lo, const float* hi, const int32_t* z,
+                  int stride, uint8_t* out) {
+  using V = typename O::V;
+  constexpr int W = O::W;
+  typename O::M bad = O::unord(O::zero(), O::zero());
+  auto step = [&](int64_t i, int k, V sv, V lv, V hv, typename O::I zv) {
+    const V xv = load_n<O>(x + i, k);
+    bad = O::mor(bad, nonfinite<O>(xv));
+    O::store_codes(out + i, quantize_lanes<O>(xv, sv, lv, hv, zv), k);
+  };
+  if (stride) {
+    for (int64_t i = 0; i < n; i += W) {
+      const int k = static_cast<int>(n - i < W ? n - i : W);
+      step(i, k, O::load_fill(s + i, k, 1.0f), load_n<O>(lo + i, k), load_n<O>(hi + i, k), O::load_int(z + i, k));
+    }
+  } else {
+    const V sv = O::set(s[0]), lv = O::set(lo[0]), hv = O::set(hi[0]);
+    const typename O::I zv = O::set_int(z[0]);
+    for (int64_t i = 0; i < n; i += W) step(i, static_cast<int>(n - i < W ? n - i : W), sv, lv, hv, zv);
+  }
+  return !O::any(bad);
+}
+
+// §3 log codes: r = fl64(p) / fl64(delta) is zero or a normal float64 (2^-277 <= r <= 2^277 for float32 p > 0 and
+// delta), so frexp is read from the bits: e = biased exponent - 1022 and, as m and each threshold share the
+// exponent -1, m <= T compares their 52-bit fractions. r == 0 exactly when p == 0.
+constexpr uint64_t kLogFrac = (uint64_t(1) << 52) - 1;
+constexpr uint64_t kLogHalf = 0x6a09e667f3bccULL, kLogQuarter = 0xae89f995ad3adULL,
+                   kLogThreeQuarters = 0x306fe0a31b715ULL;
+
+// the code of one p (K = 1 or 2, Z = zero_code); a p that is not finite and >= 0 gives some code, without
+// undefined behaviour
+template <class O, int K>
+uint8_t log_code(float p, double delta, int zero_code) {
+  const double r = static_cast<double>(p) / delta;
+  uint64_t bits;
+  std::memcpy(&bits, &r, sizeof bits);
+  const int64_t e = static_cast<int64_t>(bits >> 52) - 1022;  // p >= 0, so the sign bit is 0 (or r = -0.0)
+  const uint64_t f = bits & kLogFrac;
+  int64_t c = K == 1 ? -e + (f <= kLogHalf) : -2 * e + (f <= kLogQuarter) + (f <= kLogThreeQuarters);
+  c = c < 0 ? 0 : c;
+  return static_cast<uint8_t>(r == 0.0 || c >= zero_code ? zero_code : c);
+}
+
+// codes of n values one at a time; false when some p is not finite and >= 0 (-0.0 is accepted)
+template <class O, int K>
+bool log_codes_each(const float* p, int64_t n, double delta, int zero_code, uint8_t* out) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) {
+    ok &= p[i] >= 0.0f && p[i] <= std::numeric_limits<float>::max();
+    out[i] = log_code<O, K>(p[i], delta, zero_code);
+  }
+  return ok;
 }
 
 }  // namespace fmath

@@ -31,6 +31,7 @@ struct ScalarOps {
   static V mul(V a, V b) { return a * b; }
   static V div(V a, V b) { return a / b; }
   static V abs(V a) { return std::fabs(a); }
+  static V clamp(V v, V lo, V hi) { return v > hi ? hi : (v >= lo ? v : lo); }
   static M gt(V a, V b) { return a > b; }
   static M ge(V a, V b) { return a >= b; }
   static M unord(V a, V b) { return a != a || b != b; }
@@ -49,6 +50,10 @@ struct ScalarOps {
     float f;
     std::memcpy(&f, &bits, 4);
     return f;
+  }
+  template <int K>
+  static bool log_codes(const float* p, int64_t n, double delta, int zero_code, uint8_t* out) {
+    return fmath::log_codes_each<ScalarOps, K>(p, n, delta, zero_code, out);
   }
 };
 

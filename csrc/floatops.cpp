@@ -2,7 +2,7 @@
 // segment or run is computed by one task with the per-ISA kernels of float_kernels.h, so results do
 // not depend on the thread count.
 #include <algorithm>
-#include <cstring>
+#include <atomic>
 #include <vector>
 
 #include "float_kernels.h"
@@ -71,9 +71,9 @@ void unary(UnaryOp op, const float* x, float* y, int64_t n) {
   });
 }
 
-void quantize(const float* x, int64_t outer, int64_t n, int64_t inner, const float* scale, const int32_t* z,
+bool quantize(const float* x, int64_t outer, int64_t n, int64_t inner, const float* scale, const int32_t* z,
               int32_t lo, int32_t hi, uint8_t* out) {
-  if (outer == 0 || n == 0 || inner == 0) return;
+  if (outer == 0 || n == 0 || inner == 0) return true;
   const FloatKernels& fk = float_kernels();
   // clamp bounds lo - z and hi - z, exact small integers in float32 (§2)
   std::vector<float> lo_f(static_cast<size_t>(n)), hi_f(static_cast<size_t>(n));
@@ -81,44 +81,38 @@ void quantize(const float* x, int64_t outer, int64_t n, int64_t inner, const flo
     lo_f[c] = static_cast<float>(lo - z[c]);
     hi_f[c] = static_cast<float>(hi - z[c]);
   }
+  std::atomic<bool> finite{true};
   if (inner == 1) {  // channel-last: runs of n channels with per-element parameters
     const int64_t per = rows_per_task(n);
     ThreadPool::instance().run(ceil_div(outer, per), [&](int64_t t, int) {
+      bool ok = true;
       for (int64_t r = t * per; r < std::min(outer, (t + 1) * per); ++r)
-        fk.quantize_run(x + r * n, n, scale, lo_f.data(), hi_f.data(), z, 1, out + r * n);
+        ok &= fk.quantize_run(x + r * n, n, scale, lo_f.data(), hi_f.data(), z, 1, out + r * n);
+      if (!ok) finite.store(false, std::memory_order_relaxed);
     });
-    return;
+    return finite.load();
   }
   const int64_t chunks = ceil_div(inner, kTaskElems);
   ThreadPool::instance().run(outer * n * chunks, [&](int64_t t, int) {
     const int64_t row = t / chunks, c = row % n, i0 = (t % chunks) * kTaskElems;
     const int64_t off = row * inner + i0;
-    fk.quantize_run(x + off, std::min(kTaskElems, inner - i0), scale + c, lo_f.data() + c, hi_f.data() + c, z + c, 0,
-                    out + off);
+    if (!fk.quantize_run(x + off, std::min(kTaskElems, inner - i0), scale + c, lo_f.data() + c, hi_f.data() + c, z + c,
+                         0, out + off))
+      finite.store(false, std::memory_order_relaxed);
   });
+  return finite.load();
 }
 
-// §3: r = fl64(p) / fl64(delta) is zero or a normal float64 (2^-277 <= r <= 2^277 for float32 p > 0 and
-// delta), so frexp is read from the bits: e = biased exponent - 1022 and, as m and each threshold share the
-// exponent -1, m <= T compares their 52-bit fractions.
-void quantize_log(const float* p, int64_t n, float delta, int k, int zero_code, uint8_t* out) {
-  if (n == 0) return;
-  constexpr uint64_t kFrac = (uint64_t(1) << 52) - 1;
-  constexpr uint64_t kHalf = 0x6a09e667f3bccULL, kQuarter = 0xae89f995ad3adULL, kThreeQuarters = 0x306fe0a31b715ULL;
-  const double d = static_cast<double>(delta);
+bool quantize_log(const float* p, int64_t n, float delta, int k, int zero_code, uint8_t* out) {
+  if (n == 0) return true;
+  const FloatKernels& fk = float_kernels();
+  std::atomic<bool> valid{true};
   ThreadPool::instance().run(ceil_div(n, kTaskElems), [&](int64_t t, int) {
-    const int64_t i0 = t * kTaskElems, i1 = std::min(n, i0 + kTaskElems);
-    for (int64_t i = i0; i < i1; ++i) {
-      const double r = static_cast<double>(p[i]) / d;
-      uint64_t bits;
-      std::memcpy(&bits, &r, sizeof bits);
-      const int64_t e = static_cast<int64_t>(bits >> 52) - 1022;  // p >= 0, so the sign bit is 0
-      const uint64_t f = bits & kFrac;
-      int64_t c = k == 1 ? -e + (f <= kHalf) : -2 * e + (f <= kQuarter) + (f <= kThreeQuarters);
-      c = c < 0 ? 0 : c;
-      out[i] = static_cast<uint8_t>(r == 0.0 || c >= zero_code ? zero_code : c);
-    }
+    const int64_t i0 = t * kTaskElems;
+    if (!fk.log_codes(p + i0, std::min(kTaskElems, n - i0), static_cast<double>(delta), k, zero_code, out + i0))
+      valid.store(false, std::memory_order_relaxed);
   });
+  return valid.load();
 }
 
 }  // namespace qsim

@@ -129,8 +129,11 @@ def to_float32(arr: np.ndarray, name: str, must_be: str) -> np.ndarray:
 
     The cast's overflow is detected here (a finite value that became inf), not warned about by NumPy (spec §11)."""
     arr = np.asarray(arr)
-    with np.errstate(over="ignore"):
-        out = canonical(arr, np.float32)  # no copy when arr is an aligned contiguous float32 array already
+    if type(arr) is np.ndarray and arr.dtype == np.float32 and arr.flags.c_contiguous and arr.flags.aligned:
+        out = arr  # canonical already (the common case: skip np.require)
+    else:
+        with np.errstate(over="ignore"):
+            out = canonical(arr, np.float32)  # no copy when arr is an aligned contiguous float32 array already
     # one pass without a temporary: v @ v is finite when every value is (it can also overflow, hence the exact test)
     v = out.reshape(-1)
     with np.errstate(over="ignore", invalid="ignore"):

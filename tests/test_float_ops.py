@@ -238,6 +238,9 @@ def test_quantize_native_equals_reference(args):
 @example(p=np.array([0.0, TINY, float(np.finfo(F32).max), 1.0, 0.7071067], F32), delta=TINY, bits=8, mode="sqrt2")
 @example(p=np.array([0.0, TINY, float(np.finfo(F32).max), 1.0, 0.5946035], F32),
          delta=float(np.finfo(F32).max), bits=2, mode="log2")
+@example(p=np.array([-0.0, 0.0, TINY, 3 * TINY, 2.0**-126 - TINY, 2.0**-126, 0.5, 0.70710677, 0.70710683, 0.8408964,
+                     0.84089643, 0.59460354, 0.5946036, 1.0, 1e-30, 3e38], F32), delta=1.0, bits=8, mode="sqrt2")
+@example(p=np.linspace(0, 1, 23).astype(F32), delta=2.0**-4, bits=4, mode="log2")
 def test_quantize_log_native_equals_reference(p, delta, bits, mode):
     """§3 codes: the native loop reads frexp from the float64 bits; the reference calls np.frexp."""
     from pyqsim import _C
@@ -373,6 +376,22 @@ def test_cuda_backend_runs_on_the_host(op):
     assert bits_equal(getattr(ops, op)(x, backend="cuda"), getattr(ops, op)(x, backend="reference"))
 
 
+@given(data=st.data(), shape=hnp.array_shapes(min_dims=2, max_dims=4, min_side=1, max_side=7))
+def test_quantize_node_of_a_permuted_view(data, shape):
+    """The program's quantize node reads a permuted or sliced view in memory order and returns its codes laid out
+    like the input: the same codes as quantizing the contiguous copy, on every backend."""
+    from pyqsim.program import KINDS
+    from pyqsim.program.program import _Ctx
+    base = data.draw(hnp.arrays(F32, shape, elements=st.floats(-300, 300, width=32)))
+    perm = data.draw(st.permutations(range(len(shape))))
+    x = base.transpose(perm)[..., ::data.draw(st.sampled_from([1, 2, -1]))]
+    t = {"scale": np.array(0.37, F32), "zero_point": np.array(9, np.int32)}
+    want = ops.quantize(np.ascontiguousarray(x), 0.37, 9, "uint8", bits=6, backend="reference")
+    for backend in ("reference", "cpu"):
+        got = KINDS["quantize"].run([x], {"bits": 6}, t, _Ctx(backend, {}))
+        assert got.dtype == np.uint8 and got.shape == x.shape and np.array_equal(got, want)
+
+
 def test_quantize_cuda_backend_runs_on_the_host():
     x = np.linspace(-3, 3, 11, dtype=F32)
     assert np.array_equal(ops.quantize(x, 0.1, 3, backend="cuda"), ops.quantize(x, 0.1, 3, backend="reference"))
@@ -398,3 +417,26 @@ def test_native_checks(call, exc, match):
     from pyqsim import _C
     with pytest.raises(exc, match=match):
         call(_C)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 31, 33, 40000])
+def test_native_value_checks_see_every_element(isa, n):
+    """The kernels check the values in their pass over the data: a bad value anywhere (a vector's tail, the last of
+    several tasks) is reported, and -0.0 is a valid probability (zero code)."""
+    from pyqsim import _C
+    s, z = np.ones(1, F32), np.zeros(1, np.int32)
+    for i in sorted({0, n // 2, n - 1}):
+        for bad in (np.nan, np.inf, -np.inf):
+            x = np.ones((1, 1, n), F32)
+            x[0, 0, i] = bad
+            with pytest.raises(ValueError, match="x must be finite"):
+                _C.quantize(x, s, z, -128, 127, "int8")
+            with pytest.raises(ValueError, match="x must be finite"):
+                _C.quantize(x.reshape(n, 1, 1), s, z, -128, 127, "int8")
+        for bad in (np.nan, np.inf, -np.inf, -TINY, -1.0):
+            p = np.full(n, 0.5, F32)
+            p[i] = bad
+            with pytest.raises(ValueError, match="p must be finite and >= 0"):
+                _C.quantize_log(p, 1.0, 2, 15)
+    p = np.full(n, -0.0, F32)
+    assert np.array_equal(_C.quantize_log(p, 1.0, 2, 15), np.full(n, 15, np.uint8))

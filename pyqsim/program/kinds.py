@@ -208,9 +208,19 @@ def _log2_attn(args, attrs, t, ctx):
 @kind("quantize", args=(("x", TENSOR),), attrs={"bits": (INT, 8, None)},
       tensors={"scale": _SCALAR_F32, "zero_point": _SCALAR_I32}, integer=True)
 def _quantize(args, attrs, t, ctx):
-    """Float32 -> unsigned b-bit codes in uint8, per tensor (spec §2)."""
-    return ops.quantize(_f32(args[0]), t["scale"][()], int(t["zero_point"][()]), "uint8", bits=attrs.get("bits", 8),
-                        numerics=ctx.numerics, backend=ctx.backend)
+    """Float32 -> unsigned b-bit codes in uint8, per tensor (spec §2).
+
+    Elementwise, so a permuted view (a transposed head of a fused qkv) is quantized with its axes in memory order,
+    which makes the contiguous copy ``ops.quantize`` takes a forward read, and the codes come back permuted to match
+    (a view laid out as the input: transposing it back, as attention does, gives contiguous codes again)."""
+    x = _f32(args[0])
+    order = None
+    if x.ndim > 1 and not x.flags.c_contiguous:
+        order = sorted(range(x.ndim), key=lambda i: -abs(x.strides[i]))
+        x = x.transpose(order)
+    q = ops.quantize(x, t["scale"][()], int(t["zero_point"][()]), "uint8", bits=attrs.get("bits", 8),
+                     numerics=ctx.numerics, backend=ctx.backend)
+    return q if order is None else q.transpose(np.argsort(order))
 
 
 @kind("dequantize", args=(("q", TENSOR),), tensors={"scale": _SCALAR_F32, "zero_point": _SCALAR_I32}, integer=True)
