@@ -80,6 +80,16 @@ void shift_acc_impl(const int32_t* tile, int mr, const int32_t* corr, int64_t mu
     }
 }
 
+// §7 deep terms of one row of v: acc[c] += round_half_up(d / 2^sft) * mul for c < nc, d = int8(v[c] ^ vxor) - zvp,
+// sft in [1, 8]: |d| <= 255 and mul <= 92682, so every step fits int32.
+void deep_add_impl(const uint8_t* vr, int64_t nc, uint8_t vxor, int32_t zvp, int sft, int32_t mul, int64_t* acc) {
+  const int32_t half = int32_t(1) << (sft - 1);
+  for (int64_t c = 0; c < nc; ++c) {
+    const int32_t d = static_cast<int32_t>(static_cast<int8_t>(vr[c] ^ vxor)) - zvp;
+    acc[c] += static_cast<int64_t>(((d + half) >> sft) * mul);
+  }
+}
+
 void shift_requant_rows(const int64_t* r, int64_t c0, int64_t nc, const int32_t* mult, const int32_t* shift, int32_t zy,
                         int32_t lo, int32_t hi, bool s8, void* out) {
   for (int64_t c = c0; c < nc; ++c) {

@@ -104,6 +104,8 @@ struct KernelSet {
   // §7: acc[r * 16 + c] += int64(tile[r * 16 + c] - corr[r]) * mul * 2^sh for r < mr, c < 16, with the int32
   // difference taken mod 2^32 (it is the exact sum_j w_j d_j, |.| < 2^31).
   void (*shift_acc)(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc);
+  // §7 deep terms of one row of v (deep_add_impl in generic_impl.h states the arithmetic)
+  void (*deep_add)(const uint8_t* vr, int64_t nc, uint8_t vxor, int32_t zvp, int sft, int32_t mul, int64_t* acc);
   // §7 requantization of nc int64 sums R whose shifts are all in [33, 94]: out[c] = clamp(floor((R * M0 +
   // 2^(S-1)) / 2^S) + zy, lo, hi) as int8 (s8) or uint8, exactly (see shift_requant_one).
   void (*shift_requant)(const int64_t* r, int64_t nc, const int32_t* mult, const int32_t* shift, int32_t zy, int32_t lo,

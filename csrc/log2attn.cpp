@@ -112,17 +112,12 @@ void out_span(const Problem& pb, const KernelSet& ks, const int64_t* r, int64_t 
 
 // Adds the deep terms (t < 0, rounded one by one: sh(d, t) = round_half_up(d / 2^-t), weighted 2^16 or Q) of one
 // row of codes (lc codes, values from row j0 of v) to R for channels [c0, c0 + nc).
-void add_deep(const Problem& pb, const uint8_t* cr, const uint8_t* v, int64_t j0, int64_t lc, int64_t c0, int64_t nc,
-              int64_t* r) {
+void add_deep(const Problem& pb, const KernelSet& ks, const uint8_t* cr, const uint8_t* v, int64_t j0, int64_t lc,
+              int64_t c0, int64_t nc, int64_t* r) {
   for (int64_t j = 0; j < lc; ++j) {
     const CodeInfo& ci = pb.info[cr[j]];
     if (ci.pass != -2) continue;
-    const uint8_t* vr = v + (j0 + j) * pb.n + c0;
-    const int64_t half = (int64_t(1) << ci.sft) >> 1, mul = ci.odd ? kQ : 65536;
-    for (int64_t c = 0; c < nc; ++c) {
-      const int64_t d = static_cast<int64_t>(static_cast<int8_t>(vr[c] ^ pb.vxor)) - pb.zvp;
-      r[c] += ((d + half) >> ci.sft) * mul;
-    }
+    ks.deep_add(v + (j0 + j) * pb.n + c0, nc, pb.vxor, pb.zvp, ci.sft, ci.odd ? kQ : 65536, r);
   }
 }
 
@@ -192,7 +187,7 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
           const int64_t pn = pn0 + j, nc = std::min<int64_t>(kNR, n - pn * kNR);
           for (int ri = 0; ri < mr; ++ri) {
             const int64_t i = q * kMR + ri;
-            if (pb.deep) add_deep(pb, codes + i * l + j0, v, j0, lc, pn * kNR, nc, acc[j] + ri * kNR);
+            if (pb.deep) add_deep(pb, ks, codes + i * l + j0, v, j0, lc, pn * kNR, nc, acc[j] + ri * kNR);
             if (single)
               out_span(pb, ks, acc[j] + ri * kNR, bi * pb.m + r0 + i, pn * kNR, nc);
             else

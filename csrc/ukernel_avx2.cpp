@@ -517,6 +517,22 @@ void shift_acc_avx2(const int32_t* tile, int mr, const int32_t* corr, int64_t mu
   }
 }
 
+// deep_add_impl on 8 lanes: bytes widened to int32, the rounding shift and the product in int32, widened to add.
+void deep_add_avx2(const uint8_t* vr, int64_t nc, uint8_t vxor, int32_t zvp, int sft, int32_t mul, int64_t* acc) {
+  const __m256i off = _mm256_set1_epi32((int32_t(1) << (sft - 1)) - zvp), m = _mm256_set1_epi32(mul);
+  const __m128i flip = _mm_set1_epi8(static_cast<char>(vxor)), cnt = _mm_cvtsi32_si128(sft);
+  int64_t c = 0;
+  for (; c + 8 <= nc; c += 8) {
+    const __m128i b = _mm_xor_si128(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(vr + c)), flip);
+    const __m256i t = _mm256_mullo_epi32(_mm256_sra_epi32(_mm256_add_epi32(_mm256_cvtepi8_epi32(b), off), cnt), m);
+    __m256i* a = reinterpret_cast<__m256i*>(acc + c);
+    _mm256_storeu_si256(a, _mm256_add_epi64(_mm256_loadu_si256(a), _mm256_cvtepi32_epi64(_mm256_castsi256_si128(t))));
+    _mm256_storeu_si256(a + 1, _mm256_add_epi64(_mm256_loadu_si256(a + 1),
+                                                _mm256_cvtepi32_epi64(_mm256_extracti128_si256(t, 1))));
+  }
+  deep_add_impl(vr + c, nc - c, vxor, zvp, sft, mul, acc + c);
+}
+
 // shift_requant_one on 4 int64 lanes: vpmuldq forms A * M0 (A = the high dword, sign-extended by the
 // instruction), vpmuludq forms B * M0; the arithmetic shift is ~((~x) >>> n) for negative x (AVX2 has no vpsraq).
 void shift_requant_avx2(const int64_t* r, int64_t nc, const int32_t* mult, const int32_t* shift, int32_t zy, int32_t lo,
@@ -575,6 +591,7 @@ const KernelSet& avx2_kernels() {
     k.shift_a = shift_a_avx2;
     k.shift_b = shift_b_avx2;
     k.shift_acc = shift_acc_avx2;
+    k.deep_add = deep_add_avx2;
     k.shift_requant = shift_requant_avx2;
     return k;
   }();

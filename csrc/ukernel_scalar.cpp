@@ -191,6 +191,7 @@ const KernelSet& scalar_kernels() {
     k.shift_a = shift_a_scalar;
     k.shift_b = shift_b_scalar;
     k.shift_acc = shift_acc_impl;
+    k.deep_add = deep_add_impl;
     k.shift_requant = shift_requant_scalar;
     return k;
   }();

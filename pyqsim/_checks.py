@@ -134,10 +134,11 @@ def to_float32(arr: np.ndarray, name: str, must_be: str) -> np.ndarray:
     else:
         with np.errstate(over="ignore"):
             out = canonical(arr, np.float32)  # no copy when arr is an aligned contiguous float32 array already
-    # one pass without a temporary: v @ v is finite when every value is (it can also overflow, hence the exact test)
+    # one pass without a temporary: the sum is finite when every value is (it can also overflow, hence the exact
+    # test); a NumPy reduction, not BLAS, whose worker threads would keep spinning beside the kernels' threads
     v = out.reshape(-1)
     with np.errstate(over="ignore", invalid="ignore"):
-        quick = np.isfinite(np.dot(v, v)) if v.size else True
+        quick = np.isfinite(np.add.reduce(v)) if v.size else True
     if not quick and not np.all(np.isfinite(out)):
         beyond = (np.isinf(out) & np.isfinite(arr)).ravel()
         if np.any(beyond):
