@@ -11,6 +11,7 @@ Contenders (all fed the same integer codes; GOPS = 2 * multiply-adds / second):
   fp32        torch.matmul / conv2d in float32 (MKL / oneDNN)
   numpy-int   numpy.matmul on int32 (no BLAS), timed on at most 512 rows
   w4a8        pyqsim with packed int4 weights
+  pyqsim-avx2 pyqsim with the AVX2 kernels forced, where the auto choice is AVX-512 VNNI (spec §10.7)
 
 Sections: deit (DeiT-S layer GEMMs, M = 197 * 32 tokens), square (2048^3), decode (M <= 8: W4A8 vs our W8A8),
 conv (UNet-like 3x3 convs), peak (register-only AVX2 int8 loops). Prints a table, writes JSON to
@@ -101,11 +102,24 @@ class Gemm:
         return (lambda: np.matmul(xs, wt)), 2.0 * xs.shape[0] * self.n * self.k
 
 
+def _on_isa(isa, fn):
+    """fn with the CPU kernels of ``isa`` forced for the call."""
+    def run():
+        _C.set_cpu_isa(isa)
+        try:
+            return fn()
+        finally:
+            _C.set_cpu_isa(None)
+    return run
+
+
 def run_gemm_table(shapes, args, label):
     rows = []
     for (m, n, k) in shapes:
         g = Gemm(m, n, k)
         fns = {"pyqsim": g.pyqsim, "pyqsim-op": g.pyqsim_op, "w4a8": g.w4()}
+        if _C.get_cpu_isa() == "avx512vnni":
+            fns["pyqsim-avx2"] = _on_isa("avx2", g.pyqsim)
         if torch is not None:
             fns.update(g.torch_fns())
         t = _timer.compare(fns, reps=args.reps, min_time=args.min_time)
@@ -124,10 +138,12 @@ def print_row(r):
     res = r["results"]
     p = res["pyqsim"]["gops"]
     cols = [f"{r['section']:<7} M={r['m']:<5} N={r['n']:<5} K={r['k']:<5}"]
-    for name in ("pyqsim", "pyqsim-op", "w4a8", "fbgemm", "fp32", "numpy-int"):
+    for name in ("pyqsim", "pyqsim-op", "pyqsim-avx2", "w4a8", "fbgemm", "fp32", "numpy-int"):
         if name in res:
             cols.append(f"{name} {res[name]['gops']:7.1f}")
     ratios = []
+    if "pyqsim-avx2" in res:
+        ratios.append(f"x{p / res['pyqsim-avx2']['gops']:.2f} vs avx2")
     for name in ("fbgemm", "fp32", "numpy-int"):
         if name in res:
             ratios.append(f"x{p / res[name]['gops']:.2f} vs {name}")

@@ -124,13 +124,17 @@ def per_channel_ints(v, name: str, n: int, lo: int, hi: int, default: int | None
     return canonical(arr, np.int32)
 
 
-def to_float32(arr: np.ndarray, name: str, must_be: str) -> np.ndarray:
+def to_float32(arr: np.ndarray, name: str, must_be: str, scan: bool = True) -> np.ndarray:
     """Contiguous float32 copy of a real array; a value that is not finite, or that rounds beyond float32, is an error.
 
-    The cast's overflow is detected here (a finite value that became inf), not warned about by NumPy (spec §11)."""
+    The cast's overflow is detected here (a finite value that became inf), not warned about by NumPy (spec §11).
+    ``scan=False``: an input that is float32 already is not scanned (the kernel that takes it rejects non-finite
+    values in its own pass); a cast one still is."""
     arr = np.asarray(arr)
     if type(arr) is np.ndarray and arr.dtype == np.float32 and arr.flags.c_contiguous and arr.flags.aligned:
         out = arr  # canonical already (the common case: skip np.require)
+        if not scan:
+            return out
     else:
         with np.errstate(over="ignore"):
             out = canonical(arr, np.float32)  # no copy when arr is an aligned contiguous float32 array already
@@ -708,9 +712,9 @@ class QuantizeLogArgs:
     zero_code: int  # 2^bits - 1
 
 
-def quantize_log_args(p, delta, bits, mode) -> QuantizeLogArgs:
-    """Canonical arguments of ``quantize_log`` (spec §3)."""
-    p = finite_float(p, "p")
+def quantize_log_args(p, delta, bits, mode, scan: bool = True) -> QuantizeLogArgs:
+    """Canonical arguments of ``quantize_log`` (spec §3); ``scan`` as in ``to_float32``."""
+    p = finite_float(p, "p", scan)
     if p.size and float(p.min()) < 0:
         raise ValueError("p must be >= 0 (post-softmax probabilities)")
     d = float(np.float32(positive_scale(delta, "delta")))
@@ -801,11 +805,11 @@ def requantize_args(acc, multiplier, shift, zero_point, out_dtype, axis, numeric
 # --------------------------------------------------------------------------- float inputs
 
 
-def finite_float(x, name: str) -> np.ndarray:
+def finite_float(x, name: str, scan: bool = True) -> np.ndarray:
     x = host(as_array(x, name))
     if x.dtype.kind != "f":
         raise TypeError(f"{name} must be a float array, got dtype {x.dtype}")
-    return to_float32(x, name, "finite (no NaN or inf)")
+    return to_float32(x, name, "finite (no NaN or inf)", scan)
 
 
 def code_range(dtype: str = "int8", bits: int | None = None, narrow: bool = False) -> tuple[int, int]:
@@ -836,9 +840,10 @@ class QuantizeArgs:
     shape: tuple
 
 
-def quantize_args(x, scale, zero_point, dtype, axis, bits, narrow) -> QuantizeArgs:
-    """Canonical arguments of ``quantize`` (spec §2): per tensor (N = 1) or per channel along ``axis``."""
-    x = finite_float(x, "x")
+def quantize_args(x, scale, zero_point, dtype, axis, bits, narrow, scan: bool = True) -> QuantizeArgs:
+    """Canonical arguments of ``quantize`` (spec §2): per tensor (N = 1) or per channel along ``axis``; ``scan`` as
+    in ``to_float32``."""
+    x = finite_float(x, "x", scan)
     lo, hi = code_range(dtype, bits, narrow)
     if axis is None:
         s = np.array([positive_scale(scale, "scale")], np.float32)

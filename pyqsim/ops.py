@@ -188,6 +188,12 @@ def _dispatch(op: str, backend: str, args):
     return _table(name)[op](args)
 
 
+def _scan_values(op: str, backend: str) -> bool:
+    """Whether the argument checks must scan ``op``'s float input for non-finite values: unless the backend that will
+    run it rejects them in its kernel's own pass (its ``VALUE_CHECKED``)."""
+    return op not in getattr(_backend_module(resolve_backend(backend, op)), "VALUE_CHECKED", ())
+
+
 def run_canonical(op: str, args, backend: str = "auto"):
     """Run a kernel op on already-canonical arguments (replay of a recorded call)."""
     return _dispatch(op, backend, args)
@@ -217,7 +223,8 @@ def quantize(x, scale, zero_point=0, dtype="int8", *, axis=None, bits=None, narr
     if _profile(numerics).name != "pyqsim":  # the target profiles' quantize steps run on the host (§14)
         _host(backend)
         return _rquant.quantize(x, scale, zero_point, dtype, axis=axis, bits=bits, narrow=narrow, numerics=numerics)
-    return _run("quantize", backend, C.quantize_args(x, scale, zero_point, dtype, axis, bits, narrow))
+    return _run("quantize", backend, C.quantize_args(x, scale, zero_point, dtype, axis, bits, narrow,
+                                                     _scan_values("quantize", backend)))
 
 
 def dequantize(q, scale, zero_point=0, *, axis=None, backend="auto"):
@@ -228,7 +235,8 @@ def dequantize(q, scale, zero_point=0, *, axis=None, backend="auto"):
 
 def quantize_log(p, delta, bits=4, mode="sqrt2", *, backend="auto"):
     """log2 / log-sqrt2 codes of post-softmax ``p``, zero code ``2**bits - 1`` (spec §3)."""
-    return _run("quantize_log", backend, C.quantize_log_args(p, delta, bits, mode))
+    return _run("quantize_log", backend,
+                C.quantize_log_args(p, delta, bits, mode, _scan_values("quantize_log", backend)))
 
 
 def dequantize_log(codes, delta, bits=4, mode="sqrt2", *, backend="auto"):
