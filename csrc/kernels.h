@@ -93,7 +93,8 @@ struct KernelSet {
   // (A panel [kg][mr][4], no second half) and b = int8 values (B panel [kg][16][4]); every pair sum
   // a0*b0 + a1*b1 lies in [-32768, 32512], so an int16 pairwise product is exact.
   UkrFn ukr_shift[kMR + 1];
-  UkrWideFn ukr_shift_wide[kMR + 1];  // the same over up to kWideNP panels of v (may be null)
+  // the same over up to kWideNP panels of v; where present, log2attn.cpp calls it instead of ukr_shift (may be null)
+  UkrWideFn ukr_shift_wide[kMR + 1];
   // §7: the A panel ([kg][mr][4], zero padded to 4 * kg) of weights lut[code] for mr rows of codes (row stride
   // ldc, lc codes each), and the weight sum of each row. win >= 0: lut is zero outside [win, win + 16), and lut has
   // 16 readable entries from win on; win < 0: no such window.

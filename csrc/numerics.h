@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define QSIM_NUM_FN __host__ __device__ inline
@@ -26,11 +27,8 @@ inline bool runtime_profile(const char* name, Numerics* p) {
                                                                     {"tflite-single", Numerics::TfliteSingle},
                                                                     {"onnxruntime", Numerics::Onnxruntime},
                                                                     {"fbgemm", Numerics::Fbgemm}};
-  for (const auto& nm : names) {
-    const char *a = nm.name, *b = name;
-    while (*a && *a == *b) ++a, ++b;
-    if (*a == *b) return *p = nm.p, true;
-  }
+  for (const auto& nm : names)
+    if (std::strcmp(nm.name, name) == 0) return *p = nm.p, true;
   return false;
 }
 

@@ -108,15 +108,10 @@ void ukr_wide_vnni(const int8_t* a, const uint8_t* b, int64_t bstride, int np, i
   wide_np<MR, 8 * MR, 4 * MR>(a, b, bstride, np, kg, tiles);
 }
 
+// §7 shift weights: tile = sum a * v with a in [0, 128] (A panel [kg][MR][4], no second half), v int8.
 template <int MR>
 void ukr_shift_wide_vnni(const int8_t* a, const uint8_t* b, int64_t bstride, int np, int64_t kg, int32_t* tiles) {
   wide_np<MR, 4 * MR, 0>(a, b, bstride, np, kg, tiles);
-}
-
-// §7 shift weights: tile = sum a * v with a in [0, 128] (A panel [kg][MR][4], no second half), v int8.
-template <int MR>
-void ukr_shift_vnni(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* tile) {
-  dp_tile<MR, 4 * MR, 0>(a, b, kg, tile);
 }
 
 // §7: acc[r * 16 + c] += int64(tile - corr[r]) * mul * 2^sh, one row of 16 per pair of 8-lane int64 vectors.
@@ -223,7 +218,6 @@ const KernelSet& avx512vnni_kernels() {
     QSIM_MR_TABLE(k.ukr, ukr_vnni);
     QSIM_MR_TABLE(k.ukr4, ukr_vnni);
     QSIM_MR_TABLE(k.ukr_wide, ukr_wide_vnni);
-    QSIM_MR_TABLE(k.ukr_shift, ukr_shift_vnni);
     QSIM_MR_TABLE(k.ukr_shift_wide, ukr_shift_wide_vnni);
     k.shift_acc = shift_acc_vnni;
     k.epi = epi_vnni;

@@ -214,6 +214,11 @@ class OutStage:
     scale: np.ndarray  # float32 [N] (float32 outputs, and requantized outputs of a float profile; zeros otherwise)
     numerics: str = "pyqsim"  # profile of the requantized stage (spec §14)
 
+    @property
+    def runtime_profile(self) -> bool:
+        """A requantized output under a runtime profile (spec §14): the exact int32 op, then the profile's stage."""
+        return self.numerics != "pyqsim" and self.dtype not in ("int32", "float32")
+
 
 def out_stage(out_dtype, n, multiplier, shift, out_zero_point, out_scale, allowed=GEMM_OUT,
               numerics="pyqsim") -> OutStage:

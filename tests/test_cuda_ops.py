@@ -393,16 +393,21 @@ def profile_stage(data, numerics: str, n: int) -> dict:
 @pytest.mark.parametrize("numerics", RUNTIME_PROFILES)
 @given(acc=hnp.arrays(np.int32, st.tuples(st.integers(0, 3), st.integers(1, 20), st.integers(0, 5)),
                       elements=st.integers(-(2**31), 2**31 - 1)), data=st.data())
-@example(acc=np.array([[[-(2**31)], [2**31 - 1], [0]]], np.int32), data=None)
 def test_requantize_profiles_equal_reference(numerics, acc, data):
     """Every int32 accumulator, wrapping and saturating steps included, through the profile's stage on device."""
-    if data is None:  # the @example: fixed parameters at the accumulator extremes
-        m, s = ops.quantize_multiplier(np.array([0.5, 2.0**-31, 3.0]), numerics=numerics)
-        kw = dict(out_dtype="int8", multiplier=m, shift=s, out_zero_point=-128, numerics=numerics)
-    else:
-        kw = profile_stage(data, numerics, acc.shape[1])
+    kw = profile_stage(data, numerics, acc.shape[1])
     kw["zero_point"] = kw.pop("out_zero_point")
     same("requantize", dict(acc=acc, axis=1, **kw), f"requantize numerics={numerics}")
+
+
+@pytest.mark.parametrize("numerics", RUNTIME_PROFILES)
+@pytest.mark.parametrize("zy", [-128, 0, 127])
+def test_requantize_profiles_at_accumulator_extremes(numerics, zy):
+    """int32 extremes with the smallest, a middle and a large scale: the stage's wrapping and saturating steps."""
+    acc = np.array([[[-(2**31)], [2**31 - 1], [0]], [[-1], [1], [2**30]]], np.int32)
+    m, s = ops.quantize_multiplier(np.array([0.5, 2.0**-31, 3.0]), numerics=numerics)
+    same("requantize", dict(acc=acc, multiplier=m, shift=s, zero_point=zy, out_dtype="int8", axis=1,
+                            numerics=numerics), f"requantize numerics={numerics} zy={zy}")
 
 
 @pytest.mark.parametrize("numerics", RUNTIME_PROFILES)

@@ -107,13 +107,10 @@ def _profile_pass(acc, o, outer: int, inner: int):
     return y.reshape(acc.shape)
 
 
-def _runtime_profile(o) -> bool:
-    return o.numerics != "pyqsim" and o.dtype not in ("int32", "float32")
-
 
 def _int_gemm(a):
     o = a.out
-    if _runtime_profile(o):
+    if o.runtime_profile:
         acc = _C.int_gemm(a.x, _w(a), a.w_format, a.x_zero_point, a.w_zero_point, a.bias, "int32", None, None, 0, None)
         return _profile_pass(acc, o, acc.shape[0], 1)
     return _C.int_gemm(a.x, _w(a), a.w_format, a.x_zero_point, a.w_zero_point, a.bias, o.dtype, o.multiplier, o.shift,
@@ -134,7 +131,7 @@ def _split_gemm(s):
 
 def _int_conv2d(a):
     o = a.out
-    if _runtime_profile(o):
+    if o.runtime_profile:
         acc = _C.int_conv2d(a.x, _w(a), a.w_format, a.kernel_size, a.stride, a.padding, a.dilation, a.groups,
                             a.x_zero_point, a.w_zero_point, a.bias, "int32", None, None, 0, None)
         return _profile_pass(acc, o, acc.shape[0], acc.shape[2] * acc.shape[3])
@@ -151,7 +148,7 @@ def _split_conv2d(s):
 
 def _requantize(a):
     o = a.out
-    if _runtime_profile(o):
+    if o.runtime_profile:
         return _C.requantize_profile(a.acc, o.numerics, o.multiplier, o.shift, o.scale, o.zero_point,
                                      o.dtype).reshape(a.shape)
     y = _C.requantize(a.acc, o.multiplier, o.shift, o.zero_point, o.dtype)

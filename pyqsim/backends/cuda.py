@@ -182,9 +182,6 @@ class _Call:
         return int(out.data.ptr), lambda: out
 
 
-def _runtime_profile(o) -> bool:
-    return o.numerics != "pyqsim" and o.dtype not in ("int32", "float32")
-
 
 def _profile_pass(c, o, shape, n: int, inner: int, run):
     """A runtime profile (spec §14) on device: the exact int32 op into scratch (``run(acc_ptr)``), then its stage."""
@@ -205,7 +202,7 @@ def _int_gemm(a):
         def run(y, dtype, mult, shift, zy, scale):
             _cu.int_gemm(c.ptr(a.x), a.x_type, a.x_zero_point, c.ptr(a.w), a.w_format, a.w_zero_point, m, n, a.k,
                          a.bias, dtype, mult, shift, zy, scale, y, c.stream)
-        if _runtime_profile(o):
+        if o.runtime_profile:
             return _profile_pass(c, o, (m, n), n, 1,
                                  lambda acc: run(acc, "int32", o.multiplier, o.shift, 0, o.scale))
         y, finish = c.output((m, n), o.dtype)
@@ -224,7 +221,7 @@ def _int_conv2d(a):
             _cu.int_conv2d(c.ptr(a.x), a.x_type, a.x_zero_point, c.ptr(a.w), a.w_format, a.w_zero_point,
                            tuple(a.x.shape), n, a.kernel_size, a.stride, a.padding, a.dilation, a.groups, a.out_hw,
                            a.bias, dtype, mult, shift, zy, scale, y, c.stream)
-        if _runtime_profile(o):
+        if o.runtime_profile:
             return _profile_pass(c, o, shape, n, shape[2] * shape[3],
                                  lambda acc: run(acc, "int32", o.multiplier, o.shift, 0, o.scale))
         y, finish = c.output(shape, o.dtype)
@@ -261,7 +258,7 @@ def _requantize(a):
     with _Call(a.acc) as c:
         outer, n, inner = a.acc.shape
         y, finish = c.output(a.shape, o.dtype)
-        if _runtime_profile(o):
+        if o.runtime_profile:
             _cu.requantize_profile(c.ptr(a.acc), outer, n, inner, o.numerics, o.dtype, o.multiplier, o.shift, o.scale,
                                    o.zero_point, y, c.stream)
             return finish()
