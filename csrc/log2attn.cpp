@@ -17,6 +17,10 @@
 #include <memory>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "kernels.h"
 #include "threadpool.h"
 
@@ -68,7 +72,8 @@ struct Problem {
   bool possible[kPasses];       // some code falls in the pass
   int npasses;
   int win[kPasses];             // the pass's non-zero weights lie in codes [win, win + 16), else -1
-  bool deep;                    // some code has t < 0
+  bool deep;                    // some code has t < 0: the codes in [deep_lo, deep_hi]
+  uint8_t deep_lo, deep_hi;
   bool all_wide_shifts;         // requantized output with every shift >= 33 (KernelSet::shift_requant)
   int frac_bits;
   int top[kPasses];             // R weight of a pass: 2^(F - top) * (2^16 or Q)
@@ -110,14 +115,44 @@ void out_span(const Problem& pb, const KernelSet& ks, const int64_t* r, int64_t 
   }
 }
 
-// Adds the deep terms (t < 0, rounded one by one: sh(d, t) = round_half_up(d / 2^-t), weighted 2^16 or Q) of one
-// row of codes (lc codes, values from row j0 of v) to R for channels [c0, c0 + nc).
-void add_deep(const Problem& pb, const KernelSet& ks, const uint8_t* cr, const uint8_t* v, int64_t j0, int64_t lc,
-              int64_t c0, int64_t nc, int64_t* r) {
-  for (int64_t j = 0; j < lc; ++j) {
-    const CodeInfo& ci = pb.info[cr[j]];
-    if (ci.pass != -2) continue;
-    ks.deep_add(v + (j0 + j) * pb.n + c0, nc, pb.vxor, pb.zvp, ci.sft, ci.odd ? kQ : 65536, r);
+// Whether some byte c of p[0..n) has c - lo <= span (unsigned, mod 256).
+bool any_in_range(const uint8_t* p, int64_t n, uint8_t lo, uint8_t span) {
+  int64_t j = 0;
+#if defined(__SSE2__)
+  const __m128i vlo = _mm_set1_epi8(static_cast<char>(lo)), vspan = _mm_set1_epi8(static_cast<char>(span));
+  for (; j + 16 <= n; j += 16) {
+    const __m128i d = _mm_sub_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j)), vlo);
+    if (_mm_movemask_epi8(_mm_cmpeq_epi8(_mm_min_epu8(d, vspan), d))) return true;
+  }
+#endif
+  for (; j < n; ++j)
+    if (static_cast<uint8_t>(p[j] - lo) <= span) return true;
+  return false;
+}
+
+// Positions (relative to j0) of the deep codes (t < 0) in each row of a chunk: the codes in [deep_lo, deep_hi]
+// (e = ceil(c / k) in [F + 1, F + 8]). pos[start[i] .. start[i + 1]) lists row i's, in order of j.
+void deep_positions(const Problem& pb, const uint8_t* codes, int64_t rows, int64_t j0, int64_t lc,
+                    std::vector<int32_t>& start, std::vector<int32_t>& pos) {
+  start.assign(static_cast<size_t>(rows + 1), 0);
+  pos.clear();
+  const uint8_t lo = pb.deep_lo, span = static_cast<uint8_t>(pb.deep_hi - pb.deep_lo);
+  for (int64_t i = 0; i < rows; ++i) {
+    const uint8_t* cr = codes + i * pb.l + j0;
+    if (any_in_range(cr, lc, lo, span))  // most rows have no deep code
+      for (int64_t j = 0; j < lc; ++j)
+        if (static_cast<uint8_t>(cr[j] - lo) <= span) pos.push_back(static_cast<int32_t>(j));
+    start[i + 1] = static_cast<int32_t>(pos.size());
+  }
+}
+
+// Adds the deep terms (t < 0, rounded one by one: sh(d, t) = round_half_up(d / 2^-t), weighted 2^16 or Q) at the
+// listed positions of one row of codes (values from row j0 of v) to R for channels [c0, c0 + nc).
+void add_deep(const Problem& pb, const KernelSet& ks, const uint8_t* cr, const uint8_t* v, int64_t j0,
+              const int32_t* p0, const int32_t* p1, int64_t c0, int64_t nc, int64_t* r) {
+  for (const int32_t* p = p0; p < p1; ++p) {
+    const CodeInfo& ci = pb.info[cr[*p]];
+    ks.deep_add(v + (j0 + *p) * pb.n + c0, nc, pb.vxor, pb.zvp, ci.sft, ci.odd ? kQ : 65536, r);
   }
 }
 
@@ -132,8 +167,10 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
   std::vector<int64_t> rbuf(single ? 0 : static_cast<size_t>(rows * n), 0);
   std::vector<int64_t> rowsum(static_cast<size_t>(kPasses * rows), 0);
   Scratch vpan, apan[kPasses];
+  std::vector<int32_t> dstart, dpos;
   for (int64_t j0 = 0; j0 == 0 || j0 < l; j0 += chunk) {
     const int64_t lc = std::min(chunk, l - j0), kg = ceil_div(lc, 4);
+    if (pb.deep) deep_positions(pb, codes, rows, j0, lc, dstart, dpos);
     if (pb.npasses) {
       vpan.reset(static_cast<size_t>(npan * kg * 64), false);
       ks.shift_b(v + j0 * n, n, lc, kg, pb.vxor, reinterpret_cast<int8_t*>(vpan.p));
@@ -187,7 +224,9 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
           const int64_t pn = pn0 + j, nc = std::min<int64_t>(kNR, n - pn * kNR);
           for (int ri = 0; ri < mr; ++ri) {
             const int64_t i = q * kMR + ri;
-            if (pb.deep) add_deep(pb, ks, codes + i * l + j0, v, j0, lc, pn * kNR, nc, acc[j] + ri * kNR);
+            if (pb.deep && dstart[i + 1] > dstart[i])
+              add_deep(pb, ks, codes + i * l + j0, v, j0, dpos.data() + dstart[i], dpos.data() + dstart[i + 1],
+                       pn * kNR, nc, acc[j] + ri * kNR);
             if (single)
               out_span(pb, ks, acc[j] + ri * kNR, bi * pb.m + r0 + i, pn * kNR, nc);
             else
@@ -240,15 +279,18 @@ void log2_attn_matmul(const uint8_t* codes, const void* v, ActType vt, int64_t b
   }
   std::memset(pb->lut, 0, sizeof(pb->lut));
   std::fill(pb->possible, pb->possible + kPasses, false);
-  pb->deep = false;
+  int dlo = 256, dhi = -1;
   for (int c = 0; c < 256; ++c) {
     const CodeInfo& ci = pb->info[c];
     if (ci.pass >= 0) {
       pb->lut[ci.pass][c] = ci.w;
       pb->possible[ci.pass] = true;
     }
-    pb->deep |= ci.pass == -2;
+    if (ci.pass == -2) dlo = std::min(dlo, c), dhi = std::max(dhi, c);
   }
+  pb->deep = dhi >= 0;  // e(c) is monotone in c, so the deep codes are one range
+  pb->deep_lo = static_cast<uint8_t>(pb->deep ? dlo : 0);
+  pb->deep_hi = static_cast<uint8_t>(pb->deep ? dhi : 0);
   pb->npasses = static_cast<int>(std::count(pb->possible, pb->possible + kPasses, true));
   for (int p = 0; p < kPasses; ++p) {
     int lo = 256, hi = -1;

@@ -99,11 +99,16 @@ def test_log2_batched_deep_codes(isa, bits, mode, frac_bits):
 
 @pytest.mark.needs_cpu_ext
 @pytest.mark.parametrize("vt", [np.uint8, np.int8])
-def test_log2_long_l_chunks(isa, vt):
-    """L beyond the kernels' int32 chunk (with N = 272 the chunk is 15420 rows of v): R summed over chunks."""
+@pytest.mark.parametrize("bits,frac_bits", [(5, 16), (8, 4)], ids=["exact", "deep"])
+def test_log2_long_l_chunks(isa, vt, bits, frac_bits):
+    """L beyond the kernels' int32 chunk (with N = 272 the chunk is 15420 rows of v): R summed over chunks; with
+    8-bit codes and F = 4, deep terms (§7, rounded per term) in some rows and chunks and not in others."""
     for out in ("int64", "int8"):
-        kw = _example((2,), m=5, length=20000, n=272, bits=5, mode="sqrt2", frac_bits=16, vt=vt, out=out, seed=3)
+        kw = _example((2,), m=5, length=20000, n=272, bits=bits, mode="sqrt2", frac_bits=frac_bits, vt=vt, out=out,
+                      seed=3)
         kw["codes"][..., ::7] = 0  # code 0: the largest weight, in every chunk
+        kw["codes"][..., 1, :15420] = 0  # row 1: no deep code in the first chunk
+        kw["codes"][..., 2, 15420:] = 2**bits - 1  # row 2: only the zero code in the second chunk
         same("log2_attn_matmul", kw)
 
 
