@@ -17,17 +17,12 @@ void int_bmm(const void* a, ActType at, int32_t za, const void* b, ActType bt, i
              int64_t n, int64_t k, const OutStage& out, void* y) {
   if (batch == 0 || m == 0 || n == 0) return;
   const Isa isa = resolve_isa();
-  const int64_t kp = round_up(k, 4);
   const uint8_t bxor = bt == ActType::U8 ? 0x80 : 0;
   const int32_t zbm = mapped_zero_point(bt, zb);
   const int32_t zam = mapped_zero_point(at, za);
   std::vector<PackedMatrix> pms(static_cast<size_t>(batch));
   ThreadPool::instance().run(batch, [&](int64_t i, int) {
-    std::vector<int8_t> codes(static_cast<size_t>(n * kp), 0);
-    const uint8_t* src = static_cast<const uint8_t*>(b) + i * n * k;
-    for (int64_t r = 0; r < n; ++r)
-      for (int64_t j = 0; j < k; ++j) codes[r * kp + j] = static_cast<int8_t>(src[r * k + j] ^ bxor);
-    pms[i] = pack_codes(codes.data(), n, kp, WFormat::S8);
+    pms[i] = pack_s8_rows(static_cast<const uint8_t*>(b) + i * n * k, k, n, k, bxor);
   });
   const std::vector<int32_t> zw(static_cast<size_t>(n), zbm);
   const size_t np = static_cast<size_t>(round_up(n, kNR) + kNR);

@@ -35,49 +35,64 @@ inline int8_t nibble_stored(const uint8_t* row, int64_t j, bool is_signed) {
 }
 }  // namespace
 
-PackedMatrix pack_codes(const int8_t* codes, int64_t n, int64_t kp, WFormat fmt) {
-  using detail::ceil_div;
+namespace {
+PackedMatrix empty_packed(int64_t n, int64_t kp, WFormat fmt) {
   PackedMatrix pm;
   pm.n = n;
   pm.kp = kp;
   pm.kg = kp / 4;
   pm.format = fmt;
-  pm.panels = ceil_div(n, kNR);
-  const bool four = fmt != WFormat::S8;
-  pm.panel_bytes = four ? (pm.kg / 2) * 64 : pm.kg * 64;
+  pm.panels = detail::ceil_div(n, kNR);
+  pm.panel_bytes = fmt != WFormat::S8 ? (pm.kg / 2) * 64 : pm.kg * 64;
   pm.buf = aligned_bytes(static_cast<size_t>(pm.panels * pm.panel_bytes));
   require_allocatable(static_cast<size_t>(pm.panels * kNR) * sizeof(int32_t));
   pm.colsum.assign(static_cast<size_t>(pm.panels * kNR), 0);
   pm.fix_off.assign(static_cast<size_t>(pm.panels + 1), 0);
+  return pm;
+}
+
+// 0x80 in each byte lane of w that equals 0x80 (-128), 0 in the others: t = w ^ 0x80 per lane is zero exactly
+// there; (t & 0x7F) + 0x7F sets bit 7 iff the low 7 bits are not all zero, and never carries out of its lane
+inline uint32_t min_lanes(uint32_t w) {
+  const uint32_t t = w ^ 0x80808080u;
+  return ~(((t & 0x7F7F7F7Fu) + 0x7F7F7F7Fu) | t | 0x7F7F7F7Fu);
+}
+}  // namespace
+
+PackedMatrix pack_s8_rows(const uint8_t* src, int64_t ld, int64_t n, int64_t k, uint8_t xor_mask) {
+  const int64_t kp = detail::round_up(k, 4);
+  PackedMatrix pm = empty_packed(n, kp, WFormat::S8);
   if (kp == 0) return pm;  // empty reduction: nothing to pack, every column sum is 0
+  const uint32_t x4 = 0x01010101u * xor_mask;
   uint8_t* base = pm.buf.get();
   for (int64_t c = 0; c < n; ++c) {
-    const int8_t* row = codes + c * kp;
-    uint8_t* pan = base + (c / kNR) * pm.panel_bytes;
-    const int64_t cc = c % kNR;
-    uint32_t s = 0;
-    for (int64_t j = 0; j < kp; ++j) s += static_cast<uint32_t>(static_cast<int32_t>(row[j]));
-    pm.colsum[c] = static_cast<int32_t>(s);
-    if (!four) {
-      for (int64_t g = 0; g < pm.kg; ++g) {
-        std::memcpy(pan + g * 64 + cc * 4, row + 4 * g, 4);
-        for (int b = 0; b < 4; ++b)
-          if (row[4 * g + b] == -128) {  // §10.2: packed as -127, the tile gets -x' for it
-            pan[g * 64 + cc * 4 + b] = static_cast<uint8_t>(static_cast<int8_t>(-127));
-            pm.fix_k.push_back(4 * g + b);
-            pm.fix_c.push_back(static_cast<int32_t>(cc));
-            pm.has_min = true;
-          }
+    const uint8_t* row = src + c * ld;
+    uint8_t* pan = base + (c / kNR) * pm.panel_bytes + (c % kNR) * 4;
+    const int32_t cc = static_cast<int32_t>(c % kNR);
+    uint32_t s = 0;  // mod 2^32
+    for (int64_t g = 0; g < pm.kg; ++g) {
+      uint32_t w = 0;
+      const int64_t nb = std::min<int64_t>(4, k - 4 * g);
+      if (nb == 4) {
+        std::memcpy(&w, row + 4 * g, 4);
+        w ^= x4;
+      } else {
+        for (int64_t b = 0; b < nb; ++b) w |= static_cast<uint32_t>(row[4 * g + b] ^ xor_mask) << (8 * b);
       }
-      pm.fix_off[static_cast<size_t>(c / kNR) + 1] = static_cast<int64_t>(pm.fix_k.size());
-    } else {
-      for (int64_t g8 = 0; g8 < pm.kg / 2; ++g8)
-        for (int b = 0; b < 4; ++b) {
-          uint8_t lo = static_cast<uint8_t>(row[8 * g8 + b]) & 0xF;
-          uint8_t hi = static_cast<uint8_t>(row[8 * g8 + 4 + b]) & 0xF;
-          pan[g8 * 64 + cc * 4 + b] = static_cast<uint8_t>(lo | (hi << 4));
-        }
+      for (int b = 0; b < 4; ++b) s += static_cast<uint32_t>(static_cast<int32_t>(static_cast<int8_t>(w >> (8 * b))));
+      if (const uint32_t m = min_lanes(w)) {  // §10.2: a -128 is packed as -127, the tile gets -x' for it
+        for (int b = 0; b < 4; ++b)
+          if (m >> (8 * b + 7) & 1) {
+            pm.fix_k.push_back(4 * g + b);
+            pm.fix_c.push_back(cc);
+          }
+        w += m >> 7;  // 0x80 -> 0x81 in those lanes (no carry out of a lane)
+        pm.has_min = true;
+      }
+      std::memcpy(pan + g * 64, &w, 4);
     }
+    pm.colsum[c] = static_cast<int32_t>(s);
+    pm.fix_off[static_cast<size_t>(c / kNR) + 1] = static_cast<int64_t>(pm.fix_k.size());
   }
   for (int64_t p = 1; p <= pm.panels; ++p) pm.fix_off[p] = std::max(pm.fix_off[p], pm.fix_off[p - 1]);
   if (pm.has_min && cpu_has_avx512vnni()) {
@@ -88,6 +103,27 @@ PackedMatrix pack_codes(const int8_t* codes, int64_t n, int64_t kp, WFormat fmt)
       for (int64_t f = pm.fix_off[p]; f < pm.fix_off[p + 1]; ++f) {
         const int64_t k = pm.fix_k[f];
         pm.buf_exact.get()[p * pm.panel_bytes + (k / 4) * 64 + pm.fix_c[f] * 4 + k % 4] = 0x80;  // -128
+      }
+  }
+  return pm;
+}
+
+PackedMatrix pack_codes(const int8_t* codes, int64_t n, int64_t kp, WFormat fmt) {
+  if (fmt == WFormat::S8) return pack_s8_rows(reinterpret_cast<const uint8_t*>(codes), kp, n, kp, 0);
+  PackedMatrix pm = empty_packed(n, kp, fmt);
+  uint8_t* base = pm.buf.get();
+  for (int64_t c = 0; c < n; ++c) {
+    const int8_t* row = codes + c * kp;
+    uint8_t* pan = base + (c / kNR) * pm.panel_bytes;
+    const int64_t cc = c % kNR;
+    uint32_t s = 0;
+    for (int64_t j = 0; j < kp; ++j) s += static_cast<uint32_t>(static_cast<int32_t>(row[j]));
+    pm.colsum[c] = static_cast<int32_t>(s);
+    for (int64_t g8 = 0; g8 < pm.kg / 2; ++g8)
+      for (int b = 0; b < 4; ++b) {
+        uint8_t lo = static_cast<uint8_t>(row[8 * g8 + b]) & 0xF;
+        uint8_t hi = static_cast<uint8_t>(row[8 * g8 + 4 + b]) & 0xF;
+        pan[g8 * 64 + cc * 4 + b] = static_cast<uint8_t>(lo | (hi << 4));
       }
   }
   return pm;

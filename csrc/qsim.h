@@ -118,6 +118,9 @@ struct PackedMatrix {
 // of 4, or of 8 for 4-bit formats; padding entries 0; 4-bit formats take stored codes 0..15) into
 // micro-kernel panels.
 PackedMatrix pack_codes(const int8_t* codes, int64_t n, int64_t kp, WFormat fmt);
+// Packs n rows of k int8 codes read as bytes (row c at src + c * ld, each byte XORed with xor_mask: 0x80 turns
+// uint8 codes u into the int8 codes u - 128), zero padded to a multiple of 4; the same panels as pack_codes.
+PackedMatrix pack_s8_rows(const uint8_t* src, int64_t ld, int64_t n, int64_t k, uint8_t xor_mask);
 
 // A prepacked GEMM or conv weight: one PackedMatrix per group.
 struct PackedWeight {
