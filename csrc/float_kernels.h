@@ -1,5 +1,5 @@
 // Per-ISA entry points of the float stages (docs/spec.md §15), instantiated from float_math.h by
-// float_scalar.cpp and float_avx2.cpp. Single-threaded; floatops.cpp splits the work into tasks.
+// float_scalar.cpp, float_avx2.cpp and float_avx512.cpp. Single-threaded; floatops.cpp splits the work into tasks.
 #pragma once
 
 #include <cstdint>
@@ -57,6 +57,9 @@ const FloatKernels& float_kernel_table() {
 const FloatKernels& float_kernels_scalar();
 #if defined(PYQSIM_HAVE_AVX2_TU)
 const FloatKernels& float_kernels_avx2();
+#endif
+#if defined(PYQSIM_HAVE_VNNI_TU)
+const FloatKernels& float_kernels_avx512();
 #endif
 
 }  // namespace detail

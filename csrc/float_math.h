@@ -1,6 +1,6 @@
 // Float stages of docs/spec.md §15, written once over a lane type so that the scalar kernels
-// (float_scalar.cpp: one float per lane) and the AVX2 kernels (float_avx2.cpp: eight) perform the same
-// IEEE binary32 operations in the same order and return the same bits.
+// (float_scalar.cpp: one float per lane), the AVX2 kernels (float_avx2.cpp: eight) and the AVX-512 kernels
+// (float_avx512.cpp: sixteen) perform the same IEEE binary32 operations in the same order and return the same bits.
 //
 // A lane-operations class O provides: V (the float lanes), I (int32 lanes), M (a lane mask), W (lanes per
 // V); set, zero, load, store, load_fill(p, k, fill) / store_part(p, v, k) for the first k < W lanes;
@@ -195,7 +195,7 @@ void layer_norm_row(const float* x, float* y, int64_t n, const float* w, const f
 }
 
 // Inline templates only, and no library templates (std::min, std::fill): this header is compiled with and
-// without -mavx2, and a shared out-of-line instantiation could carry AVX2 code into the scalar path.
+// without -mavx2 (and with AVX-512), and a shared out-of-line instantiation could carry AVX2 code into the scalar path.
 
 // §2 uniform quantization: q = clamp(rint(x / s), lo - z, hi - z) + z, with the clamp applied first (equal, as
 // the bounds are integers) so the rounding works on |t| <= 510 (a NaN t clamps to lo - z: defined, and reported).

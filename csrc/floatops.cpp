@@ -16,8 +16,11 @@ using namespace detail;
 namespace {
 
 const FloatKernels& float_kernels() {
+#if defined(PYQSIM_HAVE_VNNI_TU)
+  if (resolve_isa() == Isa::Avx512Vnni) return float_kernels_avx512();
+#endif
 #if defined(PYQSIM_HAVE_AVX2_TU)
-  if (resolve_isa() != Isa::Scalar) return float_kernels_avx2();  // AVX-512 VNNI adds integer kernels only
+  if (resolve_isa() != Isa::Scalar) return float_kernels_avx2();
 #endif
   return float_kernels_scalar();
 }
