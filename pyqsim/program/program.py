@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 
 import numpy as np
 
@@ -34,6 +35,43 @@ def _spec_error(where: str, msg: str):
     return ParamFileError(f"{where}: {msg}")
 
 
+def _pow2_product(node):
+    """(source node, 2^e) when ``node`` multiplies one node's value by a literal power of two 2^e (or divides it by
+    2^-e) and nothing else; (None, None) otherwise."""
+    if node["kind"] != "binary":
+        return None, None
+    attrs = {a: decode_literal(v) for a, v in node.get("attrs", {}).items()}
+    args = node.get("args", [])
+    if (attrs.get("alpha", 1) != 1 or len(args) != 2 or attrs.get("op") not in ("mul", "div")
+            or attrs.get("dtype", "float32") != "float32"):
+        return None, None
+    refs = [is_ref(a) for a in args]
+    if attrs["op"] == "mul" and refs in ([True, False], [False, True]):
+        src, lit = (args[0], args[1]) if refs[0] else (args[1], args[0])
+    elif attrs["op"] == "div" and refs == [True, False]:
+        src, lit = args
+    else:
+        return None, None
+    c = decode_literal(lit)
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not np.isfinite(c) or c == 0:
+        return None, None
+    m, _ = math.frexp(abs(c))
+    if m != 0.5 or float(np.float32(c)) != c:
+        return None, None
+    c = float(c) if attrs["op"] == "mul" else 1.0 / float(c)
+    return src["@"], c
+
+
+def _folded_scale(s: np.ndarray, c: float):
+    """fl32(s * c) when fl32(fl32(a * s) * c) == fl32(a * fl32(s * c)) for every int32 a (spec §9.1), else None."""
+    s = np.asarray(s, np.float32)
+    mag = np.abs(s.astype(np.float64))
+    lo, hi = np.minimum(mag, mag * abs(c)), np.maximum(mag, mag * abs(c))
+    if s.size == 0 or np.any(lo < 2.0**-126) or np.any(hi * 2.0**31 >= float(np.finfo(np.float32).max)):
+        return None
+    return (s.astype(np.float64) * c).astype(np.float32)
+
+
 class Program:
     """An integer program: ``run`` it on NumPy inputs with any backend; no PyTorch needed."""
 
@@ -48,6 +86,7 @@ class Program:
         self.info = {k: v for k, v in prog.items() if k not in ("inputs", "outputs", "nodes")}
         self._validate()
         self._cache: dict = {}
+        self._folds = None  # (out_scale overrides by node, folded node -> its source), built on the first run
 
     # ------------------------------------------------------------------ validation
 
@@ -146,6 +185,33 @@ class Program:
     def _node_tensors(self, node) -> dict:
         return {k: self.tensors[v] for k, v in node.get("tensors", {}).items() if v is not None}
 
+    def _scale_folds(self):
+        """Spec §9.1: float32 output stages followed only by a product with 2^e, run as one output stage."""
+        if self._folds is not None:
+            return self._folds
+        users = collections.Counter()
+        from .schema import refs_in
+        for node in self.nodes:
+            for a in node.get("args", []):
+                users.update(refs_in(a))
+        users.update(o["value"]["@"] for o in self.outputs)
+        by_name = {n["name"]: n for n in self.nodes}
+        scales, alias = {}, {}
+        for node in self.nodes:
+            src, c = _pow2_product(node)
+            if src is None or users[src] != 1 or src not in by_name:
+                continue
+            prod = by_name[src]
+            attrs = {a: decode_literal(v) for a, v in prod.get("attrs", {}).items()}
+            if prod["kind"] not in ("int_gemm", "int_conv2d", "int_bmm") or attrs.get("out", "float32") != "float32":
+                continue
+            s = self._node_tensors(prod)["out_scale"]
+            folded = _folded_scale(s, c)
+            if folded is not None:
+                scales[src], alias[node["name"]] = folded, src
+        self._folds = (scales, alias)
+        return self._folds
+
     def execute(self, inputs=(), named=None, backend: str = "auto", keep: bool = False, numerics: str = "pyqsim"):
         """Run every node; returns (outputs list, env of all values when ``keep``)."""
         from ..numerics import profile
@@ -153,14 +219,23 @@ class Program:
         env = self._bind(tuple(inputs), named or {})
         ctx = _Ctx(backend, self._cache, numerics=numerics)
         last_use = self._last_use() if not keep else {}
+        scales, alias = self._scale_folds() if not keep else ({}, {})  # keep: every node's own value
         for i, node in enumerate(self.nodes):
+            if node["name"] in alias:
+                env[node["name"]] = env[alias[node["name"]]]
+                for dead in last_use.get(i, ()):
+                    env.pop(dead, None)
+                continue
             k = KINDS[node["kind"]]
             args = [_resolve(a, env) for a in node.get("args", [])]
             attrs = {a: decode_literal(v) for a, v in node.get("attrs", {}).items()}
             ctx.node = node["name"]
             with ops.scope(node.get("scope") or node["name"]):
                 try:
-                    y = k.run(args, attrs, self._node_tensors(node), ctx)
+                    t = self._node_tensors(node)
+                    if node["name"] in scales:
+                        t["out_scale"] = scales[node["name"]]
+                    y = k.run(args, attrs, t, ctx)
                 except (ValueError, TypeError, IndexError) as exc:
                     raise type(exc)(f"node {node['name']!r} ({k.name}, from {node.get('scope') or '?'}): {exc}") from exc
             dt = attrs.get("dtype")

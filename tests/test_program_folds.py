@@ -1,0 +1,121 @@
+"""Spec §9.1: a float32 integer output stage followed by a product with a power of two runs as one output stage.
+
+The oracle is the unfused arithmetic evaluated in NumPy float32 (each product one IEEE rounding) and, for whole
+programs, the same program run with every node's own value kept (``execute(keep=True)`` does not fold); compared
+with ``==`` on the float32 bit patterns.
+"""
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import assume, example, given
+from hypothesis import strategies as st
+
+from pyqsim.program.program import Program, _folded_scale, _pow2_product
+
+F32 = np.float32
+TINY = float(np.finfo(F32).tiny)
+FMAX = float(np.finfo(F32).max)
+
+
+def _bits(a):
+    return np.ascontiguousarray(a, F32).view(np.uint32)
+
+
+@given(a=st.lists(st.integers(-2**31, 2**31 - 1), min_size=1, max_size=40),
+       s=st.floats(-FMAX, FMAX, width=32, allow_nan=False, allow_infinity=False).filter(lambda v: v != 0),
+       e=st.integers(-149, 127), div=st.booleans())
+@example(a=[1, -1, 2**31 - 1, -2**31, 0], s=TINY, e=0, div=False)        # smallest normal scale, c = 1
+@example(a=[1, -1, 3, 0], s=TINY * 8, e=-3, div=False)                    # s * c = 2^-126 exactly: folds
+@example(a=[1, -1, 3, 0], s=TINY * 4, e=-3, div=False)                    # s * c subnormal: refused
+@example(a=[2**31 - 1, -2**31], s=2.0**96, e=0, div=False)                 # 2^31 * s = 2^127 < FLT_MAX: folds
+@example(a=[2**31 - 1, -2**31], s=2.0**96, e=1, div=False)                 # refused: could overflow
+@example(a=[12345, -7], s=0.1, e=3, div=True)
+@example(a=[1, -2**31], s=TINY, e=-149, div=True)                          # dividing by the smallest subnormal
+def test_folded_scale_equals_the_two_products(a, s, e, div):
+    """The literal c = 2^e is a float32; the unfused node computes fl32(fl32(fl32(a) * s) * c) (or / c)."""
+    c = F32(2.0**e)
+    cc = 1.0 / float(c) if div else float(c)  # what _pow2_product passes on
+    folded = _folded_scale(np.array(s, F32), cc)
+    assume(folded is not None)
+    acc = np.array(a, np.int64)
+    with np.errstate(over="ignore"):
+        y = acc.astype(F32) * F32(s)
+        two = y / c if div else y * c
+    one = acc.astype(F32) * folded
+    assert np.array_equal(_bits(one), _bits(two))
+
+
+@given(s=st.floats(-FMAX, FMAX, width=32, allow_nan=False, allow_infinity=False).filter(lambda v: v != 0),
+       e=st.integers(-149, 127))
+@example(s=TINY * 4, e=-3)
+@example(s=2.0**96, e=1)
+def test_folded_scale_refuses_exactly_outside_the_normal_range(s, e):
+    c = 2.0**e
+    mag = abs(s)
+    inside = min(mag, mag * c) >= TINY and 2.0**31 * max(mag, mag * c) < FMAX
+    assert (_folded_scale(np.array(s, F32), c) is not None) == inside
+
+
+def _node(name, kind, args, attrs=None, tensors=None):
+    n = {"name": name, "kind": kind, "args": args}
+    if attrs:
+        n["attrs"] = attrs
+    if tensors:
+        n["tensors"] = tensors
+    return n
+
+
+def test_pow2_product_recognises_only_literal_powers_of_two():
+    ref = {"@": "y"}
+    assert _pow2_product(_node("m", "binary", [ref, 0.125], {"op": "mul"})) == ("y", 0.125)
+    assert _pow2_product(_node("m", "binary", [-4, ref], {"op": "mul"})) == ("y", -4.0)
+    assert _pow2_product(_node("m", "binary", [ref, 8.0], {"op": "div"})) == ("y", 0.125)
+    for args, op in [([ref, 0.1], "mul"), ([8.0, ref], "div"), ([ref, ref], "mul"), ([ref, 0.0], "mul"),
+                     ([ref, 2.0**-150], "mul"), ([ref, 0.5], "add")]:
+        assert _pow2_product(_node("m", "binary", args, {"op": op})) == (None, None)
+    assert _pow2_product(_node("m", "binary", [ref, 0.5], {"op": "mul", "alpha": 2})) == (None, None)
+
+
+def _bmm_program(scale: float, factor, extra_user: bool = False):
+    """codes a, b -> int_bmm (float32 out) -> * factor (-> + itself when ``extra_user``)."""
+    tensors = {"s": np.array(scale, F32)}
+    nodes = [_node("qk", "int_bmm", [{"@": "a"}, {"@": "b"}], {"a_zero_point": 3, "b_zero_point": 250},
+                   {"out_scale": "s"}),
+             _node("mul", "binary", [{"@": "qk"}, factor], {"op": "mul", "dtype": "float32"})]
+    out = "mul"
+    if extra_user:
+        nodes.append(_node("sum", "binary", [{"@": "mul"}, {"@": "qk"}], {"op": "add", "dtype": "float32"}))
+        out = "sum"
+    prog = {"inputs": [{"name": "a", "dtype": "uint8", "shape": [None, 5, 7]},
+                       {"name": "b", "dtype": "uint8", "shape": [None, 6, 7]}],
+            "nodes": nodes, "outputs": [{"name": "y", "value": {"@": out}}]}
+    return Program(tensors, {"program": prog})
+
+
+def _both(p, a, b, backend):
+    folded = p.run(a, b, backend=backend)
+    kept, _ = p.execute((a, b), None, backend, keep=True)
+    return folded, kept[0]
+
+
+@given(seed=st.integers(0, 2**32 - 1), scale=st.floats(2.0**-100, 2.0**90, width=32),
+       e=st.integers(-20, 20), backend=st.sampled_from(["reference", "auto"]))
+@example(seed=0, scale=2.0**-123, e=-3, backend="auto")   # s * c = 2^-126: the edge that still folds
+def test_folded_program_equals_the_unfolded_run(seed, scale, e, backend):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, (2, 5, 7), dtype=np.uint8)
+    b = rng.integers(0, 256, (2, 6, 7), dtype=np.uint8)
+    p = _bmm_program(scale, 2.0**e)
+    scales, alias = p._scale_folds()
+    assert (alias == {"mul": "qk"}) == (_folded_scale(np.array(scale, F32), 2.0**e) is not None)
+    folded, kept = _both(p, a, b, backend)
+    assert np.array_equal(_bits(folded), _bits(kept))
+
+
+def test_no_fold_when_the_product_is_not_the_only_user():
+    p = _bmm_program(0.01, 0.125, extra_user=True)
+    assert p._scale_folds() == ({}, {})
+    a = np.full((1, 5, 7), 7, np.uint8)
+    b = np.full((1, 6, 7), 9, np.uint8)
+    folded, kept = _both(p, a, b, "auto")
+    assert np.array_equal(_bits(folded), _bits(kept))
