@@ -38,6 +38,27 @@ py::array checked(py::handle obj, const std::string& name, char kind, int size, 
   return a;
 }
 
+// A 3-D array [outer, N, inner] whose outer slices are each C-contiguous, with a positive outer stride that is a
+// multiple of the item size and at least one slice (slices do not overlap): a row view of a wider buffer.
+py::array outer_strided(py::handle obj, const std::string& name, char kind, int size, const char* dtype) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(name + " must be a NumPy array, got " +
+                         py::str(py::type::handle_of(obj).attr("__name__")).cast<std::string>());
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  if (!is_dtype(a, kind, size))
+    throw py::type_error(name + " must have dtype " + dtype + ", got " + py::str(a.dtype()).cast<std::string>());
+  if (a.ndim() != 3) throw py::value_error(name + " must be 3-D [outer, N, inner], got ndim " + std::to_string(a.ndim()));
+  const int64_t outer = a.shape(0), n = a.shape(1), inner = a.shape(2), sz = size;
+  const bool slices = (inner <= 1 || a.strides(2) == sz) && (n <= 1 || a.strides(1) == inner * sz);
+  const bool rows = outer <= 1 || (a.strides(0) % sz == 0 && a.strides(0) >= n * inner * sz);
+  if (!slices || !rows)
+    throw py::value_error(name + " must be C-contiguous (or a view of whole C-contiguous rows; pass "
+                          "numpy.ascontiguousarray(" + name + "))");
+  if (reinterpret_cast<uintptr_t>(a.data()) % static_cast<uintptr_t>(size) != 0)
+    throw py::value_error(name + " must be aligned to its item size");
+  return a;
+}
+
 // float32 [c] per-channel vector
 const float* channel_vector(py::handle obj, const std::string& name, int64_t c) {
   py::array a = checked(obj, name, 'f', 4, "float32", 1);
@@ -108,9 +129,9 @@ py::array quantize(py::handle x_, py::handle scale_, py::handle zp_, int64_t lo,
   if (lo < cmin || hi > cmax || lo > hi)
     throw py::value_error("code range [lo, hi] must lie in [" + std::to_string(cmin) + ", " + std::to_string(cmax) +
                           "] for " + dtype + ", got [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
-  py::array x = checked(x_, "x", 'f', 4, "float32", 3);
-  if (x.ndim() != 3) throw py::value_error("x must be 3-D [outer, N, inner], got ndim " + std::to_string(x.ndim()));
+  py::array x = outer_strided(x_, "x", 'f', 4, "float32");
   const int64_t outer = x.shape(0), n = x.shape(1), inner = x.shape(2);
+  const int64_t ldo = outer > 1 ? x.strides(0) / 4 : n * inner;
   const float* s = channel_vector(scale_, "scale", n);
   for (int64_t c = 0; c < n; ++c)
     if (!(std::isfinite(s[c]) && s[c] > 0.0f)) throw py::value_error("scale must be finite and > 0");
@@ -128,7 +149,7 @@ py::array quantize(py::handle x_, py::handle scale_, py::handle zp_, int64_t lo,
   bool finite;
   {
     py::gil_scoped_release nogil;
-    finite = qsim::quantize(xp, outer, n, inner, s, zp, static_cast<int32_t>(lo), static_cast<int32_t>(hi), yp);
+    finite = qsim::quantize(xp, outer, ldo, n, inner, s, zp, static_cast<int32_t>(lo), static_cast<int32_t>(hi), yp);
   }
   if (!finite) throw py::value_error("x must be finite (no NaN or inf)");
   return y;

@@ -74,8 +74,8 @@ void unary(UnaryOp op, const float* x, float* y, int64_t n) {
   });
 }
 
-bool quantize(const float* x, int64_t outer, int64_t n, int64_t inner, const float* scale, const int32_t* z,
-              int32_t lo, int32_t hi, uint8_t* out) {
+bool quantize(const float* x, int64_t outer, int64_t ldo, int64_t n, int64_t inner, const float* scale,
+              const int32_t* z, int32_t lo, int32_t hi, uint8_t* out) {
   if (outer == 0 || n == 0 || inner == 0) return true;
   const FloatKernels& fk = float_kernels();
   // clamp bounds lo - z and hi - z, exact small integers in float32 (§2)
@@ -90,7 +90,7 @@ bool quantize(const float* x, int64_t outer, int64_t n, int64_t inner, const flo
     ThreadPool::instance().run(ceil_div(outer, per), [&](int64_t t, int) {
       bool ok = true;
       for (int64_t r = t * per; r < std::min(outer, (t + 1) * per); ++r)
-        ok &= fk.quantize_run(x + r * n, n, scale, lo_f.data(), hi_f.data(), z, 1, out + r * n);
+        ok &= fk.quantize_run(x + r * ldo, n, scale, lo_f.data(), hi_f.data(), z, 1, out + r * n);
       if (!ok) finite.store(false, std::memory_order_relaxed);
     });
     return finite.load();
@@ -99,8 +99,8 @@ bool quantize(const float* x, int64_t outer, int64_t n, int64_t inner, const flo
   ThreadPool::instance().run(outer * n * chunks, [&](int64_t t, int) {
     const int64_t row = t / chunks, c = row % n, i0 = (t % chunks) * kTaskElems;
     const int64_t off = row * inner + i0;
-    if (!fk.quantize_run(x + off, std::min(kTaskElems, inner - i0), scale + c, lo_f.data() + c, hi_f.data() + c, z + c,
-                         0, out + off))
+    if (!fk.quantize_run(x + (row / n) * ldo + c * inner + i0, std::min(kTaskElems, inner - i0), scale + c,
+                         lo_f.data() + c, hi_f.data() + c, z + c, 0, out + off))
       finite.store(false, std::memory_order_relaxed);
   });
   return finite.load();

@@ -192,10 +192,11 @@ void group_norm(const float* x, float* y, int64_t batch, int64_t c, int64_t spat
                 const float* b, float eps);
 // §15.4: elementwise GELU (erf or tanh form) or SiLU of n values.
 void unary(UnaryOp op, const float* x, float* y, int64_t n);
-// §2: codes of x [outer, n, inner] with scale[n] (> 0, finite) and zero point z[n] in [lo, hi].
-// out: int8/uint8 container bytes. Returns false when some x is not finite (out is then meaningless).
-bool quantize(const float* x, int64_t outer, int64_t n, int64_t inner, const float* scale, const int32_t* z,
-              int32_t lo, int32_t hi, uint8_t* out);
+// §2: codes of x [outer, n, inner] (x[o, c, i] at x + o * ldo + c * inner + i, ldo >= n * inner) with scale[n]
+// (> 0, finite) and zero point z[n] in [lo, hi]. out: contiguous int8/uint8 container bytes. Returns false when
+// some x is not finite (out is then meaningless).
+bool quantize(const float* x, int64_t outer, int64_t ldo, int64_t n, int64_t inner, const float* scale,
+              const int32_t* z, int32_t lo, int32_t hi, uint8_t* out);
 // §3: log2 (k = 1) or log-sqrt2 (k = 2) codes of n values p, zero code `zero_code` = 2^bits - 1. Returns false
 // when some p is not finite and >= 0 (out is then meaningless).
 bool quantize_log(const float* p, int64_t n, float delta, int k, int zero_code, uint8_t* out);

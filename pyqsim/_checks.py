@@ -836,7 +836,7 @@ def code_range(dtype: str = "int8", bits: int | None = None, narrow: bool = Fals
 
 @dataclass
 class QuantizeArgs:
-    x: np.ndarray           # float32 [outer, N, inner], finite
+    x: np.ndarray           # float32 [outer, N, inner], finite; each x[o] C-contiguous (the whole array unless scan=False)
     scale: np.ndarray       # float32 [N], finite, > 0
     zero_point: np.ndarray  # int32 [N] in [lo, hi]
     lo: int
@@ -845,9 +845,40 @@ class QuantizeArgs:
     shape: tuple
 
 
+def row_view(x: np.ndarray):
+    """``x`` as a [rows, cols] view (cols: its trailing C-contiguous axes; rows: the others, one uniform stride), or
+    None when its layout has no such view."""
+    if x.ndim == 0 or x.size == 0:
+        return None
+    cols, k = 1, x.ndim
+    while k > 0 and (x.shape[k - 1] == 1 or x.strides[k - 1] == cols * x.itemsize):
+        cols *= x.shape[k - 1]
+        k -= 1
+    lead = [(n, st) for n, st in zip(x.shape[:k], x.strides[:k]) if n != 1]
+    for (_, outer), (n, inner) in zip(lead, lead[1:]):
+        if outer != n * inner:
+            return None
+    rstride = lead[-1][1] if lead else cols * x.itemsize
+    if rstride < cols * x.itemsize:
+        return None
+    return np.lib.stride_tricks.as_strided(x, (x.size // cols, cols), (rstride, x.itemsize), writeable=False)
+
+
 def quantize_args(x, scale, zero_point, dtype, axis, bits, narrow, scan: bool = True) -> QuantizeArgs:
     """Canonical arguments of ``quantize`` (spec §2): per tensor (N = 1) or per channel along ``axis``; ``scan`` as
-    in ``to_float32``."""
+    in ``to_float32``. Per tensor without a scan, a float32 view of whole rows (a head of a fused qkv) is kept as
+    ``[rows, 1, cols]`` rows of its buffer, which the native kernel reads in place."""
+    if (not scan and axis is None and type(x) is np.ndarray and x.dtype == np.float32 and x.flags.aligned
+            and not x.flags.c_contiguous):
+        rows = row_view(x)
+        if rows is not None and rows.shape[1] >= 16:  # shorter rows: one contiguous copy is faster
+            lo, hi = code_range(dtype, bits, narrow)
+            z = as_int(zero_point, "zero_point")
+            if not lo <= z <= hi:
+                raise ValueError(f"zero_point must be in [{lo}, {hi}], got {z}")
+            container = "int8" if CONTAINERS[dtype] is np.int8 else "uint8"
+            return QuantizeArgs(rows[:, None, :], np.array([positive_scale(scale, "scale")], np.float32),
+                                np.array([z], np.int32), lo, hi, container, x.shape)
     x = finite_float(x, "x", scan)
     lo, hi = code_range(dtype, bits, narrow)
     if axis is None:

@@ -230,6 +230,46 @@ def test_quantize_native_equals_reference(args):
         assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
 
 
+@st.composite
+def fused_qkv(draw):
+    """A fused [B, L, 3, H, D] float32 buffer (drawn data over the whole float32 range), which of q/k/v to take,
+    and whether to take it as [B, L, H, D] or transposed to [B, H, L, D]."""
+    b, l, h, d = draw(st.integers(1, 3)), draw(st.integers(1, 9)), draw(st.integers(1, 4)), draw(st.integers(1, 40))
+    base = draw(hnp.arrays(np.float32, (b, l, 3, h, d), elements=st.floats(width=32, allow_nan=False,
+                                                                          allow_infinity=False)
+                           | st.sampled_from([0.5, 1.5, -2.5, 1e-45, 3.4e38])))
+    return base, draw(st.integers(0, 2)), draw(st.booleans())
+
+
+_FUSED = np.arange(3 * 2 * 3 * 2 * 16, dtype=F32).reshape(3, 2, 3, 2, 16) - 100.5  # rows of H * D = 32 floats
+
+
+@given(data=fused_qkv(), scale=st.floats(2.0**-20, 2.0**20, width=32), zp=st.integers(0, 255))
+@example(data=(_FUSED, 1, False), scale=1.0, zp=7)
+@example(data=(_FUSED, 2, True), scale=0.25, zp=250)
+def test_quantize_row_views_read_in_place(data, scale, zp):
+    """Per-tensor codes of a strided view (the native kernel reads whole rows of the buffer in place, spec §2) equal
+    the reference's codes of a contiguous copy, on every ISA; values outside the view are never read."""
+    from pyqsim import _C
+    base, which, transposed = data
+    base = base.copy()
+    view = base[:, :, which].transpose(0, 2, 1, 3) if transposed else base[:, :, which]
+    base[:, :, (which + 1) % 3] = np.inf  # outside the view
+    want = ops.quantize(np.ascontiguousarray(view), scale, zp, "uint8", backend="reference")
+    for path in ISAS:
+        _C.set_cpu_isa(path)
+        try:
+            got = ops.quantize(view, scale, zp, "uint8", backend="cpu")
+            assert got.shape == want.shape and np.array_equal(got, want)
+            saved = base[0, 0, which, 0, 0]
+            base[0, 0, which, 0, 0] = np.nan  # inside the view: rejected
+            with pytest.raises(ValueError, match="finite"):
+                ops.quantize(view, scale, zp, "uint8", backend="cpu")
+            base[0, 0, which, 0, 0] = saved
+        finally:
+            _C.set_cpu_isa(None)
+
+
 @given(p=hnp.arrays(np.float32, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=20),
                    elements=st.floats(0, float(np.finfo(F32).max), width=32)
                    | st.sampled_from([0.0, 1.0, 2.0**-0.5, 2.0**-0.25, 2.0**-0.75, TINY, 2.0**-126])),
@@ -412,6 +452,14 @@ def test_quantize_cuda_backend_runs_on_the_host():
      ValueError, "scale must be finite and > 0"),
     (lambda C: C.quantize(np.zeros((1, 1, 1), F32), np.ones(1, F32), np.full(1, 200, np.int32), -128, 127, "int8"),
      ValueError, "zero_point must be in"),
+    (lambda C: C.quantize(np.zeros((3, 1, 4), F32)[:, :, ::2], np.ones(1, F32), np.zeros(1, np.int32), 0, 255, "uint8"),
+     ValueError, "x must be C-contiguous"),  # elements of a row not adjacent
+    (lambda C: C.quantize(np.lib.stride_tricks.as_strided(np.zeros(8, F32), (3, 1, 4), (8, 16, 4)), np.ones(1, F32),
+                          np.zeros(1, np.int32), 0, 255, "uint8"), ValueError, "x must be C-contiguous"),  # rows overlap
+    (lambda C: C.quantize(np.broadcast_to(np.zeros(4, F32), (2**40, 1, 4)), np.ones(1, F32), np.zeros(1, np.int32),
+                          0, 255, "uint8"), ValueError, "x must be C-contiguous"),  # zero outer stride
+    (lambda C: C.quantize(np.zeros((2, 3), F32), np.ones(3, F32), np.zeros(3, np.int32), 0, 255, "uint8"),
+     ValueError, "x must be 3-D"),
 ])
 def test_native_checks(call, exc, match):
     from pyqsim import _C
