@@ -21,13 +21,19 @@ bool is_dtype(const py::array& a, char kind, int size) {
 }
 
 // A C-contiguous, aligned native array of the given kind/size with at least min_ndim dimensions.
-py::array checked(py::handle obj, const std::string& name, char kind, int size, const char* dtype, int min_ndim) {
+// obj as a NumPy array of the given dtype (TypeError otherwise)
+py::array typed(py::handle obj, const std::string& name, char kind, int size, const char* dtype) {
   if (!py::isinstance<py::array>(obj))
     throw py::type_error(name + " must be a NumPy array, got " +
                          py::str(py::type::handle_of(obj).attr("__name__")).cast<std::string>());
   auto a = py::reinterpret_borrow<py::array>(obj);
   if (!is_dtype(a, kind, size))
     throw py::type_error(name + " must have dtype " + dtype + ", got " + py::str(a.dtype()).cast<std::string>());
+  return a;
+}
+
+py::array checked(py::handle obj, const std::string& name, char kind, int size, const char* dtype, int min_ndim) {
+  py::array a = typed(obj, name, kind, size, dtype);
   if (a.ndim() < min_ndim)
     throw py::value_error(name + " must have at least " + std::to_string(min_ndim) + " dimension(s), got ndim " +
                           std::to_string(a.ndim()));
@@ -41,12 +47,7 @@ py::array checked(py::handle obj, const std::string& name, char kind, int size, 
 // A 3-D array [outer, N, inner] whose outer slices are each C-contiguous, with a positive outer stride that is a
 // multiple of the item size and at least one slice (slices do not overlap): a row view of a wider buffer.
 py::array outer_strided(py::handle obj, const std::string& name, char kind, int size, const char* dtype) {
-  if (!py::isinstance<py::array>(obj))
-    throw py::type_error(name + " must be a NumPy array, got " +
-                         py::str(py::type::handle_of(obj).attr("__name__")).cast<std::string>());
-  auto a = py::reinterpret_borrow<py::array>(obj);
-  if (!is_dtype(a, kind, size))
-    throw py::type_error(name + " must have dtype " + dtype + ", got " + py::str(a.dtype()).cast<std::string>());
+  py::array a = typed(obj, name, kind, size, dtype);
   if (a.ndim() != 3) throw py::value_error(name + " must be 3-D [outer, N, inner], got ndim " + std::to_string(a.ndim()));
   const int64_t outer = a.shape(0), n = a.shape(1), inner = a.shape(2), sz = size;
   const bool slices = (inner <= 1 || a.strides(2) == sz) && (n <= 1 || a.strides(1) == inner * sz);
