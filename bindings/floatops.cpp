@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -172,7 +173,13 @@ py::array quantize_log(py::handle p_, float delta, int k, int zero_code) {
     py::gil_scoped_release nogil;
     ok = qsim::quantize_log(pp, n, delta, k, zero_code, yp);
   }
-  if (!ok) throw py::value_error("p must be finite and >= 0 (post-softmax probabilities)");
+  if (!ok) {  // name the first offending value: a negative one, or one that is not finite
+    int64_t i = 0;
+    while (i < n && pp[i] >= 0.0f && pp[i] <= std::numeric_limits<float>::max()) ++i;
+    if (i < n && std::isfinite(pp[i]))
+      throw py::value_error("p must be >= 0 (post-softmax probabilities), got " + std::to_string(pp[i]));
+    throw py::value_error("p must be finite and >= 0 (post-softmax probabilities)");
+  }
   return std::move(y);
 }
 

@@ -720,7 +720,7 @@ class QuantizeLogArgs:
 def quantize_log_args(p, delta, bits, mode, scan: bool = True) -> QuantizeLogArgs:
     """Canonical arguments of ``quantize_log`` (spec §3); ``scan`` as in ``to_float32``."""
     p = finite_float(p, "p", scan)
-    if p.size and float(p.min()) < 0:
+    if scan and p.size and float(p.min()) < 0:  # without the scan, the kernel rejects negative values itself
         raise ValueError("p must be >= 0 (post-softmax probabilities)")
     d = float(np.float32(positive_scale(delta, "delta")))
     return QuantizeLogArgs(p, d, log_mode(mode), 2 ** log_bits(bits) - 1)

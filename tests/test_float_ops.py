@@ -484,7 +484,7 @@ def test_native_value_checks_see_every_element(isa, n):
         for bad in (np.nan, np.inf, -np.inf, -TINY, -1.0):
             p = np.full(n, 0.5, F32)
             p[i] = bad
-            with pytest.raises(ValueError, match="p must be finite and >= 0"):
+            with pytest.raises(ValueError, match="p must be >= 0" if np.isfinite(bad) else "p must be finite and >= 0"):
                 _C.quantize_log(p, 1.0, 2, 15)
     p = np.full(n, -0.0, F32)
     assert np.array_equal(_C.quantize_log(p, 1.0, 2, 15), np.full(n, 15, np.uint8))
