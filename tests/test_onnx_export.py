@@ -12,6 +12,9 @@ import importlib.util
 
 import numpy as np
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.needs_torch, pytest.mark.skipif(
@@ -79,6 +82,48 @@ def test_w8a8_cnn_equals_onnxruntime_bit_for_bit(cnn_program, tmp_path, backend)
         assert np.array_equal(_bits(program.run(x, backend=backend)), _bits(got))  # float-out nodes: same bits
 
 
+@pytest.fixture(scope="module")
+def vit_program(tmp_path_factory):
+    """The bundled digits ViT, RepQ-ViT W8A8 with uniform post-softmax codes (attn @ v as int_bmm)."""
+    from pyqsim.calib.repqvit import RepQConfig, calibrate, calibration_batch
+    from pyqsim.models.vit import digits_split, digits_vit
+    x_tr, _, x_te, _ = digits_split()
+    res = calibrate(digits_vit(), calibration_batch(torch.from_numpy(x_tr), 8, 0),
+                    RepQConfig(8, 8, softmax="uniform"))
+    path = tmp_path_factory.mktemp("onnx") / "vit.safetensors"
+    res.export(path)
+    return pyqsim.load(path), path, x_te
+
+
+@pytest.mark.parametrize("level", ["ORT_ENABLE_ALL", "ORT_DISABLE_ALL"])
+def test_w8a8_vit_encoder_equals_onnxruntime_bit_for_bit(vit_program, tmp_path, level):
+    import onnx
+    import onnxruntime as ort
+    program, _, x_te = vit_program
+    kinds = program.describe()["kinds"]
+    assert kinds["int_bmm"] == 8 and "log2_attn_matmul" not in kinds
+    assert kinds["softmax"] == 4 and kinds["layer_norm"] == 9 and kinds["gelu"] == 4
+    onnx_path = tmp_path / "vit.onnx"
+    program.to_onnx(onnx_path)
+    ops_used = {n.op_type for n in onnx.load(str(onnx_path)).graph.node}
+    assert not ops_used & {"Softmax", "Erf", "Exp", "ReduceSum", "ReduceMean", "LayerNormalization"}
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(3)
+    for x in (x_te[:1], x_te[:64], (rng.standard_normal((5, 1, 8, 8)) * 4).astype(np.float32)):
+        want = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+        for b in pyqsim.ops.available_backends():
+            got = program.run(x, backend=b, numerics="onnxruntime")
+            assert np.array_equal(_bits(got), _bits(want)), (b, len(x), int(np.count_nonzero(_bits(got) != _bits(want))))
+
+
+def test_cli_verifies_the_exported_vit_against_onnxruntime(vit_program, capsys):
+    _, path, _ = vit_program
+    assert main(["verify", str(path), "--against", "onnxruntime", "--n", "4"]) == 0
+    assert "OK: equal to ONNX Runtime bit for bit" in capsys.readouterr().out
+
+
 def test_nodes_without_an_onnx_form_are_named(tmp_path):
     from pyqsim.calib.repqvit import RepQConfig, calibrate, calibration_batch
     from pyqsim.models.vit import digits_split, digits_vit
@@ -104,3 +149,124 @@ def test_cli_export_and_verify_against_onnxruntime(cnn_program, tmp_path, capsys
     capsys.readouterr()
     assert main(["verify", str(path), "--against", "onnxruntime", "--n", "3"]) == 0
     assert "OK: equal to ONNX Runtime bit for bit" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- float stages (spec §15 / §14.7)
+# Each stage alone, exported and run by ONNX Runtime, against the op on every backend, compared with == on the
+# bits. One ORT session per shape family (creating one is slow), fed the drawn rows.
+
+EDGE = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45, 1.1754942e-38, 3.4028235e38, -3.4028235e38, 88.72284,
+        -103.97, 1.0, -1.0]
+ROW_LENGTHS = (1, 17, 32, 33, 77)   # one block and a tail, a whole block, a block + 1, three blocks
+EPS = (0.0, 1e-5, 1.0)
+GROUPS = ((4, 9, 2), (6, 1, 3), (8, 5, 1))  # (channels, spatial, groups)
+
+
+def _stage_session(kind, args, attrs, inputs):
+    """An ORT session on the export of a one-node program ``kind(x, *args)``; inputs: (name, shape, example)."""
+    import onnxruntime as ort
+    from pyqsim.program import Program
+    prog = {"inputs": [{"name": n, "dtype": "float32", "shape": list(s)} for n, s, _ in inputs],
+            "nodes": [{"name": "y", "kind": kind, "args": [{"@": "x"}] + list(args), "attrs": attrs}],
+            "outputs": [{"name": "out", "value": {"@": "y"}}],
+            "examples": {n: f"examples.{n}" for n, _, _ in inputs}}
+    program = Program({f"examples.{n}": e for n, _, e in inputs}, {"program": prog})
+    return ort.InferenceSession(program.to_onnx().SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+_SESSIONS: dict = {}
+
+
+def _session(key, make):
+    if key not in _SESSIONS:
+        _SESSIONS[key] = make()
+    return _SESSIONS[key]
+
+
+def _equal_on_every_backend(want, op, *args, **kw):
+    for b in pyqsim.ops.available_backends():
+        got = getattr(pyqsim.ops, op)(*args, **kw, backend=b)
+        assert np.array_equal(_bits(got), _bits(want)), (op, b, args, got, want)
+
+
+@st.composite
+def _floats(draw, shape):
+    """float32 data over the whole range or a realistic spread, NaN / inf / subnormal edges mixed in or not."""
+    width = draw(st.sampled_from([None, 1.0, 100.0, 1e4]))
+    special = draw(st.booleans())
+    if width is None:
+        elems = st.floats(width=32, allow_nan=special, allow_infinity=special)
+    else:
+        elems = st.floats(-width, width, width=32) | (st.sampled_from(EDGE) if special else st.nothing())
+    return draw(hnp.arrays(np.float32, shape, elements=elems))
+
+
+@st.composite
+def _softmax_rows(draw):
+    x = draw(_floats((draw(st.integers(1, 8)), draw(st.sampled_from(ROW_LENGTHS)))))
+    masked = draw(hnp.arrays(np.bool_, x.shape))  # attention masks: some entries, some whole rows -inf
+    x[masked] = -np.inf
+    return x
+
+
+@given(x=_softmax_rows())
+@example(x=np.full((2, 33), -np.inf, np.float32))
+@example(x=np.array([[np.nan, 1.0] * 16 + [0.0], [np.inf, 1.0] * 16 + [0.0], [-np.inf, 0.0] * 16 + [5.0]],
+                    np.float32))
+@example(x=np.array([EDGE + [0.0] * 3], np.float32))
+@example(x=np.array([[1e-45, -0.0, 0.0, 3e38, -3e38]], np.float32).repeat(7, axis=1)[:, :17])
+@example(x=np.array([[0.0] + [-100.0] * 31, [88.0] * 32], np.float32))  # subnormal results, ties
+def test_exported_softmax_equals_onnxruntime(x):
+    sess = _session(("softmax", x.shape[1]), lambda: _stage_session(
+        "softmax", [-1], {}, [("x", [None, x.shape[1]], np.zeros((1, x.shape[1]), np.float32))]))
+    _equal_on_every_backend(sess.run(None, {"x": x})[0], "softmax", x)
+
+
+@given(data=st.data(), length=st.sampled_from(ROW_LENGTHS[:3] + (64,)), eps=st.sampled_from(EPS),
+       affine=st.booleans())
+@example(data=None, length=1, eps=0.0, affine=False)  # a constant row with eps = 0: 0 * inf = NaN
+@example(data=None, length=64, eps=1e-5, affine=False)
+def test_exported_layer_norm_equals_onnxruntime(data, length, eps, affine):
+    if data is None:
+        x, w, b = np.array([[3e38, -3e38] * 32, [0.0] * 64, [-0.0] * 64], np.float32)[:, :length], None, None
+    else:
+        x = data.draw(_floats((data.draw(st.integers(1, 6)), length)))
+        w, b = (data.draw(_floats((length,))), data.draw(_floats((length,)))) if affine else (None, None)
+    vec = [("w", [length], np.ones(length, np.float32)), ("b", [length], np.zeros(length, np.float32))]
+    sess = _session(("layer_norm", length, eps, affine), lambda: _stage_session(
+        "layer_norm", [[length]] + ([{"@": "w"}, {"@": "b"}] if affine else []), {"eps": eps},
+        [("x", [None, length], np.zeros((1, length), np.float32))] + (vec if affine else [])))
+    feed = {"x": x, **({"w": w, "b": b} if affine else {})}
+    _equal_on_every_backend(sess.run(None, feed)[0], "layer_norm", x, w, b, eps)
+
+
+@given(data=st.data(), shape=st.sampled_from(GROUPS), affine=st.booleans())
+@example(data=None, shape=GROUPS[1], affine=False)
+def test_exported_group_norm_equals_onnxruntime(data, shape, affine):
+    c, s, g = shape
+    if data is None:
+        x, w, b = np.ones((1, c, s), np.float32), None, None
+    else:
+        x = data.draw(_floats((data.draw(st.integers(1, 3)), c, s)))
+        w, b = (data.draw(_floats((c,))), data.draw(_floats((c,)))) if affine else (None, None)
+    vec = [("w", [c], np.ones(c, np.float32)), ("b", [c], np.zeros(c, np.float32))]
+    sess = _session(("group_norm", shape, affine), lambda: _stage_session(
+        "group_norm", [g] + ([{"@": "w"}, {"@": "b"}] if affine else []), {},
+        [("x", [None, c, s], np.zeros((1, c, s), np.float32))] + (vec if affine else [])))
+    feed = {"x": x, **({"w": w, "b": b} if affine else {})}
+    _equal_on_every_backend(sess.run(None, feed)[0], "group_norm", x, g, w, b)
+
+
+ELEMENTWISE = (("gelu", {"approximate": "none"}), ("gelu", {"approximate": "tanh"}), ("silu", {}))
+
+
+@given(x=st.integers(1, 5).flatmap(lambda n: _floats((n, 40))), stage=st.sampled_from(ELEMENTWISE))
+@example(x=np.array([EDGE], np.float32), stage=ELEMENTWISE[0])
+@example(x=np.array([EDGE], np.float32), stage=ELEMENTWISE[1])
+@example(x=np.array([EDGE], np.float32), stage=ELEMENTWISE[2])
+@example(x=np.linspace(-20, 20, 101).astype(np.float32)[None], stage=ELEMENTWISE[0])
+def test_exported_gelu_silu_equal_onnxruntime(x, stage):
+    kind, attrs = stage
+    sess = _session(stage[0] + str(attrs), lambda: _stage_session(kind, [], attrs, [("x", [None, None], np.zeros((1, 1), np.float32))]))
+    want = sess.run(None, {"x": x})[0]
+    _equal_on_every_backend(want, kind, x, *attrs.values())

@@ -281,16 +281,18 @@ def _gelu(b: _Builder, x: str, approximate: str, base: str) -> str:
         x2c = b.op("Mul", [b.op("Mul", [x, x], f"{base}.xx"), b.const(F.GELU_C)], f"{base}.cxx")
         w = b.op("Mul", [b.op("Mul", [x, b.op("Add", [x2c, b.const(1.0)], f"{base}.1c")], f"{base}.xw"),
                          b.const(F.GELU_T)], f"{base}.w", rank=b.rank.get(x))
-        y = b.op("Div", [x, b.op("Add", [_exp(b, w, f"{base}.e"), b.const(1.0)], f"{base}.den")], f"{base}.y")
+        y = b.op("Div", [x, b.op("Add", [_exp(b, w, f"{base}.e"), b.const(1.0)], f"{base}.den")], f"{base}.y",
+                 rank=b.rank.get(x))
     else:
-        y = b.op("Mul", [x, _phi(b, x, f"{base}.phi")], f"{base}.y")
+        y = b.op("Mul", [x, _phi(b, x, f"{base}.phi")], f"{base}.y", rank=b.rank.get(x))
     return _canon_nan(b, y, base)
 
 
 def _silu(b: _Builder, x: str, base: str) -> str:
     """§15.4: x / (1 + exp(-x))."""
     e = _exp(b, b.op("Neg", [x], f"{base}.negx", rank=b.rank.get(x)), f"{base}.e")
-    return _canon_nan(b, b.op("Div", [x, b.op("Add", [e, b.const(1.0)], f"{base}.den")], f"{base}.y"), base)
+    y = b.op("Div", [x, b.op("Add", [e, b.const(1.0)], f"{base}.den")], f"{base}.y", rank=b.rank.get(x))
+    return _canon_nan(b, y, base)
 
 
 def _float_stage(b: _Builder, node, attrs, args) -> str:
@@ -423,16 +425,19 @@ def to_onnx(program, path=None):
         raise ImportError("ONNX export needs the onnx package: pip install onnx (or pyqsim[test])") from None
     b = _Builder(program)
     h = b.helper
-    graph_inputs = []
     for spec in program.inputs:
         name = b.fresh(spec["name"])
         b.env[spec["name"]] = name
         b.rank[name] = len(spec["shape"])
-        elem = h.np_dtype_to_tensor_dtype(np.dtype(DTYPES[spec["dtype"]]))
-        graph_inputs.append(h.make_tensor_value_info(name, elem, ["N" if i == 0 else (None if s is None else s)
-                                                                  for i, s in enumerate(spec["shape"])]))
     for node in program.nodes:
         b.env[node["name"]] = _convert(b, node, program._node_tensors(node))
+    graph_inputs = []
+    for spec in program.inputs:
+        elem = h.np_dtype_to_tensor_dtype(np.dtype(DTYPES[spec["dtype"]]))
+        # a float stage's sums are laid out for the example's lengths: open axes other than the batch are fixed
+        fixed = b._shapes[spec["name"]] if b._shapes is not None else [None] * len(spec["shape"])
+        graph_inputs.append(h.make_tensor_value_info(b.env[spec["name"]], elem, [
+            "N" if i == 0 else (f if s is None else s) for i, (s, f) in enumerate(zip(spec["shape"], fixed))]))
     outputs = []
     for o in program.outputs:
         src = b.env[o["value"]["@"]]
