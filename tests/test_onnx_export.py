@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.needs_torch, pytest.mark.skipif(
     reason="onnx and onnxruntime are not installed (pip install -e '.[test]')")]
 
 import pyqsim  # noqa: E402
+import strategies as S  # noqa: E402
 from pyqsim.cli import main  # noqa: E402
 from pyqsim.program.onnx_export import OnnxExportError  # noqa: E402
 
@@ -155,8 +156,7 @@ def test_cli_export_and_verify_against_onnxruntime(cnn_program, tmp_path, capsys
 # Each stage alone, exported and run by ONNX Runtime, against the op on every backend, compared with == on the
 # bits. One ORT session per shape family (creating one is slow), fed the drawn rows.
 
-EDGE = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45, 1.1754942e-38, 3.4028235e38, -3.4028235e38, 88.72284,
-        -103.97, 1.0, -1.0]
+EDGE = S.FLOAT_EDGES
 ROW_LENGTHS = (1, 17, 32, 33, 77)   # one block and a tail, a whole block, a block + 1, three blocks
 EPS = (0.0, 1e-5, 1.0)
 GROUPS = ((4, 9, 2), (6, 1, 3), (8, 5, 1))  # (channels, spatial, groups)
@@ -190,20 +190,8 @@ def _equal_on_every_backend(want, op, *args, **kw):
 
 
 @st.composite
-def _floats(draw, shape):
-    """float32 data over the whole range or a realistic spread, NaN / inf / subnormal edges mixed in or not."""
-    width = draw(st.sampled_from([None, 1.0, 100.0, 1e4]))
-    special = draw(st.booleans())
-    if width is None:
-        elems = st.floats(width=32, allow_nan=special, allow_infinity=special)
-    else:
-        elems = st.floats(-width, width, width=32) | (st.sampled_from(EDGE) if special else st.nothing())
-    return draw(hnp.arrays(np.float32, shape, elements=elems))
-
-
-@st.composite
 def _softmax_rows(draw):
-    x = draw(_floats((draw(st.integers(1, 8)), draw(st.sampled_from(ROW_LENGTHS)))))
+    x = draw(S.float32_arrays((draw(st.integers(1, 8)), draw(st.sampled_from(ROW_LENGTHS)))))
     masked = draw(hnp.arrays(np.bool_, x.shape))  # attention masks: some entries, some whole rows -inf
     x[masked] = -np.inf
     return x
@@ -230,8 +218,8 @@ def test_exported_layer_norm_equals_onnxruntime(data, length, eps, affine):
     if data is None:
         x, w, b = np.array([[3e38, -3e38] * 32, [0.0] * 64, [-0.0] * 64], np.float32)[:, :length], None, None
     else:
-        x = data.draw(_floats((data.draw(st.integers(1, 6)), length)))
-        w, b = (data.draw(_floats((length,))), data.draw(_floats((length,)))) if affine else (None, None)
+        x = data.draw(S.float32_arrays((data.draw(st.integers(1, 6)), length)))
+        w, b = (data.draw(S.float32_arrays((length,))), data.draw(S.float32_arrays((length,)))) if affine else (None, None)
     vec = [("w", [length], np.ones(length, np.float32)), ("b", [length], np.zeros(length, np.float32))]
     sess = _session(("layer_norm", length, eps, affine), lambda: _stage_session(
         "layer_norm", [[length]] + ([{"@": "w"}, {"@": "b"}] if affine else []), {"eps": eps},
@@ -247,8 +235,8 @@ def test_exported_group_norm_equals_onnxruntime(data, shape, affine):
     if data is None:
         x, w, b = np.ones((1, c, s), np.float32), None, None
     else:
-        x = data.draw(_floats((data.draw(st.integers(1, 3)), c, s)))
-        w, b = (data.draw(_floats((c,))), data.draw(_floats((c,)))) if affine else (None, None)
+        x = data.draw(S.float32_arrays((data.draw(st.integers(1, 3)), c, s)))
+        w, b = (data.draw(S.float32_arrays((c,))), data.draw(S.float32_arrays((c,)))) if affine else (None, None)
     vec = [("w", [c], np.ones(c, np.float32)), ("b", [c], np.zeros(c, np.float32))]
     sess = _session(("group_norm", shape, affine), lambda: _stage_session(
         "group_norm", [g] + ([{"@": "w"}, {"@": "b"}] if affine else []), {},
@@ -260,7 +248,7 @@ def test_exported_group_norm_equals_onnxruntime(data, shape, affine):
 ELEMENTWISE = (("gelu", {"approximate": "none"}), ("gelu", {"approximate": "tanh"}), ("silu", {}))
 
 
-@given(x=st.integers(1, 5).flatmap(lambda n: _floats((n, 40))), stage=st.sampled_from(ELEMENTWISE))
+@given(x=st.integers(1, 5).flatmap(lambda n: S.float32_arrays((n, 40))), stage=st.sampled_from(ELEMENTWISE))
 @example(x=np.array([EDGE], np.float32), stage=ELEMENTWISE[0])
 @example(x=np.array([EDGE], np.float32), stage=ELEMENTWISE[1])
 @example(x=np.array([EDGE], np.float32), stage=ELEMENTWISE[2])
