@@ -96,27 +96,55 @@ def vit_program(tmp_path_factory):
     return pyqsim.load(path), path, x_te
 
 
-@pytest.mark.parametrize("level", ["ORT_ENABLE_ALL", "ORT_DISABLE_ALL"])
-def test_w8a8_vit_encoder_equals_onnxruntime_bit_for_bit(vit_program, tmp_path, level):
+@pytest.fixture(scope="module")
+def hf_vit_program():
+    """A Hugging Face ViTForImageClassification (2 layers, hidden 64, random weights), W8A8, uniform attention codes."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=128, num_labels=10)
+    model = transformers.ViTForImageClassification(cfg).eval()
+    q = pyqsim.quantize(model, torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)), w_bits=8,
+                        a_bits=8, softmax="uniform")
+    return q.lower()
+
+
+def _encoder_equals_onnxruntime(program, tmp_path, level, inputs):
     import onnx
     import onnxruntime as ort
-    program, _, x_te = vit_program
-    kinds = program.describe()["kinds"]
-    assert kinds["int_bmm"] == 8 and "log2_attn_matmul" not in kinds
-    assert kinds["softmax"] == 4 and kinds["layer_norm"] == 9 and kinds["gelu"] == 4
-    onnx_path = tmp_path / "vit.onnx"
+    onnx_path = tmp_path / "encoder.onnx"
     program.to_onnx(onnx_path)
     ops_used = {n.op_type for n in onnx.load(str(onnx_path)).graph.node}
     assert not ops_used & {"Softmax", "Erf", "Exp", "ReduceSum", "ReduceMean", "LayerNormalization"}
     so = ort.SessionOptions()
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(3)
-    for x in (x_te[:1], x_te[:64], (rng.standard_normal((5, 1, 8, 8)) * 4).astype(np.float32)):
+    for x in inputs:
         want = sess.run(None, {sess.get_inputs()[0].name: x})[0]
         for b in pyqsim.ops.available_backends():
             got = program.run(x, backend=b, numerics="onnxruntime")
             assert np.array_equal(_bits(got), _bits(want)), (b, len(x), int(np.count_nonzero(_bits(got) != _bits(want))))
+
+
+LEVELS = ["ORT_ENABLE_ALL", "ORT_DISABLE_ALL"]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_w8a8_vit_encoder_equals_onnxruntime_bit_for_bit(vit_program, tmp_path, level):
+    program, _, x_te = vit_program
+    kinds = program.describe()["kinds"]
+    assert kinds["int_bmm"] == 8 and "log2_attn_matmul" not in kinds
+    assert kinds["softmax"] == 4 and kinds["layer_norm"] == 9 and kinds["gelu"] == 4
+    noise = (np.random.default_rng(3).standard_normal((5, 1, 8, 8)) * 4).astype(np.float32)  # saturating codes
+    _encoder_equals_onnxruntime(program, tmp_path, level, (x_te[:1], x_te[:64], noise))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_hugging_face_vit_equals_onnxruntime_bit_for_bit(hf_vit_program, tmp_path, level):
+    kinds = hf_vit_program.describe()["kinds"]
+    assert kinds["int_bmm"] == 4 and kinds["softmax"] == 2 and kinds["size"] == 1 and kinds["where"] == 2
+    x = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(1)).numpy()
+    _encoder_equals_onnxruntime(hf_vit_program, tmp_path, level, (x[:1], x, x * 8))
 
 
 def test_cli_verifies_the_exported_vit_against_onnxruntime(vit_program, capsys):

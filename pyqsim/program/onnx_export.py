@@ -24,7 +24,8 @@ _ONNX_UNARY = {"neg": "Neg", "exp": "Exp", "log": "Log", "sqrt": "Sqrt", "tanh":
                "relu": "Relu", "abs": "Abs", "reciprocal": "Reciprocal", "erf": "Erf", "floor": "Floor",
                "ceil": "Ceil", "sin": "Sin", "cos": "Cos"}
 _ONNX_BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow", "maximum": "Max",
-                "minimum": "Min"}
+                "minimum": "Min", "eq": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater",
+                "ge": "GreaterOrEqual", "and": "And", "or": "Or", "xor": "Xor"}
 _REDUCE = {"mean": "ReduceMean", "sum": "ReduceSum", "amax": "ReduceMax", "amin": "ReduceMin", "prod": "ReduceProd"}
 
 
@@ -52,16 +53,21 @@ class _Builder:
             self.consts[key] = self.init("c", a)
         return self.consts[key]
 
-    def shape(self, node, v) -> tuple:
-        """The shape program value ``v`` has in a run on the program's example inputs."""
+    def example(self, node, v):
+        """(shape, dtype) of program value ``v`` in a run on the program's example inputs."""
         if self._shapes is None:
             ex = self.program.example_inputs()
             if not ex:
-                raise OnnxExportError(f"node {node['name']!r} ({node['kind']}): the length of its reduced axis is "
+                raise OnnxExportError(f"node {node['name']!r} ({node['kind']}): the shape or dtype of its input is "
                                       "not known (the program stores no example inputs)")
             _, env = self.program.execute((), ex, "auto", keep=True)
-            self._shapes = {k: np.shape(a) for k, a in env.items() if isinstance(a, np.ndarray)}
+            self._shapes = {k: (np.shape(a), np.asarray(a).dtype) for k, a in env.items()
+                            if isinstance(a, (np.ndarray, np.generic))}
         return self._shapes[v["@"]]
+
+    def shape(self, node, v) -> tuple:
+        """The shape program value ``v`` has in a run on the program's example inputs."""
+        return self.example(node, v)[0]
 
     def ops(self, kind: str, inputs: list, base: str, n: int, rank=None, **attrs) -> list:
         """A node with ``n`` outputs."""
@@ -376,6 +382,18 @@ def _shape_input(b: _Builder, node, entries, keep_as_one: bool = False) -> str:
     return parts[0] if len(parts) == 1 else b.op("Concat", parts, f"{node['name']}.shape", axis=0)
 
 
+def _operand(b: _Builder, node, v, other) -> str:
+    """A binary operand; a literal takes the dtype of the tensor operand (torch's scalar promotion, as the
+    program's binary kind) where that needs no cast of the tensor."""
+    if is_ref(v) or not is_ref(other):
+        return b.tensor(node, v)
+    lit, dt = decode_literal(v), b.example(node, other)[1]
+    if isinstance(lit, float) and dt.kind != "f":
+        raise OnnxExportError(f"node {node['name']!r} (binary): a float scalar with a {dt} tensor promotes the "
+                              "tensor to float, which has no ONNX form here")
+    return b.const(lit, dt)
+
+
 def _layout(b: _Builder, node, attrs, args) -> str:
     """size, select, slice, transpose, cat, expand and reshape with run-time sizes."""
     kind, name = node["kind"], node["name"]
@@ -383,6 +401,17 @@ def _layout(b: _Builder, node, attrs, args) -> str:
         xs = [b.tensor(node, v) for v in args[0]]
         return b.op("Concat", xs, name, rank=b.rank.get(xs[0]), axis=int(b.literal(node, args[1], "dim"))
                     if len(args) > 1 else 0)
+    if kind == "arange":
+        ends = [b.tensor(node, a) if is_ref(a) else b.const(decode_literal(a), np.int64) for a in args]
+        start, end, step = ([b.const(0, np.int64)] + ends + [b.const(1, np.int64)])[:3] if len(ends) == 1 \
+            else (ends + [b.const(1, np.int64)])[:3]
+        return b.op("Range", [start, end, step], name, rank=1)
+    if kind == "where":
+        dt = DTYPES[attrs.get("dtype", "float32")]
+        vals = [b.tensor(node, a) if is_ref(a) else b.const(decode_literal(a), dt) for a in args[1:]]
+        c = b.tensor(node, args[0])
+        ranks = [b.rank.get(t) for t in [c] + vals if t in b.rank]
+        return b.op("Where", [c] + vals, name, rank=max(ranks) if None not in ranks else None)
     x = b.tensor(node, args[0])
     r = b.rank.get(x)
     if kind == "size":
@@ -394,6 +423,9 @@ def _layout(b: _Builder, node, attrs, args) -> str:
         return b.op("Expand", [x, _shape_input(b, node, args[1], keep_as_one=True)], name, rank=len(args[1]))
     if r is None:
         raise OnnxExportError(f"node {name!r} ({kind}): the rank of its input is not known to the exporter")
+    if kind == "unsqueeze":
+        d = int(b.literal(node, args[1], "dim"))
+        return b.op("Unsqueeze", [x, b.const([d % (r + 1)], np.int64)], name, rank=r + 1)
     if kind == "select":
         return b.op("Gather", [x, b.const(b.literal(node, args[2], "index"), np.int64)], name, rank=r - 1,
                     axis=int(b.literal(node, args[1], "dim")) % r)
@@ -412,7 +444,7 @@ def _layout(b: _Builder, node, attrs, args) -> str:
     raise AssertionError(kind)
 
 
-_LAYOUT = ("size", "select", "slice", "transpose", "cat", "expand")
+_LAYOUT = ("size", "select", "slice", "transpose", "cat", "expand", "unsqueeze", "arange", "where")
 
 
 def to_onnx(program, path=None):
@@ -435,7 +467,7 @@ def to_onnx(program, path=None):
     for spec in program.inputs:
         elem = h.np_dtype_to_tensor_dtype(np.dtype(DTYPES[spec["dtype"]]))
         # a float stage's sums are laid out for the example's lengths: open axes other than the batch are fixed
-        fixed = b._shapes[spec["name"]] if b._shapes is not None else [None] * len(spec["shape"])
+        fixed = b._shapes[spec["name"]][0] if b._shapes is not None else [None] * len(spec["shape"])
         graph_inputs.append(h.make_tensor_value_info(b.env[spec["name"]], elem, [
             "N" if i == 0 else (f if s is None else s) for i, (s, f) in enumerate(zip(spec["shape"], fixed))]))
     outputs = []
@@ -488,7 +520,7 @@ def _convert(b: _Builder, node, t) -> str:
         x = b.tensor(node, args[0])
         return b.op(_ONNX_UNARY[attrs["op"]], [x], name, rank=b.rank.get(x))
     if kind == "binary" and attrs["op"] in _ONNX_BINARY and attrs.get("alpha", 1) == 1:
-        a, c = b.tensor(node, args[0]), b.tensor(node, args[1])
+        a, c = _operand(b, node, args[0], args[1]), _operand(b, node, args[1], args[0])
         ranks = [r for r in (b.rank.get(a), b.rank.get(c)) if r is not None]
         return b.op(_ONNX_BINARY[attrs["op"]], [a, c], name, rank=max(ranks) if ranks else None)
     if kind == "pool2d" and (attrs["op"] == "max" or (attrs.get("padding", [0, 0]) == [0, 0]
