@@ -4,7 +4,9 @@ Tolerance policy: none. The exported integer nodes (MatMulInteger / ConvInteger 
 Cast, Mul) compute pyqsim's float32 output stage exactly; QuantizeLinear is the onnxruntime profile's quantize
 (spec §14.4, equal to pyqsim's); Relu, Add, MaxPool and the layout operators are exact. So the program's outputs and
 ONNX Runtime's are compared with ``==`` on their float32 bit patterns. (Average pooling happens to match here; its
-summation order is not part of any contract.)
+summation order is not part of any contract.) The float stages (softmax, layer_norm, group_norm, gelu, silu) are
+exported as spec §15's steps in correctly rounded primitive operators (spec §14.7), so they too are compared with
+``==``, NaN bits included.
 """
 from __future__ import annotations
 
@@ -286,3 +288,12 @@ def test_exported_gelu_silu_equal_onnxruntime(x, stage):
     sess = _session(stage[0] + str(attrs), lambda: _stage_session(kind, [], attrs, [("x", [None, None], np.zeros((1, 1), np.float32))]))
     want = sess.run(None, {"x": x})[0]
     _equal_on_every_backend(want, kind, x, *attrs.values())
+
+
+def test_a_float_stage_needs_example_inputs():
+    from pyqsim.program import Program
+    prog = {"inputs": [{"name": "x", "dtype": "float32", "shape": [None, 8]}],
+            "nodes": [{"name": "y", "kind": "softmax", "args": [{"@": "x"}, -1]}],
+            "outputs": [{"name": "out", "value": {"@": "y"}}]}
+    with pytest.raises(OnnxExportError, match=r"node 'y' \(softmax\).*example inputs"):
+        Program({}, {"program": prog}).to_onnx()
