@@ -41,6 +41,7 @@ class _Builder:
         self.rank: dict = {}  # ONNX tensor name -> rank, where known
         self.consts: dict = {}  # (dtype, shape, bytes) -> initializer name, for the shared small constants
         self._shapes = None
+        self.fixed = False  # whether the graph's layout depends on the example's sizes
 
     def fresh(self, base: str) -> str:
         return unique_name(base, self.names)
@@ -53,10 +54,13 @@ class _Builder:
             self.consts[key] = self.init("c", a)
         return self.consts[key]
 
-    def example(self, node, v):
-        """(shape, dtype) of program value ``v`` in a run on the program's example inputs."""
+    def example(self, node, v, required: bool = True):
+        """(shape, dtype) of program value ``v`` in a run on the program's example inputs (None when the program
+        stores none and not ``required``)."""
         if self._shapes is None:
             ex = self.program.example_inputs()
+            if not ex and not required:
+                return None
             if not ex:
                 raise OnnxExportError(f"node {node['name']!r} ({node['kind']}): the shape or dtype of its input is "
                                       "not known (the program stores no example inputs)")
@@ -66,7 +70,8 @@ class _Builder:
         return self._shapes[v["@"]]
 
     def shape(self, node, v) -> tuple:
-        """The shape program value ``v`` has in a run on the program's example inputs."""
+        """The shape program value ``v`` has in a run on the program's example inputs (a length the graph fixes)."""
+        self.fixed = True
         return self.example(node, v)[0]
 
     def ops(self, kind: str, inputs: list, base: str, n: int, rank=None, **attrs) -> list:
@@ -387,7 +392,8 @@ def _operand(b: _Builder, node, v, other) -> str:
     program's binary kind) where that needs no cast of the tensor."""
     if is_ref(v) or not is_ref(other):
         return b.tensor(node, v)
-    lit, dt = decode_literal(v), b.example(node, other)[1]
+    ex = b.example(node, other, required=False)
+    lit, dt = decode_literal(v), np.dtype(np.float32) if ex is None else ex[1]
     if isinstance(lit, float) and dt.kind != "f":
         raise OnnxExportError(f"node {node['name']!r} (binary): a float scalar with a {dt} tensor promotes the "
                               "tensor to float, which has no ONNX form here")
@@ -467,7 +473,7 @@ def to_onnx(program, path=None):
     for spec in program.inputs:
         elem = h.np_dtype_to_tensor_dtype(np.dtype(DTYPES[spec["dtype"]]))
         # a float stage's sums are laid out for the example's lengths: open axes other than the batch are fixed
-        fixed = b._shapes[spec["name"]][0] if b._shapes is not None else [None] * len(spec["shape"])
+        fixed = b._shapes[spec["name"]][0] if b.fixed else [None] * len(spec["shape"])
         graph_inputs.append(h.make_tensor_value_info(b.env[spec["name"]], elem, [
             "N" if i == 0 else (f if s is None else s) for i, (s, f) in enumerate(zip(spec["shape"], fixed))]))
     outputs = []
