@@ -111,7 +111,7 @@ def hf_vit_program():
     return q.lower()
 
 
-def _encoder_equals_onnxruntime(program, tmp_path, level, inputs):
+def _encoder_equals_onnxruntime(program, tmp_path, level, feeds):
     import onnx
     import onnxruntime as ort
     onnx_path = tmp_path / "encoder.onnx"
@@ -121,11 +121,12 @@ def _encoder_equals_onnxruntime(program, tmp_path, level, inputs):
     so = ort.SessionOptions()
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-    for x in inputs:
-        want = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    for feed in feeds:
+        want = sess.run(None, feed)
         for b in pyqsim.ops.available_backends():
-            got = program.run(x, backend=b, numerics="onnxruntime")
-            assert np.array_equal(_bits(got), _bits(want)), (b, len(x), int(np.count_nonzero(_bits(got) != _bits(want))))
+            got = program.run(backend=b, numerics="onnxruntime", **feed)
+            for g, w in zip(got if isinstance(got, tuple) else (got,), want, strict=True):
+                assert np.array_equal(_bits(g), _bits(w)), (b, int(np.count_nonzero(_bits(g) != _bits(w))))
 
 
 LEVELS = ["ORT_ENABLE_ALL", "ORT_DISABLE_ALL"]
@@ -138,7 +139,7 @@ def test_w8a8_vit_encoder_equals_onnxruntime_bit_for_bit(vit_program, tmp_path, 
     assert kinds["int_bmm"] == 8 and "log2_attn_matmul" not in kinds
     assert kinds["softmax"] == 4 and kinds["layer_norm"] == 9 and kinds["gelu"] == 4
     noise = (np.random.default_rng(3).standard_normal((5, 1, 8, 8)) * 4).astype(np.float32)  # saturating codes
-    _encoder_equals_onnxruntime(program, tmp_path, level, (x_te[:1], x_te[:64], noise))
+    _encoder_equals_onnxruntime(program, tmp_path, level, [{"x": x} for x in (x_te[:1], x_te[:64], noise)])
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -146,7 +147,34 @@ def test_hugging_face_vit_equals_onnxruntime_bit_for_bit(hf_vit_program, tmp_pat
     kinds = hf_vit_program.describe()["kinds"]
     assert kinds["int_bmm"] == 4 and kinds["softmax"] == 2 and kinds["size"] == 1 and kinds["where"] == 2
     x = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(1)).numpy()
-    _encoder_equals_onnxruntime(hf_vit_program, tmp_path, level, (x[:1], x, x * 8))
+    _encoder_equals_onnxruntime(hf_vit_program, tmp_path, level, [{"pixel_values": v} for v in (x[:1], x, x * 8)])
+
+
+def _bert_feed(n, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[::2, length * 3 // 4:] = 0  # padded keys
+    return {"input_ids": torch.randint(0, 100, (n, length), generator=g).numpy(), "attention_mask": mask.numpy()}
+
+
+@pytest.fixture(scope="module")
+def hf_bert_program():
+    """A Hugging Face BertModel without the pooler (its tanh is ONNX Runtime's own kernel), 2 layers, hidden 64,
+    random weights, W8A8, uniform attention codes, sequence length 16."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64)
+    model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    calib = {k: torch.from_numpy(v) for k, v in _bert_feed(16, 16, 0).items()}
+    return pyqsim.quantize(model, calib, w_bits=8, a_bits=8, softmax="uniform").lower()
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_hugging_face_bert_equals_onnxruntime_bit_for_bit(hf_bert_program, tmp_path, level):
+    kinds = hf_bert_program.describe()["kinds"]
+    assert kinds["int_bmm"] == 4 and kinds["embedding"] == 3 and kinds["index"] == 1
+    _encoder_equals_onnxruntime(hf_bert_program, tmp_path, level, [_bert_feed(n, 16, s) for n, s in ((1, 1), (9, 2))])
 
 
 def test_cli_verifies_the_exported_vit_against_onnxruntime(vit_program, capsys):

@@ -416,8 +416,8 @@ def _layout(b: _Builder, node, attrs, args) -> str:
         dt = DTYPES[attrs.get("dtype", "float32")]
         vals = [b.tensor(node, a) if is_ref(a) else b.const(decode_literal(a), dt) for a in args[1:]]
         c = b.tensor(node, args[0])
-        ranks = [b.rank.get(t) for t in [c] + vals if t in b.rank]
-        return b.op("Where", [c] + vals, name, rank=max(ranks) if None not in ranks else None)
+        ranks = [b.rank[t] for t in [c] + vals if b.rank.get(t) is not None]
+        return b.op("Where", [c] + vals, name, rank=max(ranks) if ranks else None)
     x = b.tensor(node, args[0])
     r = b.rank.get(x)
     if kind == "size":
@@ -441,16 +441,45 @@ def _layout(b: _Builder, node, attrs, args) -> str:
         perm[d0], perm[d1] = perm[d1], perm[d0]
         return b.op("Transpose", [x], name, rank=r, perm=perm)
     if kind == "slice":
-        d, start, end, step = (list(b.literal(node, a, "slice bounds") for a in args[1:]) + [0, None, None, 1]
-                               [len(args) - 1:])[:4]
+        d, start, end, step = (list(args[1:]) + [0, None, None, 1][len(args) - 1:])[:4]
         big = np.iinfo(np.int64).max
-        return b.op("Slice", [x, b.const([0 if start is None else start], np.int64),
-                              b.const([big if end is None else min(end, big)], np.int64),
-                              b.const([d], np.int64), b.const([step], np.int64)], name, rank=r)
+        bounds = [_shape_input(b, node, [v]) if is_ref(v) else b.const([min(int(decode_literal(v)), big)], np.int64)
+                  for v in (0 if start is None else start, big if end is None else end)]
+        return b.op("Slice", [x, *bounds, b.const([int(b.literal(node, d, "dim"))], np.int64),
+                              b.const([int(b.literal(node, step, "step"))], np.int64)], name, rank=r)
+    if kind == "embedding":  # args: weight, ids
+        ids = b.tensor(node, args[1])
+        return b.op("Gather", [x, ids], name, rank=(b.rank.get(ids) or 0) + r - 1, axis=0)
+    if kind == "gather":
+        return b.op("GatherElements", [x, b.tensor(node, args[2])], name, rank=r,
+                    axis=int(b.literal(node, args[1], "dim")) % r)
+    if kind == "index":
+        return _advanced_index(b, node, x, args[1])
     raise AssertionError(kind)
 
 
-_LAYOUT = ("size", "select", "slice", "transpose", "cat", "expand", "unsqueeze", "arange", "where")
+def _advanced_index(b: _Builder, node, x: str, indices) -> str:
+    """x[i0, i1, ...] with integer index tensors on the leading axes: broadcast, stacked, GatherND."""
+    name = node["name"]
+    if not isinstance(indices, list) or not all(is_ref(i) for i in indices):
+        raise OnnxExportError(f"node {name!r} (index): only integer index tensors on the leading axes have an ONNX "
+                              "form here")
+    idx = [b.tensor(node, i) for i in indices]
+    total = idx[0]
+    for i in idx[1:]:
+        total = b.op("Add", [total, i], f"{name}.bcast")
+    shape = b.op("Shape", [total], f"{name}.shape")
+    last = b.const([-1], np.int64)
+    parts = [b.op("Unsqueeze", [b.op("Expand", [i, shape], f"{name}.i"), last], f"{name}.u") for i in idx]
+    stacked = parts[0] if len(parts) == 1 else b.op("Concat", parts, f"{name}.idx", axis=-1)
+    ranks = [b.rank.get(i) for i in idx]
+    r = b.rank.get(x)
+    rank = None if None in ranks or r is None else max(ranks) + r - len(idx)
+    return b.op("GatherND", [x, stacked], name, rank=rank)
+
+
+_LAYOUT = ("size", "select", "slice", "transpose", "cat", "expand", "unsqueeze", "arange", "where", "embedding",
+           "gather", "index")
 
 
 def to_onnx(program, path=None):
@@ -496,8 +525,18 @@ def _convert(b: _Builder, node, t) -> str:
     kind, name = node["kind"], node["name"]
     attrs = {a: decode_literal(v) for a, v in node.get("attrs", {}).items()}
     args = node.get("args", [])
-    if kind == "constant":
-        return b.init(name, t["value"])
+    if kind in ("constant", "full", "cast"):
+        if kind == "cast":
+            x = b.tensor(node, args[0])
+        else:
+            value = t["value"] if kind == "constant" else np.full([int(v) for v in b.literal(node, args[0], "shape")],
+                                                                 b.literal(node, args[1], "value"))
+            x = b.init(name, value)
+            b.rank[x] = np.ndim(value)
+        if attrs.get("dtype") is None:
+            return x
+        elem = b.helper.np_dtype_to_tensor_dtype(np.dtype(DTYPES[attrs["dtype"]]))
+        return b.op("Cast", [x], f"{name}.as", rank=b.rank.get(x), to=elem)
     if kind == "quantize":
         x = b.tensor(node, args[0])
         q = b.op("QuantizeLinear", [x, b.init(f"{name}.scale", t["scale"].astype(np.float32).reshape(())),
@@ -512,16 +551,11 @@ def _convert(b: _Builder, node, t) -> str:
         return b.op("DequantizeLinear", [x, b.init(f"{name}.scale", t["scale"].astype(np.float32).reshape(())),
                                          b.init(f"{name}.zp", np.uint8(t["zero_point"].reshape(())))], name,
                     rank=b.rank.get(x))
-    if kind == "int_gemm":
-        if attrs.get("w_format", "int8") not in ("int8",):
-            raise OnnxExportError(f"node {name!r} (int_gemm): {attrs['w_format']} weights are exported as 8-bit "
-                                  "codes only; calibrate with w_bits=8 for ONNX")
-        return _int_gemm(b, node, t, attrs, b.tensor(node, args[0]))
-    if kind == "int_conv2d":
-        if attrs.get("w_format", "int8") not in ("int8",):
-            raise OnnxExportError(f"node {name!r} (int_conv2d): {attrs['w_format']} weights are exported as 8-bit "
-                                  "codes only; calibrate with w_bits=8 for ONNX")
-        return _int_conv2d(b, node, t, attrs, b.tensor(node, args[0]))
+    if kind in ("int_gemm", "int_conv2d"):
+        if attrs.get("w_format", "int8") != "int8":
+            raise OnnxExportError(f"node {name!r} ({kind}) has no ONNX form with {attrs['w_format']} weights (8-bit "
+                                  "codes only): calibrate with w_bits=8 for ONNX")
+        return (_int_gemm if kind == "int_gemm" else _int_conv2d)(b, node, t, attrs, b.tensor(node, args[0]))
     if kind == "unary" and attrs["op"] in _ONNX_UNARY:
         x = b.tensor(node, args[0])
         return b.op(_ONNX_UNARY[attrs["op"]], [x], name, rank=b.rank.get(x))
@@ -566,7 +600,7 @@ def _convert(b: _Builder, node, t) -> str:
         return b.op("Transpose", [x], name, rank=len(dims), perm=[d % len(dims) for d in dims])
     if kind in _FLOAT_STAGES:
         return _float_stage(b, node, attrs, args)
-    if kind in ("identity", "cast") and attrs.get("dtype") in (None, "float32"):
+    if kind == "identity":
         x = b.tensor(node, args[0])
         return b.op("Identity", [x], name, rank=b.rank.get(x))
     raise OnnxExportError(f"node {name!r} ({kind}{'/' + attrs['op'] if 'op' in attrs else ''}) has no ONNX form "
