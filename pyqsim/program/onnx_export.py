@@ -401,7 +401,8 @@ def _operand(b: _Builder, node, v, other) -> str:
 
 
 def _layout(b: _Builder, node, attrs, args) -> str:
-    """size, select, slice, transpose, cat, expand and reshape with run-time sizes."""
+    """Layout and indexing kinds (sizes computed at run time included): size, reshape, expand, cat, arange,
+    where, unsqueeze, select, transpose, slice, embedding, gather, index."""
     kind, name = node["kind"], node["name"]
     if kind == "cat":
         xs = [b.tensor(node, v) for v in args[0]]
@@ -461,7 +462,11 @@ def _layout(b: _Builder, node, attrs, args) -> str:
 def _advanced_index(b: _Builder, node, x: str, indices) -> str:
     """x[i0, i1, ...] with integer index tensors on the leading axes: broadcast, stacked, GatherND."""
     name = node["name"]
-    if not isinstance(indices, list) or not all(is_ref(i) for i in indices):
+    def integer(i) -> bool:
+        ex = b.example(node, i, required=False)
+        return ex is None or ex[1].kind in "iu"
+
+    if not isinstance(indices, list) or not all(is_ref(i) and integer(i) for i in indices):
         raise OnnxExportError(f"node {name!r} (index): only integer index tensors on the leading axes have an ONNX "
                               "form here")
     idx = [b.tensor(node, i) for i in indices]
