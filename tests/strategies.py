@@ -366,3 +366,22 @@ def at_shift_edges(op: str, name: str | None = "kw"):
             test = (example(kw) if name is None else example(**{name: kw}))(test)
         return test
     return deco
+
+
+# --------------------------------------------------------------------------- float32 data (spec §15 stages)
+
+FLOAT_EDGES = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45, 1.1754942e-38, 3.4028235e38, -3.4028235e38,
+               88.72284, -103.97, 1.0, -1.0]
+
+
+@st.composite
+def float32_arrays(draw, shape, finite=None):
+    """float32 data over the whole range or a realistic spread, NaN / inf / subnormal edges mixed in or not
+    (``finite`` fixes that choice)."""
+    nonfinite = draw(st.booleans()) if finite is None else not finite
+    width = draw(st.sampled_from([None, 1.0, 100.0]))  # whole range, or a realistic spread
+    if width is None:
+        elems = st.floats(width=32, allow_nan=nonfinite, allow_infinity=nonfinite)
+    else:
+        elems = st.floats(-width, width, width=32) | (st.sampled_from(FLOAT_EDGES) if nonfinite else st.nothing())
+    return draw(hnp.arrays(np.float32, shape, elements=elems))

@@ -38,6 +38,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import strategies as S
 from pyqsim import ops
 from pyqsim.reference import floatops as RF
 from test_cpu_ops import ISAS, isa  # noqa: F401  (the per-test ISA fixture)
@@ -49,8 +50,7 @@ TINY = 2.0**-149
 FIXTURE_OK = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                              HealthCheck.data_too_large])
 F32 = np.float32
-EDGE = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45, 1.1754942e-38, 3.4028235e38, -3.4028235e38, 88.72284,
-        -103.97, 1.0, -1.0]
+EDGE = S.FLOAT_EDGES
 
 
 def bits_equal(a, b) -> bool:
@@ -75,13 +75,7 @@ def float_arrays(draw, min_dims=1, max_dims=3, max_side=40, min_last=0, finite=N
     shape = draw(hnp.array_shapes(min_dims=min_dims, max_dims=max_dims, min_side=0, max_side=max_side))
     if shape and shape[-1] < min_last:
         shape = shape[:-1] + (min_last,)
-    nonfinite = draw(st.booleans()) if finite is None else not finite
-    width = draw(st.sampled_from([None, 1.0, 100.0]))  # whole range, or a realistic spread
-    if width is None:
-        elems = st.floats(width=32, allow_nan=nonfinite, allow_infinity=nonfinite)
-    else:
-        elems = st.floats(-width, width, width=32) | (st.sampled_from(EDGE) if nonfinite else st.nothing())
-    return draw(hnp.arrays(np.float32, shape, elements=elems))
+    return draw(S.float32_arrays(shape, finite))
 
 
 @st.composite

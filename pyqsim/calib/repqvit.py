@@ -29,7 +29,7 @@ from ._common import PERCENTILES, WEIGHT_SHRINK, LogQuantizer, UniformQuantizer
 from .lower import LoweringError, Val, _fetch_attr, _op_name, capture, lower, module_path, quant_scale_zp
 
 POST_LN_MODES = ("layer", "channel", "reparam")
-SOFTMAX_MODES = ("log2", "log-sqrt2", "reparam")
+SOFTMAX_MODES = ("log2", "log-sqrt2", "reparam", "uniform")
 
 
 class PatternError(ValueError):
@@ -42,7 +42,8 @@ class RepQConfig:
 
     post_ln: "layer" (per-tensor), "channel" (per-channel; not executable by an integer GEMM) or
     "reparam" (per-channel calibration folded into per-tensor). softmax: "log2", "log-sqrt2" (float
-    sqrt(2)) or "reparam" (log-sqrt2 executed as shift-based log2).
+    sqrt(2)), "reparam" (log-sqrt2 executed as shift-based log2) or "uniform" (a_bits uniform codes, attn @ v
+    as an ``int_bmm``: the form ONNX export takes).
     """
 
     w_bits: int = 4
@@ -235,6 +236,11 @@ class QAttnV(nn.Module):
         return self.lower_values(lw, lw.env[node.args[0]], lw.env[node.args[1]], node.target)
 
 
+def attn_v(cfg: RepQConfig) -> nn.Module:
+    """The attn @ v module of a softmax mode: "uniform" quantizes both operands per tensor (an int_bmm)."""
+    return QMatMul(cfg) if cfg.softmax == "uniform" else QAttnV(cfg)
+
+
 def _additive_mask(mask, like):
     """Float additive form of a scaled_dot_product_attention mask (bool: True takes part in attention)."""
     if mask.dtype == torch.bool:
@@ -248,7 +254,7 @@ class QSDPA(nn.Module):
     def __init__(self, cfg: RepQConfig):
         super().__init__()
         self.matmul_qk = QMatMul(cfg)
-        self.matmul_av = QAttnV(cfg)
+        self.matmul_av = attn_v(cfg)
 
     def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if enable_gqa:
@@ -607,7 +613,7 @@ def build(model: nn.Module, cfg: RepQConfig, args: tuple, kwargs: dict | None = 
         scope = module_path(qk)
         names = [_unique(gm, f"{scope}.{suffix}" if scope else suffix) for suffix in ("matmul_qk", "matmul_av")]
         _replace_with_module(gm, qk, names[0], QMatMul(cfg), qk.args[:2])
-        _replace_with_module(gm, av, names[1], QAttnV(cfg), av.args[:2])
+        _replace_with_module(gm, av, names[1], attn_v(cfg), av.args[:2])
         attention.append(AttentionSite(*names))
     for node in sdpa:
         scope = module_path(node)

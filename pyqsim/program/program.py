@@ -277,8 +277,9 @@ class Program:
 
     def to_onnx(self, path=None):
         """The program as an ONNX model (opset 17; written to ``path`` when given). Integer nodes become
-        MatMulInteger / ConvInteger with exact int32 corrections, so ONNX Runtime computes the same bits for them;
-        a node kind without an ONNX form raises OnnxExportError naming the node."""
+        MatMulInteger / ConvInteger with exact int32 corrections and the float stages the primitive operators of
+        spec §14.7, so ONNX Runtime computes the same bits for them; a node kind without an ONNX form raises
+        OnnxExportError naming the node."""
         from .onnx_export import to_onnx
         return to_onnx(self, path)
 
