@@ -64,16 +64,18 @@ def gops(ops: float, seconds: float) -> float:
     return ops / seconds / 1e9 if seconds > 0 else float("nan")
 
 
-PEAK_NAMES = ("vpmaddubsw", "unit3", "sign4", "vnni")
+PEAK_NAMES = ("vpmaddubsw", "unit3", "sign4", "vnni", "amx")
 
 
 def int8_peaks(iterations: int) -> dict:
     """Single-thread register-only int8 GOPS (``pyqsim._C._peak_int8_gops``): the AVX2 loops and, where the CPU
-    has AVX-512 VNNI, the ``vpdpbusd`` loop; ``exact`` is the exact step of the ISA the kernels use now (the sign
-    step of spec §10.1 on AVX2, ``vpdpbusd`` on AVX-512 VNNI, §10.7)."""
+    has AVX-512 VNNI, the ``vpdpbusd`` loop, and with AMX the ``tdpbusd`` loop; ``exact`` is the exact step of the
+    ISA the kernels use now (the sign step of spec §10.1 on AVX2, ``vpdpbusd`` on AVX-512 VNNI, §10.7, ``tdpbusd``
+    on AMX, §10.8)."""
     from pyqsim import _C
     peaks = dict(zip(PEAK_NAMES, _C._peak_int8_gops(iterations)))
-    peaks["exact"] = peaks["vnni"] if _C.get_cpu_isa() == "avx512vnni" else peaks["sign4"]
+    isa = _C.get_cpu_isa()
+    peaks["exact"] = peaks["amx"] if isa == "amx" else peaks["vnni"] if isa == "avx512vnni" else peaks["sign4"]
     return peaks
 
 

@@ -786,10 +786,15 @@ py::dict build_info() {
   simd.append("scalar");
   if (qsim::avx2_compiled()) simd.append("avx2");
   if (qsim::avx512vnni_compiled()) simd.append("avx512vnni");
+  if (qsim::amx_compiled()) simd.append("amx");
   d["simd_compiled"] = simd;
-  d["simd_level"] = qsim::avx512vnni_compiled() ? "avx512vnni" : qsim::avx2_compiled() ? "avx2" : "scalar";
+  d["simd_level"] = qsim::amx_compiled()          ? "amx"
+                     : qsim::avx512vnni_compiled() ? "avx512vnni"
+                     : qsim::avx2_compiled()       ? "avx2"
+                                                   : "scalar";
   d["cpu_has_avx2"] = qsim::cpu_has_avx2();
   d["cpu_has_avx512vnni"] = qsim::cpu_has_avx512vnni();
+  d["cpu_has_amx"] = qsim::cpu_has_amx();
   try {
     d["isa"] = qsim::isa_name(qsim::resolve_isa());
     d["isa_error"] = py::none();
@@ -900,7 +905,7 @@ PYBIND11_MODULE(_C, m) {
           qsim::set_isa_override(name.is_none() ? std::string() : name.cast<std::string>());
         },
         py::arg("name"),
-        "Force 'scalar', 'avx2', 'avx512vnni' or 'auto' for later calls; None clears it (PYQSIM_CPU_ISA then decides)");
+        "Force 'scalar', 'avx2', 'avx512vnni', 'amx' or 'auto' for later calls; None clears it (PYQSIM_CPU_ISA then decides)");
   m.def("get_cpu_isa", [] { return std::string(qsim::isa_name(qsim::resolve_isa())); },
         "The ISA the next kernel call will use");
   m.def("cuda_selftest", [] {

@@ -23,6 +23,7 @@ void int_bmm(const void* a, ActType at, int32_t za, const void* b, ActType bt, i
   std::vector<PackedMatrix> pms(static_cast<size_t>(batch));
   ThreadPool::instance().run(batch, [&](int64_t i, int) {
     pms[i] = pack_s8_rows(static_cast<const uint8_t*>(b) + i * n * k, k, n, k, bxor);
+    if (isa == Isa::Amx) add_amx_panels(pms[i]);
   });
   const std::vector<int32_t> zw(static_cast<size_t>(n), zbm);
   const size_t np = static_cast<size_t>(round_up(n, kNR) + kNR);

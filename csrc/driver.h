@@ -18,9 +18,11 @@ namespace qsim {
 namespace detail {
 
 // Produces packed A panels ([kg][2][mr][4]: x', |x'|) and x' row sums for rows [m0, m0 + mr).
+struct MatrixA;
 struct ASource {
   virtual ~ASource() = default;
   virtual void pack(const KernelSet& ks, int64_t m0, int mr, int8_t* dst, int32_t* rowsum) const = 0;
+  virtual const MatrixA* matrix() const { return nullptr; }  // plain row-major activations (the AMX path reads them)
 };
 
 // Plain row-major activations [M, K].
@@ -38,6 +40,7 @@ struct MatrixA final : ASource {
   void pack(const KernelSet& ks, int64_t m0, int mr, int8_t* dst, int32_t* rowsum) const override {
     ks.pack_a(x + m0 * k, k, mr, k, kg, xor_mask, u_half, dst, rowsum);
   }
+  const MatrixA* matrix() const override { return this; }
 };
 
 struct Branch {

@@ -17,7 +17,8 @@ namespace {
 
 const FloatKernels& float_kernels() {
 #if defined(PYQSIM_HAVE_VNNI_TU)
-  if (resolve_isa() == Isa::Avx512Vnni) return float_kernels_avx512();
+  const Isa isa = resolve_isa();
+  if (isa == Isa::Avx512Vnni || isa == Isa::Amx) return float_kernels_avx512();
 #endif
 #if defined(PYQSIM_HAVE_AVX2_TU)
   if (resolve_isa() != Isa::Scalar) return float_kernels_avx2();

@@ -159,8 +159,91 @@ inline void fix_min_codes(const PackedMatrix& pm, int64_t p, const int8_t* ap, i
   }
 }
 
+namespace {
+// The AMX path takes one-branch jobs over plain activations with AMX weight panels.
+bool amx_eligible(const KernelSet& ks, const std::vector<GemmJob>& jobs) {
+  if (!ks.amx_block) return false;
+  for (const GemmJob& jb : jobs)
+    if (jb.m > 0 && jb.n > 0 && (jb.nbranch != 1 || !jb.br[0].a->matrix() || !jb.br[0].b->buf_amx)) return false;
+  return true;
+}
+
+// §10.8: tasks of kAmxMC rows (32-row AMX blocks) x a range of weight panels, taken two at a time. A task packs
+// u = x' + 128 of its rows ([rows][ksteps * 64], zero padded) and the x' row sums, then each 32 x 32 block of
+// tiles goes through the VNNI output stage one 4 x 16 tile at a time.
+constexpr int64_t kAmxMC = 64;
+
+void run_jobs_amx(const std::vector<GemmJob>& jobs, const KernelSet& ks) {
+  const int nt = ThreadPool::instance().num_threads();
+  std::vector<int64_t> mblocks(jobs.size(), 0);
+  int64_t total_mb = 0, max_panels = 0, kpad_max = 0;
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    const GemmJob& jb = jobs[j];
+    if (jb.m <= 0 || jb.n <= 0) continue;
+    mblocks[j] = ceil_div(jb.m, kAmxMC);
+    total_mb += mblocks[j];
+    max_panels = std::max(max_panels, ceil_div(jb.n, kNR));
+    kpad_max = std::max(kpad_max, jb.br[0].b->kg_amx * 4);
+  }
+  if (total_mb == 0) return;
+  int64_t nsplit = 1;  // panel pairs per task range, as run_jobs splits panels
+  if (total_mb < 4 * nt) nsplit = std::min<int64_t>(ceil_div(max_panels, 2), ceil_div(4 * nt, total_mb));
+  std::vector<int64_t> first(jobs.size() + 1, 0);
+  for (size_t j = 0; j < jobs.size(); ++j) first[j + 1] = first[j] + mblocks[j] * nsplit;
+  const size_t a_bytes = align64(static_cast<size_t>(kAmxMC * kpad_max));
+  const size_t ws_bytes = a_bytes + align64(kAmxMC * sizeof(int32_t)) + 2 * 32 * 16 * sizeof(int32_t);
+  ThreadPool::instance().run(first.back(), [&](int64_t task, int) {
+    const size_t j = static_cast<size_t>(std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1);
+    const GemmJob& jb = jobs[j];
+    const int64_t local = task - first[j];
+    const int64_t m0 = (local / nsplit) * kAmxMC, mc = std::min(kAmxMC, jb.m - m0);
+    const int64_t pairs = ceil_div(ceil_div(jb.n, kNR), 2), pp = ceil_div(pairs, nsplit);
+    const int64_t p0 = 2 * ((local % nsplit) * pp), p1 = std::min(ceil_div(jb.n, kNR), p0 + 2 * pp);
+    if (p0 >= p1) return;
+    const MatrixA& a = *jb.br[0].a->matrix();
+    const PackedMatrix& pm = *jb.br[0].b;
+    const int64_t kpad = pm.kg_amx * 4, ksteps = pm.kg_amx / 16, rows = round_up(mc, 32);
+    uint8_t* ws = scratch(ws_bytes);
+    uint8_t* abuf = ws;
+    int32_t* rs = reinterpret_cast<int32_t*>(ws + a_bytes);
+    int32_t* ctile = reinterpret_cast<int32_t*>(ws + a_bytes + align64(kAmxMC * sizeof(int32_t)));
+    const uint8_t ux = static_cast<uint8_t>(a.xor_mask ^ 0x80);  // u = x' + 128 = x ^ ux
+    for (int64_t r = 0; r < rows; ++r) {
+      uint8_t* dst = abuf + r * kpad;
+      if (r >= mc) {
+        std::memset(dst, 0, static_cast<size_t>(kpad));
+        continue;
+      }
+      const uint32_t s = ks.amx_pack_row(a.x + (m0 + r) * a.k, a.k, ux, dst, kpad);  // sum u; x' = u - 128
+      rs[r] = static_cast<int32_t>(s - 128u * static_cast<uint32_t>(a.k));
+    }
+    const int64_t pstride = pm.kg_amx * 64;
+    ks.amx_begin();
+    for (int64_t p = p0; p < p1; p += 2) {
+      const bool two = p + 1 < p1;
+      const uint8_t* b0 = pm.buf_amx.get() + p * pstride;
+      for (int64_t rb = 0; rb < mc; rb += 32) {
+        ks.amx_block(abuf + rb * kpad, kpad, b0, two ? b0 + pstride : nullptr, ksteps, two, ctile);
+        for (int jp = 0; jp < (two ? 2 : 1); ++jp) {
+          const int64_t n0 = (p + jp) * kNR;
+          const int nc = static_cast<int>(std::min<int64_t>(kNR, jb.n - n0));
+          for (int64_t q = 0; q < 8 && rb + 4 * q < mc; ++q) {
+            const int64_t row = rb + 4 * q;
+            const int mr = static_cast<int>(std::min<int64_t>(kMR, mc - row));
+            TileOut to{jb.out + ((m0 + row) * jb.ldm + n0 * jb.ldn) * jb.elem, jb.ldm, jb.ldn};
+            ks.epi(jb.epi, n0, mr, nc, ctile + jp * 512 + q * 64, rs + row, nullptr, nullptr, to);
+          }
+        }
+      }
+    }
+    ks.amx_end();
+  });
+}
+}  // namespace
+
 void run_jobs(const std::vector<GemmJob>& jobs, Isa isa) {
   const KernelSet& ks = kernels_for(isa);
+  if (amx_eligible(ks, jobs)) return run_jobs_amx(jobs, ks);
   const int nt = ThreadPool::instance().num_threads();
   const int64_t MC = rows_per_task(jobs);
   const int64_t W = ks.ukr_wide[1] ? kWideNP : 1;  // weight panels per micro-kernel call where the ISA has it

@@ -111,6 +111,15 @@ struct KernelSet {
   // 2^(S-1)) / 2^S) + zy, lo, hi) as int8 (s8) or uint8, exactly (see shift_requant_one).
   void (*shift_requant)(const int64_t* r, int64_t nc, const int32_t* mult, const int32_t* shift, int32_t zy, int32_t lo,
                         int32_t hi, bool s8, void* out);
+  // §10.8 AMX (null without it): amx_begin/amx_end configure and release this thread's tiles around amx_block,
+  // which writes c[j][32][16] = sum_k u[r, k] * B_j[c, k] (mod 2^32) for 32 rows of u (row stride lda bytes, ksteps
+  // * 64 bytes each) and the PackedMatrix::buf_amx panels b0 and, when two_panels, b1.
+  void (*amx_begin)() = nullptr;
+  // one row of u = x ^ ux for k bytes, zero padded to kpad (a multiple of 64); returns sum u mod 2^32
+  uint32_t (*amx_pack_row)(const uint8_t* src, int64_t k, uint8_t ux, uint8_t* dst, int64_t kpad) = nullptr;
+  void (*amx_end)() = nullptr;
+  void (*amx_block)(const uint8_t* a, int64_t lda, const uint8_t* b0, const uint8_t* b1, int64_t ksteps,
+                    bool two_panels, int32_t* c) = nullptr;
 };
 
 // §7 requantization for S in [33, 94] without 128-bit arithmetic: R = A * 2^32 + B (B in [0, 2^32)), so
@@ -134,6 +143,14 @@ const KernelSet& avx2_kernels();
 #endif
 #if defined(PYQSIM_HAVE_VNNI_TU)
 const KernelSet& avx512vnni_kernels();
+#endif
+#if defined(PYQSIM_HAVE_AMX_TU)
+const KernelSet& amx_kernels();  // the VNNI set with the AMX entries
+void amx_begin();
+void amx_end();
+uint32_t amx_pack_row(const uint8_t* src, int64_t k, uint8_t ux, uint8_t* dst, int64_t kpad);
+void amx_block(const uint8_t* a, int64_t lda, const uint8_t* b0, const uint8_t* b1, int64_t ksteps, bool two_panels,
+               int32_t* c);
 #endif
 const KernelSet& kernels_for(Isa isa);
 

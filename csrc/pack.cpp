@@ -129,6 +129,26 @@ PackedMatrix pack_codes(const int8_t* codes, int64_t n, int64_t kp, WFormat fmt)
   return pm;
 }
 
+void add_amx_panels(PackedMatrix& pm) {
+  if (!cpu_has_amx() || pm.kg == 0) return;
+  pm.kg_amx = detail::round_up(pm.kg, 16);
+  const int64_t stride = pm.kg_amx * 64;
+  pm.buf_amx = aligned_bytes(static_cast<size_t>(pm.panels * stride));  // zeroed: the padding k-groups
+  for (int64_t p = 0; p < pm.panels; ++p) {
+    uint8_t* dst = pm.buf_amx.get() + p * stride;
+    if (pm.format == WFormat::S8) {  // true codes: buf_exact where a -128 was packed as -127
+      std::memcpy(dst, pm.buf_exact ? pm.panel_exact(p) : pm.panel(p), static_cast<size_t>(pm.kg * 64));
+      continue;
+    }
+    const uint8_t* src = pm.panel(p);  // nibbles: k-group 2 g8 in the low halves, 2 g8 + 1 in the high halves
+    for (int64_t g8 = 0; g8 < pm.kg / 2; ++g8)
+      for (int i = 0; i < 64; ++i) {
+        dst[(2 * g8) * 64 + i] = src[g8 * 64 + i] & 0xF;
+        dst[(2 * g8 + 1) * 64 + i] = src[g8 * 64 + i] >> 4;
+      }
+  }
+}
+
 std::shared_ptr<PackedWeight> pack_gemm_weight(const void* w, WFormat fmt, int64_t n, int64_t k) {
   using detail::round_up;
   const bool four = fmt != WFormat::S8;
@@ -154,6 +174,7 @@ std::shared_ptr<PackedWeight> pack_gemm_weight(const void* w, WFormat fmt, int64
   pw->k = k;
   pw->mats.push_back(pack_codes(codes.data(), n, kp, fmt));
   if (fmt == WFormat::S4) pw->mats.back().code_offset = 8;
+  add_amx_panels(pw->mats.back());
   return pw;
 }
 

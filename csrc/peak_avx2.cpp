@@ -5,8 +5,10 @@
 //   sign: vpsignb + vpmaddubsw + vpmaddwd + vpaddd, pyqsim's §10 step (8 accumulators).
 // Each counts 64 ops (32 multiply-adds) per 32-byte step. Where the CPU has AVX-512 VNNI, a fourth loop:
 //   vnni: vpdpbusd on zmm (12 independent chains), the exact step of §10.7: 128 ops per instruction.
+// Where it also has AMX, a fifth: amx: TDPBUSD on four independent tiles (§10.8), 32768 ops per instruction.
 // Inline asm keeps the exact instruction mix.
 // Timed with the thread's CPU clock (Linux), best of 7.
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <vector>
@@ -19,6 +21,9 @@
 namespace qsim {
 #if defined(PYQSIM_HAVE_VNNI_TU)
 void vnni_peak_loop(int64_t n);  // ukernel_avx512vnni.cpp
+#endif
+#if defined(PYQSIM_HAVE_AMX_TU)
+void amx_peak_loop(int64_t n);  // ukernel_amx.cpp
 #endif
 namespace {
 
@@ -125,6 +130,9 @@ std::vector<double> avx2_peak_gops(int64_t iterations) {
   std::vector<double> out{raw, unit, sign};
 #if defined(PYQSIM_HAVE_VNNI_TU)
   if (cpu_has_avx512vnni()) out.push_back(best_rate(vnni_peak_loop, iterations, 12 * 128.0));
+#endif
+#if defined(PYQSIM_HAVE_AMX_TU)
+  if (cpu_has_amx()) out.push_back(best_rate(amx_peak_loop, std::max<int64_t>(1, iterations / 16), 4 * 16 * 16 * 64 * 2.0));
 #endif
   return out;
 }

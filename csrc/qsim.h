@@ -61,18 +61,21 @@ struct SplitOutStage {
 
 // ------------------------------------------------------------------------------------------ runtime
 // Avx512Vnni: the AVX2 kernels with the integer dot-product micro-kernels on vpdpbusd (spec §10.7).
-enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512Vnni = 2 };
+// Amx: the AVX-512 VNNI kernels with the int8 GEMM on AMX tiles (spec §10.8).
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512Vnni = 2, Amx = 3 };
 
 const char* isa_name(Isa isa);
 bool avx2_compiled();         // the AVX2 translation unit is part of this build
 bool cpu_has_avx2();          // the running CPU (and OS) support AVX2
 bool avx512vnni_compiled();   // the AVX-512 VNNI translation unit is part of this build
 bool cpu_has_avx512vnni();    // the running CPU (and OS) support AVX-512 F, BW and VNNI (and AVX2)
+bool amx_compiled();          // the AMX translation unit is part of this build
+bool cpu_has_amx();           // AVX-512 VNNI, AMX-TILE and AMX-INT8, with the OS's permission for tile data
 // The ISA a kernel call uses now: the override set by set_isa_override(), else PYQSIM_CPU_ISA
-// (read at every call: "auto" or unset -> best available, "scalar", "avx2", "avx512vnni"). Throws
+// (read at every call: "auto" or unset -> best available, "scalar", "avx2", "avx512vnni", "amx"). Throws
 // std::invalid_argument for an unknown value and std::runtime_error for an ISA this build or CPU lacks.
 Isa resolve_isa();
-// "auto", "scalar", "avx2", "avx512vnni" set an override; "" clears it (environment governs again).
+// "auto", "scalar", "avx2", "avx512vnni", "amx" set an override; "" clears it (environment governs again).
 void set_isa_override(const std::string& name);
 std::string isa_override();
 
@@ -110,6 +113,10 @@ struct PackedMatrix {
   // With has_min on a CPU with AVX-512 VNNI: the same panels holding the true codes (-128 included), which the
   // VNNI kernels take without the fix list (§10.7); null otherwise.
   std::shared_ptr<uint8_t> buf_exact;
+  // On a CPU with AMX (GEMM weights only): every panel as TDPBUSD's B tiles, the true int8 codes (or the 4-bit
+  // stored codes) with the k-groups zero padded to kg_amx (a multiple of 16); null otherwise.
+  std::shared_ptr<uint8_t> buf_amx;
+  int64_t kg_amx = 0;
   const uint8_t* panel(int64_t p) const { return buf.get() + p * panel_bytes; }
   const uint8_t* panel_exact(int64_t p) const { return buf_exact.get() + p * panel_bytes; }
 };
@@ -121,6 +128,8 @@ PackedMatrix pack_codes(const int8_t* codes, int64_t n, int64_t kp, WFormat fmt)
 // Packs n rows of k int8 codes read as bytes (row c at src + c * ld, each byte XORed with xor_mask: 0x80 turns
 // uint8 codes u into the int8 codes u - 128), zero padded to a multiple of 4; the same panels as pack_codes.
 PackedMatrix pack_s8_rows(const uint8_t* src, int64_t ld, int64_t n, int64_t k, uint8_t xor_mask);
+// Adds PackedMatrix::buf_amx when the CPU has AMX (no-op otherwise).
+void add_amx_panels(PackedMatrix& pm);
 
 // A prepacked GEMM or conv weight: one PackedMatrix per group.
 struct PackedWeight {

@@ -1,4 +1,4 @@
-// Runtime selection of the CPU kernels (scalar / AVX2) and thread-count control.
+// Runtime selection of the CPU kernels (scalar / AVX2 / AVX-512 VNNI / AMX) and thread-count control.
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -10,10 +10,44 @@
 #include "qsim.h"
 #include "threadpool.h"
 
+#if defined(PYQSIM_HAVE_AMX_TU) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace qsim {
 
 const char* isa_name(Isa isa) {
-  return isa == Isa::Avx512Vnni ? "avx512vnni" : isa == Isa::Avx2 ? "avx2" : "scalar";
+  return isa == Isa::Amx ? "amx" : isa == Isa::Avx512Vnni ? "avx512vnni" : isa == Isa::Avx2 ? "avx2" : "scalar";
+}
+
+bool amx_compiled() {
+#if defined(PYQSIM_HAVE_AMX_TU)
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_amx() {
+#if defined(PYQSIM_HAVE_AMX_TU) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+  // CPUID.(7,0):EDX bits 24 (AMX-TILE) and 25 (AMX-INT8); XCR0 bits 17-18 (tile state enabled by the OS); and
+  // Linux's per-process permission for the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
+  static const bool has = [] {
+    if (!cpu_has_avx512vnni()) return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    if (((d >> 24) & 3u) != 3u) return false;
+    unsigned lo = 0, hi = 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if (((lo >> 17) & 3u) != 3u) return false;
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
 }
 
 bool avx512vnni_compiled() {
@@ -65,6 +99,7 @@ std::string g_isa_override;  // "" = none
 
 Isa parse_isa(const std::string& v, const char* source) {
   if (v.empty() || v == "auto") {
+    if (amx_compiled() && cpu_has_amx()) return Isa::Amx;
     if (avx512vnni_compiled() && cpu_has_avx512vnni()) return Isa::Avx512Vnni;
     return (avx2_compiled() && cpu_has_avx2()) ? Isa::Avx2 : Isa::Scalar;
   }
@@ -82,8 +117,14 @@ Isa parse_isa(const std::string& v, const char* source) {
       throw std::runtime_error(std::string(source) + "=avx512vnni but this CPU does not support AVX-512 VNNI");
     return Isa::Avx512Vnni;
   }
-  throw std::invalid_argument(std::string(source) + " must be 'auto', 'scalar', 'avx2' or 'avx512vnni', got '" + v +
-                              "'");
+  if (v == "amx") {
+    if (!amx_compiled()) throw std::runtime_error(std::string(source) + "=amx but this build has no AMX kernels");
+    if (!cpu_has_amx())
+      throw std::runtime_error(std::string(source) + "=amx but this CPU (or OS) does not support AMX-INT8");
+    return Isa::Amx;
+  }
+  throw std::invalid_argument(std::string(source) + " must be 'auto', 'scalar', 'avx2', 'avx512vnni' or 'amx', got '" +
+                              v + "'");
 }
 }  // namespace
 
@@ -134,6 +175,9 @@ void set_num_threads(int n) {
 
 namespace detail {
 const KernelSet& kernels_for(Isa isa) {
+#if defined(PYQSIM_HAVE_AMX_TU)
+  if (isa == Isa::Amx) return amx_kernels();
+#endif
 #if defined(PYQSIM_HAVE_VNNI_TU)
   if (isa == Isa::Avx512Vnni) return avx512vnni_kernels();
 #endif

@@ -209,6 +209,21 @@ void pack_a_vnni(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, u
 
 }  // namespace
 
+#if defined(PYQSIM_HAVE_AMX_TU)
+const KernelSet& amx_kernels() {
+  static const KernelSet ks = [] {
+    KernelSet k = avx512vnni_kernels();
+    k.isa = Isa::Amx;
+    k.amx_begin = amx_begin;
+    k.amx_pack_row = amx_pack_row;
+    k.amx_end = amx_end;
+    k.amx_block = amx_block;
+    return k;
+  }();
+  return ks;
+}
+#endif
+
 const KernelSet& avx512vnni_kernels() {
   static const KernelSet ks = [] {
     KernelSet k = avx2_kernels();

@@ -52,7 +52,7 @@ def test_unknown_cpu_isa_is_an_error(value, monkeypatch, capsys):
     code, out, err = _run(["info"], capsys)
     assert code == 2 and out == ""
     line = _error_line(err, "info")
-    assert "PYQSIM_CPU_ISA must be 'auto', 'scalar', 'avx2' or 'avx512vnni'" in line and repr(value) in line
+    assert "PYQSIM_CPU_ISA must be 'auto', 'scalar', 'avx2', 'avx512vnni' or 'amx'" in line and repr(value) in line
 
 
 @pytest.mark.needs_cpu_ext
@@ -60,7 +60,7 @@ def test_unknown_cpu_isa_in_a_real_process():
     env = dict(os.environ, PYQSIM_CPU_ISA="avx512")
     p = subprocess.run([sys.executable, "-m", "pyqsim", "info"], capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode == 2, p.stderr
-    assert "PYQSIM_CPU_ISA must be 'auto', 'scalar', 'avx2' or 'avx512vnni', got 'avx512'" in _error_line(p.stderr, "info")
+    assert "PYQSIM_CPU_ISA must be 'auto', 'scalar', 'avx2', 'avx512vnni' or 'amx', got 'avx512'" in _error_line(p.stderr, "info")
 
 
 @pytest.mark.needs_cpu_ext

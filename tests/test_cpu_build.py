@@ -37,7 +37,7 @@ def test_extension_is_the_compiled_build(C):
     info = C.build_info()
     assert info["version"] == pyqsim.__version__
     assert info["isa"] in info["simd_compiled"]
-    assert info["isa"] in ("scalar", "avx2", "avx512vnni")
+    assert info["isa"] in ("scalar", "avx2", "avx512vnni", "amx")
     assert info["threads"] >= 1
 
 
@@ -61,7 +61,7 @@ def test_isa_switch_by_setter_and_environment(C, monkeypatch):
         C.set_cpu_isa("scalar")
         assert C.get_cpu_isa() == "scalar"
         C.set_cpu_isa("auto")
-        assert C.get_cpu_isa() in ("scalar", "avx2", "avx512vnni")
+        assert C.get_cpu_isa() in ("scalar", "avx2", "avx512vnni", "amx")
         C.set_cpu_isa(None)
         monkeypatch.setenv("PYQSIM_CPU_ISA", "scalar")  # read at call time
         assert C.get_cpu_isa() == "scalar"
@@ -264,7 +264,7 @@ def test_peak_microbenchmark_runs(C):
     if not (info["cpu_has_avx2"] and "avx2" in info["simd_compiled"]):
         pytest.skip("no AVX2")
     peaks = C._peak_int8_gops(20000)
-    assert len(peaks) == (4 if info["cpu_has_avx512vnni"] else 3) and all(p > 0 for p in peaks)
+    assert len(peaks) == 3 + info["cpu_has_avx512vnni"] + info["cpu_has_amx"] and all(p > 0 for p in peaks)
 
 
 def test_cuda_probe_reports(C):

@@ -1,7 +1,7 @@
 """CPU backend: canonical op arguments (``pyqsim._checks``) -> ``pyqsim._C`` kernels. No math here.
 
-The compiled extension picks scalar, AVX2 or AVX-512 VNNI kernels at call time
-(``PYQSIM_CPU_ISA=auto|scalar|avx2|avx512vnni``, or :func:`set_isa`) and runs them on :func:`get_num_threads` threads; results are identical either way.
+The compiled extension picks scalar, AVX2, AVX-512 VNNI or AMX kernels at call time
+(``PYQSIM_CPU_ISA=auto|scalar|avx2|avx512vnni|amx``, or :func:`set_isa`) and runs them on :func:`get_num_threads` threads; results are identical either way.
 A weight may be a plain array (packed on every call) or a :func:`pack_weight` result (packed once): the
 canonical arguments may carry it as ``w_packed`` (a ``_C.PackedWeight``, or a dict with a ``"cpu"`` entry)
 next to the plain ``w`` that the other backends use.
@@ -48,16 +48,18 @@ def get_num_threads() -> int:
 
 
 def isas() -> list[str]:
-    """The kernel ISAs this build and this CPU can run, baseline first (``"scalar"``, ``"avx2"``, ``"avx512vnni"``)."""
+    """The kernel ISAs this build and this CPU can run, baseline first (``"scalar"``, ``"avx2"``, ``"avx512vnni"``,
+    ``"amx"``)."""
     if _C is None:
         return []
     d = _C.build_info()
-    usable = {"scalar": True, "avx2": d["cpu_has_avx2"], "avx512vnni": d.get("cpu_has_avx512vnni", False)}
+    usable = {"scalar": True, "avx2": d["cpu_has_avx2"], "avx512vnni": d.get("cpu_has_avx512vnni", False),
+              "amx": d.get("cpu_has_amx", False)}
     return [i for i in d["simd_compiled"] if usable[i]]
 
 
 def set_isa(name: str | None) -> None:
-    """Force ``"scalar"``/``"avx2"``/``"avx512vnni"``/``"auto"`` for later calls; ``None`` defers to
+    """Force ``"scalar"``/``"avx2"``/``"avx512vnni"``/``"amx"``/``"auto"`` for later calls; ``None`` defers to
     ``PYQSIM_CPU_ISA``."""
     _C.set_cpu_isa(name)
 

@@ -1,0 +1,113 @@
+// AMX tiles for the int8 GEMM (spec §10.8): TDPBUSD sums u8 x s8 products into int32 tiles, exactly and mod 2^32
+// like VPDPBUSD (§10.7), so the tile is the VNNI kernels' sum u * w (u = x' + 128) and the AVX-512 VNNI output
+// stage applies unchanged. Entered only after the runtime check (cpu_has_amx: CPUID, XCR0 and the kernel's
+// permission for the tile data state).
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace qsim {
+namespace detail {
+namespace {
+
+// Palette 1: tiles 0-3 the 2 x 2 int32 C block (16 rows x 64 bytes), 4-5 A (16 rows x 64 u8), 6-7 B (16 k-groups x 64).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+}  // namespace
+
+void amx_begin() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  // The compiler does not see that LDTILECFG reads all 64 bytes: keep the stores above
+  __asm__ volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+void amx_end() { _tile_release(); }
+
+uint32_t amx_pack_row(const uint8_t* src, int64_t k, uint8_t ux, uint8_t* dst, int64_t kpad) {
+  const __m512i x = _mm512_set1_epi8(static_cast<char>(ux)), zero = _mm512_setzero_si512();
+  __m512i sums = zero;  // eight 64-bit partial sums of u
+  int64_t i = 0;
+  for (; i + 64 <= k; i += 64) {
+    const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(src + i), x);
+    _mm512_storeu_si512(dst + i, u);
+    sums = _mm512_add_epi64(sums, _mm512_sad_epu8(u, zero));
+  }
+  for (; i < kpad; i += 64) {  // the tail of k, then zeros up to kpad (a multiple of 64)
+    const int64_t left = k - i;
+    const __mmask64 m = left >= 64 ? ~__mmask64(0) : left > 0 ? (__mmask64(1) << left) - 1 : 0;
+    const __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, src + i), _mm512_maskz_mov_epi8(m, x));
+    _mm512_storeu_si512(dst + i, u);
+    sums = _mm512_add_epi64(sums, _mm512_sad_epu8(u, zero));
+  }
+  return static_cast<uint32_t>(_mm512_reduce_add_epi64(sums));
+}
+
+// C[2][2] 16 x 16 int32 tiles of rows a (32 rows, row stride lda bytes) and two B panels (b0, b1: [ksteps * 16][64])
+// over ksteps steps of 64 k; c: [panel][32 rows][16], with two_panels false: panel 0 only.
+void amx_block(const uint8_t* a, int64_t lda, const uint8_t* b0, const uint8_t* b1, int64_t ksteps, bool two_panels,
+               int32_t* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  if (two_panels) {
+    for (int64_t s = 0; s < ksteps; ++s) {
+      _tile_loadd(4, a + s * 64, lda);
+      _tile_loadd(5, a + 16 * lda + s * 64, lda);
+      _tile_loadd(6, b0 + s * 1024, 64);
+      _tile_loadd(7, b1 + s * 1024, 64);
+      _tile_dpbusd(0, 4, 6);
+      _tile_dpbusd(1, 4, 7);
+      _tile_dpbusd(2, 5, 6);
+      _tile_dpbusd(3, 5, 7);
+    }
+    _tile_stored(1, c + 512, 64);
+    _tile_stored(3, c + 512 + 256, 64);
+  } else {
+    for (int64_t s = 0; s < ksteps; ++s) {
+      _tile_loadd(4, a + s * 64, lda);
+      _tile_loadd(5, a + 16 * lda + s * 64, lda);
+      _tile_loadd(6, b0 + s * 1024, 64);
+      _tile_dpbusd(0, 4, 6);
+      _tile_dpbusd(2, 5, 6);
+    }
+  }
+  _tile_stored(0, c, 64);
+  _tile_stored(2, c + 256, 64);
+}
+
+}  // namespace detail
+
+// Tile registers only: four independent C tiles, each TDPBUSD 16 x 16 x 64 multiply-adds (the AMX peak line of
+// benchmarks/, peak_avx2.cpp). The tiles hold whatever the zeroed A and B give; nothing is read back.
+void amx_peak_loop(int64_t n) {
+  detail::amx_begin();
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_zero(4);
+  _tile_zero(5);
+  _tile_zero(6);
+  _tile_zero(7);
+  for (int64_t i = 0; i < n; ++i) {
+    _tile_dpbusd(0, 4, 6);
+    _tile_dpbusd(1, 4, 7);
+    _tile_dpbusd(2, 5, 6);
+    _tile_dpbusd(3, 5, 7);
+  }
+  detail::amx_end();
+}
+
+}  // namespace qsim
