@@ -51,6 +51,7 @@ py::array outer_strided(py::handle obj, const std::string& name, char kind, int 
   py::array a = typed(obj, name, kind, size, dtype);
   if (a.ndim() != 3) throw py::value_error(name + " must be 3-D [outer, N, inner], got ndim " + std::to_string(a.ndim()));
   const int64_t outer = a.shape(0), n = a.shape(1), inner = a.shape(2), sz = size;
+  if (outer * n * inner == 0) return a;  // nothing is read
   const bool slices = (inner <= 1 || a.strides(2) == sz) && (n <= 1 || a.strides(1) == inner * sz);
   const bool rows = outer <= 1 || (a.strides(0) % sz == 0 && a.strides(0) >= n * inner * sz);
   if (!slices || !rows)
