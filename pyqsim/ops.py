@@ -168,6 +168,11 @@ def scope(name: str):
         _SCOPE.reset(token)
 
 
+def recording() -> bool:
+    """Whether op calls are being collected (inside :func:`record`)."""
+    return _RECORDER.get() is not None
+
+
 @contextlib.contextmanager
 def record():
     """Collect ``(scope, op, canonical args, result)`` for every integer kernel op called inside (not the

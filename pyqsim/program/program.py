@@ -87,6 +87,7 @@ class Program:
         self._validate()
         self._cache: dict = {}
         self._folds = None  # (out_scale overrides by node, folded node -> its source), built on the first run
+        self._steps: dict = {}  # (fold, free) -> the decoded per-node steps of execute, built on the first run
 
     # ------------------------------------------------------------------ validation
 
@@ -212,38 +213,48 @@ class Program:
         self._folds = (scales, alias)
         return self._folds
 
+    def _plan(self, fold: bool, free: bool) -> list:
+        """Per node, what execute needs, decoded once: (name, kind, args, attrs, tensors, scope, alias source, output
+        dtype, values dead after it); with the §9.1 folds when ``fold``, freeing dead values when ``free``."""
+        if (fold, free) not in self._steps:
+            last_use = self._last_use() if free else {}
+            scales, alias = self._scale_folds() if fold else ({}, {})
+            steps = []
+            for i, node in enumerate(self.nodes):
+                name = node["name"]
+                attrs = {a: decode_literal(v) for a, v in node.get("attrs", {}).items()}
+                t = self._node_tensors(node)
+                if name in scales:
+                    t["out_scale"] = scales[name]
+                dt = attrs.get("dtype")
+                steps.append((name, KINDS[node["kind"]], node.get("args", []), attrs, t, node.get("scope"),
+                              alias.get(name), None if dt is None else DTYPES[dt], tuple(last_use.get(i, ()))))
+            self._steps[fold, free] = steps
+        return self._steps[fold, free]
+
     def execute(self, inputs=(), named=None, backend: str = "auto", keep: bool = False, numerics: str = "pyqsim"):
         """Run every node; returns (outputs list, env of all values when ``keep``)."""
         from ..numerics import profile
         profile(numerics)
         env = self._bind(tuple(inputs), named or {})
         ctx = _Ctx(backend, self._cache, numerics=numerics)
-        last_use = self._last_use() if not keep else {}
-        scales, alias = self._scale_folds() if not keep else ({}, {})  # keep: every node's own value
-        for i, node in enumerate(self.nodes):
-            if node["name"] in alias:
-                env[node["name"]] = env[alias[node["name"]]]
-                for dead in last_use.get(i, ()):
-                    env.pop(dead, None)
-                continue
-            k = KINDS[node["kind"]]
-            args = [_resolve(a, env) for a in node.get("args", [])]
-            attrs = {a: decode_literal(v) for a, v in node.get("attrs", {}).items()}
-            ctx.node = node["name"]
-            with ops.scope(node.get("scope") or node["name"]):
-                try:
-                    t = self._node_tensors(node)
-                    if node["name"] in scales:
-                        t["out_scale"] = scales[node["name"]]
-                    y = k.run(args, attrs, t, ctx)
-                except (ValueError, TypeError, IndexError) as exc:
-                    raise type(exc)(f"node {node['name']!r} ({k.name}, from {node.get('scope') or '?'}): {exc}") from exc
-            dt = attrs.get("dtype")
-            if dt is not None and isinstance(y, np.ndarray) and y.dtype != DTYPES[dt]:
-                y = y.astype(DTYPES[dt])
-            env[node["name"]] = y
-            for dead in last_use.get(i, ()):
-                env.pop(dead, None)
+        # kept values and recorded op calls are each node's own (no §9.1 fold)
+        for name, k, raw_args, attrs, t, scope, src, dtype, dead in self._plan(not (keep or ops.recording()), not keep):
+            if src is not None:  # spec §9.1: the product is folded into src's output stage
+                env[name] = env[src]
+            else:
+                args = [_resolve(a, env) for a in raw_args]
+                ctx.node = name
+                with ops.scope(scope or name):
+                    try:
+                        y = k.run(args, attrs, t, ctx)
+                    except (ValueError, TypeError, IndexError) as exc:
+                        raise type(exc)(f"node {name!r} ({k.name}, from {scope or '?'}): {exc}") from exc
+                if dtype is not None and isinstance(y, np.ndarray) and y.dtype != dtype:
+                    y = y.astype(dtype)
+                env[name] = y
+            for d in dead:
+                env.pop(d, None)
         outs = [np.ascontiguousarray(env[o["value"]["@"]]) for o in self.outputs]
         return outs, env
 
