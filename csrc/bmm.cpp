@@ -21,9 +21,9 @@ void int_bmm(const void* a, ActType at, int32_t za, const void* b, ActType bt, i
   const int32_t zbm = mapped_zero_point(bt, zb);
   const int32_t zam = mapped_zero_point(at, za);
   std::vector<PackedMatrix> pms(static_cast<size_t>(batch));
+  const bool true_only = kernels_for(isa).s8_u;  // packed for this call's kernels only
   ThreadPool::instance().run(batch, [&](int64_t i, int) {
-    pms[i] = pack_s8_rows(static_cast<const uint8_t*>(b) + i * n * k, k, n, k, bxor);
-    if (isa == Isa::Amx) add_amx_panels(pms[i]);
+    pms[i] = pack_s8_rows(static_cast<const uint8_t*>(b) + i * n * k, k, n, k, bxor, true_only);
   });
   const std::vector<int32_t> zw(static_cast<size_t>(n), zbm);
   const size_t np = static_cast<size_t>(round_up(n, kNR) + kNR);

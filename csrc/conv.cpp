@@ -27,34 +27,47 @@ struct ConvA final : ASource {
   int8_t fill = 0;
   bool u_half = false;  // 4-bit weights: second half holds u = x' + 128
 
-  // Builds the mr im2col rows (k order: tap, channel; channels padded to cg4 with 0) in a scratch
-  // buffer with memcpy runs, then lets the ISA's pack_a interleave them and take the row sums.
+  // The im2col row of output pixel p (k order: tap, channel; channels padded to cg4 with 0), kg * 4 bytes of x'.
+  void im2col_row(int64_t p, int8_t* row) const {
+    std::memset(row, 0, static_cast<size_t>(kg * 4));
+    const int64_t oi = p / ow, oj = p % ow;
+    for (int64_t i = 0; i < kh; ++i) {
+      const int64_t ih = oi * sh + i * dh - ph;
+      for (int64_t j = 0; j < kw; ++j) {
+        const int64_t iw = oj * sw + j * dw - pw;
+        int8_t* d = row + (i * kw + j) * cg4;
+        if (ih < 0 || ih >= h || iw < 0 || iw >= w)
+          std::memset(d, static_cast<uint8_t>(fill), static_cast<size_t>(cg));
+        else
+          std::memcpy(d, xn + (ih * w + iw) * c + c0, static_cast<size_t>(cg));
+      }
+    }
+  }
+
+  // Builds the mr im2col rows in a scratch buffer with memcpy runs, then lets the ISA's pack_a interleave them and
+  // take the row sums.
   void pack(const KernelSet& ks, int64_t m0, int mr, int8_t* dst, int32_t* rowsum) const override {
     const int64_t kp = kg * 4;
     thread_local std::vector<int8_t> rows;
     if (rows.size() < static_cast<size_t>(kMR * kp)) rows.resize(static_cast<size_t>(kMR * kp));
     // Empty reduction (C/groups = 0, so kp = 0): no tap holds a channel; visiting KH x KW taps per output
     // pixel would be pure waste (and rows.data() may be null). The GEMM then gives bias + output stage.
-    if (cg > 0) {
-      for (int r = 0; r < mr; ++r) {
-        int8_t* row = rows.data() + r * kp;
-        std::memset(row, 0, static_cast<size_t>(kp));
-        const int64_t p = m0 + r;
-        const int64_t oi = p / ow, oj = p % ow;
-        for (int64_t i = 0; i < kh; ++i) {
-          const int64_t ih = oi * sh + i * dh - ph;
-          for (int64_t j = 0; j < kw; ++j) {
-            const int64_t iw = oj * sw + j * dw - pw;
-            int8_t* d = row + (i * kw + j) * cg4;
-            if (ih < 0 || ih >= h || iw < 0 || iw >= w)
-              std::memset(d, static_cast<uint8_t>(fill), static_cast<size_t>(cg));
-            else
-              std::memcpy(d, xn + (ih * w + iw) * c + c0, static_cast<size_t>(cg));
-          }
-        }
-      }
-    }
+    if (cg > 0)
+      for (int r = 0; r < mr; ++r) im2col_row(m0 + r, rows.data() + r * kp);
     ks.pack_a(reinterpret_cast<const uint8_t*>(rows.data()), kp, mr, kp, kg, 0, u_half, dst, rowsum);
+  }
+
+  // §10.8: each im2col row (x', int8) then u = x' ^ 0x80 = x' + 128, zero padded to kpad
+  bool amx_rows(const KernelSet& ks, int64_t m0, int mr, int64_t kpad, uint8_t* dst, int32_t* rowsum) const override {
+    const int64_t kp = kg * 4;
+    thread_local std::vector<int8_t> row;
+    if (row.size() < static_cast<size_t>(kp)) row.resize(static_cast<size_t>(kp));
+    for (int r = 0; r < mr; ++r) {
+      im2col_row(m0 + r, row.data());
+      rowsum[r] = static_cast<int32_t>(ks.amx_pack_row(reinterpret_cast<const uint8_t*>(row.data()), kp, 0x80,
+                                                       dst + r * kpad, kpad) - 128u * static_cast<uint32_t>(kp));
+    }
+    return true;
   }
 };
 

@@ -18,11 +18,14 @@ namespace qsim {
 namespace detail {
 
 // Produces packed A panels ([kg][2][mr][4]: x', |x'|) and x' row sums for rows [m0, m0 + mr).
-struct MatrixA;
 struct ASource {
   virtual ~ASource() = default;
   virtual void pack(const KernelSet& ks, int64_t m0, int mr, int8_t* dst, int32_t* rowsum) const = 0;
-  virtual const MatrixA* matrix() const { return nullptr; }  // plain row-major activations (the AMX path reads them)
+  // §10.8 (ks.amx_pack_row): rows [m0, m0 + mr) as u = x' + 128, kpad bytes each (zero padded), and their x' sums;
+  // false when this source has no such form
+  virtual bool amx_rows(const KernelSet& ks, int64_t m0, int mr, int64_t kpad, uint8_t* dst, int32_t* rowsum) const {
+    return false;
+  }
 };
 
 // Plain row-major activations [M, K].
@@ -40,7 +43,13 @@ struct MatrixA final : ASource {
   void pack(const KernelSet& ks, int64_t m0, int mr, int8_t* dst, int32_t* rowsum) const override {
     ks.pack_a(x + m0 * k, k, mr, k, kg, xor_mask, u_half, dst, rowsum);
   }
-  const MatrixA* matrix() const override { return this; }
+  bool amx_rows(const KernelSet& ks, int64_t m0, int mr, int64_t kpad, uint8_t* dst, int32_t* rowsum) const override {
+    const uint8_t ux = static_cast<uint8_t>(xor_mask ^ 0x80);  // u = x' + 128 = x ^ ux
+    for (int r = 0; r < mr; ++r)
+      rowsum[r] = static_cast<int32_t>(ks.amx_pack_row(x + (m0 + r) * k, k, ux, dst + r * kpad, kpad) -
+                                       128u * static_cast<uint32_t>(k));
+    return true;
+  }
 };
 
 struct Branch {

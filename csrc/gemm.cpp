@@ -160,11 +160,11 @@ inline void fix_min_codes(const PackedMatrix& pm, int64_t p, const int8_t* ap, i
 }
 
 namespace {
-// The AMX path takes one-branch jobs over plain activations with AMX weight panels.
+// The AMX path takes one-branch jobs whose weights have AMX panels (GEMM and conv weights wide enough).
 bool amx_eligible(const KernelSet& ks, const std::vector<GemmJob>& jobs) {
   if (!ks.amx_block) return false;
   for (const GemmJob& jb : jobs)
-    if (jb.m > 0 && jb.n > 0 && (jb.nbranch != 1 || !jb.br[0].a->matrix() || !jb.br[0].b->buf_amx)) return false;
+    if (jb.m > 0 && jb.n > 0 && (jb.nbranch != 1 || !jb.br[0].b->buf_amx)) return false;
   return true;
 }
 
@@ -200,23 +200,14 @@ void run_jobs_amx(const std::vector<GemmJob>& jobs, const KernelSet& ks) {
     const int64_t pairs = ceil_div(ceil_div(jb.n, kNR), 2), pp = ceil_div(pairs, nsplit);
     const int64_t p0 = 2 * ((local % nsplit) * pp), p1 = std::min(ceil_div(jb.n, kNR), p0 + 2 * pp);
     if (p0 >= p1) return;
-    const MatrixA& a = *jb.br[0].a->matrix();
     const PackedMatrix& pm = *jb.br[0].b;
     const int64_t kpad = pm.kg_amx * 4, ksteps = pm.kg_amx / 16, rows = round_up(mc, 32);
     uint8_t* ws = scratch(ws_bytes);
     uint8_t* abuf = ws;
     int32_t* rs = reinterpret_cast<int32_t*>(ws + a_bytes);
     int32_t* ctile = reinterpret_cast<int32_t*>(ws + a_bytes + align64(kAmxMC * sizeof(int32_t)));
-    const uint8_t ux = static_cast<uint8_t>(a.xor_mask ^ 0x80);  // u = x' + 128 = x ^ ux
-    for (int64_t r = 0; r < rows; ++r) {
-      uint8_t* dst = abuf + r * kpad;
-      if (r >= mc) {
-        std::memset(dst, 0, static_cast<size_t>(kpad));
-        continue;
-      }
-      const uint32_t s = ks.amx_pack_row(a.x + (m0 + r) * a.k, a.k, ux, dst, kpad);  // sum u; x' = u - 128
-      rs[r] = static_cast<int32_t>(s - 128u * static_cast<uint32_t>(a.k));
-    }
+    jb.br[0].a->amx_rows(ks, m0, static_cast<int>(mc), kpad, abuf, rs);
+    std::memset(abuf + mc * kpad, 0, static_cast<size_t>((rows - mc) * kpad));
     const int64_t pstride = pm.kg_amx * 64;
     ks.amx_begin();
     for (int64_t p = p0; p < p1; p += 2) {

@@ -59,7 +59,7 @@ inline uint32_t min_lanes(uint32_t w) {
 }
 }  // namespace
 
-PackedMatrix pack_s8_rows(const uint8_t* src, int64_t ld, int64_t n, int64_t k, uint8_t xor_mask) {
+PackedMatrix pack_s8_rows(const uint8_t* src, int64_t ld, int64_t n, int64_t k, uint8_t xor_mask, bool true_only) {
   const int64_t kp = detail::round_up(k, 4);
   PackedMatrix pm = empty_packed(n, kp, WFormat::S8);
   if (kp == 0) return pm;  // empty reduction: nothing to pack, every column sum is 0
@@ -80,7 +80,7 @@ PackedMatrix pack_s8_rows(const uint8_t* src, int64_t ld, int64_t n, int64_t k, 
         for (int64_t b = 0; b < nb; ++b) w |= static_cast<uint32_t>(row[4 * g + b] ^ xor_mask) << (8 * b);
       }
       for (int b = 0; b < 4; ++b) s += static_cast<uint32_t>(static_cast<int32_t>(static_cast<int8_t>(w >> (8 * b))));
-      if (const uint32_t m = min_lanes(w)) {  // §10.2: a -128 is packed as -127, the tile gets -x' for it
+      if (const uint32_t m = true_only ? 0u : min_lanes(w)) {  // §10.2: -128 packed as -127, the tile gets -x'
         for (int b = 0; b < 4; ++b)
           if (m >> (8 * b + 7) & 1) {
             pm.fix_k.push_back(4 * g + b);
@@ -95,6 +95,11 @@ PackedMatrix pack_s8_rows(const uint8_t* src, int64_t ld, int64_t n, int64_t k, 
     pm.fix_off[static_cast<size_t>(c / kNR) + 1] = static_cast<int64_t>(pm.fix_k.size());
   }
   for (int64_t p = 1; p <= pm.panels; ++p) pm.fix_off[p] = std::max(pm.fix_off[p], pm.fix_off[p - 1]);
+  if (true_only) {  // the panels hold the true codes: the s8_u kernels read them as buf_exact
+    pm.buf_exact = pm.buf;
+    pm.has_min = true;
+    return pm;
+  }
   if (pm.has_min && cpu_has_avx512vnni()) {
     const size_t bytes = static_cast<size_t>(pm.panels * pm.panel_bytes);
     pm.buf_exact = aligned_bytes(bytes);
@@ -109,7 +114,7 @@ PackedMatrix pack_s8_rows(const uint8_t* src, int64_t ld, int64_t n, int64_t k, 
 }
 
 PackedMatrix pack_codes(const int8_t* codes, int64_t n, int64_t kp, WFormat fmt) {
-  if (fmt == WFormat::S8) return pack_s8_rows(reinterpret_cast<const uint8_t*>(codes), kp, n, kp, 0);
+  if (fmt == WFormat::S8) return pack_s8_rows(reinterpret_cast<const uint8_t*>(codes), kp, n, kp, 0, false);
   PackedMatrix pm = empty_packed(n, kp, fmt);
   uint8_t* base = pm.buf.get();
   for (int64_t c = 0; c < n; ++c) {
@@ -220,6 +225,7 @@ std::shared_ptr<PackedWeight> pack_conv_weight(const void* w, WFormat fmt, int64
     }
     pw->mats.push_back(pack_codes(codes.data(), og, kp, fmt));
     if (fmt == WFormat::S4) pw->mats.back().code_offset = 8;
+    if (og >= 32) add_amx_panels(pw->mats.back());  // at least one pair of panels per group
   }
   return pw;
 }

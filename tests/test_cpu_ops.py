@@ -366,7 +366,7 @@ def test_requantize_layouts(isa):
 # ------------------------------------------------------------------------------------------ conv specifics
 
 
-@pytest.mark.parametrize("groups,cg,og", [(1, 3, 5), (1, 16, 16), (2, 5, 3), (4, 1, 1), (3, 8, 17)])
+@pytest.mark.parametrize("groups,cg,og", [(1, 3, 5), (1, 16, 16), (2, 5, 3), (4, 1, 1), (3, 8, 17), (1, 16, 48), (2, 7, 33)])
 @pytest.mark.parametrize("fmt", ["int8", "int4", "uint4"])
 def test_conv_groups_and_tails(isa, groups, cg, og, fmt):
     rng = np.random.default_rng(groups * 10 + cg)
