@@ -12,6 +12,7 @@ import numpy as np
 
 _DLPACK_CUDA = 2  # kDLCUDA
 _TORCH_DTYPES = ("int8", "uint8", "int32", "int64", "float32")
+_CREATED = [False]  # whether any DeviceArray was ever made (none: no argument can hold one)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,9 @@ class DeviceArray:
     device: int
     kind: str  # "torch" | "cupy" | "cai"
     stream: int  # the stream the producer asks consumers to order after (0 = legacy default)
+
+    def __post_init__(self):
+        _CREATED[0] = True
 
     @property
     def ndim(self) -> int:
@@ -170,6 +174,8 @@ def host(a):
 
 def has_device_arrays(args) -> bool:
     """Whether canonical op arguments (nested dataclasses) hold a DeviceArray."""
+    if not _CREATED[0]:
+        return False
     if isinstance(args, DeviceArray):
         return True
     if dataclasses.is_dataclass(args):

@@ -67,10 +67,14 @@ def _reference_table() -> dict:
     return numpy_engine
 
 
+_BACKEND_MODULES = tuple(f"{__package__}.backends.{b}" for b in BACKENDS[1:])
+
+
 def _generation() -> tuple:
     """Changes whenever a loaded backend switches its kernels (``generation`` counters that the backends own, e.g.
     ``pyqsim.backends.cuda.simulated()``); the caches below are keyed on it, so no backend needs to call back here."""
-    return tuple(getattr(sys.modules.get(f"{__package__}.backends.{b}"), "generation", 0) for b in BACKENDS[1:])
+    mods = sys.modules
+    return tuple([getattr(mods.get(m), "generation", 0) for m in _BACKEND_MODULES])
 
 
 @lru_cache(maxsize=64)
