@@ -160,6 +160,37 @@ inline void fix_min_codes(const PackedMatrix& pm, int64_t p, const int8_t* ap, i
 }
 
 namespace {
+// Tasks over all jobs: each job's rows in blocks of mc, times nsplit ranges of its weight panels (taken `step` at a
+// time) when there are few row blocks for the threads. Task t -> (job, first row, mc rows, panels [p0, p1)).
+struct TaskGrid {
+  std::vector<int64_t> first;  // job j owns tasks [first[j], first[j + 1])
+  int64_t mc = 1, step = 1, nsplit = 1;
+  TaskGrid(const std::vector<GemmJob>& jobs, int64_t mc_, int64_t step_) : first(jobs.size() + 1, 0), mc(mc_), step(step_) {
+    const int64_t nt = ThreadPool::instance().num_threads();
+    int64_t total_mb = 0, max_units = 0;
+    for (const GemmJob& jb : jobs)
+      if (jb.m > 0 && jb.n > 0) {
+        total_mb += ceil_div(jb.m, mc);
+        max_units = std::max(max_units, ceil_div(ceil_div(jb.n, kNR), step));
+      }
+    if (total_mb > 0 && total_mb < 4 * nt) nsplit = std::min<int64_t>(max_units, ceil_div(4 * nt, total_mb));
+    for (size_t j = 0; j < jobs.size(); ++j)
+      first[j + 1] = first[j] + (jobs[j].m > 0 && jobs[j].n > 0 ? ceil_div(jobs[j].m, mc) * nsplit : 0);
+  }
+  int64_t tasks() const { return first.back(); }
+  struct Task {
+    size_t job;
+    int64_t m0, mc, p0, p1;
+  };
+  Task at(const std::vector<GemmJob>& jobs, int64_t task) const {
+    const size_t j = static_cast<size_t>(std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1);
+    const GemmJob& jb = jobs[j];
+    const int64_t local = task - first[j], m0 = (local / nsplit) * mc, panels = ceil_div(jb.n, kNR);
+    const int64_t per = step * ceil_div(ceil_div(panels, step), nsplit), p0 = (local % nsplit) * per;
+    return Task{j, m0, std::min(mc, jb.m - m0), p0, std::min(panels, p0 + per)};
+  }
+};
+
 // The AMX path takes one-branch jobs whose weights have AMX panels (GEMM and conv weights wide enough).
 bool amx_eligible(const KernelSet& ks, const std::vector<GemmJob>& jobs) {
   if (!ks.amx_block) return false;
@@ -174,31 +205,16 @@ bool amx_eligible(const KernelSet& ks, const std::vector<GemmJob>& jobs) {
 constexpr int64_t kAmxMC = 64;
 
 void run_jobs_amx(const std::vector<GemmJob>& jobs, const KernelSet& ks) {
-  const int nt = ThreadPool::instance().num_threads();
-  std::vector<int64_t> mblocks(jobs.size(), 0);
-  int64_t total_mb = 0, max_panels = 0, kpad_max = 0;
-  for (size_t j = 0; j < jobs.size(); ++j) {
-    const GemmJob& jb = jobs[j];
-    if (jb.m <= 0 || jb.n <= 0) continue;
-    mblocks[j] = ceil_div(jb.m, kAmxMC);
-    total_mb += mblocks[j];
-    max_panels = std::max(max_panels, ceil_div(jb.n, kNR));
-    kpad_max = std::max(kpad_max, jb.br[0].b->kg_amx * 4);
-  }
-  if (total_mb == 0) return;
-  int64_t nsplit = 1;  // panel pairs per task range, as run_jobs splits panels
-  if (total_mb < 4 * nt) nsplit = std::min<int64_t>(ceil_div(max_panels, 2), ceil_div(4 * nt, total_mb));
-  std::vector<int64_t> first(jobs.size() + 1, 0);
-  for (size_t j = 0; j < jobs.size(); ++j) first[j + 1] = first[j] + mblocks[j] * nsplit;
+  int64_t kpad_max = 0;
+  for (const GemmJob& jb : jobs)
+    if (jb.m > 0 && jb.n > 0) kpad_max = std::max(kpad_max, jb.br[0].b->kg_amx * 4);
+  const TaskGrid grid(jobs, kAmxMC, 2);  // weight panels in pairs
   const size_t a_bytes = align64(static_cast<size_t>(kAmxMC * kpad_max));
   const size_t ws_bytes = a_bytes + align64(kAmxMC * sizeof(int32_t)) + 2 * 32 * 16 * sizeof(int32_t);
-  ThreadPool::instance().run(first.back(), [&](int64_t task, int) {
-    const size_t j = static_cast<size_t>(std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1);
-    const GemmJob& jb = jobs[j];
-    const int64_t local = task - first[j];
-    const int64_t m0 = (local / nsplit) * kAmxMC, mc = std::min(kAmxMC, jb.m - m0);
-    const int64_t pairs = ceil_div(ceil_div(jb.n, kNR), 2), pp = ceil_div(pairs, nsplit);
-    const int64_t p0 = 2 * ((local % nsplit) * pp), p1 = std::min(ceil_div(jb.n, kNR), p0 + 2 * pp);
+  ThreadPool::instance().run(grid.tasks(), [&](int64_t task, int) {
+    const TaskGrid::Task tk = grid.at(jobs, task);
+    const GemmJob& jb = jobs[tk.job];
+    const int64_t m0 = tk.m0, mc = tk.mc, p0 = tk.p0, p1 = tk.p1;
     if (p0 >= p1) return;
     const PackedMatrix& pm = *jb.br[0].b;
     const int64_t kpad = pm.kg_amx * 4, ksteps = pm.kg_amx / 16, rows = round_up(mc, 32);
@@ -235,42 +251,25 @@ void run_jobs_amx(const std::vector<GemmJob>& jobs, const KernelSet& ks) {
 void run_jobs(const std::vector<GemmJob>& jobs, Isa isa) {
   const KernelSet& ks = kernels_for(isa);
   if (amx_eligible(ks, jobs)) return run_jobs_amx(jobs, ks);
-  const int nt = ThreadPool::instance().num_threads();
   const int64_t MC = rows_per_task(jobs);
   const int64_t W = ks.ukr_wide[1] ? kWideNP : 1;  // weight panels per micro-kernel call where the ISA has it
-  std::vector<int64_t> mblocks(jobs.size(), 0);
-  int64_t total_mb = 0, max_panels = 0;
   size_t abytes[2] = {0, 0}, ubytes[2] = {0, 0};
-  for (size_t j = 0; j < jobs.size(); ++j) {
-    const GemmJob& jb = jobs[j];
+  for (const GemmJob& jb : jobs) {
     if (jb.m <= 0 || jb.n <= 0) continue;
-    mblocks[j] = ceil_div(jb.m, MC);
-    total_mb += mblocks[j];
-    max_panels = std::max(max_panels, ceil_div(jb.n, kNR));
     for (int b = 0; b < jb.nbranch; ++b) {
       const PackedMatrix& pm = *jb.br[b].b;
       abytes[b] = std::max(abytes[b], align64(static_cast<size_t>(2 * MC * pm.kp)));
       if (pm.format != WFormat::S8) ubytes[b] = std::max(ubytes[b], align64(static_cast<size_t>(W * pm.kg * 64)));
     }
   }
-  if (total_mb == 0) return;
-  int64_t nsplit = 1;
-  if (total_mb < 4 * nt) nsplit = std::min<int64_t>(max_panels, ceil_div(4 * nt, total_mb));
-  std::vector<int64_t> first(jobs.size() + 1, 0);
-  for (size_t j = 0; j < jobs.size(); ++j) first[j + 1] = first[j] + mblocks[j] * nsplit;
-  const int64_t ntasks = first.back();
+  const TaskGrid grid(jobs, MC, 1);
   const size_t rs_bytes = align64(MC * sizeof(int32_t));
   const size_t ws_bytes = abytes[0] + abytes[1] + ubytes[0] + ubytes[1] + 2 * rs_bytes;
 
-  ThreadPool::instance().run(ntasks, [&](int64_t task, int) {
-    const size_t j = static_cast<size_t>(std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1);
-    const GemmJob& jb = jobs[j];
-    const int64_t local = task - first[j];
-    const int64_t mb = local / nsplit, ns = local % nsplit;
-    const int64_t m0 = mb * MC, mc = std::min(MC, jb.m - m0);
-    const int64_t panels = ceil_div(jb.n, kNR);
-    const int64_t pp = ceil_div(panels, nsplit);
-    const int64_t p0 = ns * pp, p1 = std::min(panels, p0 + pp);
+  ThreadPool::instance().run(grid.tasks(), [&](int64_t task, int) {
+    const TaskGrid::Task tk = grid.at(jobs, task);
+    const GemmJob& jb = jobs[tk.job];
+    const int64_t m0 = tk.m0, mc = tk.mc, p0 = tk.p0, p1 = tk.p1;
     if (p0 >= p1) return;
 
     uint8_t* ws = scratch(ws_bytes);

@@ -97,7 +97,6 @@ PackedMatrix pack_s8_rows(const uint8_t* src, int64_t ld, int64_t n, int64_t k, 
   for (int64_t p = 1; p <= pm.panels; ++p) pm.fix_off[p] = std::max(pm.fix_off[p], pm.fix_off[p - 1]);
   if (true_only) {  // the panels hold the true codes: the s8_u kernels read them as buf_exact
     pm.buf_exact = pm.buf;
-    pm.has_min = true;
     return pm;
   }
   if (pm.has_min && cpu_has_avx512vnni()) {
@@ -137,6 +136,10 @@ PackedMatrix pack_codes(const int8_t* codes, int64_t n, int64_t kp, WFormat fmt)
 void add_amx_panels(PackedMatrix& pm) {
   if (!cpu_has_amx() || pm.kg == 0) return;
   pm.kg_amx = detail::round_up(pm.kg, 16);
+  if (pm.format == WFormat::S8 && pm.kg_amx == pm.kg) {  // already TDPBUSD's layout: share the true-code panels
+    pm.buf_amx = pm.buf_exact ? pm.buf_exact : pm.buf;
+    return;
+  }
   const int64_t stride = pm.kg_amx * 64;
   pm.buf_amx = aligned_bytes(static_cast<size_t>(pm.panels * stride));  // zeroed: the padding k-groups
   for (int64_t p = 0; p < pm.panels; ++p) {

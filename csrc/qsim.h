@@ -114,7 +114,8 @@ struct PackedMatrix {
   // VNNI kernels take without the fix list (§10.7); null otherwise.
   std::shared_ptr<uint8_t> buf_exact;
   // On a CPU with AMX (GEMM weights only): every panel as TDPBUSD's B tiles, the true int8 codes (or the 4-bit
-  // stored codes) with the k-groups zero padded to kg_amx (a multiple of 16); null otherwise.
+  // stored codes) with the k-groups zero padded to kg_amx (a multiple of 16; int8 panels with kg_amx == kg share the
+  // true-code buffer); null otherwise.
   std::shared_ptr<uint8_t> buf_amx;
   int64_t kg_amx = 0;
   const uint8_t* panel(int64_t p) const { return buf.get() + p * panel_bytes; }
