@@ -234,11 +234,12 @@ void run_jobs_amx(const std::vector<GemmJob>& jobs, const KernelSet& ks) {
         for (int jp = 0; jp < (two ? 2 : 1); ++jp) {
           const int64_t n0 = (p + jp) * kNR;
           const int nc = static_cast<int>(std::min<int64_t>(kNR, jb.n - n0));
-          for (int64_t q = 0; q < 8 && rb + 4 * q < mc; ++q) {
-            const int64_t row = rb + 4 * q;
-            const int mr = static_cast<int>(std::min<int64_t>(kMR, mc - row));
+          // whole rows of 16 channels: the output stage takes the 32 rows in one call (EpiFn), else 4 at a time
+          const int step = nc == kNR && jb.ldn == 1 ? 32 : kMR;
+          for (int64_t row = rb; row < rb + 32 && row < mc; row += step) {
+            const int mr = static_cast<int>(std::min<int64_t>(step, mc - row));
             TileOut to{jb.out + ((m0 + row) * jb.ldm + n0 * jb.ldn) * jb.elem, jb.ldm, jb.ldn};
-            ks.epi(jb.epi, n0, mr, nc, ctile + jp * 512 + q * 64, rs + row, nullptr, nullptr, to);
+            ks.epi(jb.epi, n0, mr, nc, ctile + jp * 512 + (row - rb) * kNR, rs + row, nullptr, nullptr, to);
           }
         }
       }
