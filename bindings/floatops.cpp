@@ -126,6 +126,18 @@ py::array unary(py::handle x_, const std::string& op) {
   return run_like(x, [&](const float* xp, float* yp) { qsim::unary(u, xp, yp, n); });
 }
 
+py::array add(py::handle a_, py::handle b_, int64_t m, int64_t inner) {
+  py::array a = checked(a_, "a", 'f', 4, "float32", 0);
+  py::array b = checked(b_, "b", 'f', 4, "float32", 0);
+  const int64_t n = a.size();
+  if (m < 1 || inner < 1 || b.size() != m || n % m != 0 || (n / m) % inner != 0)
+    throw py::value_error("b must hold m values repeated over runs of inner values of a, with m * inner dividing a's " +
+                          std::to_string(n) + " values (m >= 1, inner >= 1), got b.size=" + std::to_string(b.size()) +
+                          ", m=" + std::to_string(m) + ", inner=" + std::to_string(inner));
+  const float* bp = static_cast<const float*>(b.data());
+  return run_like(a, [&](const float* ap, float* yp) { qsim::add(ap, bp, yp, n, m, inner); });
+}
+
 py::array quantize(py::handle x_, py::handle scale_, py::handle zp_, int64_t lo, int64_t hi, const std::string& dtype) {
   if (dtype != "int8" && dtype != "uint8") throw py::value_error("dtype must be 'int8' or 'uint8', got '" + dtype + "'");
   const int64_t cmin = dtype == "int8" ? -128 : 0, cmax = dtype == "int8" ? 127 : 255;
@@ -193,6 +205,8 @@ void register_float_ops(py::module_& m) {
   m.def("group_norm", &group_norm, py::arg("x"), py::arg("groups"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
         "spec §15.6: GroupNorm of x [N, C, *spatial] (float32)");
   m.def("unary", &unary, py::arg("x"), py::arg("op"), "spec §15.4: 'gelu', 'gelu_tanh' or 'silu' (float32)");
+  m.def("add", &add, py::arg("a"), py::arg("b"), py::arg("m"), py::arg("inner"),
+        "spec §15.8: a + b (float32), b[(i / inner) % m] added to a[i]");
   m.def("quantize", &quantize, py::arg("x"), py::arg("scale"), py::arg("zero_point"), py::arg("lo"), py::arg("hi"),
         py::arg("dtype"), "spec §2: codes of float32 x [outer, N, inner], per-channel scale and zero point along N");
   m.def("quantize_log", &quantize_log, py::arg("p"), py::arg("delta"), py::arg("k"), py::arg("zero_code"),

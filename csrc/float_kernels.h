@@ -16,6 +16,9 @@ struct FloatKernels {
   void (*moments)(const float* x, int64_t n, float eps, float* mean, float* rstd);
   void (*normalize_run)(const float* x, float* y, int64_t n, float mean, float rstd, float w, float b);
   void (*unary)(UnaryOp op, const float* x, float* y, int64_t n);
+  // §15.8: y = a + b elementwise (n values each), and y = a + b with one b
+  void (*add)(const float* a, const float* b, float* y, int64_t n);
+  void (*add_scalar)(const float* a, float b, float* y, int64_t n);
   // §2 codes of n floats; per-element parameters (s, lo - z, hi - z, z) when stride == 1, else shared.
   // false when some x is not finite.
   bool (*quantize_run)(const float* x, int64_t n, const float* s, const float* lo, const float* hi, const int32_t* z,
@@ -45,6 +48,8 @@ const FloatKernels& float_kernel_table() {
           default: fmath::map<O>(x, y, n, [](V v) { return fmath::silu<O>(v); }); break;
         }
       },
+      fmath::add_run<O>,
+      fmath::add_scalar_run<O>,
       fmath::quantize_run<O>,
       [](const float* p, int64_t n, double delta, int k, int zero_code, uint8_t* out) {
         return k == 1 ? O::template log_codes<1>(p, n, delta, zero_code, out)

@@ -97,6 +97,24 @@ void map(const float* x, float* y, int64_t n, F f) {
   if (i < n) O::store_part(y + i, f(O::load_fill(x + i, static_cast<int>(n - i), 0.0f)), static_cast<int>(n - i));
 }
 
+// §15.8: y[i] = fl32(a[i] + b[i]), or fl32(a[i] + b) with a scalar b; NaN results canonical
+template <class O>
+void add_run(const float* a, const float* b, float* y, int64_t n) {
+  constexpr int W = O::W;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) O::store(y + i, canon<O>(O::add(O::load(a + i), O::load(b + i))));
+  if (i < n) {
+    const int k = static_cast<int>(n - i);
+    O::store_part(y + i, canon<O>(O::add(O::load_fill(a + i, k, 0.0f), O::load_fill(b + i, k, 0.0f))), k);
+  }
+}
+
+template <class O>
+void add_scalar_run(const float* a, float b, float* y, int64_t n) {
+  const typename O::V bv = O::set(b);
+  map<O>(a, y, n, [bv](typename O::V v) { return canon<O>(O::add(v, bv)); });
+}
+
 // §15.1: sum of g(i) over i < n (g(i) = the V of elements [i, i + W), zero-filled past n) in 32 lanes,
 // then the halving tree.
 template <class O, class G>

@@ -75,6 +75,25 @@ void unary(UnaryOp op, const float* x, float* y, int64_t n) {
   });
 }
 
+void add(const float* a, const float* b, float* y, int64_t n, int64_t m, int64_t inner) {
+  if (n == 0) return;
+  const FloatKernels& fk = float_kernels();
+  ThreadPool::instance().run(ceil_div(n, kTaskElems), [&](int64_t t, int) {
+    const int64_t end = std::min(n, (t + 1) * kTaskElems);
+    for (int64_t i = t * kTaskElems; i < end;) {
+      if (inner == 1) {  // b repeats every m values
+        const int64_t j = i % m, len = std::min(end - i, m - j);
+        fk.add(a + i, b + j, y + i, len);
+        i += len;
+      } else {  // one b value per run of inner values
+        const int64_t r = i / inner, len = std::min(end - i, (r + 1) * inner - i);
+        fk.add_scalar(a + i, b[r % m], y + i, len);
+        i += len;
+      }
+    }
+  });
+}
+
 bool quantize(const float* x, int64_t outer, int64_t ldo, int64_t n, int64_t inner, const float* scale,
               const int32_t* z, int32_t lo, int32_t hi, uint8_t* out) {
   if (outer == 0 || n == 0 || inner == 0) return true;

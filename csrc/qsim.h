@@ -204,6 +204,8 @@ void group_norm(const float* x, float* y, int64_t batch, int64_t c, int64_t spat
                 const float* b, float eps);
 // §15.4: elementwise GELU (erf or tanh form) or SiLU of n values.
 void unary(UnaryOp op, const float* x, float* y, int64_t n);
+// §15.8: y[i] = a[i] + b[(i / inner) % m] for i < n (n a multiple of m * inner; m, inner >= 1)
+void add(const float* a, const float* b, float* y, int64_t n, int64_t m, int64_t inner);
 // §2: codes of x [outer, n, inner] (x[o, c, i] at x + o * ldo + c * inner + i, ldo >= n * inner) with scale[n]
 // (> 0, finite) and zero point z[n] in [lo, hi]. out: contiguous int8/uint8 container bytes. Returns false when
 // some x is not finite (out is then meaningless).

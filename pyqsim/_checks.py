@@ -935,6 +935,37 @@ def unary_args(x, op: str) -> FloatArgs:
     return FloatArgs(float32_input(x, "x"), check_type_name(op, "op", UNARY_OPS))
 
 
+@dataclass
+class AddArgs:
+    a: np.ndarray  # float32, C-contiguous: the full-shape operand
+    b: np.ndarray  # float32, C-contiguous [m]: added to a[i] as b[(i // inner) % m]
+    m: int
+    inner: int
+
+
+def add_args(a, b) -> AddArgs:
+    """The two float32 operands of ``add`` (NumPy broadcasting): b's values as one block of the output's axes, each
+    value repeated over the axes after the block; any other broadcast of b is expanded."""
+    a, b = float32_input(a, "a"), float32_input(b, "b")
+    try:
+        shape = np.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        raise ValueError(f"a and b must broadcast to one shape, got {a.shape} and {b.shape}") from None
+    if a.shape != shape:  # add is commutative (§15.8): keep the full-shape operand first
+        a, b = b, a
+    if a.shape != shape:
+        a = np.ascontiguousarray(np.broadcast_to(a, shape))
+    if a.size == 0:  # nothing is added
+        return AddArgs(a, np.zeros(1, np.float32), 1, 1)
+    bs = (1,) * (len(shape) - b.ndim) + b.shape
+    axes = [i for i, d in enumerate(bs) if d != 1] or [len(shape)]
+    lo, hi = axes[0], axes[-1] + 1
+    if bs[lo:hi] != shape[lo:hi]:  # not one block of whole axes
+        b, lo, hi = np.ascontiguousarray(np.broadcast_to(b, shape)), 0, len(shape)
+    m, inner = int(np.prod(shape[lo:hi], dtype=np.int64)), int(np.prod(shape[hi:], dtype=np.int64))
+    return AddArgs(a, b.reshape(-1), m, inner)
+
+
 def softmax_args(x) -> FloatArgs:
     return FloatArgs(float32_input(x, "x", 1))
 

@@ -30,12 +30,12 @@ __all__ = [
     "quantize", "dequantize", "quantize_log", "dequantize_log", "pack_int4", "unpack_int4",
     "quantize_multiplier", "quantize_multiplier_pair", "requantize", "int_gemm", "int_bmm", "int_conv2d",
     "split_gemm", "split_conv2d", "log2_attn_matmul", "pack_weight", "requant_scale",
-    "softmax", "layer_norm", "group_norm", "gelu", "silu",
+    "softmax", "layer_norm", "group_norm", "gelu", "silu", "add",
 ]
 
 PackedWeight = C.PackedWeight
 # Ops outside the golden-vector format (it holds integer kernel ops): the quantize steps and the float stages.
-UNRECORDED = ("quantize", "quantize_log", "softmax", "layer_norm", "group_norm", "gelu", "silu")
+UNRECORDED = ("quantize", "quantize_log", "softmax", "layer_norm", "group_norm", "gelu", "silu", "add")
 # Kernel ops without CUDA kernels: backend="cuda" runs them on the host (cpu, else reference; spec §13, §15.7).
 HOST_FALLBACK = UNRECORDED + ("int_bmm",)
 
@@ -56,6 +56,7 @@ def _reference_table() -> dict:
         "group_norm": lambda a: _rfloat.group_norm(a.x, a.groups, a.weight, a.bias, a.eps),
         "gelu": lambda a: _rfloat.gelu(a.x, "tanh" if a.op == "gelu_tanh" else "none"),
         "silu": lambda a: _rfloat.silu(a.x),
+        "add": lambda a: _rfloat.add(a.a.reshape(-1, a.m, a.inner), a.b.reshape(-1, 1)).reshape(a.a.shape),
     }
     engine = os.environ.get("PYQSIM_REFERENCE_ENGINE", "numpy")
     if engine not in ("numpy", "numba"):
@@ -403,6 +404,11 @@ def gelu(x, approximate="none", *, backend="auto"):
     """GELU of float32 ``x``: erf form (``"none"``) or tanh form (``"tanh"``) (spec §15.4)."""
     approx = C.check_type_name(approximate, "approximate", ("none", "tanh"))
     return _run("gelu", backend, C.unary_args(x, "gelu_tanh" if approx == "tanh" else "gelu"))
+
+
+def add(a, b, *, backend="auto"):
+    """Elementwise a + b of float32 arrays with NumPy broadcasting (spec §15.8)."""
+    return _run("add", backend, C.add_args(a, b))
 
 
 def silu(x, *, backend="auto"):

@@ -166,6 +166,34 @@ def test_elementwise_bits(isa, x):
     same("silu", x)
 
 
+@st.composite
+def add_operands(draw):
+    """Two float32 operands (whole range, NaN and inf included) of broadcastable shapes: b a block of a's axes, a
+    scattered broadcast, a scalar, or a itself the broadcast operand."""
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=9))
+    a = draw(S.float32_arrays(shape))
+    b_shape = draw(hnp.broadcastable_shapes(shape, min_dims=0, max_dims=len(shape), min_side=0))
+    b = draw(S.float32_arrays(b_shape))
+    return (b, a) if draw(st.booleans()) else (a, b)
+
+
+@FIXTURE_OK
+@given(ab=add_operands())
+@example(ab=(np.array([np.inf, -np.inf, np.nan, 3e38, -0.0, TINY], F32),
+             np.array([-np.inf, -np.inf, 1.0, 3e38, -0.0, -TINY], F32)))
+@example(ab=(np.arange(2 * 3 * 35, dtype=F32).reshape(2, 3, 35), np.array([[0.5], [-0.0], [np.nan]], F32)))
+@example(ab=(np.ones((1, 70001), F32), np.float32(2.0**-24)))
+@example(ab=(np.zeros((0, 4), F32), np.ones(4, F32)))
+def test_add_bits(isa, ab):
+    """§15.8: one correctly rounded addition per element (NumPy's bits), NaN results 0x7FC00000, either order."""
+    a, b = ab
+    got = same("add", a, b)
+    assert bits_equal(got, same("add", b, a))
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = np.asarray(np.asarray(a) + np.asarray(b), F32)
+    assert bits_equal(got, np.where(want != want, RF.NAN, want))
+
+
 def test_threads_do_not_change_bits():
     from pyqsim.backends import cpu
     rng = np.random.default_rng(5)
@@ -177,7 +205,8 @@ def test_threads_do_not_change_bits():
         runs = []
         for n in (1, 3):
             cpu.set_num_threads(n)
-            runs.append([ops.softmax(x, backend="cpu"), ops.layer_norm(x, backend="cpu"),
+            runs.append([ops.add(big, big[::-1].copy(), backend="cpu"), ops.softmax(x, backend="cpu"),
+                         ops.layer_norm(x, backend="cpu"),
                          ops.group_norm(g, 4, backend="cpu"), ops.gelu(big, backend="cpu"), ops.silu(big, backend="cpu")])
         assert all(bits_equal(a, b) for a, b in zip(*runs))
     finally:
@@ -396,18 +425,21 @@ def test_agrees_with_torch_semantics():
     (lambda: ops.gelu(np.zeros(3, F32), "erf"), ValueError, "approximate must be one of 'none', 'tanh'"),
     (lambda: ops.silu([1.0]), TypeError, "x must be a NumPy array"),
     (lambda: ops.silu(np.zeros(3, F32), backend="gpu"), ValueError, "backend must be one of"),
+    (lambda: ops.add(np.zeros(3, F32), np.zeros(3)), TypeError, "b must have dtype float32"),
+    (lambda: ops.add(np.zeros(3, F32), np.zeros(4, F32)), ValueError, "a and b must broadcast to one shape"),
 ])
 def test_bad_arguments(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
 
 
-@pytest.mark.parametrize("op", ["softmax", "silu", "gelu", "layer_norm"])
+@pytest.mark.parametrize("op", ["softmax", "silu", "gelu", "layer_norm", "add"])
 def test_cuda_backend_runs_on_the_host(op):
     """No CUDA kernels for the float stages: backend="cuda" computes them on the host, same bits (§15.7)."""
     x = np.random.default_rng(2).standard_normal((3, 5)).astype(F32)
+    args = (x, x[0]) if op == "add" else (x,)
     assert ops.resolve_backend("cuda", op) == "cpu"
-    assert bits_equal(getattr(ops, op)(x, backend="cuda"), getattr(ops, op)(x, backend="reference"))
+    assert bits_equal(getattr(ops, op)(*args, backend="cuda"), getattr(ops, op)(*args, backend="reference"))
 
 
 @given(data=st.data(), shape=hnp.array_shapes(min_dims=2, max_dims=4, min_side=1, max_side=7))

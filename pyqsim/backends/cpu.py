@@ -186,4 +186,5 @@ OPS = {} if _C is None else {
     "group_norm": lambda a: _C.group_norm(a.x, a.groups, a.weight, a.bias, a.eps),
     "gelu": lambda a: _C.unary(a.x, a.op),
     "silu": lambda a: _C.unary(a.x, a.op),
+    "add": lambda a: _C.add(a.a, a.b, a.m, a.inner),
 }

@@ -1,7 +1,7 @@
 """Every node kind of the program format, declared once: schema and reference semantics (docs/program.md).
 
-Integer kinds and the normalization/activation kinds call the op table (``pyqsim.ops``, spec §15 for the
-float stages) on the program's backend; the other float and shape kinds are float32 NumPy (spec §9), identical
+Integer kinds, the normalization/activation kinds and float32 adds call the op table (``pyqsim.ops``, spec §15
+for the float stages) on the program's backend; the other float and shape kinds are float32 NumPy (spec §9), identical
 whatever the backend. So two backends give bit-identical programs exactly when every integer op agrees.
 """
 from __future__ import annotations
@@ -299,6 +299,10 @@ _BINARY = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.true
            "xor": np.logical_xor, "bitwise_and": np.bitwise_and, "bitwise_or": np.bitwise_or, "atan2": np.arctan2}
 
 
+def _is_f32(v) -> bool:
+    return isinstance(v, np.ndarray) and v.dtype == np.float32
+
+
 def _operand(v, other):
     """A Python scalar operand in the dtype family of the tensor operand (torch's promotion of scalars)."""
     if isinstance(v, np.ndarray) or not isinstance(other, np.ndarray):
@@ -314,8 +318,10 @@ def _operand(v, other):
 def _binary(args, attrs, t, ctx):
     """Elementwise binary op with broadcasting (add, sub, mul, div, pow, comparisons, logical ...)."""
     a, b = args
-    a, b = _operand(a, b), _operand(b, a)
     alpha = attrs.get("alpha", 1)
+    if attrs["op"] == "add" and alpha == 1 and _is_f32(a) and _is_f32(b):  # spec §15.8, on the backend
+        return ops.add(a, b, backend=ctx.backend)
+    a, b = _operand(a, b), _operand(b, a)
     if alpha != 1:
         b = b * _operand(alpha, b if isinstance(b, np.ndarray) else a)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):

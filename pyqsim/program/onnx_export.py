@@ -387,6 +387,12 @@ def _shape_input(b: _Builder, node, entries, keep_as_one: bool = False) -> str:
     return parts[0] if len(parts) == 1 else b.op("Concat", parts, f"{node['name']}.shape", axis=0)
 
 
+def _is_f32(b: _Builder, node, v) -> bool:
+    """Whether program value ``v`` is a float32 tensor (in the example run)."""
+    ex = b.example(node, v, required=False) if is_ref(v) else None
+    return ex is not None and ex[1] == np.float32
+
+
 def _operand(b: _Builder, node, v, other) -> str:
     """A binary operand; a literal takes the dtype of the tensor operand (torch's scalar promotion, as the
     program's binary kind) where that needs no cast of the tensor."""
@@ -567,7 +573,10 @@ def _convert(b: _Builder, node, t) -> str:
     if kind == "binary" and attrs["op"] in _ONNX_BINARY and attrs.get("alpha", 1) == 1:
         a, c = _operand(b, node, args[0], args[1]), _operand(b, node, args[1], args[0])
         ranks = [r for r in (b.rank.get(a), b.rank.get(c)) if r is not None]
-        return b.op(_ONNX_BINARY[attrs["op"]], [a, c], name, rank=max(ranks) if ranks else None)
+        rank = max(ranks) if ranks else None
+        if attrs["op"] == "add" and all(_is_f32(b, node, v) for v in args[:2]):  # §15.8: the NaN of §15
+            return _canon_nan(b, b.op("Add", [a, c], f"{name}.sum", rank=rank), name)
+        return b.op(_ONNX_BINARY[attrs["op"]], [a, c], name, rank=rank)
     if kind == "pool2d" and (attrs["op"] == "max" or (attrs.get("padding", [0, 0]) == [0, 0]
                                                       and attrs.get("divisor") is None)):
         x = b.tensor(node, args[0])

@@ -5,7 +5,7 @@ engine over the same canonical arguments, tested to return identical results; se
 ``reference`` backend with ``PYQSIM_REFERENCE_ENGINE=numba``.
 """
 from .conv import int_conv2d, split_conv2d
-from .floatops import gelu, group_norm, layer_norm, silu, softmax
+from .floatops import add, gelu, group_norm, layer_norm, silu, softmax
 from .gemm import int_bmm, int_gemm, split_gemm
 from .int4 import pack_int4, unpack_int4
 from .log2attn import log2_attn_matmul
@@ -16,5 +16,5 @@ __all__ = [
     "quantize", "dequantize", "quantize_log", "dequantize_log", "uniform_qparams",
     "pack_int4", "unpack_int4", "quantize_multiplier", "quantize_multiplier_pair", "requantize",
     "int_gemm", "int_bmm", "int_conv2d", "split_gemm", "split_conv2d", "log2_attn_matmul",
-    "softmax", "layer_norm", "group_norm", "gelu", "silu",
+    "softmax", "layer_norm", "group_norm", "gelu", "silu", "add",
 ]

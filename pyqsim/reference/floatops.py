@@ -161,6 +161,12 @@ def gelu(x: np.ndarray, approximate: str = "none") -> np.ndarray:
     return canon_nan(np.asarray(y, F32))
 
 
+def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a + b, NumPy broadcasting (§15.8)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return canon_nan(np.asarray(np.asarray(a, F32) + np.asarray(b, F32), F32))
+
+
 def silu(x: np.ndarray) -> np.ndarray:
     """SiLU x / (1 + exp(-x)) (§15.4)."""
     x = np.asarray(x, F32)
