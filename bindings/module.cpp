@@ -86,17 +86,21 @@ struct Arr {
   int64_t dim(int i) const { return shape[static_cast<size_t>(i)]; }
 };
 
+void check_dtype_in(const py::array& a, const std::string& name, std::initializer_list<DT> allowed) {
+  bool ok = false;
+  for (DT d : allowed) ok |= dtype_is(a.dtype(), d);
+  if (!ok) {
+    std::string names;
+    for (DT d : allowed) names += (names.empty() ? "" : " or ") + std::string(dt_name(d));
+    throw py::type_error(name + " must have dtype " + names + ", got " + py::str(a.dtype()).cast<std::string>());
+  }
+}
+
 // dtype among `allowed`, ndim, C-contiguous, aligned.
 Arr take(py::handle obj, const std::string& name, std::initializer_list<DT> allowed, int ndim, const char* layout) {
   Arr r;
   r.a = as_array(obj, name);
-  bool ok = false;
-  for (DT d : allowed) ok |= dtype_is(r.a.dtype(), d);
-  if (!ok) {
-    std::string names;
-    for (DT d : allowed) names += (names.empty() ? "" : " or ") + std::string(dt_name(d));
-    throw py::type_error(name + " must have dtype " + names + ", got " + py::str(r.a.dtype()).cast<std::string>());
-  }
+  check_dtype_in(r.a, name, allowed);
   if (r.a.ndim() != ndim)
     throw py::value_error(name + " must be " + std::to_string(ndim) + "-D " + layout + ", got ndim " +
                           std::to_string(r.a.ndim()));
@@ -116,6 +120,46 @@ Arr take_batched(py::handle obj, const std::string& name, std::initializer_list<
   if (nd < 2)
     throw py::value_error(name + " must be at least 2-D " + layout + ", got ndim " + std::to_string(nd));
   return take(a, name, allowed, nd, layout);
+}
+
+// A batched operand [..., R, C] of 1-byte codes whose rows are C-contiguous (a head of a fused qkv, a transposed
+// view): the byte offset of each batch element's matrix and the row stride; other strides may be any value >= 0.
+struct Rows {
+  Arr arr;
+  std::vector<int64_t> off;
+  int64_t ld = 0;
+};
+
+Rows take_rows(py::handle obj, const std::string& name, std::initializer_list<DT> allowed, const char* layout) {
+  Rows r;
+  r.arr.a = as_array(obj, name);
+  const py::array& a = r.arr.a;
+  check_dtype_in(a, name, allowed);  // 1-byte types only
+  const int nd = static_cast<int>(a.ndim());
+  if (nd < 2) throw py::value_error(name + " must be at least 2-D " + layout + ", got ndim " + std::to_string(nd));
+  const bool empty = a.size() == 0;  // nothing is read: any strides
+  for (int i = 0; i < nd; ++i) {
+    r.arr.shape.push_back(static_cast<int64_t>(a.shape(i)));
+    if (!empty && a.shape(i) > 1 && a.strides(i) < 0)
+      throw py::value_error(name + " must not have negative strides (pass numpy.ascontiguousarray(" + name + "))");
+  }
+  r.arr.ptr = a.data();
+  const int64_t rows = r.arr.shape[nd - 2], cols = r.arr.shape[nd - 1];
+  if (!empty && cols > 1 && a.strides(nd - 1) != 1)
+    throw py::value_error(name + " must have C-contiguous rows (pass numpy.ascontiguousarray(" + name + "))");
+  r.ld = rows > 1 && !empty ? static_cast<int64_t>(a.strides(nd - 2)) : cols;
+  int64_t batch = 1;
+  for (int i = 0; i < nd - 2; ++i) batch *= r.arr.shape[i];
+  r.off.assign(static_cast<size_t>(batch), 0);
+  for (int64_t b = 0; b < batch; ++b) {  // leading index b in C order -> byte offset
+    int64_t rest = b, off = 0;
+    for (int i = nd - 3; i >= 0; --i) {
+      off += empty ? 0 : (rest % r.arr.shape[i]) * static_cast<int64_t>(a.strides(i));
+      rest /= r.arr.shape[i];
+    }
+    r.off[static_cast<size_t>(b)] = off;
+  }
+  return r;
 }
 
 DT dtype_of(const Arr& a) {
@@ -705,7 +749,8 @@ py::array log2_attn_matmul(py::handle codes_, py::handle v_, int64_t v_zero_poin
                            const std::string& out_dtype, py::handle multiplier, py::handle shift, int64_t out_zero_point,
                            py::handle out_scale) {
   Arr codes = take_batched(codes_, "codes", {DT::U8}, "[..., M, L]");
-  Arr v = take_batched(v_, "v", {DT::I8, DT::U8}, "[..., L, N]");
+  Rows vr = take_rows(v_, "v", {DT::I8, DT::U8}, "[..., L, N]");
+  const Arr& v = vr.arr;
   const size_t nd = codes.shape.size();
   if (v.shape.size() != nd || !std::equal(codes.shape.begin(), codes.shape.end() - 2, v.shape.begin()))
     throw py::value_error("v must have the leading dimensions of codes " + shape_str(codes.shape) + ", got shape " +
@@ -741,15 +786,17 @@ py::array log2_attn_matmul(py::handle codes_, py::handle v_, int64_t v_zero_poin
   void* yp = y.mutable_data();
   {
     py::gil_scoped_release nogil;
-    qsim::log2_attn_matmul(cp, v.ptr, vt, batch, m, l, n, static_cast<int32_t>(v_zero_point), bits, k, frac_bits, st, yp);
+    const qsim::RowBatch vb{static_cast<const uint8_t*>(v.ptr), vr.off.data(), vr.ld};
+    qsim::log2_attn_matmul(cp, vb, vt, batch, m, l, n, static_cast<int32_t>(v_zero_point), bits, k, frac_bits, st, yp);
   }
   return y;
 }
 
 py::array int_bmm(py::handle a_, py::handle b_, int64_t a_zero_point, int64_t b_zero_point, const std::string& out_dtype,
                   py::handle multiplier, py::handle shift, int64_t out_zero_point, py::handle out_scale) {
-  Arr a = take_batched(a_, "a", {DT::I8, DT::U8}, "[..., M, K]");
-  Arr b = take_batched(b_, "b", {DT::I8, DT::U8}, "[..., N, K]");
+  Rows ar_ = take_rows(a_, "a", {DT::I8, DT::U8}, "[..., M, K]");
+  Rows br_ = take_rows(b_, "b", {DT::I8, DT::U8}, "[..., N, K]");
+  const Arr &a = ar_.arr, &b = br_.arr;
   const size_t nd = a.shape.size();
   if (b.shape.size() != nd || !std::equal(a.shape.begin(), a.shape.end() - 2, b.shape.begin()))
     throw py::value_error("b must have the leading dimensions of a " + shape_str(a.shape) + ", got shape " +
@@ -773,8 +820,10 @@ py::array int_bmm(py::handle a_, py::handle b_, int64_t a_zero_point, int64_t b_
   void* yp = y.mutable_data();
   {
     py::gil_scoped_release nogil;
-    qsim::int_bmm(a.ptr, at, static_cast<int32_t>(a_zero_point), b.ptr, bt, static_cast<int32_t>(b_zero_point), batch,
-                  m, n, k, st, yp);
+    const qsim::RowBatch ab{static_cast<const uint8_t*>(a.ptr), ar_.off.data(), ar_.ld};
+    const qsim::RowBatch bb{static_cast<const uint8_t*>(b.ptr), br_.off.data(), br_.ld};
+    qsim::int_bmm(ab, at, static_cast<int32_t>(a_zero_point), bb, bt, static_cast<int32_t>(b_zero_point), batch, m, n, k,
+                  st, yp);
   }
   return y;
 }

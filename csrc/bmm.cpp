@@ -13,8 +13,8 @@ namespace qsim {
 
 using namespace detail;
 
-void int_bmm(const void* a, ActType at, int32_t za, const void* b, ActType bt, int32_t zb, int64_t batch, int64_t m,
-             int64_t n, int64_t k, const OutStage& out, void* y) {
+void int_bmm(const RowBatch& a, ActType at, int32_t za, const RowBatch& b, ActType bt, int32_t zb, int64_t batch,
+             int64_t m, int64_t n, int64_t k, const OutStage& out, void* y) {
   if (batch == 0 || m == 0 || n == 0) return;
   const Isa isa = resolve_isa();
   const uint8_t bxor = bt == ActType::U8 ? 0x80 : 0;
@@ -23,7 +23,7 @@ void int_bmm(const void* a, ActType at, int32_t za, const void* b, ActType bt, i
   std::vector<PackedMatrix> pms(static_cast<size_t>(batch));
   const bool true_only = kernels_for(isa).s8_u;  // packed for this call's kernels only
   ThreadPool::instance().run(batch, [&](int64_t i, int) {
-    pms[i] = pack_s8_rows(static_cast<const uint8_t*>(b) + i * n * k, k, n, k, bxor, true_only);
+    pms[i] = pack_s8_rows(b.at(i), b.ld, n, k, bxor, true_only);
   });
   const std::vector<int32_t> zw(static_cast<size_t>(n), zbm);
   const size_t np = static_cast<size_t>(round_up(n, kNR) + kNR);
@@ -43,7 +43,7 @@ void int_bmm(const void* a, ActType at, int32_t za, const void* b, ActType bt, i
                            st.zw1.data()))
       st.epi.zw1 = st.zw1.data();
     st.epi.colc1 = st.colc1.data();
-    as.emplace_back(static_cast<const uint8_t*>(a) + i * m * k, k, pms[i], at);
+    as.emplace_back(a.at(i), k, pms[i], at, a.ld);
     GemmJob& jb = jobs[i];
     jb.m = m;
     jb.n = n;

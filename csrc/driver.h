@@ -28,25 +28,26 @@ struct ASource {
   }
 };
 
-// Plain row-major activations [M, K].
+// Row-major activations [M, K], rows ld >= K bytes apart (ld = K: a plain matrix).
 struct MatrixA final : ASource {
   const uint8_t* x;
-  int64_t k, kg;
+  int64_t k, kg, ld;
   uint8_t xor_mask;
   bool u_half;
-  MatrixA(const void* x_, int64_t k_, const PackedMatrix& pm, ActType t)
+  MatrixA(const void* x_, int64_t k_, const PackedMatrix& pm, ActType t, int64_t ld_ = -1)
       : x(static_cast<const uint8_t*>(x_)),
         k(k_),
         kg(pm.kg),
+        ld(ld_ < 0 ? k_ : ld_),
         xor_mask(t == ActType::U8 ? 0x80 : 0),
         u_half(pm.format != WFormat::S8) {}
   void pack(const KernelSet& ks, int64_t m0, int mr, int8_t* dst, int32_t* rowsum) const override {
-    ks.pack_a(x + m0 * k, k, mr, k, kg, xor_mask, u_half, dst, rowsum);
+    ks.pack_a(x + m0 * ld, ld, mr, k, kg, xor_mask, u_half, dst, rowsum);
   }
   bool amx_rows(const KernelSet& ks, int64_t m0, int mr, int64_t kpad, uint8_t* dst, int32_t* rowsum) const override {
     const uint8_t ux = static_cast<uint8_t>(xor_mask ^ 0x80);  // u = x' + 128 = x ^ ux
     for (int r = 0; r < mr; ++r)
-      rowsum[r] = static_cast<int32_t>(ks.amx_pack_row(x + (m0 + r) * k, k, ux, dst + r * kpad, kpad) -
+      rowsum[r] = static_cast<int32_t>(ks.amx_pack_row(x + (m0 + r) * ld, k, ux, dst + r * kpad, kpad) -
                                        128u * static_cast<uint32_t>(k));
     return true;
   }

@@ -58,7 +58,8 @@ void shift_a_rows(const uint8_t* codes, int64_t ldc, int mr, int64_t j0, int64_t
 }
 
 // §7 B panel rows [g0, kg) of v' (see KernelSet::shift_b).
-void shift_b_rows(const uint8_t* v, int64_t n, int64_t lc, int64_t g0, int64_t kg, uint8_t vxor, int8_t* dst) {
+void shift_b_rows(const uint8_t* v, int64_t ldv, int64_t n, int64_t lc, int64_t g0, int64_t kg, uint8_t vxor,
+                  int8_t* dst) {
   const int64_t npan = (n + 15) / 16;
   for (int64_t g = g0; g < kg; ++g)
     for (int64_t pn = 0; pn < npan; ++pn) {
@@ -67,7 +68,7 @@ void shift_b_rows(const uint8_t* v, int64_t n, int64_t lc, int64_t g0, int64_t k
       for (int64_t q = 0; q < 4; ++q) {
         const int64_t j = 4 * g + q;
         for (int64_t c = 0; c < 16; ++c)
-          d[c * 4 + q] = j < lc && c < nc ? static_cast<int8_t>(v[j * n + pn * 16 + c] ^ vxor) : 0;
+          d[c * 4 + q] = j < lc && c < nc ? static_cast<int8_t>(v[j * ldv + pn * 16 + c] ^ vxor) : 0;
       }
     }
 }

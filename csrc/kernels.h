@@ -101,8 +101,8 @@ struct KernelSet {
   // 16 readable entries from win on; win < 0: no such window.
   void (*shift_a)(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int64_t kg, const uint8_t* lut, int win,
                   uint8_t* dst, int64_t* rowsum);
-  // §7: the B panels [npan][kg][16][4] of v' = v ^ vxor for lc rows of v (row stride n), zero padded.
-  void (*shift_b)(const uint8_t* v, int64_t n, int64_t lc, int64_t kg, uint8_t vxor, int8_t* dst);
+  // §7: the B panels [npan][kg][16][4] of v' = v ^ vxor for lc rows of n values of v (row stride ldv), zero padded.
+  void (*shift_b)(const uint8_t* v, int64_t ldv, int64_t n, int64_t lc, int64_t kg, uint8_t vxor, int8_t* dst);
   // §7: acc[r * 16 + c] += int64(tile[r * 16 + c] - corr[r]) * mul * 2^sh for r < mr, c < 16, with the int32
   // difference taken mod 2^32 (it is the exact sum_j w_j d_j, |.| < 2^31).
   void (*shift_acc)(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc);

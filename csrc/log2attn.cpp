@@ -63,7 +63,7 @@ struct CodeInfo {
 
 struct Problem {
   const uint8_t* codes;  // [B, M, L]
-  const uint8_t* v;      // [B, L, N], int8 or uint8 bytes
+  RowBatch v;            // [B, L, N], int8 or uint8 bytes
   uint8_t vxor;          // 0x80 for uint8 values: v' = v ^ 0x80 = v - 128
   int64_t m, l, n;
   int32_t zvp;           // zv' (zero point mapped like v')
@@ -152,7 +152,7 @@ void add_deep(const Problem& pb, const KernelSet& ks, const uint8_t* cr, const u
               const int32_t* p0, const int32_t* p1, int64_t c0, int64_t nc, int64_t* r) {
   for (const int32_t* p = p0; p < p1; ++p) {
     const CodeInfo& ci = pb.info[cr[*p]];
-    ks.deep_add(v + (j0 + *p) * pb.n + c0, nc, pb.vxor, pb.zvp, ci.sft, ci.odd ? kQ : 65536, r);
+    ks.deep_add(v + (j0 + *p) * pb.v.ld + c0, nc, pb.vxor, pb.zvp, ci.sft, ci.odd ? kQ : 65536, r);
   }
 }
 
@@ -163,7 +163,7 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
   const int64_t npan = ceil_div(n, kNR), quads = ceil_div(rows, kMR);
   const bool single = l <= chunk;
   const uint8_t* codes = pb.codes + (bi * pb.m + r0) * l;
-  const uint8_t* v = pb.v + bi * l * n;
+  const uint8_t* v = pb.v.at(bi);
   std::vector<int64_t> rbuf(single ? 0 : static_cast<size_t>(rows * n), 0);
   std::vector<int64_t> rowsum(static_cast<size_t>(kPasses * rows), 0);
   Scratch vpan, apan[kPasses];
@@ -173,7 +173,7 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
     if (pb.deep) deep_positions(pb, codes, rows, j0, lc, dstart, dpos);
     if (pb.npasses) {
       vpan.reset(static_cast<size_t>(npan * kg * 64), false);
-      ks.shift_b(v + j0 * n, n, lc, kg, pb.vxor, reinterpret_cast<int8_t*>(vpan.p));
+      ks.shift_b(v + j0 * pb.v.ld, pb.v.ld, n, lc, kg, pb.vxor, reinterpret_cast<int8_t*>(vpan.p));
       // A panels of the passes the code table can produce: quad q at q * kg * 16, layout [kg][mr][4]
       for (int p = 0; p < kPasses; ++p) {
         if (!pb.possible[p]) continue;
@@ -242,13 +242,13 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
 
 }  // namespace
 
-void log2_attn_matmul(const uint8_t* codes, const void* v, ActType vt, int64_t batch, int64_t m, int64_t l, int64_t n,
-                      int32_t zv, int bits, int k, int frac_bits, const OutStage& out, void* y) {
+void log2_attn_matmul(const uint8_t* codes, const RowBatch& v, ActType vt, int64_t batch, int64_t m, int64_t l,
+                      int64_t n, int32_t zv, int bits, int k, int frac_bits, const OutStage& out, void* y) {
   if (batch == 0 || m == 0 || n == 0) return;
   const KernelSet& ks = kernels_for(resolve_isa());
   auto pb = std::make_unique<Problem>();
   pb->codes = codes;
-  pb->v = static_cast<const uint8_t*>(v);
+  pb->v = v;
   pb->vxor = vt == ActType::U8 ? 0x80 : 0;
   pb->m = m;
   pb->l = l;

@@ -153,10 +153,18 @@ std::shared_ptr<PackedWeight> pack_conv_weight(const void* w, WFormat fmt, int64
 void int_gemm(const void* x, ActType xt, int64_t m, int32_t zx, const PackedWeight& w, const int32_t* zw,
               const int32_t* bias, const OutStage& out, void* y);
 
+// A batch of row-major matrices of 1-byte codes: matrix i at base + off[i], rows ld bytes apart.
+struct RowBatch {
+  const uint8_t* base = nullptr;
+  const int64_t* off = nullptr;
+  int64_t ld = 0;
+  const uint8_t* at(int64_t i) const { return base + off[i]; }
+};
+
 // §4.3: batched matmul of activations, a [B, M, K] x b [B, N, K] (each uint8 or int8 with a zero point) ->
 // y [B, M, N] of the stage's type; the §4.1 bound holds for the types and zero points.
-void int_bmm(const void* a, ActType at, int32_t za, const void* b, ActType bt, int32_t zb, int64_t batch, int64_t m,
-             int64_t n, int64_t k, const OutStage& out, void* y);
+void int_bmm(const RowBatch& a, ActType at, int32_t za, const RowBatch& b, ActType bt, int32_t zb, int64_t batch,
+             int64_t m, int64_t n, int64_t k, const OutStage& out, void* y);
 
 // §8: split GEMM, x1 [M, K1], x2 [M, K2], shared N.
 void split_gemm(const void* x1, ActType xt1, int32_t zx1, const PackedWeight& w1, const int32_t* zw1,
@@ -186,10 +194,10 @@ void requantize(const int32_t* acc, int64_t outer, int64_t n, int64_t inner, con
 void requantize_profile(const int32_t* acc, int64_t outer, int64_t n, int64_t inner, Numerics p, const OutStage& out,
                         void* y);
 
-// §7: codes [B, M, L] uint8, v [B, L, N]; y [B, M, N] of type int64, float32 or requantized (B = the product
+// §7: codes [B, M, L] uint8 (C-contiguous), v [B, L, N]; y [B, M, N] of type int64, float32 or requantized (B = the product
 // of the leading dimensions; codes within [0, 2^bits - 1]).
-void log2_attn_matmul(const uint8_t* codes, const void* v, ActType vt, int64_t batch, int64_t m, int64_t l, int64_t n,
-                      int32_t zv, int bits, int k, int frac_bits, const OutStage& out, void* y);
+void log2_attn_matmul(const uint8_t* codes, const RowBatch& v, ActType vt, int64_t batch, int64_t m, int64_t l,
+                      int64_t n, int32_t zv, int bits, int k, int frac_bits, const OutStage& out, void* y);
 
 // ------------------------------------------------------------------------------------------ float stages (§15)
 // float32 in, float32 out, C-contiguous; results do not depend on the ISA or the thread count.

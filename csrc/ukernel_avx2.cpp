@@ -471,16 +471,16 @@ void shift_a_avx2(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int64_t
 }
 
 // Four whole rows of v and 16 channels at a time: a byte transpose [4][16] -> [16][4] with two unpack levels.
-void shift_b_avx2(const uint8_t* v, int64_t n, int64_t lc, int64_t kg, uint8_t vxor, int8_t* dst) {
+void shift_b_avx2(const uint8_t* v, int64_t ldv, int64_t n, int64_t lc, int64_t kg, uint8_t vxor, int8_t* dst) {
   const int64_t full_g = lc / 4, full_pan = n / 16, npan = (n + 15) / 16;
   const __m128i flip = _mm_set1_epi8(static_cast<char>(vxor));
   for (int64_t g = 0; g < full_g; ++g) {
-    const uint8_t* r = v + 4 * g * n;
+    const uint8_t* r = v + 4 * g * ldv;
     for (int64_t pn = 0; pn < full_pan; ++pn) {
       const __m128i a0 = _mm_xor_si128(flip, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + pn * 16)));
-      const __m128i a1 = _mm_xor_si128(flip, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + n + pn * 16)));
-      const __m128i a2 = _mm_xor_si128(flip, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 2 * n + pn * 16)));
-      const __m128i a3 = _mm_xor_si128(flip, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 3 * n + pn * 16)));
+      const __m128i a1 = _mm_xor_si128(flip, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + ldv + pn * 16)));
+      const __m128i a2 = _mm_xor_si128(flip, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 2 * ldv + pn * 16)));
+      const __m128i a3 = _mm_xor_si128(flip, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 3 * ldv + pn * 16)));
       const __m128i b0 = _mm_unpacklo_epi8(a0, a1), b1 = _mm_unpackhi_epi8(a0, a1);
       const __m128i b2 = _mm_unpacklo_epi8(a2, a3), b3 = _mm_unpackhi_epi8(a2, a3);
       __m128i* d = reinterpret_cast<__m128i*>(dst + (pn * kg + g) * 64);
@@ -493,10 +493,10 @@ void shift_b_avx2(const uint8_t* v, int64_t n, int64_t lc, int64_t kg, uint8_t v
       int8_t* d = dst + (full_pan * kg + g) * 64;
       for (int64_t q = 0; q < 4; ++q)
         for (int64_t c = 0; c < 16; ++c)
-          d[c * 4 + q] = full_pan * 16 + c < n ? static_cast<int8_t>(r[q * n + full_pan * 16 + c] ^ vxor) : 0;
+          d[c * 4 + q] = full_pan * 16 + c < n ? static_cast<int8_t>(r[q * ldv + full_pan * 16 + c] ^ vxor) : 0;
     }
   }
-  shift_b_rows(v, n, lc, full_g, kg, vxor, dst);
+  shift_b_rows(v, ldv, n, lc, full_g, kg, vxor, dst);
 }
 
 // int32 differences widened to int64, multiplied by mul (< 2^31, vpmuldq) and shifted left by sh.

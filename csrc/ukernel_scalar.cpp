@@ -60,8 +60,8 @@ void shift_a_scalar(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int64
   shift_a_rows(codes, ldc, mr, 0, lc, kg, lut, dst, rowsum);
 }
 
-void shift_b_scalar(const uint8_t* v, int64_t n, int64_t lc, int64_t kg, uint8_t vxor, int8_t* dst) {
-  shift_b_rows(v, n, lc, 0, kg, vxor, dst);
+void shift_b_scalar(const uint8_t* v, int64_t ldv, int64_t n, int64_t lc, int64_t kg, uint8_t vxor, int8_t* dst) {
+  shift_b_rows(v, ldv, n, lc, 0, kg, vxor, dst);
 }
 
 void shift_requant_scalar(const int64_t* r, int64_t nc, const int32_t* mult, const int32_t* shift, int32_t zy,

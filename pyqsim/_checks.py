@@ -310,16 +310,25 @@ def bias_vector(bias, n: int) -> np.ndarray:
 K_ALWAYS_OVERFLOWS = INT32_MAX // (128 * 8) + 1
 
 
-def activation(x, name: str, ndim: int, layout: str, op: str | None = None) -> tuple[np.ndarray, str]:
+def activation(x, name: str, ndim: int, layout: str, op: str | None = None, rows: bool = False
+               ) -> tuple[np.ndarray, str]:
     """Checked activation array. With ``op`` (GEMMs: K = last axis), a K that overflows for every zero point
-    is rejected before the array is copied (a zero-stride view of a huge K must not be materialized)."""
+    is rejected before the array is copied (a zero-stride view of a huge K must not be materialized). With ``rows``
+    (the batched ops' operands), a view whose rows are C-contiguous is kept as it is (``rows_view``)."""
     x = as_array(x, name)
     check_dtype(x, name, [np.int8, np.uint8])
     check_ndim(x, name, ndim, layout)
     if op is not None and x.shape[-1] >= K_ALWAYS_OVERFLOWS:
         raise ValueError(f"{op}: K={x.shape[-1]} of {name}: the worst-case accumulation exceeds 2^31-1 (spec §4.1) "
                          f"for every zero point (K must be < {K_ALWAYS_OVERFLOWS}); reduce K")
-    return contiguous(x), ACT_DTYPES[x.dtype]
+    return (x if rows and rows_view(x) else contiguous(x)), ACT_DTYPES[x.dtype]
+
+
+def rows_view(x) -> bool:
+    """Whether host array ``x`` of 1-byte codes has C-contiguous rows (last axis) and no negative stride: the batched
+    ops read such a view in place, one matrix of rows per leading index."""
+    return (isinstance(x, np.ndarray) and x.ndim >= 2 and (x.shape[-1] <= 1 or x.strides[-1] == 1)
+            and all(s >= 0 or d <= 1 for s, d in zip(x.strides, x.shape)))
 
 
 # --------------------------------------------------------------------------- packed weights (spec §4.4)
@@ -680,7 +689,7 @@ def batched_second(first, fname: str, second, sname: str, layout: str):
     second = as_array(second, sname)
     if second.ndim != first.ndim:
         raise ValueError(f"{sname} must be {first.ndim}-D {layout} like {fname} {first.shape}, got shape {second.shape}")
-    second, stype = activation(second, sname, first.ndim, layout)
+    second, stype = activation(second, sname, first.ndim, layout, rows=True)
     if second.shape[:-2] != first.shape[:-2]:
         raise ValueError(f"{sname} must have the leading dimensions of {fname} {first.shape[:-2]}, got shape {second.shape}")
     return second, stype
@@ -689,7 +698,7 @@ def batched_second(first, fname: str, second, sname: str, layout: str):
 @dataclass(frozen=True)
 class Log2AttnArgs:
     codes: np.ndarray  # uint8 [..., M, L]
-    v: np.ndarray  # int8/uint8 [..., L, N], the same leading dimensions
+    v: np.ndarray  # int8/uint8 [..., L, N], the same leading dimensions, C-contiguous rows (rows_view)
     v_type: str
     v_zero_point: int
     bits: int
@@ -727,7 +736,9 @@ def quantize_log_args(p, delta, bits, mode, scan: bool = True) -> QuantizeLogArg
 
 
 def log2_attn_args(codes, v, v_zero_point, bits, mode, frac_bits, out_dtype, multiplier, shift, out_zero_point,
-                   out_scale) -> Log2AttnArgs:
+                   out_scale, scan: bool = True) -> Log2AttnArgs:
+    """Canonical §7 arguments; ``scan=False`` leaves the code range check to the kernel (the backend's
+    VALUE_CHECKED)."""
     codes = as_array(codes, "codes")
     check_dtype(codes, "codes", [np.uint8])
     at_least_2d(codes, "codes", "[..., M, L]")
@@ -736,7 +747,7 @@ def log2_attn_args(codes, v, v_zero_point, bits, mode, frac_bits, out_dtype, mul
         raise ValueError(f"v must have L={codes.shape[-1]} rows to match codes, got shape {v.shape}")
     b = log_bits(bits)
     kk = log_mode(mode)
-    if codes.size and int(codes.max()) > 2**b - 1:
+    if scan and codes.size and int(codes.max()) > 2**b - 1:
         raise ValueError(f"codes must be in [0, {2**b - 1}] for bits={b}, got {int(codes.max())}")
     f = as_int(frac_bits, "frac_bits")
     if not 0 <= f <= FRAC_BITS_MAX:
@@ -755,9 +766,9 @@ def log2_attn_args(codes, v, v_zero_point, bits, mode, frac_bits, out_dtype, mul
 
 @dataclass(frozen=True)
 class BmmArgs:
-    a: np.ndarray  # int8/uint8 [..., M, K]
+    a: np.ndarray  # int8/uint8 [..., M, K], C-contiguous rows (rows_view)
     a_type: str
-    b: np.ndarray  # int8/uint8 [..., N, K], the same leading dimensions
+    b: np.ndarray  # int8/uint8 [..., N, K], the same leading dimensions, C-contiguous rows
     b_type: str
     a_zero_point: int
     b_zero_point: int
@@ -767,7 +778,7 @@ class BmmArgs:
 def bmm_args(a, b, a_zero_point, b_zero_point, out_dtype, multiplier, shift, out_zero_point, out_scale) -> BmmArgs:
     a = as_array(a, "a")
     at_least_2d(a, "a", "[..., M, K]")
-    a, a_type = activation(a, "a", a.ndim, "[..., M, K]", "int_bmm")
+    a, a_type = activation(a, "a", a.ndim, "[..., M, K]", "int_bmm", rows=True)
     b, b_type = batched_second(a, "a", b, "b", "[..., N, K]")
     k = a.shape[-1]
     if b.shape[-1] != k:

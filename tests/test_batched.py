@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hypothesis import example, given
+from hypothesis import strategies as st
 
 import strategies as S
 from pyqsim import _checks as C
@@ -196,6 +197,42 @@ def test_bmm_reference_equals_exact_loop(kw):
 @given(kw=S.bmm_cases())
 def test_bmm_cpu_equals_reference(isa, kw):
     same("int_bmm", kw)
+
+
+def _row_view(data, x: np.ndarray) -> np.ndarray:
+    """``x`` laid out in a wider buffer: its leading and row axes in a drawn memory order, rows padded with junk, or
+    (negative strides, copied by the checks) reversed; a view equal to ``x``."""
+    nd = x.ndim
+    order = data.draw(st.permutations(range(nd - 1)))
+    pad = data.draw(st.integers(0, 3))
+    buf = np.full([x.shape[i] for i in order] + [x.shape[-1] + pad], 77, x.dtype)
+    view = buf[..., :x.shape[-1]].transpose(list(np.argsort(order)) + [nd - 1])
+    if data.draw(st.booleans()):
+        view = view[..., ::-1, :]
+        view[...] = x[..., ::-1, :]
+        return view[..., ::-1, :]
+    view[...] = x
+    return view
+
+
+@pytest.mark.needs_cpu_ext
+@FIXTURE_OK
+@given(data=st.data(), kw=S.bmm_cases())
+def test_bmm_reads_row_views(isa, data, kw):
+    """Operands whose rows are C-contiguous (heads of a fused qkv, transposed keys) are read in place: the same
+    result as their contiguous copies, on every backend."""
+    want = ops.int_bmm(**kw, backend="reference")
+    views = dict(kw, a=_row_view(data, kw["a"]), b=_row_view(data, kw["b"]))
+    assert np.array_equal(same("int_bmm", views), want)
+
+
+@pytest.mark.needs_cpu_ext
+@FIXTURE_OK
+@given(data=st.data(), kw=S.log2_cases(max_dim=24, lead=S.lead_shapes()))
+def test_log2_reads_row_views(isa, data, kw):
+    want = ops.log2_attn_matmul(**kw, backend="reference")
+    views = dict(kw, codes=_row_view(data, kw["codes"]), v=_row_view(data, kw["v"]))
+    assert np.array_equal(same("log2_attn_matmul", views), want)
 
 
 @pytest.mark.needs_cpu_ext

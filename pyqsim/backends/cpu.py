@@ -22,8 +22,9 @@ PackedWeight = getattr(_C, "PackedWeight", None)
 # numerics profiles (spec §14) the kernels implement: the accumulation is exact for all, so a runtime
 # profile is the exact int32 op followed by the profile's requantization pass
 NUMERICS = _NATIVE_NUMERICS
-# ops whose kernels reject non-finite float inputs in their own pass (the argument checks then skip their scan)
-VALUE_CHECKED = ("quantize", "quantize_log")
+# ops whose kernels reject out-of-range inputs in their own pass (non-finite floats, log codes above the zero code):
+# the argument checks then skip their scan
+VALUE_CHECKED = ("quantize", "quantize_log", "log2_attn_matmul")
 
 
 def available() -> bool:

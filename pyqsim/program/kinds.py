@@ -176,10 +176,9 @@ def _split_conv2d(args, attrs, t, ctx):
 
 
 def _leading(a: np.ndarray, b: np.ndarray):
-    """Broadcast leading dimensions of two batched operands [..., X, Y] (C-contiguous copies where broadcast)."""
+    """Broadcast leading dimensions of two batched operands [..., X, Y] (views: the ops read strided rows)."""
     lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    return (np.ascontiguousarray(np.broadcast_to(a, lead + a.shape[-2:])),
-            np.ascontiguousarray(np.broadcast_to(b, lead + b.shape[-2:])))
+    return np.broadcast_to(a, lead + a.shape[-2:]), np.broadcast_to(b, lead + b.shape[-2:])
 
 
 @kind("int_bmm", args=(("a", TENSOR), ("b", TENSOR)),
