@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -87,19 +88,68 @@ py::array run_like(const py::array& x, F kernel) {
   return y;
 }
 
-py::array softmax(py::handle x_) {
-  py::array x = checked(x_, "x", 'f', 4, "float32", 1);
-  const int64_t n = x.shape(x.ndim() - 1), rows = n ? x.size() / n : 0;
-  return run_like(x, [&](const float* xp, float* yp) { qsim::softmax(xp, yp, rows, n); });
+// §15.9 codes of a stage's result: None (float32 out), ("uniform", scale, zero_point, lo, hi) or
+// ("log", delta, k, zero_code); checked like quantize / quantize_log.
+std::optional<qsim::CodesOut> take_codes(py::handle obj) {
+  if (obj.is_none()) return std::nullopt;
+  const auto t = obj.cast<py::tuple>();
+  qsim::CodesOut c;
+  const std::string form = t.size() ? t[0].cast<std::string>() : "";
+  if (form == "uniform" && t.size() == 5) {
+    c.scale = t[1].cast<float>();
+    c.zero_point = t[2].cast<int32_t>(), c.lo = t[3].cast<int32_t>(), c.hi = t[4].cast<int32_t>();
+    if (!(std::isfinite(c.scale) && c.scale > 0.0f)) throw py::value_error("codes: scale must be finite and > 0");
+    if (c.lo < 0 || c.hi > 255 || c.lo > c.hi || c.zero_point < c.lo || c.zero_point > c.hi)
+      throw py::value_error("codes: need 0 <= lo <= zero_point <= hi <= 255");
+  } else if (form == "log" && t.size() == 4) {
+    c.log = true;
+    c.delta = t[1].cast<float>(), c.k = t[2].cast<int>(), c.zero_code = t[3].cast<int>();
+    if (!(std::isfinite(c.delta) && c.delta > 0.0f)) throw py::value_error("codes: delta must be finite and > 0");
+    if ((c.k != 1 && c.k != 2) || c.zero_code < 3 || c.zero_code > 255)
+      throw py::value_error("codes: k must be 1 or 2 and zero_code 2^bits - 1 for bits in [2, 8]");
+  } else {
+    throw py::value_error("codes must be None, ('uniform', scale, zero_point, lo, hi) or ('log', delta, k, zero_code)");
+  }
+  return c;
 }
 
-py::array layer_norm(py::handle x_, py::handle w_, py::handle b_, double eps) {
+// y = a new array shaped like x: float32, or uint8 codes (§15.9); kernel(x data, y data, codes) runs without the GIL
+// and returns false when the codes are undefined for some result.
+template <class F>
+py::array run_stage(const py::array& x, py::handle codes_, F kernel) {
+  const std::optional<qsim::CodesOut> codes = take_codes(codes_);
+  if (!codes) return run_like(x, [&](const float* xp, float* yp) { kernel(xp, yp, nullptr); });
+  py::array_t<uint8_t> y(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+  const float* xp = static_cast<const float*>(x.data());
+  uint8_t* yp = y.mutable_data();
+  bool ok;
+  {
+    py::gil_scoped_release nogil;
+    ok = kernel(xp, yp, &*codes);
+  }
+  if (!ok)
+    throw py::value_error(codes->log ? "the stage's result must be finite and >= 0 to take log codes (spec §3)"
+                                     : "the stage's result must be finite to quantize (spec §2)");
+  return std::move(y);
+}
+
+py::array softmax(py::handle x_, py::handle codes) {
+  py::array x = checked(x_, "x", 'f', 4, "float32", 1);
+  const int64_t n = x.shape(x.ndim() - 1), rows = n ? x.size() / n : 0;
+  return run_stage(x, codes, [&](const float* xp, void* yp, const qsim::CodesOut* c) {
+    return qsim::softmax(xp, yp, rows, n, c);
+  });
+}
+
+py::array layer_norm(py::handle x_, py::handle w_, py::handle b_, double eps, py::handle codes) {
   py::array x = checked(x_, "x", 'f', 4, "float32", 1);
   const int64_t n = x.shape(x.ndim() - 1), rows = n ? x.size() / n : 0;
   const float* w = channel_vector(w_, "weight", n);
   const float* b = channel_vector(b_, "bias", n);
   const float e = checked_eps(eps);
-  return run_like(x, [&](const float* xp, float* yp) { qsim::layer_norm(xp, yp, rows, n, w, b, e); });
+  return run_stage(x, codes, [&](const float* xp, void* yp, const qsim::CodesOut* c) {
+    return qsim::layer_norm(xp, yp, rows, n, w, b, e, c);
+  });
 }
 
 py::array group_norm(py::handle x_, int64_t groups, py::handle w_, py::handle b_, double eps) {
@@ -115,7 +165,7 @@ py::array group_norm(py::handle x_, int64_t groups, py::handle w_, py::handle b_
   return run_like(x, [&](const float* xp, float* yp) { qsim::group_norm(xp, yp, batch, c, spatial, groups, w, b, e); });
 }
 
-py::array unary(py::handle x_, const std::string& op) {
+py::array unary(py::handle x_, const std::string& op, py::handle codes) {
   qsim::UnaryOp u;
   if (op == "gelu") u = qsim::UnaryOp::GeluErf;
   else if (op == "gelu_tanh") u = qsim::UnaryOp::GeluTanh;
@@ -123,7 +173,9 @@ py::array unary(py::handle x_, const std::string& op) {
   else throw py::value_error("op must be 'gelu', 'gelu_tanh' or 'silu', got '" + op + "'");
   py::array x = checked(x_, "x", 'f', 4, "float32", 0);
   const int64_t n = x.size();
-  return run_like(x, [&](const float* xp, float* yp) { qsim::unary(u, xp, yp, n); });
+  return run_stage(x, codes, [&](const float* xp, void* yp, const qsim::CodesOut* c) {
+    return qsim::unary(u, xp, yp, n, c);
+  });
 }
 
 py::array add(py::handle a_, py::handle b_, int64_t m, int64_t inner) {
@@ -199,12 +251,14 @@ py::array quantize_log(py::handle p_, float delta, int k, int zero_code) {
 }  // namespace
 
 void register_float_ops(py::module_& m) {
-  m.def("softmax", &softmax, py::arg("x"), "spec §15.5: softmax over the last axis (float32)");
+  m.def("softmax", &softmax, py::arg("x"), py::arg("codes") = py::none(),
+        "spec §15.5: softmax over the last axis (float32, or codes of it: §15.9)");
   m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
-        "spec §15.6: LayerNorm over the last axis (float32)");
+        py::arg("codes") = py::none(), "spec §15.6: LayerNorm over the last axis (float32, or codes of it: §15.9)");
   m.def("group_norm", &group_norm, py::arg("x"), py::arg("groups"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
         "spec §15.6: GroupNorm of x [N, C, *spatial] (float32)");
-  m.def("unary", &unary, py::arg("x"), py::arg("op"), "spec §15.4: 'gelu', 'gelu_tanh' or 'silu' (float32)");
+  m.def("unary", &unary, py::arg("x"), py::arg("op"), py::arg("codes") = py::none(),
+        "spec §15.4: 'gelu', 'gelu_tanh' or 'silu' (float32, or codes of it: §15.9)");
   m.def("add", &add, py::arg("a"), py::arg("b"), py::arg("m"), py::arg("inner"),
         "spec §15.8: a + b (float32), b[(i / inner) % m] added to a[i]");
   m.def("quantize", &quantize, py::arg("x"), py::arg("scale"), py::arg("zero_point"), py::arg("lo"), py::arg("hi"),

@@ -30,25 +30,55 @@ constexpr int64_t kTaskElems = 16384;  // elements per task for row-wise and ele
 
 int64_t rows_per_task(int64_t n) { return std::max<int64_t>(1, kTaskElems / std::max<int64_t>(n, 1)); }
 
+// One task's span [off, off + count) of a stage's result: `stage(dst)` writes its floats to the output, or, with
+// codes (§15.9), to this thread's buffer, whose codes then go to the output. False when those codes are undefined.
+template <class F>
+bool emit(const FloatKernels& fk, void* y, int64_t off, int64_t count, const CodesOut* codes, F stage) {
+  if (!codes) {
+    stage(static_cast<float*>(y) + off);
+    return true;
+  }
+  thread_local std::vector<float> buf;
+  if (buf.size() < static_cast<size_t>(count)) buf.resize(static_cast<size_t>(count));
+  stage(buf.data());
+  uint8_t* out = static_cast<uint8_t*>(y) + off;
+  if (codes->log) return fk.log_codes(buf.data(), count, static_cast<double>(codes->delta), codes->k, codes->zero_code, out);
+  // clamp bounds lo - z and hi - z, exact small integers in float32 (§2)
+  const float lo = static_cast<float>(codes->lo - codes->zero_point), hi = static_cast<float>(codes->hi - codes->zero_point);
+  return fk.quantize_run(buf.data(), count, &codes->scale, &lo, &hi, &codes->zero_point, 0, out);
+}
+
+// Runs `tasks` tasks of `body(t) -> bool`; false when one of them returned false.
+template <class F>
+bool run_all(int64_t tasks, F body) {
+  std::atomic<bool> ok{true};
+  ThreadPool::instance().run(tasks, [&](int64_t t, int) {
+    if (!body(t)) ok.store(false, std::memory_order_relaxed);
+  });
+  return ok.load();
+}
+
 }  // namespace
 
-void softmax(const float* x, float* y, int64_t rows, int64_t n) {
-  if (rows == 0 || n == 0) return;
+bool softmax(const float* x, void* y, int64_t rows, int64_t n, const CodesOut* codes) {
+  if (rows == 0 || n == 0) return true;
   const FloatKernels& fk = float_kernels();
   const int64_t per = rows_per_task(n);
-  ThreadPool::instance().run(ceil_div(rows, per), [&](int64_t t, int) {
+  return run_all(ceil_div(rows, per), [&](int64_t t) {
     const int64_t r0 = t * per, r1 = std::min(rows, r0 + per);
-    fk.softmax_rows(x + r0 * n, y + r0 * n, r1 - r0, n);
+    return emit(fk, y, r0 * n, (r1 - r0) * n, codes, [&](float* dst) { fk.softmax_rows(x + r0 * n, dst, r1 - r0, n); });
   });
 }
 
-void layer_norm(const float* x, float* y, int64_t rows, int64_t n, const float* w, const float* b, float eps) {
-  if (rows == 0 || n == 0) return;
+bool layer_norm(const float* x, void* y, int64_t rows, int64_t n, const float* w, const float* b, float eps,
+                const CodesOut* codes) {
+  if (rows == 0 || n == 0) return true;
   const FloatKernels& fk = float_kernels();
   const int64_t per = rows_per_task(n);
-  ThreadPool::instance().run(ceil_div(rows, per), [&](int64_t t, int) {
+  return run_all(ceil_div(rows, per), [&](int64_t t) {
     const int64_t r0 = t * per, r1 = std::min(rows, r0 + per);
-    fk.layer_norm_rows(x + r0 * n, y + r0 * n, r1 - r0, n, w, b, eps);
+    return emit(fk, y, r0 * n, (r1 - r0) * n, codes,
+                [&](float* dst) { fk.layer_norm_rows(x + r0 * n, dst, r1 - r0, n, w, b, eps); });
   });
 }
 
@@ -66,12 +96,12 @@ void group_norm(const float* x, float* y, int64_t batch, int64_t c, int64_t spat
   });
 }
 
-void unary(UnaryOp op, const float* x, float* y, int64_t n) {
-  if (n == 0) return;
+bool unary(UnaryOp op, const float* x, void* y, int64_t n, const CodesOut* codes) {
+  if (n == 0) return true;
   const FloatKernels& fk = float_kernels();
-  ThreadPool::instance().run(ceil_div(n, kTaskElems), [&](int64_t t, int) {
-    const int64_t i0 = t * kTaskElems;
-    fk.unary(op, x + i0, y + i0, std::min(kTaskElems, n - i0));
+  return run_all(ceil_div(n, kTaskElems), [&](int64_t t) {
+    const int64_t i0 = t * kTaskElems, count = std::min(kTaskElems, n - i0);
+    return emit(fk, y, i0, count, codes, [&](float* dst) { fk.unary(op, x + i0, dst, count); });
   });
 }
 

@@ -203,15 +203,27 @@ void log2_attn_matmul(const uint8_t* codes, const RowBatch& v, ActType vt, int64
 // float32 in, float32 out, C-contiguous; results do not depend on the ISA or the thread count.
 enum class UnaryOp : int { GeluErf = 0, GeluTanh = 1, Silu = 2 };
 
-// §15.5: softmax of each of `rows` rows of length n.
-void softmax(const float* x, float* y, int64_t rows, int64_t n);
+// §15.9: the codes of a stage's float32 result instead of the floats: §2 uniform codes (scale, zero point, clamp
+// bounds lo..hi) or §3 log codes (delta, k = 1 or 2, zero_code). Where null, the drivers below write floats.
+struct CodesOut {
+  bool log = false;
+  float scale = 1.0f;
+  int32_t zero_point = 0, lo = 0, hi = 255;
+  float delta = 1.0f;
+  int k = 2, zero_code = 15;
+};
+
+// §15.5: softmax of each of `rows` rows of length n; y: float32, or uint8 codes with `codes`. With codes, false when
+// the codes are undefined for some result (§2: not finite; §3: not finite and >= 0).
+bool softmax(const float* x, void* y, int64_t rows, int64_t n, const CodesOut* codes = nullptr);
 // §15.6: LayerNorm of each row of length n; w, b: [n].
-void layer_norm(const float* x, float* y, int64_t rows, int64_t n, const float* w, const float* b, float eps);
+bool layer_norm(const float* x, void* y, int64_t rows, int64_t n, const float* w, const float* b, float eps,
+                const CodesOut* codes = nullptr);
 // §15.6: GroupNorm of x [batch, c, spatial] with `groups` groups (dividing c); w, b: [c].
 void group_norm(const float* x, float* y, int64_t batch, int64_t c, int64_t spatial, int64_t groups, const float* w,
                 const float* b, float eps);
 // §15.4: elementwise GELU (erf or tanh form) or SiLU of n values.
-void unary(UnaryOp op, const float* x, float* y, int64_t n);
+bool unary(UnaryOp op, const float* x, void* y, int64_t n, const CodesOut* codes = nullptr);
 // §15.8: y[i] = a[i] + b[(i / inner) % m] for i < n (n a multiple of m * inner; m, inner >= 1)
 void add(const float* a, const float* b, float* y, int64_t n, int64_t m, int64_t inner);
 // §2: codes of x [outer, n, inner] (x[o, c, i] at x + o * ldo + c * inner + i, ldo >= n * inner) with scale[n]

@@ -917,10 +917,53 @@ def quantize_args(x, scale, zero_point, dtype, axis, bits, narrow, scan: bool = 
 UNARY_OPS = ("gelu", "gelu_tanh", "silu")
 
 
+@dataclass(frozen=True)
+class CodesSpec:
+    """Spec §15.9: the uint8 codes a float stage returns instead of its float32 result: §2 uniform codes (``scale``,
+    ``zero_point``, ``bits``; code range [0, 2^bits - 1]) or §3 log codes (``delta``, ``bits``, ``mode``)."""
+    log: bool
+    scale: float = 1.0
+    zero_point: int = 0
+    bits: int = 8
+    delta: float = 1.0
+    mode: str = "sqrt2"
+
+    def native(self) -> tuple:
+        """The form the native kernels take."""
+        if self.log:
+            return ("log", self.delta, log_mode(self.mode), 2**self.bits - 1)
+        return ("uniform", self.scale, self.zero_point, 0, 2**self.bits - 1)
+
+
+def codes_spec(codes) -> CodesSpec | None:
+    """``codes`` of a float stage: None (float32 result), {"scale", "zero_point"[, "bits"]} (§2, uint8 codes) or
+    {"delta"[, "bits", "mode"]} (§3)."""
+    if codes is None or isinstance(codes, CodesSpec):
+        return codes
+    if not isinstance(codes, dict):
+        raise TypeError(f"codes must be None or a dict, got {type(codes).__name__}")
+    keys = set(codes)
+    if keys in ({"scale", "zero_point"}, {"scale", "zero_point", "bits"}):
+        bits = 8 if codes.get("bits") is None else as_int(codes["bits"], "codes bits")
+        lo, hi = code_range("uint8", bits, False)
+        z = as_int(codes["zero_point"], "codes zero_point")
+        if not lo <= z <= hi:
+            raise ValueError(f"codes zero_point must be in [{lo}, {hi}], got {z}")
+        return CodesSpec(False, scale=float(np.float32(positive_scale(codes["scale"], "codes scale"))), zero_point=z,
+                         bits=hi.bit_length())
+    if "delta" in keys and keys <= {"delta", "bits", "mode"}:
+        bits, mode = log_bits(codes.get("bits", 4)), codes.get("mode", "sqrt2")
+        log_mode(mode)
+        return CodesSpec(True, delta=float(np.float32(positive_scale(codes["delta"], "codes delta"))), bits=bits,
+                         mode=mode)
+    raise ValueError(f"codes must have the keys scale, zero_point[, bits] or delta[, bits, mode], got {sorted(keys)}")
+
+
 @dataclass
 class FloatArgs:
     x: np.ndarray  # float32, C-contiguous
     op: str = ""   # the elementwise function (UNARY_OPS) for gelu / silu
+    codes: CodesSpec | None = None  # §15.9: codes of the result instead of float32
 
 
 @dataclass
@@ -930,6 +973,7 @@ class NormArgs:
     bias: np.ndarray    # float32 [C]; -0.0 when absent (x + -0.0 == x for every x)
     eps: float          # a float32 value, finite, >= 0
     groups: int = 0     # group_norm only
+    codes: CodesSpec | None = None  # §15.9 (layer_norm)
 
 
 def float32_input(x, name: str, min_ndim: int = 0) -> np.ndarray:
@@ -942,8 +986,8 @@ def float32_input(x, name: str, min_ndim: int = 0) -> np.ndarray:
     return canonical(x)
 
 
-def unary_args(x, op: str) -> FloatArgs:
-    return FloatArgs(float32_input(x, "x"), check_type_name(op, "op", UNARY_OPS))
+def unary_args(x, op: str, codes=None) -> FloatArgs:
+    return FloatArgs(float32_input(x, "x"), check_type_name(op, "op", UNARY_OPS), codes_spec(codes))
 
 
 @dataclass
@@ -977,8 +1021,8 @@ def add_args(a, b) -> AddArgs:
     return AddArgs(a, b.reshape(-1), m, inner)
 
 
-def softmax_args(x) -> FloatArgs:
-    return FloatArgs(float32_input(x, "x", 1))
+def softmax_args(x, codes=None) -> FloatArgs:
+    return FloatArgs(float32_input(x, "x", 1), codes=codes_spec(codes))
 
 
 def _affine_vector(v, name: str, c: int, absent: float) -> np.ndarray:
@@ -1000,10 +1044,11 @@ def _eps(eps) -> float:
     return float(e)
 
 
-def layer_norm_args(x, weight, bias, eps) -> NormArgs:
+def layer_norm_args(x, weight, bias, eps, codes=None) -> NormArgs:
     x = float32_input(x, "x", 1)
     c = x.shape[-1]
-    return NormArgs(x, _affine_vector(weight, "weight", c, 1.0), _affine_vector(bias, "bias", c, -0.0), _eps(eps))
+    return NormArgs(x, _affine_vector(weight, "weight", c, 1.0), _affine_vector(bias, "bias", c, -0.0), _eps(eps),
+                    codes=codes_spec(codes))
 
 
 def group_norm_args(x, groups, weight, bias, eps) -> NormArgs:

@@ -40,6 +40,15 @@ UNRECORDED = ("quantize", "quantize_log", "softmax", "layer_norm", "group_norm",
 HOST_FALLBACK = UNRECORDED + ("int_bmm",)
 
 
+def _codes_of(y: np.ndarray, spec):
+    """Spec §15.9 on the reference: the float32 result, or its §2 / §3 codes."""
+    if spec is None:
+        return y
+    if spec.log:
+        return _rquant.quantize_log(y, spec.delta, spec.bits, spec.mode)
+    return _rquant.quantize(y, spec.scale, spec.zero_point, "uint8", bits=spec.bits)
+
+
 def _reference_table() -> dict:
     numpy_engine = {
         "int_gemm": _rgemm.int_gemm_compute,
@@ -51,11 +60,11 @@ def _reference_table() -> dict:
         "requantize": _rreq.requantize_args_compute,
         "quantize": _rquant.quantize_compute,
         "quantize_log": _rquant.quantize_log_compute,
-        "softmax": lambda a: _rfloat.softmax(a.x),
-        "layer_norm": lambda a: _rfloat.layer_norm(a.x, a.weight, a.bias, a.eps),
+        "softmax": lambda a: _codes_of(_rfloat.softmax(a.x), a.codes),
+        "layer_norm": lambda a: _codes_of(_rfloat.layer_norm(a.x, a.weight, a.bias, a.eps), a.codes),
         "group_norm": lambda a: _rfloat.group_norm(a.x, a.groups, a.weight, a.bias, a.eps),
-        "gelu": lambda a: _rfloat.gelu(a.x, "tanh" if a.op == "gelu_tanh" else "none"),
-        "silu": lambda a: _rfloat.silu(a.x),
+        "gelu": lambda a: _codes_of(_rfloat.gelu(a.x, "tanh" if a.op == "gelu_tanh" else "none"), a.codes),
+        "silu": lambda a: _codes_of(_rfloat.silu(a.x), a.codes),
         "add": lambda a: _rfloat.add(a.a.reshape(-1, a.m, a.inner), a.b.reshape(-1, 1)).reshape(a.a.shape),
     }
     engine = os.environ.get("PYQSIM_REFERENCE_ENGINE", "numpy")
@@ -385,14 +394,16 @@ def log2_attn_matmul(codes, v, *, v_zero_point=0, bits=4, mode="sqrt2", frac_bit
 # --------------------------------------------------------------------------- float stages (spec §15)
 
 
-def softmax(x, *, backend="auto"):
-    """Softmax of float32 ``x`` over the last axis (spec §15.5)."""
-    return _run("softmax", backend, C.softmax_args(x))
+def softmax(x, *, codes=None, backend="auto"):
+    """Softmax of float32 ``x`` over the last axis (spec §15.5); with ``codes``, the uint8 codes of it (§15.9: a dict
+    {"scale", "zero_point"[, "bits"]} for §2 codes or {"delta"[, "bits", "mode"]} for §3 log codes)."""
+    return _run("softmax", backend, C.softmax_args(x, codes))
 
 
-def layer_norm(x, weight=None, bias=None, eps=1e-5, *, backend="auto"):
-    """LayerNorm of float32 ``x`` over the last axis, optional weight and bias [C] (spec §15.6)."""
-    return _run("layer_norm", backend, C.layer_norm_args(x, weight, bias, eps))
+def layer_norm(x, weight=None, bias=None, eps=1e-5, *, codes=None, backend="auto"):
+    """LayerNorm of float32 ``x`` over the last axis, optional weight and bias [C] (spec §15.6); ``codes`` as in
+    :func:`softmax`."""
+    return _run("layer_norm", backend, C.layer_norm_args(x, weight, bias, eps, codes))
 
 
 def group_norm(x, groups, weight=None, bias=None, eps=1e-5, *, backend="auto"):
@@ -400,10 +411,11 @@ def group_norm(x, groups, weight=None, bias=None, eps=1e-5, *, backend="auto"):
     return _run("group_norm", backend, C.group_norm_args(x, groups, weight, bias, eps))
 
 
-def gelu(x, approximate="none", *, backend="auto"):
-    """GELU of float32 ``x``: erf form (``"none"``) or tanh form (``"tanh"``) (spec §15.4)."""
+def gelu(x, approximate="none", *, codes=None, backend="auto"):
+    """GELU of float32 ``x``: erf form (``"none"``) or tanh form (``"tanh"``) (spec §15.4); ``codes`` as in
+    :func:`softmax`."""
     approx = C.check_type_name(approximate, "approximate", ("none", "tanh"))
-    return _run("gelu", backend, C.unary_args(x, "gelu_tanh" if approx == "tanh" else "gelu"))
+    return _run("gelu", backend, C.unary_args(x, "gelu_tanh" if approx == "tanh" else "gelu", codes))
 
 
 def add(a, b, *, backend="auto"):
@@ -411,9 +423,9 @@ def add(a, b, *, backend="auto"):
     return _run("add", backend, C.add_args(a, b))
 
 
-def silu(x, *, backend="auto"):
-    """SiLU ``x * sigmoid(x)`` of float32 ``x`` (spec §15.4)."""
-    return _run("silu", backend, C.unary_args(x, "silu"))
+def silu(x, *, codes=None, backend="auto"):
+    """SiLU ``x * sigmoid(x)`` of float32 ``x`` (spec §15.4); ``codes`` as in :func:`softmax`."""
+    return _run("silu", backend, C.unary_args(x, "silu", codes))
 
 
 # --------------------------------------------------------------------------- build

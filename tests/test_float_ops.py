@@ -194,6 +194,49 @@ def test_add_bits(isa, ab):
     assert bits_equal(got, np.where(want != want, RF.NAN, want))
 
 
+@st.composite
+def codes_specs(draw, log):
+    """Codes of a stage's result (§15.9) over the whole accepted range: uniform (scale, zero point, bits) or log."""
+    bits = draw(st.integers(2, 8))
+    if log:
+        return {"delta": draw(st.floats(TINY, float(np.finfo(F32).max), width=32) | st.floats(2.0**-10, 2.0, width=32)),
+                "bits": bits, "mode": draw(st.sampled_from(["log2", "sqrt2"]))}
+    return {"scale": draw(st.floats(TINY, float(np.finfo(F32).max), width=32) | st.floats(2.0**-10, 10.0, width=32)),
+            "zero_point": draw(st.integers(0, 2**bits - 1)), "bits": bits}
+
+
+STAGES = {"gelu": lambda x, **kw: ops.gelu(x, **kw), "gelu_tanh": lambda x, **kw: ops.gelu(x, "tanh", **kw),
+          "silu": lambda x, **kw: ops.silu(x, **kw), "softmax": lambda x, **kw: ops.softmax(x, **kw),
+          "layer_norm": lambda x, **kw: ops.layer_norm(x, **kw)}
+
+
+@FIXTURE_OK
+@given(data=st.data(), stage=st.sampled_from(sorted(STAGES)), x=float_arrays(min_last=1))
+@example(data=None, stage="softmax", x=np.array([[0.0, -np.inf, 5.0], [np.nan, 1.0, 2.0]], F32))
+@example(data=None, stage="gelu", x=np.array([[np.inf, -np.inf, 0.0]], F32))
+def test_stage_codes_bits(isa, data, stage, x):
+    """§15.9: a stage with ``codes`` returns exactly quantize / quantize_log of its float32 result, on every backend,
+    and raises ValueError where those would (a result that is not finite, or negative for log codes)."""
+    f = STAGES[stage]
+    log = stage == "softmax" and (data is None or data.draw(st.booleans()))
+    codes = data.draw(codes_specs(log)) if data is not None else {"delta": 0.5, "bits": 4} if log else \
+        {"scale": 0.1, "zero_point": 3, "bits": 8}
+    y = f(x, backend="reference")
+    try:
+        want = (ops.quantize_log(y, codes["delta"], codes["bits"], codes["mode"] if "mode" in codes else "sqrt2",
+                                 backend="reference") if log else
+                ops.quantize(y, codes["scale"], codes["zero_point"], "uint8", bits=codes["bits"], backend="reference"))
+    except ValueError:
+        want = None
+    for backend in ("reference", "cpu"):
+        if want is None:
+            with pytest.raises(ValueError):
+                f(x, codes=codes, backend=backend)
+        else:
+            got = f(x, codes=codes, backend=backend)
+            assert got.dtype == np.uint8 and np.array_equal(got, want), backend
+
+
 def test_threads_do_not_change_bits():
     from pyqsim.backends import cpu
     rng = np.random.default_rng(5)
@@ -427,6 +470,12 @@ def test_agrees_with_torch_semantics():
     (lambda: ops.silu(np.zeros(3, F32), backend="gpu"), ValueError, "backend must be one of"),
     (lambda: ops.add(np.zeros(3, F32), np.zeros(3)), TypeError, "b must have dtype float32"),
     (lambda: ops.add(np.zeros(3, F32), np.zeros(4, F32)), ValueError, "a and b must broadcast to one shape"),
+    (lambda: ops.gelu(np.zeros(3, F32), codes={"scale": 0.1}), ValueError, "codes must have the keys"),
+    (lambda: ops.gelu(np.zeros(3, F32), codes=(0.1, 3)), TypeError, "codes must be None or a dict"),
+    (lambda: ops.softmax(np.zeros((1, 3), F32), codes={"scale": 0.0, "zero_point": 0}), ValueError, "codes scale"),
+    (lambda: ops.silu(np.zeros(3, F32), codes={"scale": 1.0, "zero_point": 16, "bits": 4}), ValueError,
+     "codes zero_point must be in \\[0, 15\\]"),
+    (lambda: ops.softmax(np.zeros((1, 3), F32), codes={"delta": 1.0, "bits": 9}), ValueError, "bits"),
 ])
 def test_bad_arguments(call, exc, match):
     with pytest.raises(exc, match=match):

@@ -119,3 +119,41 @@ def test_no_fold_when_the_product_is_not_the_only_user():
     b = np.full((1, 6, 7), 9, np.uint8)
     folded, kept = _both(p, a, b, "auto")
     assert np.array_equal(_bits(folded), _bits(kept))
+
+
+# --------------------------------------------------------------------------- §15.9: a float stage's codes
+
+
+def _stage_program(kind, quant, extra_user=False, gap=False):
+    """x -> float stage -> quantize / quantize_log (-> + the stage's value when ``extra_user``; an add between the
+    two when ``gap``)."""
+    stage_args = {"softmax": [{"@": "x"}, -1], "layer_norm": [{"@": "x"}, [7]]}.get(kind, [{"@": "x"}])
+    nodes = [_node("f", kind, stage_args)]
+    if gap:
+        nodes.append(_node("g", "binary", [{"@": "x"}, {"@": "x"}], {"op": "add", "dtype": "float32"}))
+    if quant == "quantize":
+        nodes.append(_node("q", "quantize", [{"@": "f"}], {"bits": 6}, {"scale": "s", "zero_point": "z"}))
+    else:
+        nodes.append(_node("q", "quantize_log", [{"@": "f"}], {"bits": 4, "mode": "sqrt2"}, {"delta": "d"}))
+    outs = [{"name": "y", "value": {"@": "q"}}]
+    if extra_user:
+        outs.append({"name": "f", "value": {"@": "f"}})
+    prog = {"inputs": [{"name": "x", "dtype": "float32", "shape": [None, 7]}], "nodes": nodes, "outputs": outs}
+    tensors = {"s": np.array(0.03, F32), "z": np.array(20, np.int32), "d": np.array(0.75, F32)}
+    return Program(tensors, {"program": prog})
+
+
+@given(seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(["gelu", "silu", "softmax", "layer_norm"]),
+       quant=st.sampled_from(["quantize", "quantize_log"]), backend=st.sampled_from(["reference", "auto"]),
+       extra_user=st.booleans(), gap=st.booleans())
+def test_stage_codes_equal_the_unfused_run(seed, kind, quant, backend, extra_user, gap):
+    """A float stage whose only reader is the quantize node right after it computes that node's codes (§15.9); the
+    result equals the run that keeps every value (no fusion), and nothing else is fused."""
+    assume(quant == "quantize" or kind == "softmax")  # log codes need p >= 0
+    p = _stage_program(kind, quant, extra_user, gap)
+    assert (set(p._code_fusions()) == {"q"}) == (not extra_user and not gap)
+    x = (np.random.default_rng(seed).standard_normal((3, 7)) * 4).astype(F32)
+    fused = p.run(x, backend=backend)
+    kept, _ = p.execute((x,), None, backend, keep=True)
+    got = fused[0] if extra_user else fused
+    assert got.dtype == np.uint8 and np.array_equal(got, kept[0])

@@ -164,6 +164,10 @@ def _log2_attn_matmul(a):
                                o.zero_point, o.scale)
 
 
+def _native(codes):
+    return None if codes is None else codes.native()
+
+
 def _quantize(a):
     return _C.quantize(a.x, a.scale, a.zero_point, a.lo, a.hi, a.container).reshape(a.shape)
 
@@ -182,10 +186,10 @@ OPS = {} if _C is None else {
     "log2_attn_matmul": _log2_attn_matmul,
     "quantize": _quantize,
     "quantize_log": _quantize_log,
-    "softmax": lambda a: _C.softmax(a.x),
-    "layer_norm": lambda a: _C.layer_norm(a.x, a.weight, a.bias, a.eps),
+    "softmax": lambda a: _C.softmax(a.x, _native(a.codes)),
+    "layer_norm": lambda a: _C.layer_norm(a.x, a.weight, a.bias, a.eps, _native(a.codes)),
     "group_norm": lambda a: _C.group_norm(a.x, a.groups, a.weight, a.bias, a.eps),
-    "gelu": lambda a: _C.unary(a.x, a.op),
-    "silu": lambda a: _C.unary(a.x, a.op),
+    "gelu": lambda a: _C.unary(a.x, a.op, _native(a.codes)),
+    "silu": lambda a: _C.unary(a.x, a.op, _native(a.codes)),
     "add": lambda a: _C.add(a.a, a.b, a.m, a.inner),
 }

@@ -19,6 +19,10 @@ W_FORMATS = ("int8", "int4", "uint4")
 LOG_MODES = ("log2", "sqrt2")
 OUT = ("float32", "requant")
 _SCALAR_F32 = TensorSpec((F32,), 0)
+# The interpreter's run-time attribute of a float stage whose only consumer is a quantize / quantize_log node: that
+# node's codes (spec §15.9), computed by the stage in one pass; never stored in a program.
+CODES = "_codes"
+CODE_STAGES = ("gelu", "silu", "softmax", "layer_norm")
 _SCALAR_I32 = TensorSpec((I32,), 0)
 
 
@@ -379,13 +383,13 @@ def _erf(x: np.ndarray) -> np.ndarray:
 @kind("gelu", args=(("x", TENSOR),), attrs={"approximate": (STR, "none", ("none", "tanh"))})
 def _gelu(args, attrs, t, ctx):
     """GELU, erf form or tanh form, float32 (spec §15.4)."""
-    return ops.gelu(_f32(args[0]), attrs.get("approximate", "none"), backend=ctx.backend)
+    return ops.gelu(_f32(args[0]), attrs.get("approximate", "none"), codes=attrs.get(CODES), backend=ctx.backend)
 
 
 @kind("silu", args=(("x", TENSOR),))
 def _silu(args, attrs, t, ctx):
     """x * sigmoid(x) in float32 (spec §15.4)."""
-    return ops.silu(_f32(args[0]), backend=ctx.backend)
+    return ops.silu(_f32(args[0]), codes=attrs.get(CODES), backend=ctx.backend)
 
 
 @kind("softmax", args=(("x", TENSOR), ("dim", INT)))
@@ -395,9 +399,10 @@ def _softmax(args, attrs, t, ctx):
     d = d % x.ndim if x.ndim else 0
     if x.ndim == 0:
         return np.ones((), np.float32)
+    codes = attrs.get(CODES)
     if d == x.ndim - 1:
-        return ops.softmax(x, backend=ctx.backend)
-    return np.moveaxis(ops.softmax(np.moveaxis(x, d, -1), backend=ctx.backend), -1, d)
+        return ops.softmax(x, codes=codes, backend=ctx.backend)
+    return np.moveaxis(ops.softmax(np.moveaxis(x, d, -1), codes=codes, backend=ctx.backend), -1, d)
 
 
 @kind("log_softmax", args=(("x", TENSOR), ("dim", INT)))
@@ -417,7 +422,7 @@ def _layer_norm(args, attrs, t, ctx):
     c = int(np.prod(shape, dtype=np.int64))
     flat = lambda v: None if v is None else _f32(v).reshape(c)  # noqa: E731
     y = ops.layer_norm(x.reshape(x.shape[:x.ndim - len(shape)] + (c,)), flat(w), flat(b),
-                       attrs.get("eps", 1e-5), backend=ctx.backend)
+                       attrs.get("eps", 1e-5), codes=attrs.get(CODES), backend=ctx.backend)
     return y.reshape(x.shape)
 
 

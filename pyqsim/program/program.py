@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from .. import ops
+from .._checks import codes_spec
 from ..runtime.paramfile import ParamFileError, load_params, save_params
 from . import kinds as _kinds  # noqa: F401  (registers every node kind)
 from .schema import DTYPES, KINDS, decode_literal, is_ref, validate_node
@@ -87,7 +88,7 @@ class Program:
         self._validate()
         self._cache: dict = {}
         self._folds = None  # (out_scale overrides by node, folded node -> its source), built on the first run
-        self._steps: dict = {}  # (fold, free) -> the decoded per-node steps of execute, built on the first run
+        self._steps: dict = {}  # (fold, free, fuse) -> the decoded per-node steps of execute, built on the first run
 
     # ------------------------------------------------------------------ validation
 
@@ -186,16 +187,41 @@ class Program:
     def _node_tensors(self, node) -> dict:
         return {k: self.tensors[v] for k, v in node.get("tensors", {}).items() if v is not None}
 
-    def _scale_folds(self):
-        """Spec §9.1: float32 output stages followed only by a product with 2^e, run as one output stage."""
-        if self._folds is not None:
-            return self._folds
-        users = collections.Counter()
+    def _users(self) -> collections.Counter:
+        """Value name -> how many node arguments and program outputs read it."""
         from .schema import refs_in
+        users = collections.Counter()
         for node in self.nodes:
             for a in node.get("args", []):
                 users.update(refs_in(a))
         users.update(o["value"]["@"] for o in self.outputs)
+        return users
+
+    def _code_fusions(self) -> dict:
+        """Spec §15.9: quantize / quantize_log node -> (the float stage it alone reads, that stage's codes argument),
+        for stages (``CODE_STAGES``) right before it whose value nothing else reads."""
+        users, fused = self._users(), {}
+        for src, node in zip(self.nodes, self.nodes[1:]):
+            if node["kind"] not in ("quantize", "quantize_log") or not node.get("args") or not is_ref(node["args"][0]):
+                continue
+            if node["args"][0]["@"] != src["name"] or src["kind"] not in _kinds.CODE_STAGES or users[src["name"]] != 1:
+                continue
+            if decode_literal(src.get("attrs", {}).get("dtype", "float32")) != "float32":
+                continue
+            attrs = {a: decode_literal(v) for a, v in node.get("attrs", {}).items()}
+            t = self._node_tensors(node)
+            if node["kind"] == "quantize":
+                codes = {"scale": t["scale"][()], "zero_point": int(t["zero_point"][()]), "bits": attrs.get("bits", 8)}
+            else:
+                codes = {"delta": t["delta"][()], "bits": attrs["bits"], "mode": attrs["mode"]}
+            fused[node["name"]] = (src["name"], codes_spec(codes))
+        return fused
+
+    def _scale_folds(self):
+        """Spec §9.1: float32 output stages followed only by a product with 2^e, run as one output stage."""
+        if self._folds is not None:
+            return self._folds
+        users = self._users()
         by_name = {n["name"]: n for n in self.nodes}
         scales, alias = {}, {}
         for node in self.nodes:
@@ -213,13 +239,16 @@ class Program:
         self._folds = (scales, alias)
         return self._folds
 
-    def _plan(self, fold: bool, free: bool) -> list:
+    def _plan(self, fold: bool, free: bool, fuse: bool = False) -> list:
         """Per node, what execute needs, decoded once: (name, kind, args, attrs, tensors, scope, alias source, output
-        dtype, values dead after it); with the §9.1 folds when ``fold``, freeing dead values when ``free``."""
-        if (fold, free) not in self._steps:
+        dtype, values dead after it); with the §9.1 folds when ``fold``, freeing dead values when ``free``, and a
+        float stage computing the codes of the quantize node that alone reads it (§15.9) when ``fuse``."""
+        if (fold, free, fuse) not in self._steps:
             last_use = self._last_use() if free else {}
             scales, alias = self._scale_folds() if fold else ({}, {})
-            steps = []
+            fusions = self._code_fusions() if fuse else {}
+            stage_of = {src: q for q, (src, _) in fusions.items()}
+            steps, pending = [], {}
             for i, node in enumerate(self.nodes):
                 name = node["name"]
                 attrs = {a: decode_literal(v) for a, v in node.get("attrs", {}).items()}
@@ -227,10 +256,20 @@ class Program:
                 if name in scales:
                     t["out_scale"] = scales[name]
                 dt = attrs.get("dtype")
-                steps.append((name, KINDS[node["kind"]], node.get("args", []), attrs, t, node.get("scope"),
-                              alias.get(name), None if dt is None else DTYPES[dt], tuple(last_use.get(i, ()))))
-            self._steps[fold, free] = steps
-        return self._steps[fold, free]
+                dead = tuple(last_use.get(i, ()))
+                step = (name, KINDS[node["kind"]], node.get("args", []), attrs, t, node.get("scope"), alias.get(name),
+                        None if dt is None else DTYPES[dt], dead)
+                if name in stage_of:  # runs at its quantize node, with that node's codes
+                    pending[name] = step
+                    continue
+                if name in fusions:
+                    src, codes = fusions[name]
+                    _, k, args, s_attrs, s_t, scope, _, _, s_dead = pending.pop(src)
+                    step = (name, k, args, dict(s_attrs, **{_kinds.CODES: codes}), s_t, scope, None, step[7],
+                            s_dead + dead)
+                steps.append(step)
+            self._steps[fold, free, fuse] = steps
+        return self._steps[fold, free, fuse]
 
     def execute(self, inputs=(), named=None, backend: str = "auto", keep: bool = False, numerics: str = "pyqsim"):
         """Run every node; returns (outputs list, env of all values when ``keep``)."""
@@ -239,7 +278,9 @@ class Program:
         env = self._bind(tuple(inputs), named or {})
         ctx = _Ctx(backend, self._cache, numerics=numerics)
         # kept values and recorded op calls are each node's own (no §9.1 fold)
-        for name, k, raw_args, attrs, t, scope, src, dtype, dead in self._plan(not (keep or ops.recording()), not keep):
+        fold = not (keep or ops.recording())
+        for name, k, raw_args, attrs, t, scope, src, dtype, dead in self._plan(fold, not keep,
+                                                                               not keep and numerics == "pyqsim"):
             if src is not None:  # spec §9.1: the product is folded into src's output stage
                 env[name] = env[src]
             else:
