@@ -43,9 +43,15 @@ const FloatKernels& float_kernel_table() {
       },
       [](UnaryOp op, const float* x, float* y, int64_t n) {
         switch (op) {
-          case UnaryOp::GeluErf: fmath::map<O>(x, y, n, [](V v) { return fmath::gelu_erf<O>(v); }); break;
-          case UnaryOp::GeluTanh: fmath::map<O>(x, y, n, [](V v) { return fmath::gelu_tanh<O>(v); }); break;
-          default: fmath::map<O>(x, y, n, [](V v) { return fmath::silu<O>(v); }); break;
+          case UnaryOp::GeluErf:
+            fmath::map<O>(x, y, n, [](auto t, auto v) { return fmath::gelu_erf<typename decltype(t)::type>(v); });
+            break;
+          case UnaryOp::GeluTanh:
+            fmath::map<O>(x, y, n, [](auto t, auto v) { return fmath::gelu_tanh<typename decltype(t)::type>(v); });
+            break;
+          default:
+            fmath::map<O>(x, y, n, [](auto t, auto v) { return fmath::silu<typename decltype(t)::type>(v); });
+            break;
         }
       },
       fmath::add_run<O>,

@@ -37,8 +37,58 @@ constexpr float kInvSqrt2 = 0x1.6a09e6p-1f;
 // §15.4 tanh form
 constexpr float kGeluT = -0x1.988454p+0f, kGeluC = 0.044715f;
 
+#define QSIM_INLINE [[gnu::always_inline]] inline
+
+// N lane vectors of O per step, each with O's operations (so the same bits): N independent dependency chains in flight
+// where one vector at a time leaves the polynomials of §15.2-§15.4 bound by the latency of their Horner steps. The
+// subset of the lane operations that the elementwise stages use.
+template <class O, int N>
+struct Multi {
+  template <class T>
+  struct Of {
+    T v[N];
+  };
+  using V = Of<typename O::V>;
+  using I = Of<typename O::I>;
+  using M = Of<typename O::M>;
+  static constexpr int W = O::W * N;
+#define QSIM_EACH(R, name, params, expr)    \
+  QSIM_INLINE static R name params {        \
+    R r;                                    \
+    _Pragma("GCC unroll 8") for (int j = 0; j < N; ++j) r.v[j] = expr; \
+    return r;                               \
+  }
+  QSIM_EACH(V, set, (float a), O::set(a))
+  QSIM_EACH(V, zero, (), O::zero())
+  QSIM_EACH(V, load, (const float* p), O::load(p + j * O::W))
+  QSIM_EACH(V, add, (V a, V b), O::add(a.v[j], b.v[j]))
+  QSIM_EACH(V, sub, (V a, V b), O::sub(a.v[j], b.v[j]))
+  QSIM_EACH(V, mul, (V a, V b), O::mul(a.v[j], b.v[j]))
+  QSIM_EACH(V, div, (V a, V b), O::div(a.v[j], b.v[j]))
+  QSIM_EACH(V, abs, (V a), O::abs(a.v[j]))
+  QSIM_EACH(V, clamp, (V a, V lo, V hi), O::clamp(a.v[j], lo.v[j], hi.v[j]))
+  QSIM_EACH(M, gt, (V a, V b), O::gt(a.v[j], b.v[j]))
+  QSIM_EACH(M, ge, (V a, V b), O::ge(a.v[j], b.v[j]))
+  QSIM_EACH(M, unord, (V a, V b), O::unord(a.v[j], b.v[j]))
+  QSIM_EACH(V, select, (M m, V a, V b), O::select(m.v[j], a.v[j], b.v[j]))
+  QSIM_EACH(I, to_int, (V a), O::to_int(a.v[j]))
+  QSIM_EACH(I, isub, (I a, I b), O::isub(a.v[j], b.v[j]))
+  QSIM_EACH(I, sra1, (I a), O::sra1(a.v[j]))
+  QSIM_EACH(V, pow2, (I a), O::pow2(a.v[j]))
+#undef QSIM_EACH
+  QSIM_INLINE static void store(float* p, V a) {
+    _Pragma("GCC unroll 8") for (int j = 0; j < N; ++j) O::store(p + j * O::W, a.v[j]);
+  }
+};
+
+// The lane type P of an elementwise function f(Tag<P>{}, v) (see map).
+template <class P>
+struct Tag {
+  using type = P;
+};
+
 template <class O>
-typename O::V exp(typename O::V x) {
+QSIM_INLINE typename O::V exp(typename O::V x) {
   using V = typename O::V;
   const V rounder = O::set(kRounder);
   const V c = O::clamp(x, O::set(kExpLo), O::set(kExpHi));  // NaN -> lo
@@ -52,13 +102,13 @@ typename O::V exp(typename O::V x) {
 }
 
 template <class O>
-typename O::V canon(typename O::V y) {
+QSIM_INLINE typename O::V canon(typename O::V y) {
   return O::select(O::unord(y, y), O::set(kNaN), y);
 }
 
 // Phi(x) = erfc(-x / sqrt 2) / 2 (§15.3)
 template <class O>
-typename O::V normal_cdf(typename O::V x) {
+QSIM_INLINE typename O::V normal_cdf(typename O::V x) {
   using V = typename O::V;
   const V half = O::set(0.5f), one = O::set(1.0f);
   const V u = O::mul(O::abs(x), O::set(kInvSqrt2));
@@ -71,12 +121,12 @@ typename O::V normal_cdf(typename O::V x) {
 }
 
 template <class O>
-typename O::V gelu_erf(typename O::V x) {
+QSIM_INLINE typename O::V gelu_erf(typename O::V x) {
   return canon<O>(O::mul(x, normal_cdf<O>(x)));
 }
 
 template <class O>
-typename O::V gelu_tanh(typename O::V x) {
+QSIM_INLINE typename O::V gelu_tanh(typename O::V x) {
   using V = typename O::V;
   const V one = O::set(1.0f);
   const V w = O::mul(O::set(kGeluT), O::mul(x, O::add(one, O::mul(O::set(kGeluC), O::mul(x, x)))));
@@ -84,17 +134,20 @@ typename O::V gelu_tanh(typename O::V x) {
 }
 
 template <class O>
-typename O::V silu(typename O::V x) {
+QSIM_INLINE typename O::V silu(typename O::V x) {
   return canon<O>(O::div(x, O::add(O::set(1.0f), exp<O>(O::sub(O::zero(), x)))));
 }
 
-// y[i] = f(x[i]) for i < n
+// y[i] = f(x[i]) for i < n, f called as f(Tag<P>{}, v) on lanes P: eight vectors at a time (Multi), then one
 template <class O, class F>
 void map(const float* x, float* y, int64_t n, F f) {
+  using Q = Multi<O, 8>;
   constexpr int W = O::W;
   int64_t i = 0;
-  for (; i + W <= n; i += W) O::store(y + i, f(O::load(x + i)));
-  if (i < n) O::store_part(y + i, f(O::load_fill(x + i, static_cast<int>(n - i), 0.0f)), static_cast<int>(n - i));
+  for (; i + Q::W <= n; i += Q::W) Q::store(y + i, f(Tag<Q>{}, Q::load(x + i)));
+  for (; i + W <= n; i += W) O::store(y + i, f(Tag<O>{}, O::load(x + i)));
+  if (i < n)
+    O::store_part(y + i, f(Tag<O>{}, O::load_fill(x + i, static_cast<int>(n - i), 0.0f)), static_cast<int>(n - i));
 }
 
 // §15.8: y[i] = fl32(a[i] + b[i]), or fl32(a[i] + b) with a scalar b; NaN results canonical
@@ -111,8 +164,10 @@ void add_run(const float* a, const float* b, float* y, int64_t n) {
 
 template <class O>
 void add_scalar_run(const float* a, float b, float* y, int64_t n) {
-  const typename O::V bv = O::set(b);
-  map<O>(a, y, n, [bv](typename O::V v) { return canon<O>(O::add(v, bv)); });
+  map<O>(a, y, n, [b](auto t, auto v) {
+    using P = typename decltype(t)::type;
+    return canon<P>(P::add(v, P::set(b)));
+  });
 }
 
 // §15.1: sum of g(i) over i < n (g(i) = the V of elements [i, i + W), zero-filled past n) in 32 lanes,
@@ -165,10 +220,15 @@ void softmax_row(const float* x, float* y, int64_t n) {
     for (int64_t j = 0; j < n; ++j) y[j] = fill;
     return;
   }
-  const V mv = O::set(mx);
-  map<O>(x, y, n, [&](V v) { return exp<O>(O::sub(v, mv)); });
-  const V s = O::set(lane_sum<O>(n, [&](int64_t j, int k) { return load_n<O>(y + j, k); }));
-  map<O>(y, y, n, [&](V v) { return O::div(v, s); });
+  map<O>(x, y, n, [mx](auto t, auto v) {
+    using P = typename decltype(t)::type;
+    return exp<P>(P::sub(v, P::set(mx)));
+  });
+  const float s = lane_sum<O>(n, [&](int64_t j, int k) { return load_n<O>(y + j, k); });
+  map<O>(y, y, n, [s](auto t, auto v) {
+    using P = typename decltype(t)::type;
+    return P::div(v, P::set(s));
+  });
 }
 
 // §15.6 statistics of one row/segment of length n >= 1: mean and 1 / sqrt(var + eps).
@@ -188,9 +248,10 @@ void moments(const float* x, int64_t n, float eps, float& mean, float& rstd) {
 // y = canon(((x - mean) * rstd) * w + b) over n elements sharing (w, b)
 template <class O>
 void normalize_run(const float* x, float* y, int64_t n, float mean, float rstd, float w, float b) {
-  using V = typename O::V;
-  const V mv = O::set(mean), rv = O::set(rstd), wv = O::set(w), bv = O::set(b);
-  map<O>(x, y, n, [&](V v) { return canon<O>(O::add(O::mul(O::mul(O::sub(v, mv), rv), wv), bv)); });
+  map<O>(x, y, n, [=](auto t, auto v) {
+    using P = typename decltype(t)::type;
+    return canon<P>(P::add(P::mul(P::mul(P::sub(v, P::set(mean)), P::set(rstd)), P::set(w)), P::set(b)));
+  });
 }
 
 // LayerNorm row: per-element weight and bias vectors
