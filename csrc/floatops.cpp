@@ -146,6 +146,19 @@ bool quantize(const float* x, int64_t outer, int64_t ldo, int64_t n, int64_t inn
     return finite.load();
   }
   const int64_t chunks = ceil_div(inner, kTaskElems);
+  if (chunks == 1) {  // short runs (rows of a strided view): several (row, channel) runs per task
+    const int64_t runs = outer * n, per = rows_per_task(inner);
+    ThreadPool::instance().run(ceil_div(runs, per), [&](int64_t t, int) {
+      bool ok = true;
+      for (int64_t r = t * per; r < std::min(runs, (t + 1) * per); ++r) {
+        const int64_t c = r % n;
+        ok &= fk.quantize_run(x + (r / n) * ldo + c * inner, inner, scale + c, lo_f.data() + c, hi_f.data() + c, z + c,
+                              0, out + r * inner);
+      }
+      if (!ok) finite.store(false, std::memory_order_relaxed);
+    });
+    return finite.load();
+  }
   ThreadPool::instance().run(outer * n * chunks, [&](int64_t t, int) {
     const int64_t row = t / chunks, c = row % n, i0 = (t % chunks) * kTaskElems;
     const int64_t off = row * inner + i0;
