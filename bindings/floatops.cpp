@@ -152,7 +152,7 @@ py::array layer_norm(py::handle x_, py::handle w_, py::handle b_, double eps, py
   });
 }
 
-py::array group_norm(py::handle x_, int64_t groups, py::handle w_, py::handle b_, double eps) {
+py::array group_norm(py::handle x_, int64_t groups, py::handle w_, py::handle b_, double eps, py::handle codes) {
   py::array x = checked(x_, "x", 'f', 4, "float32", 2);
   const int64_t batch = x.shape(0), c = x.shape(1);
   if (groups < 1 || (c > 0 && c % groups != 0) || (c == 0 && groups != 1))
@@ -162,7 +162,9 @@ py::array group_norm(py::handle x_, int64_t groups, py::handle w_, py::handle b_
   const float* w = channel_vector(w_, "weight", c);
   const float* b = channel_vector(b_, "bias", c);
   const float e = checked_eps(eps);
-  return run_like(x, [&](const float* xp, float* yp) { qsim::group_norm(xp, yp, batch, c, spatial, groups, w, b, e); });
+  return run_stage(x, codes, [&](const float* xp, void* yp, const qsim::CodesOut* cd) {
+    return qsim::group_norm(xp, yp, batch, c, spatial, groups, w, b, e, cd);
+  });
 }
 
 py::array unary(py::handle x_, const std::string& op, py::handle codes) {
@@ -256,7 +258,7 @@ void register_float_ops(py::module_& m) {
   m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
         py::arg("codes") = py::none(), "spec §15.6: LayerNorm over the last axis (float32, or codes of it: §15.9)");
   m.def("group_norm", &group_norm, py::arg("x"), py::arg("groups"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
-        "spec §15.6: GroupNorm of x [N, C, *spatial] (float32)");
+        py::arg("codes") = py::none(), "spec §15.6: GroupNorm of x [N, C, *spatial] (float32, or codes of it: §15.9)");
   m.def("unary", &unary, py::arg("x"), py::arg("op"), py::arg("codes") = py::none(),
         "spec §15.4: 'gelu', 'gelu_tanh' or 'silu' (float32, or codes of it: §15.9)");
   m.def("add", &add, py::arg("a"), py::arg("b"), py::arg("m"), py::arg("inner"),

@@ -82,17 +82,19 @@ bool layer_norm(const float* x, void* y, int64_t rows, int64_t n, const float* w
   });
 }
 
-void group_norm(const float* x, float* y, int64_t batch, int64_t c, int64_t spatial, int64_t groups, const float* w,
-                const float* b, float eps) {
-  if (batch == 0 || c == 0 || spatial == 0) return;
+bool group_norm(const float* x, void* y, int64_t batch, int64_t c, int64_t spatial, int64_t groups, const float* w,
+                const float* b, float eps, const CodesOut* codes) {
+  if (batch == 0 || c == 0 || spatial == 0) return true;
   const FloatKernels& fk = float_kernels();
   const int64_t cg = c / groups, seg = cg * spatial;
-  ThreadPool::instance().run(batch * groups, [&](int64_t t, int) {
+  return run_all(batch * groups, [&](int64_t t) {
     const int64_t off = t * seg, c0 = (t % groups) * cg;
     float mean, rstd;
     fk.moments(x + off, seg, eps, &mean, &rstd);
-    for (int64_t j = 0; j < cg; ++j)
-      fk.normalize_run(x + off + j * spatial, y + off + j * spatial, spatial, mean, rstd, w[c0 + j], b[c0 + j]);
+    return emit(fk, y, off, seg, codes, [&](float* dst) {
+      for (int64_t j = 0; j < cg; ++j)
+        fk.normalize_run(x + off + j * spatial, dst + j * spatial, spatial, mean, rstd, w[c0 + j], b[c0 + j]);
+    });
   });
 }
 

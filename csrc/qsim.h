@@ -220,8 +220,8 @@ bool softmax(const float* x, void* y, int64_t rows, int64_t n, const CodesOut* c
 bool layer_norm(const float* x, void* y, int64_t rows, int64_t n, const float* w, const float* b, float eps,
                 const CodesOut* codes = nullptr);
 // §15.6: GroupNorm of x [batch, c, spatial] with `groups` groups (dividing c); w, b: [c].
-void group_norm(const float* x, float* y, int64_t batch, int64_t c, int64_t spatial, int64_t groups, const float* w,
-                const float* b, float eps);
+bool group_norm(const float* x, void* y, int64_t batch, int64_t c, int64_t spatial, int64_t groups, const float* w,
+                const float* b, float eps, const CodesOut* codes = nullptr);
 // §15.4: elementwise GELU (erf or tanh form) or SiLU of n values.
 bool unary(UnaryOp op, const float* x, void* y, int64_t n, const CodesOut* codes = nullptr);
 // §15.8: y[i] = a[i] + b[(i / inner) % m] for i < n (n a multiple of m * inner; m, inner >= 1)

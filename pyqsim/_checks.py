@@ -973,7 +973,7 @@ class NormArgs:
     bias: np.ndarray    # float32 [C]; -0.0 when absent (x + -0.0 == x for every x)
     eps: float          # a float32 value, finite, >= 0
     groups: int = 0     # group_norm only
-    codes: CodesSpec | None = None  # §15.9 (layer_norm)
+    codes: CodesSpec | None = None  # §15.9
 
 
 def float32_input(x, name: str, min_ndim: int = 0) -> np.ndarray:
@@ -1051,10 +1051,11 @@ def layer_norm_args(x, weight, bias, eps, codes=None) -> NormArgs:
                     codes=codes_spec(codes))
 
 
-def group_norm_args(x, groups, weight, bias, eps) -> NormArgs:
+def group_norm_args(x, groups, weight, bias, eps, codes=None) -> NormArgs:
     x = float32_input(x, "x", 2)
     c = x.shape[1]
     g = as_int(groups, "groups")
     if g < 1 or (c % g if c else g != 1):
         raise ValueError(f"groups must be >= 1 and divide the {c} channels of x, got {g}")
-    return NormArgs(x, _affine_vector(weight, "weight", c, 1.0), _affine_vector(bias, "bias", c, -0.0), _eps(eps), g)
+    return NormArgs(x, _affine_vector(weight, "weight", c, 1.0), _affine_vector(bias, "bias", c, -0.0), _eps(eps), g,
+                    codes_spec(codes))

@@ -62,7 +62,7 @@ def _reference_table() -> dict:
         "quantize_log": _rquant.quantize_log_compute,
         "softmax": lambda a: _codes_of(_rfloat.softmax(a.x), a.codes),
         "layer_norm": lambda a: _codes_of(_rfloat.layer_norm(a.x, a.weight, a.bias, a.eps), a.codes),
-        "group_norm": lambda a: _rfloat.group_norm(a.x, a.groups, a.weight, a.bias, a.eps),
+        "group_norm": lambda a: _codes_of(_rfloat.group_norm(a.x, a.groups, a.weight, a.bias, a.eps), a.codes),
         "gelu": lambda a: _codes_of(_rfloat.gelu(a.x, "tanh" if a.op == "gelu_tanh" else "none"), a.codes),
         "silu": lambda a: _codes_of(_rfloat.silu(a.x), a.codes),
         "add": lambda a: _rfloat.add(a.a.reshape(-1, a.m, a.inner), a.b.reshape(-1, 1)).reshape(a.a.shape),
@@ -406,9 +406,10 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, *, codes=None, backend="auto
     return _run("layer_norm", backend, C.layer_norm_args(x, weight, bias, eps, codes))
 
 
-def group_norm(x, groups, weight=None, bias=None, eps=1e-5, *, backend="auto"):
-    """GroupNorm of float32 ``x`` [N, C, *spatial] in ``groups`` groups, optional weight and bias [C] (spec §15.6)."""
-    return _run("group_norm", backend, C.group_norm_args(x, groups, weight, bias, eps))
+def group_norm(x, groups, weight=None, bias=None, eps=1e-5, *, codes=None, backend="auto"):
+    """GroupNorm of float32 ``x`` [N, C, *spatial] in ``groups`` groups, optional weight and bias [C] (spec §15.6);
+    ``codes`` as in :func:`softmax`."""
+    return _run("group_norm", backend, C.group_norm_args(x, groups, weight, bias, eps, codes))
 
 
 def gelu(x, approximate="none", *, codes=None, backend="auto"):

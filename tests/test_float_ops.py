@@ -207,7 +207,8 @@ def codes_specs(draw, log):
 
 STAGES = {"gelu": lambda x, **kw: ops.gelu(x, **kw), "gelu_tanh": lambda x, **kw: ops.gelu(x, "tanh", **kw),
           "silu": lambda x, **kw: ops.silu(x, **kw), "softmax": lambda x, **kw: ops.softmax(x, **kw),
-          "layer_norm": lambda x, **kw: ops.layer_norm(x, **kw)}
+          "layer_norm": lambda x, **kw: ops.layer_norm(x, **kw),
+          "group_norm": lambda x, **kw: ops.group_norm(x.reshape(1, -1, 1) if x.ndim < 2 else x, 1, **kw)}
 
 
 @FIXTURE_OK

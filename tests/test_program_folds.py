@@ -124,17 +124,22 @@ def test_no_fold_when_the_product_is_not_the_only_user():
 # --------------------------------------------------------------------------- §15.9: a float stage's codes
 
 
-def _stage_program(kind, quant, extra_user=False, gap=False):
-    """x -> float stage -> quantize / quantize_log (-> + the stage's value when ``extra_user``; an add between the
-    two when ``gap``)."""
-    stage_args = {"softmax": [{"@": "x"}, -1], "layer_norm": [{"@": "x"}, [7]]}.get(kind, [{"@": "x"}])
+def _stage_program(kind, quant, extra_user=False, gap=False, identities=0):
+    """x -> float stage (-> identity nodes) -> quantize / quantize_log (-> + the stage's value when ``extra_user``;
+    an add between the two when ``gap``)."""
+    stage_args = {"softmax": [{"@": "x"}, -1], "layer_norm": [{"@": "x"}, [7]],
+                  "group_norm": [{"@": "x"}, 7]}.get(kind, [{"@": "x"}])
     nodes = [_node("f", kind, stage_args)]
+    last = "f"
+    for i in range(identities):
+        nodes.append(_node(f"id{i}", "identity", [{"@": last}]))
+        last = f"id{i}"
     if gap:
         nodes.append(_node("g", "binary", [{"@": "x"}, {"@": "x"}], {"op": "add", "dtype": "float32"}))
     if quant == "quantize":
-        nodes.append(_node("q", "quantize", [{"@": "f"}], {"bits": 6}, {"scale": "s", "zero_point": "z"}))
+        nodes.append(_node("q", "quantize", [{"@": last}], {"bits": 6}, {"scale": "s", "zero_point": "z"}))
     else:
-        nodes.append(_node("q", "quantize_log", [{"@": "f"}], {"bits": 4, "mode": "sqrt2"}, {"delta": "d"}))
+        nodes.append(_node("q", "quantize_log", [{"@": last}], {"bits": 4, "mode": "sqrt2"}, {"delta": "d"}))
     outs = [{"name": "y", "value": {"@": "q"}}]
     if extra_user:
         outs.append({"name": "f", "value": {"@": "f"}})
@@ -143,14 +148,14 @@ def _stage_program(kind, quant, extra_user=False, gap=False):
     return Program(tensors, {"program": prog})
 
 
-@given(seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(["gelu", "silu", "softmax", "layer_norm"]),
+@given(seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(["gelu", "silu", "softmax", "layer_norm", "group_norm"]),
        quant=st.sampled_from(["quantize", "quantize_log"]), backend=st.sampled_from(["reference", "auto"]),
-       extra_user=st.booleans(), gap=st.booleans())
-def test_stage_codes_equal_the_unfused_run(seed, kind, quant, backend, extra_user, gap):
-    """A float stage whose only reader is the quantize node right after it computes that node's codes (§15.9); the
-    result equals the run that keeps every value (no fusion), and nothing else is fused."""
+       extra_user=st.booleans(), gap=st.booleans(), identities=st.integers(0, 2))
+def test_stage_codes_equal_the_unfused_run(seed, kind, quant, backend, extra_user, gap, identities):
+    """A float stage whose only reader is the quantize node right after it (past identity nodes) computes that node's
+    codes (§15.9); the result equals the run that keeps every value (no fusion), and nothing else is fused."""
     assume(quant == "quantize" or kind == "softmax")  # log codes need p >= 0
-    p = _stage_program(kind, quant, extra_user, gap)
+    p = _stage_program(kind, quant, extra_user, gap, identities)
     assert (set(p._code_fusions()) == {"q"}) == (not extra_user and not gap)
     x = (np.random.default_rng(seed).standard_normal((3, 7)) * 4).astype(F32)
     fused = p.run(x, backend=backend)

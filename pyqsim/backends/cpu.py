@@ -188,7 +188,7 @@ OPS = {} if _C is None else {
     "quantize_log": _quantize_log,
     "softmax": lambda a: _C.softmax(a.x, _native(a.codes)),
     "layer_norm": lambda a: _C.layer_norm(a.x, a.weight, a.bias, a.eps, _native(a.codes)),
-    "group_norm": lambda a: _C.group_norm(a.x, a.groups, a.weight, a.bias, a.eps),
+    "group_norm": lambda a: _C.group_norm(a.x, a.groups, a.weight, a.bias, a.eps, _native(a.codes)),
     "gelu": lambda a: _C.unary(a.x, a.op, _native(a.codes)),
     "silu": lambda a: _C.unary(a.x, a.op, _native(a.codes)),
     "add": lambda a: _C.add(a.a, a.b, a.m, a.inner),

@@ -22,7 +22,7 @@ _SCALAR_F32 = TensorSpec((F32,), 0)
 # The interpreter's run-time attribute of a float stage whose only consumer is a quantize / quantize_log node: that
 # node's codes (spec §15.9), computed by the stage in one pass; never stored in a program.
 CODES = "_codes"
-CODE_STAGES = ("gelu", "silu", "softmax", "layer_norm")
+CODE_STAGES = ("gelu", "silu", "softmax", "layer_norm", "group_norm")
 _SCALAR_I32 = TensorSpec((I32,), 0)
 
 
@@ -432,7 +432,7 @@ def _group_norm(args, attrs, t, ctx):
     """GroupNorm of [N, C, *] in float32 (spec §15.6)."""
     x, g, w, b = (list(args) + [None, None])[:4]
     return ops.group_norm(_f32(x), g, None if w is None else _f32(w), None if b is None else _f32(b),
-                          attrs.get("eps", 1e-5), backend=ctx.backend)
+                          attrs.get("eps", 1e-5), codes=attrs.get(CODES), backend=ctx.backend)
 
 
 @kind("batch_norm", args=(("x", TENSOR), ("weight", OPT_TENSOR, None), ("bias", OPT_TENSOR, None), ("mean", TENSOR),

@@ -198,23 +198,38 @@ class Program:
         return users
 
     def _code_fusions(self) -> dict:
-        """Spec §15.9: quantize / quantize_log node -> (the float stage it alone reads, that stage's codes argument),
-        for stages (``CODE_STAGES``) right before it whose value nothing else reads."""
+        """Spec §15.9: quantize / quantize_log node -> (the float stage it reads, that stage's codes argument, the
+        identity nodes between them), for a stage (``CODE_STAGES``) followed by identity nodes and the quantize node,
+        each the only reader of the value before it."""
         users, fused = self._users(), {}
-        for src, node in zip(self.nodes, self.nodes[1:]):
-            if node["kind"] not in ("quantize", "quantize_log") or not node.get("args") or not is_ref(node["args"][0]):
+
+        def reads(node, name):  # node's first argument is the value name, which nothing else reads
+            a = node.get("args") or [None]
+            return is_ref(a[0]) and a[0]["@"] == name and users[name] == 1
+
+        def f32(node):  # no cast of its value
+            return decode_literal(node.get("attrs", {}).get("dtype", "float32")) == "float32"
+
+        for i, src in enumerate(self.nodes):
+            if src["kind"] not in _kinds.CODE_STAGES or not f32(src):
                 continue
-            if node["args"][0]["@"] != src["name"] or src["kind"] not in _kinds.CODE_STAGES or users[src["name"]] != 1:
+            j, prev, chain = i + 1, src["name"], []
+            while j < len(self.nodes) and self.nodes[j]["kind"] == "identity" and reads(self.nodes[j], prev) and \
+                    f32(self.nodes[j]):
+                prev = self.nodes[j]["name"]
+                chain.append(prev)
+                j += 1
+            if j == len(self.nodes) or self.nodes[j]["kind"] not in ("quantize", "quantize_log") or \
+                    not reads(self.nodes[j], prev):
                 continue
-            if decode_literal(src.get("attrs", {}).get("dtype", "float32")) != "float32":
-                continue
+            node = self.nodes[j]
             attrs = {a: decode_literal(v) for a, v in node.get("attrs", {}).items()}
             t = self._node_tensors(node)
             if node["kind"] == "quantize":
                 codes = {"scale": t["scale"][()], "zero_point": int(t["zero_point"][()]), "bits": attrs.get("bits", 8)}
             else:
                 codes = {"delta": t["delta"][()], "bits": attrs["bits"], "mode": attrs["mode"]}
-            fused[node["name"]] = (src["name"], codes_spec(codes))
+            fused[node["name"]] = (src["name"], codes_spec(codes), tuple(chain))
         return fused
 
     def _scale_folds(self):
@@ -247,7 +262,8 @@ class Program:
             last_use = self._last_use() if free else {}
             scales, alias = self._scale_folds() if fold else ({}, {})
             fusions = self._code_fusions() if fuse else {}
-            stage_of = {src: q for q, (src, _) in fusions.items()}
+            stage_of = {src: q for q, (src, _, _) in fusions.items()}
+            skipped = {n for _, _, chain in fusions.values() for n in chain}
             steps, pending = [], {}
             for i, node in enumerate(self.nodes):
                 name = node["name"]
@@ -259,12 +275,14 @@ class Program:
                 dead = tuple(last_use.get(i, ()))
                 step = (name, KINDS[node["kind"]], node.get("args", []), attrs, t, node.get("scope"), alias.get(name),
                         None if dt is None else DTYPES[dt], dead)
-                if name in stage_of:  # runs at its quantize node, with that node's codes
+                if name in stage_of or name in skipped:  # runs at its quantize node, with that node's codes
                     pending[name] = step
                     continue
                 if name in fusions:
-                    src, codes = fusions[name]
+                    src, codes, chain = fusions[name]
                     _, k, args, s_attrs, s_t, scope, _, _, s_dead = pending.pop(src)
+                    for n in chain:
+                        s_dead += pending.pop(n)[8]
                     step = (name, k, args, dict(s_attrs, **{_kinds.CODES: codes}), s_t, scope, None, step[7],
                             s_dead + dead)
                 steps.append(step)
