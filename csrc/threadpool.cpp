@@ -91,8 +91,7 @@ void ThreadPool::stop_workers() {
   stop_ = false;
 }
 
-void ThreadPool::work(int id) {
-  const auto& fn = *job_;
+void ThreadPool::work(int id, const std::function<void(int64_t, int)>& fn) {
   for (;;) {
     int64_t t = next_.fetch_add(1);
     if (t >= ntasks_) break;
@@ -108,16 +107,20 @@ void ThreadPool::worker_main(int id, uint64_t gen_seen) {
       __builtin_ia32_pause();
 #endif
     }
+    const std::function<void(int64_t, int)>* job;
     {
       std::unique_lock<std::mutex> lk(mu_);
       cv_.wait(lk, [&] { return stop_ || generation_ != gen_seen; });
       if (stop_) return;
       gen_seen = generation_;
+      job = job_;
+      if (!job) continue;  // its caller took the last task and did not wait for this thread
+      ++inside_;
     }
-    work(id);
+    work(id, *job);
     {
       std::lock_guard<std::mutex> lk(mu_);
-      if (--active_ == 0) done_cv_.notify_all();
+      if (--inside_ == 0) done_cv_.notify_all();
     }
   }
 }
@@ -147,15 +150,16 @@ void ThreadPool::run(int64_t ntasks, const std::function<void(int64_t, int)>& fn
     job_ = &fn;
     ntasks_ = ntasks;
     next_ = 0;
-    active_ = n - 1;
     ++generation_;
     gen_pub_.store(generation_, std::memory_order_release);
   }
   cv_.notify_all();
-  work(0);
+  work(0, fn);
+  // Every task is taken: the workers that joined finish theirs; later ones find no job (next_ and ntasks_ stay
+  // until the next run, which waits for run_mu_)
   std::unique_lock<std::mutex> lk(mu_);
-  done_cv_.wait(lk, [&] { return active_ == 0; });
   job_ = nullptr;
+  done_cv_.wait(lk, [&] { return inside_ == 0; });
 }
 
 }  // namespace qsim
