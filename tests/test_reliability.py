@@ -342,6 +342,12 @@ KERNEL_CASES = [
     ("gelu", "approximate erf", lambda be: ops.gelu(np.zeros(2, np.float32), "erf", backend=be), ValueError,
      "approximate must be one of"),
     ("silu", "x int8", lambda be: ops.silu(np.zeros(2, np.int8), backend=be), TypeError, "x must have dtype float32"),
+    ("silu", "codes zero point", lambda be: ops.silu(np.zeros(2, np.float32), codes={"scale": 1.0, "zero_point": 300},
+                                                      backend=be), ValueError, "codes zero_point"),
+    ("add", "b float64", lambda be: ops.add(np.zeros(2, np.float32), np.zeros(2), backend=be), TypeError,
+     "b must have dtype float32"),
+    ("add", "shapes", lambda be: ops.add(np.zeros(2, np.float32), np.zeros(3, np.float32), backend=be), ValueError,
+     "a and b must broadcast"),
 ]
 
 HOST_CASES = [
