@@ -222,6 +222,10 @@ class OutStage:
 
 def out_stage(out_dtype, n, multiplier, shift, out_zero_point, out_scale, allowed=GEMM_OUT,
               numerics="pyqsim") -> OutStage:
+    """The checked output stage of an op with ``n`` output channels; ``out_dtype`` may be an OutStage validated
+    before (``ops.output_stage``), then checked against the op and passed on."""
+    if isinstance(out_dtype, OutStage):
+        return _prepared_stage(out_dtype, n, (multiplier, shift, out_scale), out_zero_point, allowed, numerics)
     prof = profile(numerics)
     out_dtype = check_type_name(out_dtype, "out_dtype", allowed)
     zeros_i = np.zeros(n, np.int32)
@@ -243,6 +247,20 @@ def out_stage(out_dtype, n, multiplier, shift, out_zero_point, out_scale, allowe
     if out_dtype == "float32":
         return OutStage(out_dtype, zeros_i, zeros_i, 0, per_channel_scales(out_scale, "out_scale", n), numerics)
     return OutStage(out_dtype, zeros_i, zeros_i, 0, zeros_f, numerics)
+
+
+def _prepared_stage(st: OutStage, n, values, out_zero_point, allowed, numerics) -> OutStage:
+    if any(v is not None for v in values) or out_zero_point != 0:
+        raise ValueError("an output stage passed as out_dtype carries its own multiplier, shift, out_zero_point and "
+                         "out_scale: leave those arguments unset")
+    if st.dtype not in allowed:
+        raise ValueError(f"out_dtype must be one of {', '.join(map(repr, allowed))}, got an output stage of "
+                         f"{st.dtype!r}")
+    if len(st.scale) != n:
+        raise ValueError(f"the output stage has {len(st.scale)} channels, the op produces {n}")
+    if st.numerics != numerics:
+        raise ValueError(f"the output stage was prepared for numerics={st.numerics!r}, the op runs {numerics!r}")
+    return st
 
 
 # --------------------------------------------------------------------------- weights

@@ -29,7 +29,7 @@ _AUTO_ORDER = ("cuda", "cpu", "reference")
 __all__ = [
     "quantize", "dequantize", "quantize_log", "dequantize_log", "pack_int4", "unpack_int4",
     "quantize_multiplier", "quantize_multiplier_pair", "requantize", "int_gemm", "int_bmm", "int_conv2d",
-    "split_gemm", "split_conv2d", "log2_attn_matmul", "pack_weight", "requant_scale",
+    "split_gemm", "split_conv2d", "log2_attn_matmul", "pack_weight", "output_stage", "requant_scale",
     "softmax", "layer_norm", "group_norm", "gelu", "silu", "add",
 ]
 
@@ -301,6 +301,17 @@ def quantize_multiplier_pair(real_scale1, real_scale2, *, backend="auto"):
 def requantize(acc, multiplier, shift, zero_point=0, out_dtype="int8", *, axis=-1, numerics="pyqsim", backend="auto"):
     """Requantize int32 ``acc`` by ``quantize_multiplier``'s parameters (spec §6; other profiles §14)."""
     return _run("requantize", backend, C.requantize_args(acc, multiplier, shift, zero_point, out_dtype, axis, numerics))
+
+
+def output_stage(n, out_dtype="int32", *, multiplier=None, shift=None, out_zero_point=0, out_scale=None,
+                 numerics="pyqsim"):
+    """Validate the output stage of an integer op with ``n`` output channels once (spec §6): a handle that
+    ``int_gemm``, ``int_conv2d``, ``int_bmm`` and ``log2_attn_matmul`` accept as ``out_dtype`` (their other output
+    keywords left unset), with the same result as passing the keywords."""
+    n = C.as_int(n, "n")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    return C.out_stage(out_dtype, n, multiplier, shift, out_zero_point, out_scale, C.GEMM_OUT + ("int64",), numerics)
 
 
 def pack_weight(w, *, w_format="int8", w_zero_point=0, kind="gemm", kernel_size=None, groups=1, k=None,

@@ -304,3 +304,33 @@ def test_packed_weight_checks():
         ops.int_conv2d(np.zeros((1, 2, 5, 5), np.int8), hc, backend="reference")
     with pytest.raises(ValueError, match="packed conv weight, expected a gemm weight"):
         ops.int_gemm(np.zeros((2, 4), np.int8), hc, backend="reference")
+
+
+_STAGE_KEYS = ("out_dtype", "multiplier", "shift", "out_zero_point", "out_scale")
+
+
+def _with_stage(kw, n):
+    """kw with its output-stage keywords replaced by one ops.output_stage handle."""
+    stage = ops.output_stage(n, **{k: kw[k] for k in _STAGE_KEYS if k in kw}, numerics=kw.get("numerics", "pyqsim"))
+    return dict({k: v for k, v in kw.items() if k not in _STAGE_KEYS}, out_dtype=stage)
+
+
+@given(kw=S.gemm_cases(max_dim=40))
+def test_output_stage_handle_gemm(kw):
+    """An output stage validated once (ops.output_stage) gives the op's result with the keywords, on every backend."""
+    _same_packed("int_gemm", kw, _with_stage(kw, kw["w"].shape[0]))
+
+
+@given(kw=S.conv_cases())
+def test_output_stage_handle_conv(kw):
+    _same_packed("int_conv2d", kw, _with_stage(kw, kw["w"].shape[0]))
+
+
+@given(kw=S.bmm_cases())
+def test_output_stage_handle_bmm(kw):
+    _same_packed("int_bmm", kw, _with_stage(kw, kw["b"].shape[-2]))
+
+
+@given(kw=S.log2_cases(max_dim=24, lead=S.lead_shapes()))
+def test_output_stage_handle_log2(kw):
+    _same_packed("log2_attn_matmul", kw, _with_stage(kw, kw["v"].shape[-1]))

@@ -351,6 +351,19 @@ KERNEL_CASES = [
 ]
 
 HOST_CASES = [
+    # output_stage
+    ("output_stage", "n -1", lambda: ops.output_stage(-1), ValueError, "n must be >= 0"),
+    ("output_stage", "out_dtype", lambda: ops.output_stage(3, "int16"), ValueError, "out_dtype must be one of"),
+    ("output_stage", "no scale", lambda: ops.output_stage(3, "float32"), ValueError, "out_scale is required"),
+    ("output_stage", "shift 0", lambda: ops.output_stage(3, "uint8", multiplier=1, shift=0), ValueError, "shift"),
+    ("output_stage", "extra keywords", lambda: ops.int_gemm(
+        np.zeros((2, 4), np.uint8), np.zeros((3, 4), np.int8), out_dtype=ops.output_stage(3), out_scale=1.0), ValueError,
+     "leave those arguments unset"),
+    ("output_stage", "channels", lambda: ops.int_gemm(np.zeros((2, 4), np.uint8), np.zeros((3, 4), np.int8),
+                                                      out_dtype=ops.output_stage(5)), ValueError, "has 5 channels"),
+    ("output_stage", "int64 for a GEMM", lambda: ops.int_gemm(
+        np.zeros((2, 4), np.uint8), np.zeros((3, 4), np.int8), out_dtype=ops.output_stage(3, "int64")), ValueError,
+     "out_dtype must be one of"),
     # pack_weight
     ("pack_weight", "w float", lambda: ops.pack_weight(np.zeros((3, 4), np.float32)), TypeError, "w must have dtype"),
     ("pack_weight", "kind", lambda: ops.pack_weight(W8, kind="linear"), ValueError, "kind must be one of"),

@@ -40,6 +40,16 @@ def _out_kw(attrs, t) -> dict:
                 out_zero_point=int(attrs["out_zero_point"]))
 
 
+def _stage(ctx, n: int, kw: dict, numerics: str = "pyqsim") -> dict:
+    """The node's output stage for ``n`` channels, validated once per program, size and profile
+    (``ops.output_stage``); keyed on the stage's arrays too (a §9.1 fold gives the node another out_scale)."""
+    key = (ctx.node, "out", n, numerics, tuple(id(v) if isinstance(v, np.ndarray) else v for v in kw.values()))
+    st = ctx.cache.get(key)
+    if st is None:
+        st = ctx.cache[key] = ops.output_stage(n, **kw, numerics=numerics)
+    return dict(out_dtype=st)
+
+
 def _clip_bits(y, attrs):
     if attrs.get("out", "float32") == "requant" and attrs.get("out_bits", 8) < 8:
         return np.minimum(y, np.uint8(2 ** attrs["out_bits"] - 1))
@@ -107,7 +117,8 @@ def _int_gemm(args, attrs, t, ctx):
     lead = x.shape[:-1]
     w = _packed(ctx, t, "weight", "w_zero_point", attrs.get("w_format", "int8"), "gemm", k=x.shape[-1])
     y = ops.int_gemm(np.ascontiguousarray(x.reshape(-1, x.shape[-1])), w, x_zero_point=attrs["x_zero_point"],
-                     bias=t.get("bias"), numerics=ctx.numerics, backend=ctx.backend, **_out_kw(attrs, t))
+                     bias=t.get("bias"), numerics=ctx.numerics, backend=ctx.backend,
+                     **_stage(ctx, w.n, _out_kw(attrs, t), ctx.numerics))
     return _clip_bits(y, attrs).reshape(*lead, -1)
 
 
@@ -127,7 +138,7 @@ def _int_conv2d(args, attrs, t, ctx):
         np.ascontiguousarray(x), w, stride=tuple(attrs.get("stride", [1, 1])),
         padding=tuple(attrs.get("padding", [0, 0])), dilation=tuple(attrs.get("dilation", [1, 1])),
         groups=groups, x_zero_point=attrs["x_zero_point"], bias=t.get("bias"), numerics=ctx.numerics,
-        backend=ctx.backend, **_out_kw(attrs, t)), attrs)
+        backend=ctx.backend, **_stage(ctx, w.n, _out_kw(attrs, t), ctx.numerics)), attrs)
 
 
 _SPLIT_ATTRS = {"x1_zero_point": (INT, REQUIRED, None), "x2_zero_point": (INT, REQUIRED, None),
@@ -192,8 +203,9 @@ def _leading(a: np.ndarray, b: np.ndarray):
 def _int_bmm(args, attrs, t, ctx):
     """Batched integer a @ b^T of two code tensors [..., M, K] x [..., N, K], float32 out (spec §4.3, §6)."""
     a, b = _leading(args[0], args[1])
+    out = _stage(ctx, b.shape[-2], dict(out_dtype="float32", out_scale=t["out_scale"]))
     return ops.int_bmm(a, b, a_zero_point=attrs["a_zero_point"], b_zero_point=attrs["b_zero_point"],
-                       out_dtype="float32", out_scale=t["out_scale"], backend=ctx.backend)
+                       backend=ctx.backend, **out)
 
 
 @kind("log2_attn_matmul", args=(("codes", TENSOR), ("v", TENSOR)),
@@ -204,7 +216,8 @@ def _log2_attn(args, attrs, t, ctx):
     """Batched attn @ (v - zv) from log codes [..., L, S] and value codes [..., S, d] with shifts and adds (spec §7)."""
     c, v = _leading(args[0], args[1])
     return ops.log2_attn_matmul(c, v, v_zero_point=attrs["v_zero_point"], bits=attrs["bits"], mode=attrs["mode"],
-                                frac_bits=attrs.get("frac_bits", 16), out_dtype="float32", out_scale=t["out_scale"],
+                                frac_bits=attrs.get("frac_bits", 16),
+                                **_stage(ctx, v.shape[-1], dict(out_dtype="float32", out_scale=t["out_scale"])),
                                 backend=ctx.backend)
 
 
