@@ -318,6 +318,58 @@ py::array batched_out(OutType t, const std::vector<int64_t>& first, int64_t n, i
   return y;
 }
 
+// The output [..., M, N] of a batched op as rows: a new C-contiguous array, or `out` (the expected dtype and shape,
+// writeable, aligned, C-contiguous rows, no negative stride) with each batch element's byte offset and the row stride.
+struct OutBatch {
+  py::array y;
+  std::vector<int64_t> off;
+  int64_t ld = 0;
+};
+
+OutBatch batched_rows_out(py::handle out, OutType t, const std::vector<int64_t>& first, int64_t n, int64_t& batch) {
+  OutBatch r;
+  const size_t nd = first.size();
+  const int64_t m = first[nd - 2], isz = out_itemsize(t);
+  if (out.is_none()) {
+    r.y = batched_out(t, first, n, batch);
+    r.ld = n;
+    for (int64_t b = 0; b < batch; ++b) r.off.push_back(b * m * n * isz);
+    return r;
+  }
+  r.y = as_array(out, "out");
+  const py::array& y = r.y;
+  const py::array like = alloc_out(t, {1});
+  if (!y.dtype().equal(like.dtype()))
+    throw py::type_error("out must have dtype " + py::str(like.dtype()).cast<std::string>() + ", got " +
+                         py::str(y.dtype()).cast<std::string>());
+  std::vector<int64_t> dims(first.begin(), first.end() - 1);
+  dims.push_back(n);
+  bool same = static_cast<size_t>(y.ndim()) == nd;
+  for (size_t i = 0; same && i < nd; ++i) same = y.shape(static_cast<py::ssize_t>(i)) == dims[i];
+  if (!same) throw py::value_error("out must have shape " + shape_str(dims));
+  if (!y.writeable()) throw py::value_error("out must be writeable");
+  if (reinterpret_cast<uintptr_t>(y.data()) % static_cast<uintptr_t>(isz) != 0)
+    throw py::value_error("out must be aligned to its item size");
+  batch = y.size() == 0 ? 0 : 1;
+  for (size_t i = 0; i + 2 < nd && batch != 0; ++i) batch *= dims[i];
+  if (batch == 0) return r;
+  for (size_t i = 0; i < nd; ++i)
+    if (dims[i] > 1 && (y.strides(static_cast<py::ssize_t>(i)) < 0 || y.strides(static_cast<py::ssize_t>(i)) % isz))
+      throw py::value_error("out must have non-negative strides, multiples of its item size");
+  if (n > 1 && y.strides(static_cast<py::ssize_t>(nd - 1)) != isz)
+    throw py::value_error("out must have C-contiguous rows (its last axis)");
+  r.ld = m > 1 ? y.strides(static_cast<py::ssize_t>(nd - 2)) / isz : n;
+  for (int64_t b = 0; b < batch; ++b) {  // leading index b in C order -> byte offset
+    int64_t rest = b, off = 0;
+    for (int i = static_cast<int>(nd) - 3; i >= 0; --i) {
+      off += (rest % dims[static_cast<size_t>(i)]) * y.strides(i);
+      rest /= dims[static_cast<size_t>(i)];
+    }
+    r.off.push_back(off);
+  }
+  return r;
+}
+
 py::array take_out(const py::object& early, OutType t, const std::vector<int64_t>& dims) {
   return early.is_none() ? alloc_out(t, dims) : py::reinterpret_borrow<py::array>(early);
 }
@@ -747,7 +799,7 @@ py::array requantize_profile(py::handle acc_, const std::string& numerics, py::h
 
 py::array log2_attn_matmul(py::handle codes_, py::handle v_, int64_t v_zero_point, int bits, int k, int frac_bits,
                            const std::string& out_dtype, py::handle multiplier, py::handle shift, int64_t out_zero_point,
-                           py::handle out_scale) {
+                           py::handle out_scale, py::handle out) {
   Arr codes = take_batched(codes_, "codes", {DT::U8}, "[..., M, L]");
   Rows vr = take_rows(v_, "v", {DT::I8, DT::U8}, "[..., L, N]");
   const Arr& v = vr.arr;
@@ -782,14 +834,14 @@ py::array log2_attn_matmul(py::handle codes_, py::handle v_, int64_t v_zero_poin
   const qsim::OutStage st = make_stage(out_dtype, n, multiplier, shift, out_zero_point, out_scale,
                                        {OutType::I64, OutType::F32, OutType::S8, OutType::U8, OutType::S4, OutType::U4});
   int64_t batch = 0;
-  py::array y = batched_out(st.type, codes.shape, n, batch);
-  void* yp = y.mutable_data();
+  OutBatch y = batched_rows_out(out, st.type, codes.shape, n, batch);
+  const qsim::OutRows yr{batch ? y.y.mutable_data() : nullptr, y.off.data(), y.ld};
   {
     py::gil_scoped_release nogil;
     const qsim::RowBatch vb{static_cast<const uint8_t*>(v.ptr), vr.off.data(), vr.ld};
-    qsim::log2_attn_matmul(cp, vb, vt, batch, m, l, n, static_cast<int32_t>(v_zero_point), bits, k, frac_bits, st, yp);
+    qsim::log2_attn_matmul(cp, vb, vt, batch, m, l, n, static_cast<int32_t>(v_zero_point), bits, k, frac_bits, st, yr);
   }
-  return y;
+  return y.y;
 }
 
 py::array int_bmm(py::handle a_, py::handle b_, int64_t a_zero_point, int64_t b_zero_point, const std::string& out_dtype,
@@ -942,7 +994,8 @@ PYBIND11_MODULE(_C, m) {
         "spec §4.3: batched a @ b^T of two activation tensors, one output stage");
   m.def("log2_attn_matmul", &log2_attn_matmul, py::arg("codes"), py::arg("v"), py::arg("v_zero_point"), py::arg("bits"),
         py::arg("k"), py::arg("frac_bits"), py::arg("out_dtype"), py::arg("multiplier"), py::arg("shift"),
-        py::arg("out_zero_point"), py::arg("out_scale"), "spec §7");
+        py::arg("out_zero_point"), py::arg("out_scale"), py::arg("out") = py::none(),
+        "spec §7 (the result written into `out` when given)");
   register_float_ops(m);
 
   m.def("build_info", &build_info, "Compiled SIMD level, runtime-detected ISA, threads, CUDA");

@@ -78,17 +78,18 @@ struct Problem {
   int frac_bits;
   int top[kPasses];             // R weight of a pass: 2^(F - top) * (2^16 or Q)
   OutStage out;
-  void* y;
+  OutRows y;
 };
 
-// §7 output stage of R for channels [c0, c0 + nc) of one output row.
-void out_span(const Problem& pb, const KernelSet& ks, const int64_t* r, int64_t row, int64_t c0, int64_t nc) {
+// §7 output stage of R for channels [c0, c0 + nc) of output row `row` of batch element bi.
+void out_span(const Problem& pb, const KernelSet& ks, const int64_t* r, int64_t bi, int64_t row, int64_t c0, int64_t nc) {
   const OutStage& o = pb.out;
-  const int64_t base = row * pb.n + c0;
+  void* const yb = pb.y.at(bi);
+  const int64_t base = row * pb.y.ld + c0;
   if (o.type == OutType::I64) {
-    std::memcpy(static_cast<int64_t*>(pb.y) + base, r, static_cast<size_t>(nc) * sizeof(int64_t));
+    std::memcpy(static_cast<int64_t*>(yb) + base, r, static_cast<size_t>(nc) * sizeof(int64_t));
   } else if (o.type == OutType::F32) {
-    float* y = static_cast<float*>(pb.y) + base;
+    float* y = static_cast<float*>(yb) + base;
     for (int64_t c = 0; c < nc; ++c) {
       const float fr = static_cast<float>(r[c]);  // fl32(R): one rounding, then one multiply
       y[c] = fr * o.scale[c0 + c];
@@ -99,7 +100,7 @@ void out_span(const Problem& pb, const KernelSet& ks, const int64_t* r, int64_t 
     const bool s8 = o.type == OutType::S8 || o.type == OutType::S4;
     if (pb.all_wide_shifts) {
       ks.shift_requant(r, nc, o.multiplier + c0, o.shift + c0, o.zero_point, out_qmin(o.type), out_qmax(o.type), s8,
-                       static_cast<uint8_t*>(pb.y) + base);
+                       static_cast<uint8_t*>(yb) + base);
       return;
     }
     for (int64_t c = 0; c < nc; ++c) {
@@ -108,9 +109,9 @@ void out_span(const Problem& pb, const KernelSet& ks, const int64_t* r, int64_t 
       p >>= s;
       const int64_t y = (p < lo ? lo : (p > hi ? hi : static_cast<int64_t>(p))) + o.zero_point;
       if (s8)
-        static_cast<int8_t*>(pb.y)[base + c] = static_cast<int8_t>(y);
+        static_cast<int8_t*>(yb)[base + c] = static_cast<int8_t>(y);
       else
-        static_cast<uint8_t*>(pb.y)[base + c] = static_cast<uint8_t>(y);
+        static_cast<uint8_t*>(yb)[base + c] = static_cast<uint8_t>(y);
     }
   }
 }
@@ -228,7 +229,7 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
               add_deep(pb, ks, codes + i * l + j0, v, j0, dpos.data() + dstart[i], dpos.data() + dstart[i + 1],
                        pn * kNR, nc, acc[j] + ri * kNR);
             if (single)
-              out_span(pb, ks, acc[j] + ri * kNR, bi * pb.m + r0 + i, pn * kNR, nc);
+              out_span(pb, ks, acc[j] + ri * kNR, bi, r0 + i, pn * kNR, nc);
             else
               std::memcpy(rbuf.data() + i * n + pn * kNR, acc[j] + ri * kNR, static_cast<size_t>(nc) * sizeof(int64_t));
           }
@@ -237,13 +238,13 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
     }
   }
   if (!single)
-    for (int64_t i = 0; i < rows; ++i) out_span(pb, ks, rbuf.data() + i * n, bi * pb.m + r0 + i, 0, n);
+    for (int64_t i = 0; i < rows; ++i) out_span(pb, ks, rbuf.data() + i * n, bi, r0 + i, 0, n);
 }
 
 }  // namespace
 
 void log2_attn_matmul(const uint8_t* codes, const RowBatch& v, ActType vt, int64_t batch, int64_t m, int64_t l,
-                      int64_t n, int32_t zv, int bits, int k, int frac_bits, const OutStage& out, void* y) {
+                      int64_t n, int32_t zv, int bits, int k, int frac_bits, const OutStage& out, const OutRows& y) {
   if (batch == 0 || m == 0 || n == 0) return;
   const KernelSet& ks = kernels_for(resolve_isa());
   auto pb = std::make_unique<Problem>();

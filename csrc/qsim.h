@@ -161,6 +161,14 @@ struct RowBatch {
   const uint8_t* at(int64_t i) const { return base + off[i]; }
 };
 
+// The output of a batched op: batch element i's rows at base + off[i] (bytes), rows ld elements apart.
+struct OutRows {
+  void* base = nullptr;
+  const int64_t* off = nullptr;
+  int64_t ld = 0;
+  void* at(int64_t i) const { return static_cast<char*>(base) + off[i]; }
+};
+
 // §4.3: batched matmul of activations, a [B, M, K] x b [B, N, K] (each uint8 or int8 with a zero point) ->
 // y [B, M, N] of the stage's type; the §4.1 bound holds for the types and zero points.
 void int_bmm(const RowBatch& a, ActType at, int32_t za, const RowBatch& b, ActType bt, int32_t zb, int64_t batch,
@@ -194,10 +202,10 @@ void requantize(const int32_t* acc, int64_t outer, int64_t n, int64_t inner, con
 void requantize_profile(const int32_t* acc, int64_t outer, int64_t n, int64_t inner, Numerics p, const OutStage& out,
                         void* y);
 
-// §7: codes [B, M, L] uint8 (C-contiguous), v [B, L, N]; y [B, M, N] of type int64, float32 or requantized (B = the product
+// §7: codes [B, M, L] uint8 (C-contiguous), v [B, L, N]; y [B, M, N] (rows of the output laid out by OutRows) of type int64, float32 or requantized (B = the product
 // of the leading dimensions; codes within [0, 2^bits - 1]).
 void log2_attn_matmul(const uint8_t* codes, const RowBatch& v, ActType vt, int64_t batch, int64_t m, int64_t l,
-                      int64_t n, int32_t zv, int bits, int k, int frac_bits, const OutStage& out, void* y);
+                      int64_t n, int32_t zv, int bits, int k, int frac_bits, const OutStage& out, const OutRows& y);
 
 // ------------------------------------------------------------------------------------------ float stages (§15)
 // float32 in, float32 out, C-contiguous; results do not depend on the ISA or the thread count.

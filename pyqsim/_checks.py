@@ -25,6 +25,7 @@ RANGES = {
 }
 # NumPy container of each code type when unpacked
 CONTAINERS = {"int8": np.int8, "uint8": np.uint8, "int4": np.int8, "uint4": np.uint8}
+OUT_DTYPES = dict(CONTAINERS, int32=np.int32, int64=np.int64, float32=np.float32)  # array dtype of each output type
 ACT_DTYPES = {np.dtype(np.int8): "int8", np.dtype(np.uint8): "uint8"}
 WEIGHT_FORMATS = ("int8", "int4", "uint4")
 REQUANT_OUT = ("int8", "uint8", "int4", "uint4")
@@ -723,6 +724,7 @@ class Log2AttnArgs:
     k: int  # 1 = log2, 2 = log-sqrt2
     frac_bits: int
     out: OutStage
+    out_array: np.ndarray | None = None  # the caller's array to write the result into (``out``)
 
 
 def log_bits(bits) -> int:
@@ -754,9 +756,9 @@ def quantize_log_args(p, delta, bits, mode, scan: bool = True) -> QuantizeLogArg
 
 
 def log2_attn_args(codes, v, v_zero_point, bits, mode, frac_bits, out_dtype, multiplier, shift, out_zero_point,
-                   out_scale, scan: bool = True) -> Log2AttnArgs:
+                   out_scale, scan: bool = True, out=None) -> Log2AttnArgs:
     """Canonical §7 arguments; ``scan=False`` leaves the code range check to the kernel (the backend's
-    VALUE_CHECKED)."""
+    VALUE_CHECKED); ``out``: a host array for the result, with C-contiguous rows (``result_array``)."""
     codes = as_array(codes, "codes")
     check_dtype(codes, "codes", [np.uint8])
     at_least_2d(codes, "codes", "[..., M, L]")
@@ -775,8 +777,28 @@ def log2_attn_args(codes, v, v_zero_point, bits, mode, frac_bits, out_dtype, mul
     if length * 255 * (2**f) * (2**LOG2_P + LOG2_Q) >= 2**63:
         raise ValueError(f"L={length} is too long for frac_bits={f}: the int64 accumulator could overflow (spec §7)")
     n = v.shape[-1]
-    out = out_stage(out_dtype, n, multiplier, shift, out_zero_point, out_scale, ("int64", "float32") + REQUANT_OUT)
-    return Log2AttnArgs(contiguous(codes), v, v_type, zv, b, kk, f, out)
+    stage = out_stage(out_dtype, n, multiplier, shift, out_zero_point, out_scale, ("int64", "float32") + REQUANT_OUT)
+    dest = None if out is None else result_array(out, codes.shape[:-1] + (n,), OUT_DTYPES[stage.dtype], (codes, v))
+    return Log2AttnArgs(contiguous(codes), v, v_type, zv, b, kk, f, stage, dest)
+
+
+def result_array(out, shape: tuple, dtype, inputs) -> np.ndarray:
+    """``out`` checked as the destination of an op's result: a writeable host array of that shape and dtype whose rows
+    (last axis) are C-contiguous, with no negative stride, sharing no memory with the inputs."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"out must have dtype {np.dtype(dtype)}, got {out.dtype}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"out must have shape {tuple(shape)}, got {out.shape}")
+    if not out.flags.writeable:
+        raise ValueError("out must be writeable")
+    if out.size and ((out.shape[-1] > 1 and out.strides[-1] != out.itemsize)
+                     or any(s < 0 for s, d in zip(out.strides, out.shape) if d > 1)):
+        raise ValueError("out must have C-contiguous rows (its last axis) and no negative stride")
+    if any(np.may_share_memory(out, a) for a in inputs if isinstance(a, np.ndarray)):
+        raise ValueError("out must not share memory with the inputs")
+    return out
 
 
 # --------------------------------------------------------------------------- batched matmul of activations

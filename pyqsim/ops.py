@@ -8,6 +8,7 @@ Arguments are validated once here (``pyqsim._checks``); backends receive canonic
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import contextvars
 import importlib
 import os
@@ -224,6 +225,8 @@ def _run(op: str, backend: str, args):
         return result
     calls = _RECORDER.get()
     if calls is not None:
+        if getattr(args, "out_array", None) is not None:  # record the call as one returning a new array
+            args, result = dataclasses.replace(args, out_array=None), np.array(result)
         calls.append((".".join(_SCOPE.get()), op, args, result))
     return result
 
@@ -395,11 +398,17 @@ def split_conv2d(x1, w1, x2, w2, *, stride=1, padding=0, dilation=1, x1_zero_poi
 
 
 def log2_attn_matmul(codes, v, *, v_zero_point=0, bits=4, mode="sqrt2", frac_bits=16, out_dtype="int64",
-                     multiplier=None, shift=None, out_zero_point=0, out_scale=None, backend="auto"):
-    """``attn @ (v - zv)`` from log codes with shifts and adds, then one output stage (spec §7)."""
+                     multiplier=None, shift=None, out_zero_point=0, out_scale=None, out=None, backend="auto"):
+    """``attn @ (v - zv)`` from log codes with shifts and adds, then one output stage (spec §7). ``out``: a host
+    array (the result's shape and dtype, C-contiguous rows, e.g. a transposed view) that receives the result and is
+    returned."""
     args = C.log2_attn_args(codes, v, v_zero_point, bits, mode, frac_bits, out_dtype, multiplier, shift,
-                            out_zero_point, out_scale, _scan_values("log2_attn_matmul", backend))
-    return _run("log2_attn_matmul", backend, args)
+                            out_zero_point, out_scale, _scan_values("log2_attn_matmul", backend), out)
+    y = _run("log2_attn_matmul", backend, args)
+    if args.out_array is not None and y is not args.out_array:  # a backend that returned a new array
+        np.copyto(args.out_array, y)
+        y = args.out_array
+    return y
 
 
 # --------------------------------------------------------------------------- float stages (spec §15)

@@ -334,3 +334,17 @@ def test_output_stage_handle_bmm(kw):
 @given(kw=S.log2_cases(max_dim=24, lead=S.lead_shapes()))
 def test_output_stage_handle_log2(kw):
     _same_packed("log2_attn_matmul", kw, _with_stage(kw, kw["v"].shape[-1]))
+
+
+@pytest.mark.needs_cpu_ext
+@FIXTURE_OK
+@given(data=st.data(), kw=S.log2_cases(max_dim=24, lead=S.lead_shapes()))
+def test_log2_writes_into_out(isa, data, kw):
+    """``out`` (any layout with C-contiguous rows: a heads-last buffer seen as [B, H, L, d], padded rows) receives
+    exactly the result the op returns without it, and is returned, on every backend."""
+    want = ops.log2_attn_matmul(**kw, backend="reference")
+    for backend in ("reference", "cpu"):
+        out = _row_view(data, np.zeros_like(want))
+        out.fill(0)
+        got = ops.log2_attn_matmul(**kw, out=out, backend=backend)
+        assert got is out and np.array_equal(out, want), backend

@@ -350,6 +350,23 @@ KERNEL_CASES = [
      "a and b must broadcast"),
 ]
 
+_C8 = np.zeros((2, 3), np.uint8)  # log codes [M=2, L=3]
+_V8 = np.zeros((3, 4), np.uint8)  # values [L=3, N=4]
+_SHARED = np.zeros((3, 4), np.int64)  # its bytes seen as values and as the output
+KERNEL_CASES += [
+    ("log2_attn_matmul", "out dtype", lambda be: ops.log2_attn_matmul(_C8, _V8, out=np.zeros((2, 4), np.float32),
+                                                                       backend=be), TypeError, "out must have dtype int64"),
+    ("log2_attn_matmul", "out shape", lambda be: ops.log2_attn_matmul(_C8, _V8, out=np.zeros((2, 5), np.int64),
+                                                                       backend=be), ValueError, "out must have shape"),
+    ("log2_attn_matmul", "out columns strided", lambda be: ops.log2_attn_matmul(
+        _C8, _V8, out=np.zeros((2, 8), np.int64)[:, ::2], backend=be), ValueError, "C-contiguous rows"),
+    ("log2_attn_matmul", "out overlaps v", lambda be: ops.log2_attn_matmul(_C8, _SHARED.view(np.uint8)[:, :4],
+                                                                            out=_SHARED[:2], backend=be),
+     ValueError, "out must not share memory"),
+    ("log2_attn_matmul", "out list", lambda be: ops.log2_attn_matmul(_C8, _V8, out=[[0] * 4] * 2, backend=be),
+     TypeError, "out must be a NumPy array"),
+]
+
 HOST_CASES = [
     # output_stage
     ("output_stage", "n -1", lambda: ops.output_stage(-1), ValueError, "n must be >= 0"),

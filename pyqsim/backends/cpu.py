@@ -161,7 +161,7 @@ def _requantize(a):
 def _log2_attn_matmul(a):
     o = a.out
     return _C.log2_attn_matmul(a.codes, a.v, a.v_zero_point, a.bits, a.k, a.frac_bits, o.dtype, o.multiplier, o.shift,
-                               o.zero_point, o.scale)
+                               o.zero_point, o.scale, a.out_array)
 
 
 def _native(codes):

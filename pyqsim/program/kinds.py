@@ -215,10 +215,14 @@ def _int_bmm(args, attrs, t, ctx):
 def _log2_attn(args, attrs, t, ctx):
     """Batched attn @ (v - zv) from log codes [..., L, S] and value codes [..., S, d] with shifts and adds (spec §7)."""
     c, v = _leading(args[0], args[1])
+    out = None
+    if c.ndim == 4 and c.size and v.shape[-1]:  # [B, H, L, d] written as [B, L, H, d]: heads back to tokens is free
+        b, h, length, d = c.shape[0], c.shape[1], c.shape[2], v.shape[-1]
+        out = np.empty((b, length, h, d), np.float32).transpose(0, 2, 1, 3)
     return ops.log2_attn_matmul(c, v, v_zero_point=attrs["v_zero_point"], bits=attrs["bits"], mode=attrs["mode"],
                                 frac_bits=attrs.get("frac_bits", 16),
                                 **_stage(ctx, v.shape[-1], dict(out_dtype="float32", out_scale=t["out_scale"])),
-                                backend=ctx.backend)
+                                out=out, backend=ctx.backend)
 
 
 @kind("quantize", args=(("x", TENSOR),), attrs={"bits": (INT, 8, None)},
