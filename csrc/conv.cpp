@@ -31,6 +31,23 @@ struct ConvA final : ASource {
   void im2col_row(int64_t p, int8_t* row) const {
     std::memset(row, 0, static_cast<size_t>(kg * 4));
     const int64_t oi = p / ow, oj = p % ow;
+    if (cg4 == 4) {  // 1-4 channels (an RGB input): one 4-byte move per tap, the bytes above cg cleared
+      const uint32_t keep = cg == 4 ? 0xFFFFFFFFu : (1u << (8 * cg)) - 1u;
+      const uint32_t pad = (0x01010101u * static_cast<uint8_t>(fill)) & keep;
+      for (int64_t i = 0; i < kh; ++i) {
+        const int64_t ih = oi * sh + i * dh - ph;
+        for (int64_t j = 0; j < kw; ++j) {
+          const int64_t iw = oj * sw + j * dw - pw;
+          uint32_t v = pad;
+          if (ih >= 0 && ih < h && iw >= 0 && iw < w) {
+            std::memcpy(&v, xn + (ih * w + iw) * c + c0, 4);  // may read past the image: to_nhwc's slack bytes
+            v &= keep;
+          }
+          std::memcpy(row + (i * kw + j) * 4, &v, 4);
+        }
+      }
+      return;
+    }
     for (int64_t i = 0; i < kh; ++i) {
       const int64_t ih = oi * sh + i * dh - ph;
       for (int64_t j = 0; j < kw; ++j) {
@@ -99,11 +116,12 @@ inline void transpose16(const uint8_t* src, int64_t ss, int8_t* dst, int64_t ds,
 }
 #endif
 
-// x [B, C, H, W] -> x' [B, H, W, C]: 16 x 16 byte tiles (SSE2), scalar edges
+// x [B, C, H, W] -> x' [B, H, W, C]: 16 x 16 byte tiles (SSE2), scalar edges; 4 zero bytes past the end (the
+// 4-byte reads of im2col_row)
 std::vector<int8_t> to_nhwc(const void* x, ActType t, int64_t b, int64_t c, int64_t h, int64_t w) {
   // An empty input has nothing to transpose (with C = 0, B * H * W alone may be huge).
   if (b == 0 || c == 0 || h == 0 || w == 0) return {};
-  std::vector<int8_t> out(static_cast<size_t>(b * c * h * w));
+  std::vector<int8_t> out(static_cast<size_t>(b * c * h * w + 4), 0);
   const uint8_t* src = static_cast<const uint8_t*>(x);
   const uint8_t mask = t == ActType::U8 ? 0x80 : 0;
   const int64_t hw = h * w;
