@@ -201,7 +201,7 @@ bool amx_eligible(const KernelSet& ks, const std::vector<GemmJob>& jobs) {
 
 // §10.8: tasks of kAmxMC rows (32-row AMX blocks) x a range of weight panels, taken two at a time. A task packs
 // u = x' + 128 of its rows ([rows][ksteps * 64], zero padded) and the x' row sums, then each 32 x 32 block of
-// tiles goes through the VNNI output stage one 4 x 16 tile at a time.
+// tiles goes through the VNNI output stage, 32 x 16 at a time where EpiFn allows it.
 constexpr int64_t kAmxMC = 64;
 
 void run_jobs_amx(const std::vector<GemmJob>& jobs, const KernelSet& ks) {
@@ -234,8 +234,9 @@ void run_jobs_amx(const std::vector<GemmJob>& jobs, const KernelSet& ks) {
         for (int jp = 0; jp < (two ? 2 : 1); ++jp) {
           const int64_t n0 = (p + jp) * kNR;
           const int nc = static_cast<int>(std::min<int64_t>(kNR, jb.n - n0));
-          // whole rows of 16 channels: the output stage takes the 32 rows in one call (EpiFn), else 4 at a time
-          const int step = nc == kNR && jb.ldn == 1 ? 32 : kMR;
+          // whole rows of 16 channels, or rows that are adjacent elements (conv's NCHW pixels): the output stage
+          // takes the 32 rows in one call (EpiFn), else 4 at a time
+          const int step = (nc == kNR && jb.ldn == 1) || jb.ldm == 1 ? 32 : kMR;
           for (int64_t row = rb; row < rb + 32 && row < mc; row += step) {
             const int mr = static_cast<int>(std::min<int64_t>(step, mc - row));
             TileOut to{jb.out + ((m0 + row) * jb.ldm + n0 * jb.ldn) * jb.elem, jb.ldm, jb.ldn};

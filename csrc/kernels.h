@@ -60,7 +60,8 @@ using UkrFn = void (*)(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* t
 constexpr int kWideNP = 4;
 using UkrWideFn = void (*)(const int8_t* a, const uint8_t* b, int64_t bstride, int np, int64_t kg, int32_t* tiles);
 // t1/t2: int32 tiles with row stride 16; reads whole 16-wide rows (pad partial tiles). mr <= kMR, or any mr when
-// nc == kNR and o.ldn == 1 (whole rows stored in place).
+// nc == kNR and o.ldn == 1 (whole rows stored in place); the AVX-512 VNNI and AMX sets' epi also takes any mr when
+// o.ldm == 1 (rows are adjacent elements, as conv's NCHW pixels: each channel's mr results form one run).
 using EpiFn = void (*)(const Epi& e, int64_t n0, int mr, int nc, const int32_t* t1, const int32_t* rs1,
                        const int32_t* t2, const int32_t* rs2, const TileOut& o);
 // nibble panel (kg/2 x 64 bytes) -> byte panel (kg x 64 bytes) of stored codes 0..15
