@@ -209,14 +209,16 @@ inline __m512i stage_row(const Lanes16& l, const int32_t* t1, int32_t rs1, const
     if (Split) f = _mm512_add_ps(f, _mm512_mul_ps(_mm512_cvtepi32_ps(w), l.s2));
     return _mm512_castps_si512(f);
   }
-  // the high dword of each exact product v * m1 [+ w * m2] (64-bit products of even and odd lanes)
+  // the high dword of each exact product v * m1 [+ w * m2] (64-bit products of even and odd lanes; the odd dwords
+  // move down by a dword shuffle, which leaves the shift port to the multiplies)
+  constexpr _MM_PERM_ENUM kOdd = _MM_PERM_DDBB;
   __m512i pe = _mm512_mul_epi32(v, l.m1);
-  __m512i po = _mm512_mul_epi32(_mm512_srli_epi64(v, 32), l.m1_odd);
+  __m512i po = _mm512_mul_epi32(_mm512_shuffle_epi32(v, kOdd), l.m1_odd);
   if (Split) {
     pe = _mm512_add_epi64(pe, _mm512_mul_epi32(w, l.m2));
-    po = _mm512_add_epi64(po, _mm512_mul_epi32(_mm512_srli_epi64(w, 32), l.m2_odd));
+    po = _mm512_add_epi64(po, _mm512_mul_epi32(_mm512_shuffle_epi32(w, kOdd), l.m2_odd));
   }
-  const __m512i h = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
+  const __m512i h = _mm512_mask_blend_epi32(0xAAAA, _mm512_shuffle_epi32(pe, kOdd), po);
   const __m512i y = _mm512_add_epi32(_mm512_srav_epi32(_mm512_add_epi32(h, l.rnd), l.shr), l.zy);
   return K == Kind::Q4 ? _mm512_min_epi32(_mm512_max_epi32(y, l.lo), l.hi) : y;
 }
