@@ -230,7 +230,13 @@ void run_jobs_amx(const std::vector<GemmJob>& jobs, const KernelSet& ks) {
       const bool two = p + 1 < p1;
       const uint8_t* b0 = pm.buf_amx.get() + p * pstride;
       for (int64_t rb = 0; rb < mc; rb += 32) {
-        ks.amx_block(abuf + rb * kpad, kpad, b0, two ? b0 + pstride : nullptr, ksteps, two, ctile);
+        // the next block: the next 32 rows, else the first rows with the next panels (its tiles load meanwhile)
+        const int64_t pn = rb + 32 < mc ? p : p + 2;
+        const uint8_t* nb0 = pn < p1 ? pm.buf_amx.get() + pn * pstride : nullptr;
+        const AmxNext next{abuf + (rb + 32 < mc ? rb + 32 : 0) * kpad, nb0, pn + 1 < p1 ? nb0 + pstride : nullptr,
+                           pn + 1 < p1};
+        ks.amx_block(abuf + rb * kpad, kpad, b0, two ? b0 + pstride : nullptr, ksteps, two, ctile, p > p0 || rb > 0,
+                     nb0 ? &next : nullptr);
         for (int jp = 0; jp < (two ? 2 : 1); ++jp) {
           const int64_t n0 = (p + jp) * kNR;
           const int nc = static_cast<int>(std::min<int64_t>(kNR, jb.n - n0));

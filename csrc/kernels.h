@@ -71,6 +71,14 @@ using UnpackFn = void (*)(const uint8_t* src, int64_t kg, uint8_t* dst);
 using PackAFn = void (*)(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, uint8_t xor_mask, bool u_half,
                          int8_t* dst, int32_t* rowsum);
 
+// §10.8: the A rows and B panels of the AMX block after the current one (amx_block).
+struct AmxNext {
+  const uint8_t* a;
+  const uint8_t* b0;
+  const uint8_t* b1;
+  bool two_panels;
+};
+
 struct KernelSet {
   Isa isa;
   // The int8-weight tile is sum u * w with u = x' + 128 (the A panel's second half, which pack_a then always
@@ -115,13 +123,14 @@ struct KernelSet {
                         int32_t hi, bool s8, void* out);
   // §10.8 AMX (null without it): amx_begin/amx_end configure and release this thread's tiles around amx_block,
   // which writes c[j][32][16] = sum_k u[r, k] * B_j[c, k] (mod 2^32) for 32 rows of u (row stride lda bytes, ksteps
-  // * 64 bytes each) and the PackedMatrix::buf_amx panels b0 and, when two_panels, b1.
+  // * 64 bytes each) and the PackedMatrix::buf_amx panels b0 and, when two_panels, b1. With `next`, it also loads the
+  // first k-step's tiles of the next block (same lda and ksteps), whose call then passes preloaded = true.
   void (*amx_begin)() = nullptr;
   // one row of u = x ^ ux for k bytes, zero padded to kpad (a multiple of 64); returns sum u mod 2^32
   uint32_t (*amx_pack_row)(const uint8_t* src, int64_t k, uint8_t ux, uint8_t* dst, int64_t kpad) = nullptr;
   void (*amx_end)() = nullptr;
   void (*amx_block)(const uint8_t* a, int64_t lda, const uint8_t* b0, const uint8_t* b1, int64_t ksteps,
-                    bool two_panels, int32_t* c) = nullptr;
+                    bool two_panels, int32_t* c, bool preloaded, const AmxNext* next) = nullptr;
 };
 
 // §7 requantization for S in [33, 94] without 128-bit arithmetic: R = A * 2^32 + B (B in [0, 2^32)), so
@@ -152,7 +161,7 @@ void amx_begin();
 void amx_end();
 uint32_t amx_pack_row(const uint8_t* src, int64_t k, uint8_t ux, uint8_t* dst, int64_t kpad);
 void amx_block(const uint8_t* a, int64_t lda, const uint8_t* b0, const uint8_t* b1, int64_t ksteps, bool two_panels,
-               int32_t* c);
+               int32_t* c, bool preloaded, const AmxNext* next);
 #endif
 const KernelSet& kernels_for(Isa isa);
 
