@@ -65,8 +65,8 @@ inline void load_first(const uint8_t* a, int64_t lda, const uint8_t* b0, const u
 
 // C[2][2] 16 x 16 int32 tiles of rows a (32 rows, row stride lda bytes) and two B panels (b0, b1: [ksteps * 16][64])
 // over ksteps steps of 64 k; c: [panel][32 rows][16], with two_panels false: panel 0 only. Each A or B tile of the next
-// step is loaded right after the last TDPBUSD that reads it in this step (tiles have no renaming: the load waits for
-// that read), so the loads overlap the step's remaining TDPBUSDs instead of draining the unit; likewise the first
+// step is loaded right after the last TDPBUSD of this step that reads its register, not all four before the step, so
+// the loads overlap the step's remaining TDPBUSDs (measured faster, benchmarks/ DeiT-S shapes); likewise the first
 // step's tiles of the next block (`next`, when not null) are loaded before this block's tiles are stored, and that
 // block's call then passes preloaded = true.
 void amx_block(const uint8_t* a, int64_t lda, const uint8_t* b0, const uint8_t* b1, int64_t ksteps, bool two_panels,
