@@ -201,7 +201,7 @@ bool amx_eligible(const KernelSet& ks, const std::vector<GemmJob>& jobs) {
 
 // §10.8: tasks of kAmxMC rows (32-row AMX blocks) x a range of weight panels, taken two at a time. A task packs
 // u = x' + 128 of its rows ([rows][ksteps * 64], zero padded) and the x' row sums, then each 32 x 32 block of
-// tiles goes through the VNNI output stage one 4 x 16 tile at a time.
+// tiles goes through the VNNI output stage, 32 x 16 at a time where EpiFn allows it.
 constexpr int64_t kAmxMC = 64;
 
 void run_jobs_amx(const std::vector<GemmJob>& jobs, const KernelSet& ks) {
@@ -230,12 +230,19 @@ void run_jobs_amx(const std::vector<GemmJob>& jobs, const KernelSet& ks) {
       const bool two = p + 1 < p1;
       const uint8_t* b0 = pm.buf_amx.get() + p * pstride;
       for (int64_t rb = 0; rb < mc; rb += 32) {
-        ks.amx_block(abuf + rb * kpad, kpad, b0, two ? b0 + pstride : nullptr, ksteps, two, ctile);
+        // the next block: the next 32 rows, else the first rows with the next panels (its tiles load meanwhile)
+        const int64_t pn = rb + 32 < mc ? p : p + 2;
+        const uint8_t* nb0 = pn < p1 ? pm.buf_amx.get() + pn * pstride : nullptr;
+        const AmxNext next{abuf + (rb + 32 < mc ? rb + 32 : 0) * kpad, nb0, pn + 1 < p1 ? nb0 + pstride : nullptr,
+                           pn + 1 < p1};
+        ks.amx_block(abuf + rb * kpad, kpad, b0, two ? b0 + pstride : nullptr, ksteps, two, ctile, p > p0 || rb > 0,
+                     nb0 ? &next : nullptr);
         for (int jp = 0; jp < (two ? 2 : 1); ++jp) {
           const int64_t n0 = (p + jp) * kNR;
           const int nc = static_cast<int>(std::min<int64_t>(kNR, jb.n - n0));
-          // whole rows of 16 channels: the output stage takes the 32 rows in one call (EpiFn), else 4 at a time
-          const int step = nc == kNR && jb.ldn == 1 ? 32 : kMR;
+          // whole rows of 16 channels, or rows that are adjacent elements (conv's NCHW pixels): the output stage
+          // takes the 32 rows in one call (EpiFn), else 4 at a time
+          const int step = (nc == kNR && jb.ldn == 1) || jb.ldm == 1 ? 32 : kMR;
           for (int64_t row = rb; row < rb + 32 && row < mc; row += step) {
             const int mr = static_cast<int>(std::min<int64_t>(step, mc - row));
             TileOut to{jb.out + ((m0 + row) * jb.ldm + n0 * jb.ldn) * jb.elem, jb.ldm, jb.ldn};

@@ -60,7 +60,8 @@ using UkrFn = void (*)(const int8_t* a, const uint8_t* b, int64_t kg, int32_t* t
 constexpr int kWideNP = 4;
 using UkrWideFn = void (*)(const int8_t* a, const uint8_t* b, int64_t bstride, int np, int64_t kg, int32_t* tiles);
 // t1/t2: int32 tiles with row stride 16; reads whole 16-wide rows (pad partial tiles). mr <= kMR, or any mr when
-// nc == kNR and o.ldn == 1 (whole rows stored in place).
+// nc == kNR and o.ldn == 1 (whole rows stored in place); the AVX-512 VNNI and AMX sets' epi also takes any mr when
+// o.ldm == 1 (rows are adjacent elements, as conv's NCHW pixels: each channel's mr results form one run).
 using EpiFn = void (*)(const Epi& e, int64_t n0, int mr, int nc, const int32_t* t1, const int32_t* rs1,
                        const int32_t* t2, const int32_t* rs2, const TileOut& o);
 // nibble panel (kg/2 x 64 bytes) -> byte panel (kg x 64 bytes) of stored codes 0..15
@@ -69,6 +70,14 @@ using UnpackFn = void (*)(const uint8_t* src, int64_t kg, uint8_t* dst);
 // x' row sums over the first k entries
 using PackAFn = void (*)(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64_t kg, uint8_t xor_mask, bool u_half,
                          int8_t* dst, int32_t* rowsum);
+
+// §10.8: the A rows and B panels of the AMX block after the current one (amx_block).
+struct AmxNext {
+  const uint8_t* a;
+  const uint8_t* b0;
+  const uint8_t* b1;
+  bool two_panels;
+};
 
 struct KernelSet {
   Isa isa;
@@ -114,13 +123,14 @@ struct KernelSet {
                         int32_t hi, bool s8, void* out);
   // §10.8 AMX (null without it): amx_begin/amx_end configure and release this thread's tiles around amx_block,
   // which writes c[j][32][16] = sum_k u[r, k] * B_j[c, k] (mod 2^32) for 32 rows of u (row stride lda bytes, ksteps
-  // * 64 bytes each) and the PackedMatrix::buf_amx panels b0 and, when two_panels, b1.
+  // * 64 bytes each) and the PackedMatrix::buf_amx panels b0 and, when two_panels, b1. With `next`, it also loads the
+  // first k-step's tiles of the next block (same lda and ksteps), whose call then passes preloaded = true.
   void (*amx_begin)() = nullptr;
   // one row of u = x ^ ux for k bytes, zero padded to kpad (a multiple of 64); returns sum u mod 2^32
   uint32_t (*amx_pack_row)(const uint8_t* src, int64_t k, uint8_t ux, uint8_t* dst, int64_t kpad) = nullptr;
   void (*amx_end)() = nullptr;
   void (*amx_block)(const uint8_t* a, int64_t lda, const uint8_t* b0, const uint8_t* b1, int64_t ksteps,
-                    bool two_panels, int32_t* c) = nullptr;
+                    bool two_panels, int32_t* c, bool preloaded, const AmxNext* next) = nullptr;
 };
 
 // §7 requantization for S in [33, 94] without 128-bit arithmetic: R = A * 2^32 + B (B in [0, 2^32)), so
@@ -151,7 +161,7 @@ void amx_begin();
 void amx_end();
 uint32_t amx_pack_row(const uint8_t* src, int64_t k, uint8_t ux, uint8_t* dst, int64_t kpad);
 void amx_block(const uint8_t* a, int64_t lda, const uint8_t* b0, const uint8_t* b1, int64_t ksteps, bool two_panels,
-               int32_t* c);
+               int32_t* c, bool preloaded, const AmxNext* next);
 #endif
 const KernelSet& kernels_for(Isa isa);
 

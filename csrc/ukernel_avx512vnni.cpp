@@ -9,6 +9,7 @@
 // A 16-channel k-group of the B panel is one 64-byte vector; a row's 4 bytes of u are broadcast.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -152,52 +153,217 @@ void shift_requant_vnni(const int64_t* r, int64_t nc, const int32_t* mult, const
     avx2_kernels().shift_requant(r + c, nc - c, mult + c, shift + c, zy, lo, hi, s8, static_cast<uint8_t*>(out) + c);
 }
 
-// The output stage (§6, §8, §10.4) one 16-channel row per vector for whole tiles stored row by row: int32, float32
-// (one conversion, one multiply [, one multiply and one add]: the AVX2 order of operations) and the int32 form of the
-// requantization (every shift in [33, 62]); other cases go to the AVX2 stage.
-inline __m512i corrected16(const int32_t* t, const int32_t* colc, const int32_t* zw, int32_t rs) {
-  __m512i v = _mm512_add_epi32(_mm512_loadu_si512(t), _mm512_loadu_si512(colc));
-  if (zw) v = _mm512_sub_epi32(v, _mm512_mullo_epi32(_mm512_loadu_si512(zw), _mm512_set1_epi32(rs)));
+// The output stage (§6, §8, §10.4) on 16 channels per vector: int32, float32 (one conversion, one multiply [, one
+// multiply and one add]: the AVX2 order of operations) and the int32 form of the requantization (every shift in
+// [33, 62]); other cases go to the AVX2 stage. Whole tiles stored row by row (GEMM) store each row's vector; outputs
+// whose rows are adjacent elements (o.ldm == 1: conv's NCHW pixels) are transposed in registers, 16 rows at a time,
+// and each channel stores one run of up to 16 pixels. The per-channel constants are loaded once per call, and the
+// output kind and split are template parameters, so a row is only its arithmetic.
+enum class Kind { I32, F32, U8, S8, Q4 };  // Q4: int4 / uint4 codes (clamped in lanes; 8-bit codes saturate as stored)
+
+struct Lanes16 {  // one 16-channel slice of the Epi
+  __m512i colc1, zw1, colc2, zw2, m1, m1_odd, m2, m2_odd, rnd, shr, zy, lo, hi;
+  __m512 s1, s2;
+  bool has_zw1, has_zw2;
+  Lanes16(const Epi& e, int64_t n0) {
+    const __m512i zero = _mm512_setzero_si512();
+    auto ld = [n0, zero](const int32_t* p) { return p ? _mm512_loadu_si512(p + n0) : zero; };
+    colc1 = ld(e.colc1);
+    zw1 = ld(e.zw1);
+    has_zw1 = e.zw1 != nullptr;
+    colc2 = e.split ? ld(e.colc2) : zero;
+    zw2 = e.split ? ld(e.zw2) : zero;
+    has_zw2 = e.split && e.zw2 != nullptr;
+    const bool q = is_requant(e.type) && e.fast32;
+    m1 = q ? ld(e.m1_32) : zero;
+    m2 = q && e.split ? ld(e.m2_32) : zero;
+    m1_odd = _mm512_srli_epi64(m1, 32);
+    m2_odd = _mm512_srli_epi64(m2, 32);
+    rnd = q ? ld(e.rnd32) : zero;
+    shr = q ? ld(e.shr32) : zero;
+    zy = _mm512_set1_epi32(e.zy);
+    lo = _mm512_set1_epi32(e.lo);
+    hi = _mm512_set1_epi32(e.hi);
+    s1 = e.type == OutType::F32 ? _mm512_loadu_ps(e.s1 + n0) : _mm512_setzero_ps();
+    s2 = e.type == OutType::F32 && e.split ? _mm512_loadu_ps(e.s2 + n0) : _mm512_setzero_ps();
+  }
+};
+
+// tile + colc - zw * rs (mod 2^32)
+inline __m512i corrected16(const int32_t* t, __m512i colc, bool has_zw, __m512i zw, int32_t rs) {
+  __m512i v = _mm512_add_epi32(_mm512_loadu_si512(t), colc);
+  if (has_zw) v = _mm512_sub_epi32(v, _mm512_mullo_epi32(zw, _mm512_set1_epi32(rs)));
   return v;
 }
 
-// The high dword of each exact product a * m (both int32; 64-bit products of even and odd lanes), [+ b * m2].
-inline __m512i high_products(__m512i a, __m512i m, const __m512i* b, __m512i m2) {
-  __m512i pe = _mm512_mul_epi32(a, m);
-  __m512i po = _mm512_mul_epi32(_mm512_srli_epi64(a, 32), _mm512_srli_epi64(m, 32));
-  if (b) {
-    pe = _mm512_add_epi64(pe, _mm512_mul_epi32(*b, m2));
-    po = _mm512_add_epi64(po, _mm512_mul_epi32(_mm512_srli_epi64(*b, 32), _mm512_srli_epi64(m2, 32)));
+// Row t1/t2 of the output stage: int32 sums, float32 bits, or requantized codes plus zy (clamped for Q4 only: 8-bit
+// codes are clamped by the saturating narrowing that stores them). The one definition both store forms use.
+template <Kind K, bool Split>
+inline __m512i stage_row(const Lanes16& l, const int32_t* t1, int32_t rs1, const int32_t* t2, int32_t rs2) {
+  const __m512i v = corrected16(t1, l.colc1, l.has_zw1, l.zw1, rs1);
+  __m512i w = _mm512_setzero_si512();
+  if (Split) w = corrected16(t2, l.colc2, l.has_zw2, l.zw2, rs2);
+  if (K == Kind::I32) return v;
+  if (K == Kind::F32) {
+    __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(v), l.s1);
+    if (Split) f = _mm512_add_ps(f, _mm512_mul_ps(_mm512_cvtepi32_ps(w), l.s2));
+    return _mm512_castps_si512(f);
   }
-  return _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
+  // the high dword of each exact product v * m1 [+ w * m2] (64-bit products of even and odd lanes; the odd dwords
+  // move down by a dword shuffle, which leaves the shift port to the multiplies)
+  constexpr _MM_PERM_ENUM kOdd = _MM_PERM_DDBB;
+  __m512i pe = _mm512_mul_epi32(v, l.m1);
+  __m512i po = _mm512_mul_epi32(_mm512_shuffle_epi32(v, kOdd), l.m1_odd);
+  if (Split) {
+    pe = _mm512_add_epi64(pe, _mm512_mul_epi32(w, l.m2));
+    po = _mm512_add_epi64(po, _mm512_mul_epi32(_mm512_shuffle_epi32(w, kOdd), l.m2_odd));
+  }
+  const __m512i h = _mm512_mask_blend_epi32(0xAAAA, _mm512_shuffle_epi32(pe, kOdd), po);
+  const __m512i y = _mm512_add_epi32(_mm512_srav_epi32(_mm512_add_epi32(h, l.rnd), l.shr), l.zy);
+  return K == Kind::Q4 ? _mm512_min_epi32(_mm512_max_epi32(y, l.lo), l.hi) : y;
+}
+
+// mr rows stored in place (o.ldn == 1, 16 channels).
+template <Kind K, bool Split>
+void store_rows(const Epi& e, int64_t n0, int mr, const int32_t* t1, const int32_t* rs1, const int32_t* t2,
+                const int32_t* rs2, const TileOut& o) {
+  const Lanes16 l(e, n0);
+  const __m512i zero = _mm512_setzero_si512();
+  for (int r = 0; r < mr; ++r) {
+    const __m512i y = stage_row<K, Split>(l, t1 + r * kNR, rs1 ? rs1[r] : 0, t2 + r * kNR * Split, rs2 ? rs2[r] : 0);
+    __m128i* b = reinterpret_cast<__m128i*>(static_cast<uint8_t*>(o.out) + r * o.ldm);
+    if (K == Kind::U8)
+      _mm_storeu_si128(b, _mm512_cvtusepi32_epi8(_mm512_max_epi32(y, zero)));  // [0, 255], like clamp(y, 0, 255)
+    else if (K == Kind::S8)
+      _mm_storeu_si128(b, _mm512_cvtsepi32_epi8(y));  // [-128, 127]
+    else if (K == Kind::Q4)
+      _mm_storeu_si128(b, _mm512_cvtepi32_epi8(y));
+    else
+      _mm512_storeu_si512(static_cast<int32_t*>(o.out) + r * o.ldm, y);
+  }
+}
+
+// 16 x 16 dwords: on return r[c] holds column c (r[c] lane i = old r[i] lane c).
+inline void transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {  // t[2i], t[2i + 1]: rows 2i, 2i + 1 interleaved, columns 4L, 4L + 1 / 4L + 2, 4L + 3
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + j], 128-bit lane L: column 4L + j of rows 4i..4i+3
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {  // 4 x 4 transpose of 128-bit lanes over r[j], r[4 + j], r[8 + j], r[12 + j]
+    const __m512i a = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x44), b = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xEE);
+    const __m512i c = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x44);
+    const __m512i d = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xEE);
+    t[j] = _mm512_shuffle_i32x4(a, c, 0x88);
+    t[4 + j] = _mm512_shuffle_i32x4(a, c, 0xDD);
+    t[8 + j] = _mm512_shuffle_i32x4(b, d, 0x88);
+    t[12 + j] = _mm512_shuffle_i32x4(b, d, 0xDD);
+  }
+  for (int c = 0; c < 16; ++c) r[c] = t[c];
+}
+
+inline __m128i lane128(__m512i v, int l) {
+  switch (l) {
+    case 0: return _mm512_castsi512_si128(v);
+    case 1: return _mm512_extracti32x4_epi32(v, 1);
+    case 2: return _mm512_extracti32x4_epi32(v, 2);
+    default: return _mm512_extracti32x4_epi32(v, 3);
+  }
+}
+
+// Up to 16 rows (mr) of nc channels to an output with o.ldm == 1: channel c's rows are the mr elements from
+// out + c * o.ldn.
+template <Kind K, bool Split>
+void store_cols16(const Lanes16& l, int mr, int nc, const int32_t* t1, const int32_t* rs1, const int32_t* t2,
+                  const int32_t* rs2, const TileOut& o) {
+  __m512i y[16];
+  for (int r = 0; r < 16; ++r)
+    y[r] = r < mr ? stage_row<K, Split>(l, t1 + r * kNR, rs1 ? rs1[r] : 0, t2 + r * kNR * Split, rs2 ? rs2[r] : 0)
+                  : _mm512_setzero_si512();
+  const __mmask16 rows = static_cast<__mmask16>((1u << mr) - 1);
+  if (K == Kind::I32 || K == Kind::F32) {  // int32 / float32 bits: 16 pixels (64 bytes) per channel
+    transpose16x16(y);
+    int32_t* out = static_cast<int32_t*>(o.out);
+    for (int c = 0; c < nc; ++c) _mm512_mask_storeu_epi32(out + c * o.ldn, rows, y[c]);
+    return;
+  }
+  // Bytes: four rows narrow into one vector with signed saturation to int16, then to uint8 (U8) or int8 (S8, and Q4,
+  // already in range), i.e. clamp(y, lo, hi); its 128-bit lane L then holds rows 4q..4q+3 of channels 4L..4L+3
+  // row-major; a byte shuffle makes each dword one channel's four rows, and two dword/qword interleaves give w[j]
+  // lane L = channel 4L + j, all 16 rows.
+  const __m512i by_channel = _mm512_set4_epi32(0x0F0B0703, 0x0E0A0602, 0x0D090501, 0x0C080400);
+  __m512i z[4];
+  for (int q = 0; q < 4; ++q) {
+    const __m512i p01 = _mm512_packs_epi32(y[4 * q], y[4 * q + 1]);
+    const __m512i p23 = _mm512_packs_epi32(y[4 * q + 2], y[4 * q + 3]);
+    z[q] = _mm512_shuffle_epi8(K == Kind::U8 ? _mm512_packus_epi16(p01, p23) : _mm512_packs_epi16(p01, p23),
+                               by_channel);
+  }
+  const __m512i a0 = _mm512_unpacklo_epi32(z[0], z[1]), a1 = _mm512_unpackhi_epi32(z[0], z[1]);
+  const __m512i b0 = _mm512_unpacklo_epi32(z[2], z[3]), b1 = _mm512_unpackhi_epi32(z[2], z[3]);
+  const __m512i w[4] = {_mm512_unpacklo_epi64(a0, b0), _mm512_unpackhi_epi64(a0, b0), _mm512_unpacklo_epi64(a1, b1),
+                        _mm512_unpackhi_epi64(a1, b1)};
+  uint8_t* out = static_cast<uint8_t*>(o.out);
+  for (int c = 0; c < nc; ++c)  // (no AVX-512 VL: a 64-byte masked store of the lane)
+    _mm512_mask_storeu_epi8(out + c * o.ldn, rows, _mm512_castsi128_si512(lane128(w[c & 3], c >> 2)));
+}
+
+template <Kind K, bool Split>
+void store_cols(const Epi& e, int64_t n0, int mr, int nc, const int32_t* t1, const int32_t* rs1, const int32_t* t2,
+                const int32_t* rs2, const TileOut& o) {
+  const Lanes16 l(e, n0);
+  const int64_t esz = K == Kind::I32 || K == Kind::F32 ? 4 : 1;
+  for (int r = 0; r < mr; r += 16) {
+    const TileOut part{static_cast<char*>(o.out) + r * esz, o.ldm, o.ldn};
+    store_cols16<K, Split>(l, std::min(16, mr - r), nc, t1 + r * kNR, rs1 ? rs1 + r : nullptr,
+                           Split ? t2 + r * kNR : nullptr, rs2 ? rs2 + r : nullptr, part);
+  }
+}
+
+template <Kind K, bool Split>
+void epi_kind(bool cols, const Epi& e, int64_t n0, int mr, int nc, const int32_t* t1, const int32_t* rs1,
+              const int32_t* t2, const int32_t* rs2, const TileOut& o) {
+  if (cols)
+    store_cols<K, Split>(e, n0, mr, nc, t1, rs1, t2, rs2, o);
+  else
+    store_rows<K, Split>(e, n0, mr, t1, rs1, t2, rs2, o);
+}
+
+template <Kind K>
+void epi_split(bool cols, const Epi& e, int64_t n0, int mr, int nc, const int32_t* t1, const int32_t* rs1,
+               const int32_t* t2, const int32_t* rs2, const TileOut& o) {
+  if (e.split)
+    epi_kind<K, true>(cols, e, n0, mr, nc, t1, rs1, t2, rs2, o);
+  else
+    epi_kind<K, false>(cols, e, n0, mr, nc, t1, rs1, t2, rs2, o);
 }
 
 void epi_vnni(const Epi& e, int64_t n0, int mr, int nc, const int32_t* t1, const int32_t* rs1, const int32_t* t2,
               const int32_t* rs2, const TileOut& o) {
   const bool requant = is_requant(e.type);
-  if (nc != kNR || o.ldn != 1 || (requant && !e.fast32) || (e.type != OutType::I32 && e.type != OutType::F32 && !requant))
-    return avx2_kernels().epi(e, n0, mr, nc, t1, rs1, t2, rs2, o);
-  const int32_t* zw1 = e.zw1 ? e.zw1 + n0 : nullptr;
-  const int32_t* zw2 = e.split && e.zw2 ? e.zw2 + n0 : nullptr;
-  for (int r = 0; r < mr; ++r) {
-    const __m512i v = corrected16(t1 + r * kNR, e.colc1 + n0, zw1, rs1 ? rs1[r] : 0);
-    __m512i w = _mm512_setzero_si512();
-    if (e.split) w = corrected16(t2 + r * kNR, e.colc2 + n0, zw2, rs2 ? rs2[r] : 0);
-    if (e.type == OutType::I32) {
-      _mm512_storeu_si512(static_cast<int32_t*>(o.out) + r * o.ldm, v);
-    } else if (e.type == OutType::F32) {
-      __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_loadu_ps(e.s1 + n0));
-      if (e.split) f = _mm512_add_ps(f, _mm512_mul_ps(_mm512_cvtepi32_ps(w), _mm512_loadu_ps(e.s2 + n0)));
-      _mm512_storeu_ps(static_cast<float*>(o.out) + r * o.ldm, f);
-    } else {
-      const __m512i h = high_products(v, _mm512_loadu_si512(e.m1_32 + n0), e.split ? &w : nullptr,
-                                      e.split ? _mm512_loadu_si512(e.m2_32 + n0) : _mm512_setzero_si512());
-      __m512i y = _mm512_srav_epi32(_mm512_add_epi32(h, _mm512_loadu_si512(e.rnd32 + n0)),
-                                    _mm512_loadu_si512(e.shr32 + n0));
-      y = _mm512_add_epi32(y, _mm512_set1_epi32(e.zy));
-      y = _mm512_min_epi32(_mm512_max_epi32(y, _mm512_set1_epi32(e.lo)), _mm512_set1_epi32(e.hi));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(o.out) + r * o.ldm), _mm512_cvtepi32_epi8(y));
+  const bool rows = nc == kNR && o.ldn == 1, cols = !rows && o.ldm == 1;
+  if ((!rows && !cols) || (requant && !e.fast32) || (e.type != OutType::I32 && e.type != OutType::F32 && !requant)) {
+    // the AVX2 stage takes kMR rows at a time unless whole rows are stored in place (EpiFn)
+    const int step = rows ? mr : kMR;
+    for (int r = 0; r < mr; r += step) {
+      const TileOut part{static_cast<char*>(o.out) + r * o.ldm * (requant ? 1 : 4), o.ldm, o.ldn};
+      avx2_kernels().epi(e, n0, std::min(step, mr - r), nc, t1 + r * kNR, rs1 ? rs1 + r : nullptr,
+                         t2 ? t2 + r * kNR : nullptr, rs2 ? rs2 + r : nullptr, part);
     }
+    return;
+  }
+  switch (e.type) {
+    case OutType::I32: return epi_split<Kind::I32>(cols, e, n0, mr, nc, t1, rs1, t2, rs2, o);
+    case OutType::F32: return epi_split<Kind::F32>(cols, e, n0, mr, nc, t1, rs1, t2, rs2, o);
+    case OutType::U8: return epi_split<Kind::U8>(cols, e, n0, mr, nc, t1, rs1, t2, rs2, o);
+    case OutType::S8: return epi_split<Kind::S8>(cols, e, n0, mr, nc, t1, rs1, t2, rs2, o);
+    default: return epi_split<Kind::Q4>(cols, e, n0, mr, nc, t1, rs1, t2, rs2, o);
   }
 }
 
