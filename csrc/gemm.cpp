@@ -195,48 +195,71 @@ struct TaskGrid {
 bool amx_eligible(const KernelSet& ks, const std::vector<GemmJob>& jobs) {
   if (!ks.amx_block) return false;
   for (const GemmJob& jb : jobs)
-    if (jb.m > 0 && jb.n > 0 && (jb.nbranch != 1 || !jb.br[0].b->buf_amx)) return false;
+    for (int b = 0; b < (jb.m > 0 && jb.n > 0 ? jb.nbranch : 0); ++b)
+      if (!jb.br[b].b->buf_amx) return false;
   return true;
 }
 
 // §10.8: tasks of kAmxMC rows (32-row AMX blocks) x a range of weight panels, taken two at a time. A task packs
-// u = x' + 128 of its rows ([rows][ksteps * 64], zero padded) and the x' row sums, then each 32 x 32 block of
-// tiles goes through the VNNI output stage, 32 x 16 at a time where EpiFn allows it.
+// u = x' + 128 of its rows ([rows][ksteps * 64], zero padded) and the x' row sums, per branch (§8: a split job has
+// two, each with its own tiles), then each 32 x 32 block of tiles goes through the VNNI output stage, 32 x 16 at a
+// time where EpiFn allows it.
 constexpr int64_t kAmxMC = 64;
 
 void run_jobs_amx(const std::vector<GemmJob>& jobs, const KernelSet& ks) {
-  int64_t kpad_max = 0;
+  int64_t kpad_max[2] = {0, 0};
   for (const GemmJob& jb : jobs)
-    if (jb.m > 0 && jb.n > 0) kpad_max = std::max(kpad_max, jb.br[0].b->kg_amx * 4);
+    for (int b = 0; b < (jb.m > 0 && jb.n > 0 ? jb.nbranch : 0); ++b)
+      kpad_max[b] = std::max(kpad_max[b], jb.br[b].b->kg_amx * 4);
   const TaskGrid grid(jobs, kAmxMC, 2);  // weight panels in pairs
-  const size_t a_bytes = align64(static_cast<size_t>(kAmxMC * kpad_max));
-  const size_t ws_bytes = a_bytes + align64(kAmxMC * sizeof(int32_t)) + 2 * 32 * 16 * sizeof(int32_t);
+  size_t a_bytes[2], br_bytes[2];  // per branch: A rows, then row sums and the 2 x 2 C tiles
+  for (int b = 0; b < 2; ++b) {
+    a_bytes[b] = align64(static_cast<size_t>(kAmxMC * kpad_max[b]));
+    br_bytes[b] = a_bytes[b] + align64(kAmxMC * sizeof(int32_t)) + 2 * 32 * 16 * sizeof(int32_t);
+  }
   ThreadPool::instance().run(grid.tasks(), [&](int64_t task, int) {
     const TaskGrid::Task tk = grid.at(jobs, task);
     const GemmJob& jb = jobs[tk.job];
     const int64_t m0 = tk.m0, mc = tk.mc, p0 = tk.p0, p1 = tk.p1;
     if (p0 >= p1) return;
-    const PackedMatrix& pm = *jb.br[0].b;
-    const int64_t kpad = pm.kg_amx * 4, ksteps = pm.kg_amx / 16, rows = round_up(mc, 32);
-    uint8_t* ws = scratch(ws_bytes);
-    uint8_t* abuf = ws;
-    int32_t* rs = reinterpret_cast<int32_t*>(ws + a_bytes);
-    int32_t* ctile = reinterpret_cast<int32_t*>(ws + a_bytes + align64(kAmxMC * sizeof(int32_t)));
-    jb.br[0].a->amx_rows(ks, m0, static_cast<int>(mc), kpad, abuf, rs);
-    std::memset(abuf + mc * kpad, 0, static_cast<size_t>((rows - mc) * kpad));
-    const int64_t pstride = pm.kg_amx * 64;
+    const int nb = jb.nbranch;
+    const int64_t rows = round_up(mc, 32);
+    uint8_t* ws = scratch(br_bytes[0] + br_bytes[1]);
+    const PackedMatrix* pm[2];
+    int64_t kpad[2], ksteps[2], pstride[2];
+    uint8_t* abuf[2];
+    int32_t *rs[2], *ctile[2];
+    for (int b = 0; b < nb; ++b) {
+      pm[b] = jb.br[b].b;
+      kpad[b] = pm[b]->kg_amx * 4, ksteps[b] = pm[b]->kg_amx / 16, pstride[b] = pm[b]->kg_amx * 64;
+      abuf[b] = ws + (b ? br_bytes[0] : 0);
+      rs[b] = reinterpret_cast<int32_t*>(abuf[b] + a_bytes[b]);
+      ctile[b] = reinterpret_cast<int32_t*>(abuf[b] + a_bytes[b] + align64(kAmxMC * sizeof(int32_t)));
+      jb.br[b].a->amx_rows(ks, m0, static_cast<int>(mc), kpad[b], abuf[b], rs[b]);
+      std::memset(abuf[b] + mc * kpad[b], 0, static_cast<size_t>((rows - mc) * kpad[b]));
+    }
+    const int64_t kp = kpad[0], ks0 = ksteps[0], pstride0 = pstride[0];
+    uint8_t* const abuf0 = abuf[0];
     ks.amx_begin();
     for (int64_t p = p0; p < p1; p += 2) {
       const bool two = p + 1 < p1;
-      const uint8_t* b0 = pm.buf_amx.get() + p * pstride;
+      const uint8_t* b0 = pm[0]->buf_amx.get() + p * pstride0;
       for (int64_t rb = 0; rb < mc; rb += 32) {
-        // the next block: the next 32 rows, else the first rows with the next panels (its tiles load meanwhile)
-        const int64_t pn = rb + 32 < mc ? p : p + 2;
-        const uint8_t* nb0 = pn < p1 ? pm.buf_amx.get() + pn * pstride : nullptr;
-        const AmxNext next{abuf + (rb + 32 < mc ? rb + 32 : 0) * kpad, nb0, pn + 1 < p1 ? nb0 + pstride : nullptr,
-                           pn + 1 < p1};
-        ks.amx_block(abuf + rb * kpad, kpad, b0, two ? b0 + pstride : nullptr, ksteps, two, ctile, p > p0 || rb > 0,
-                     nb0 ? &next : nullptr);
+        if (nb == 1) {
+          // the next block: the next 32 rows, else the first rows with the next panels (its tiles load meanwhile)
+          const int64_t pn = rb + 32 < mc ? p : p + 2;
+          const uint8_t* nb0 = pn < p1 ? pm[0]->buf_amx.get() + pn * pstride0 : nullptr;
+          const AmxNext next{abuf0 + (rb + 32 < mc ? rb + 32 : 0) * kp, nb0, pn + 1 < p1 ? nb0 + pstride0 : nullptr,
+                             pn + 1 < p1};
+          ks.amx_block(abuf0 + rb * kp, kp, b0, two ? b0 + pstride0 : nullptr, ks0, two, ctile[0], p > p0 || rb > 0,
+                       nb0 ? &next : nullptr);
+        } else {
+          for (int b = 0; b < 2; ++b) {
+            const uint8_t* bb = pm[b]->buf_amx.get() + p * pstride[b];
+            ks.amx_block(abuf[b] + rb * kpad[b], kpad[b], bb, two ? bb + pstride[b] : nullptr, ksteps[b], two,
+                         ctile[b], false, nullptr);
+          }
+        }
         for (int jp = 0; jp < (two ? 2 : 1); ++jp) {
           const int64_t n0 = (p + jp) * kNR;
           const int nc = static_cast<int>(std::min<int64_t>(kNR, jb.n - n0));
@@ -246,7 +269,9 @@ void run_jobs_amx(const std::vector<GemmJob>& jobs, const KernelSet& ks) {
           for (int64_t row = rb; row < rb + 32 && row < mc; row += step) {
             const int mr = static_cast<int>(std::min<int64_t>(step, mc - row));
             TileOut to{jb.out + ((m0 + row) * jb.ldm + n0 * jb.ldn) * jb.elem, jb.ldm, jb.ldn};
-            ks.epi(jb.epi, n0, mr, nc, ctile + jp * 512 + (row - rb) * kNR, rs + row, nullptr, nullptr, to);
+            const int64_t at = jp * 512 + (row - rb) * kNR;
+            ks.epi(jb.epi, n0, mr, nc, ctile[0] + at, rs[0] + row, nb == 2 ? ctile[1] + at : nullptr,
+                   nb == 2 ? rs[1] + row : nullptr, to);
           }
         }
       }

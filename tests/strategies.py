@@ -159,8 +159,9 @@ def conv_cases(draw, formats=("int8", "int4", "uint4")):
 
 
 @st.composite
-def split_gemm_cases(draw, max_dim: int = 40):
-    m, n = draw(dims(max_dim)), draw(dims(max_dim))
+def split_gemm_cases(draw, max_dim: int = 40, n=None):
+    """split_gemm kwargs; ``n`` draws the output channels (default: up to max_dim)."""
+    m, n = draw(dims(max_dim)), draw(dims(max_dim) if n is None else n)
     kw = {}
     for i in ("1", "2"):
         k = draw(dims(max_dim))
@@ -196,9 +197,10 @@ def split_out_stage(draw, n: int):
 
 
 @st.composite
-def split_conv_cases(draw):
+def split_conv_cases(draw, o=st.integers(0, 5)):
+    """split_conv2d kwargs; ``o`` draws the output channels."""
     b = draw(st.integers(0, 2))
-    o = draw(st.integers(0, 5))
+    o = draw(o)
     kh, kw_ = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     ph, pw = draw(st.integers(0, 1)), draw(st.integers(0, 1))
     stride = draw(st.integers(1, 2))

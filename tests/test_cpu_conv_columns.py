@@ -117,3 +117,16 @@ def test_column_conv_shift_edges(isa, shift):
                    x_zero_point=-3, w_zero_point=rng.integers(-4, 4, 40).astype(np.int32), w_format="int8",
                    bias=rng.integers(-3000, 3000, 40).astype(np.int32), out_dtype=out, multiplier=m,
                    shift=np.full(40, shift, np.int32), out_zero_point=C.RANGES[out][0] + 2))
+
+
+@FIXTURE_OK
+@given(kw=S.split_conv_cases(o=st.integers(32, 70)))
+def test_split_conv_on_amx_blocks(isa, kw):
+    """§8 split conv with >= 32 output channels: on AMX each branch has its own tiles, one output stage (§10.8)."""
+    same("split_conv2d", kw)
+
+
+@FIXTURE_OK
+@given(kw=S.split_gemm_cases(max_dim=70, n=st.integers(32, 70)))
+def test_split_gemm_on_amx_blocks(isa, kw):
+    same("split_gemm", kw)
