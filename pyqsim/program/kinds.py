@@ -159,12 +159,15 @@ def _check_split(attrs, t):
         raise ValueError(f"bias has shape {list(t['bias'].shape)}, expected [{n}]")
 
 
-def _split_kw(attrs, t, ctx):
+def _split_kw(attrs, t, ctx, kind, x1, x2, **shape):
+    """The two branches' weights, prepacked once per program (``_packed``), and the other split-op keywords."""
     fmt = attrs.get("w_format", "int8")
-    return dict(x1_zero_point=attrs["x1_zero_point"], x2_zero_point=attrs["x2_zero_point"],
-                w1_zero_point=t["w1_zero_point"], w2_zero_point=t["w2_zero_point"], bias=t.get("bias"),
-                w1_format=fmt, w2_format=fmt, out_dtype="float32", out_scale1=t["out_scale1"],
-                out_scale2=t["out_scale2"], numerics=ctx.numerics, backend=ctx.backend)
+    ws = [_packed(ctx, t, f"w{i}", f"w{i}_zero_point", fmt, kind, **shape,
+                  **(dict(k=x.shape[-1]) if kind == "gemm" else dict(cin_per_group=x.shape[1] if x.ndim == 4 else None)))
+          for i, x in (("1", x1), ("2", x2))]
+    return ws, dict(x1_zero_point=attrs["x1_zero_point"], x2_zero_point=attrs["x2_zero_point"], bias=t.get("bias"),
+                    out_dtype="float32", out_scale1=t["out_scale1"], out_scale2=t["out_scale2"],
+                    numerics=ctx.numerics, backend=ctx.backend)
 
 
 @kind("split_gemm", args=(("x1", TENSOR), ("x2", TENSOR)), attrs=_SPLIT_ATTRS, tensors=_SPLIT_TENSORS, integer=True,
@@ -173,8 +176,9 @@ def _split_gemm(args, attrs, t, ctx):
     """Split-shortcut GEMM over concat(x1, x2) on the last axis, one rounding (spec §8)."""
     x1, x2 = args
     lead = x1.shape[:-1]
-    y = ops.split_gemm(np.ascontiguousarray(x1.reshape(-1, x1.shape[-1])), t["w1"],
-                       np.ascontiguousarray(x2.reshape(-1, x2.shape[-1])), t["w2"], **_split_kw(attrs, t, ctx))
+    (w1, w2), kw = _split_kw(attrs, t, ctx, "gemm", x1, x2)
+    y = ops.split_gemm(np.ascontiguousarray(x1.reshape(-1, x1.shape[-1])), w1,
+                       np.ascontiguousarray(x2.reshape(-1, x2.shape[-1])), w2, **kw)
     return y.reshape(*lead, -1)
 
 
@@ -184,10 +188,11 @@ def _split_gemm(args, attrs, t, ctx):
       tensors=_SPLIT_TENSORS, integer=True, check=_check_split)
 def _split_conv2d(args, attrs, t, ctx):
     """Split-shortcut conv2d over concat(x1, x2) channels, one rounding (spec §8)."""
-    return ops.split_conv2d(np.ascontiguousarray(args[0]), t["w1"], np.ascontiguousarray(args[1]), t["w2"],
+    ks = tuple(attrs.get("kernel_size", [1, 1]))
+    (w1, w2), kw = _split_kw(attrs, t, ctx, "conv", args[0], args[1], kernel_size=ks, groups=1)
+    return ops.split_conv2d(np.ascontiguousarray(args[0]), w1, np.ascontiguousarray(args[1]), w2,
                             stride=tuple(attrs.get("stride", [1, 1])), padding=tuple(attrs.get("padding", [0, 0])),
-                            dilation=tuple(attrs.get("dilation", [1, 1])),
-                            kernel_size=tuple(attrs.get("kernel_size", [1, 1])), **_split_kw(attrs, t, ctx))
+                            dilation=tuple(attrs.get("dilation", [1, 1])), kernel_size=ks, **kw)
 
 
 def _leading(a: np.ndarray, b: np.ndarray):
