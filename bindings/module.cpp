@@ -122,6 +122,24 @@ Arr take_batched(py::handle obj, const std::string& name, std::initializer_list<
   return take(a, name, allowed, nd, layout);
 }
 
+// The byte offset of each matrix [..., R, C] of a (leading indices in C order); all 0 when a is empty (nothing is
+// read or written).
+std::vector<int64_t> matrix_offsets(const py::array& a) {
+  const int nd = static_cast<int>(a.ndim());
+  int64_t batch = 1;
+  for (int i = 0; i < nd - 2; ++i) batch *= a.shape(i);
+  std::vector<int64_t> off(static_cast<size_t>(batch), 0);
+  if (a.size() == 0) return off;
+  for (int64_t b = 0; b < batch; ++b) {
+    int64_t rest = b;
+    for (int i = nd - 3; i >= 0; --i) {
+      off[static_cast<size_t>(b)] += (rest % a.shape(i)) * static_cast<int64_t>(a.strides(i));
+      rest /= a.shape(i);
+    }
+  }
+  return off;
+}
+
 // A batched operand [..., R, C] of 1-byte codes whose rows are C-contiguous (a head of a fused qkv, a transposed
 // view): the byte offset of each batch element's matrix and the row stride; other strides may be any value >= 0.
 struct Rows {
@@ -148,17 +166,7 @@ Rows take_rows(py::handle obj, const std::string& name, std::initializer_list<DT
   if (!empty && cols > 1 && a.strides(nd - 1) != 1)
     throw py::value_error(name + " must have C-contiguous rows (pass numpy.ascontiguousarray(" + name + "))");
   r.ld = rows > 1 && !empty ? static_cast<int64_t>(a.strides(nd - 2)) : cols;
-  int64_t batch = 1;
-  for (int i = 0; i < nd - 2; ++i) batch *= r.arr.shape[i];
-  r.off.assign(static_cast<size_t>(batch), 0);
-  for (int64_t b = 0; b < batch; ++b) {  // leading index b in C order -> byte offset
-    int64_t rest = b, off = 0;
-    for (int i = nd - 3; i >= 0; --i) {
-      off += empty ? 0 : (rest % r.arr.shape[i]) * static_cast<int64_t>(a.strides(i));
-      rest /= r.arr.shape[i];
-    }
-    r.off[static_cast<size_t>(b)] = off;
-  }
+  r.off = matrix_offsets(a);
   return r;
 }
 
@@ -333,7 +341,7 @@ OutBatch batched_rows_out(py::handle out, OutType t, const std::vector<int64_t>&
   if (out.is_none()) {
     r.y = batched_out(t, first, n, batch);
     r.ld = n;
-    for (int64_t b = 0; b < batch; ++b) r.off.push_back(b * m * n * isz);
+    r.off = matrix_offsets(r.y);
     return r;
   }
   r.y = as_array(out, "out");
@@ -359,14 +367,7 @@ OutBatch batched_rows_out(py::handle out, OutType t, const std::vector<int64_t>&
   if (n > 1 && y.strides(static_cast<py::ssize_t>(nd - 1)) != isz)
     throw py::value_error("out must have C-contiguous rows (its last axis)");
   r.ld = m > 1 ? y.strides(static_cast<py::ssize_t>(nd - 2)) / isz : n;
-  for (int64_t b = 0; b < batch; ++b) {  // leading index b in C order -> byte offset
-    int64_t rest = b, off = 0;
-    for (int i = static_cast<int>(nd) - 3; i >= 0; --i) {
-      off += (rest % dims[static_cast<size_t>(i)]) * y.strides(i);
-      rest /= dims[static_cast<size_t>(i)];
-    }
-    r.off.push_back(off);
-  }
+  r.off = matrix_offsets(y);
   return r;
 }
 
