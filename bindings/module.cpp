@@ -142,6 +142,8 @@ std::vector<int64_t> matrix_offsets(const py::array& a) {
 
 // A batched operand [..., R, C] of 1-byte codes whose rows are C-contiguous (a head of a fused qkv, a transposed
 // view): the byte offset of each batch element's matrix and the row stride; other strides may be any value >= 0.
+// An operand whose columns are contiguous instead (the transpose of such a view) is read through a C-contiguous
+// copy made by qsim::transpose_batches.
 struct Rows {
   Arr arr;
   std::vector<int64_t> off;
@@ -163,10 +165,26 @@ Rows take_rows(py::handle obj, const std::string& name, std::initializer_list<DT
   }
   r.arr.ptr = a.data();
   const int64_t rows = r.arr.shape[nd - 2], cols = r.arr.shape[nd - 1];
-  if (!empty && cols > 1 && a.strides(nd - 1) != 1)
-    throw py::value_error(name + " must have C-contiguous rows (pass numpy.ascontiguousarray(" + name + "))");
-  r.ld = rows > 1 && !empty ? static_cast<int64_t>(a.strides(nd - 2)) : cols;
   r.off = matrix_offsets(a);
+  if (!empty && cols > 1 && a.strides(nd - 1) != 1) {
+    if (rows > 1 && a.strides(nd - 2) != 1)
+      throw py::value_error(name + " must have C-contiguous rows or columns (pass numpy.ascontiguousarray(" + name +
+                            "))");
+    py::array copy(a.dtype(), std::vector<py::ssize_t>(a.shape(), a.shape() + nd));
+    const qsim::RowBatch src{static_cast<const uint8_t*>(r.arr.ptr), r.off.data(),
+                             static_cast<int64_t>(a.strides(nd - 1))};
+    {
+      py::gil_scoped_release nogil;
+      qsim::transpose_batches(src, static_cast<int64_t>(r.off.size()), rows, cols,
+                              static_cast<uint8_t*>(copy.mutable_data()));
+    }
+    r.arr.a = copy;
+    r.arr.ptr = copy.data();
+    r.off = matrix_offsets(copy);
+    r.ld = cols;
+    return r;
+  }
+  r.ld = rows > 1 && !empty ? static_cast<int64_t>(a.strides(nd - 2)) : cols;
   return r;
 }
 

@@ -116,8 +116,40 @@ inline void transpose16(const uint8_t* src, int64_t ss, int8_t* dst, int64_t ds,
 }
 #endif
 
-// x [B, C, H, W] -> x' [B, H, W, C]: 16 x 16 byte tiles (SSE2), scalar edges; 4 zero bytes past the end (the
-// 4-byte reads of im2col_row)
+// d[p][ci] = s[ci * ld + p] ^ mask for p in [p0, p1), ci in [0, c): 16 x 16 byte tiles (SSE2), scalar edges.
+void transpose_block(const uint8_t* s, int64_t ld, int64_t c, int64_t p0, int64_t p1, int8_t* d, uint8_t mask) {
+  int64_t pf = p0;
+#if defined(__SSE2__)
+  const __m128i vm = _mm_set1_epi8(static_cast<char>(mask));
+  const int64_t c16 = c / 16 * 16;
+  for (; pf + 16 <= p1; pf += 16)
+    for (int64_t ci = 0; ci < c16; ci += 16) transpose16(s + ci * ld + pf, ld, d + pf * c + ci, c, vm);
+  for (int64_t p = p0; p < pf; ++p)
+    for (int64_t ci = c16; ci < c; ++ci) d[p * c + ci] = static_cast<int8_t>(s[ci * ld + p] ^ mask);
+#endif
+  for (int64_t ci = 0; ci < c; ++ci)
+    for (int64_t p = pf; p < p1; ++p) d[p * c + ci] = static_cast<int8_t>(s[ci * ld + p] ^ mask);
+}
+
+constexpr int64_t kTransposeTask = 64;  // positions (output rows) per task
+
+}  // namespace
+}  // namespace detail
+
+void transpose_batches(const RowBatch& src, int64_t batch, int64_t rows, int64_t cols, uint8_t* dst) {
+  if (batch == 0 || rows == 0 || cols == 0) return;
+  const int64_t blocks = detail::ceil_div(rows, detail::kTransposeTask);
+  ThreadPool::instance().run(batch * blocks, [&](int64_t task, int) {
+    const int64_t bi = task / blocks, p0 = (task % blocks) * detail::kTransposeTask;
+    detail::transpose_block(src.at(bi), src.ld, cols, p0, std::min(rows, p0 + detail::kTransposeTask),
+                            reinterpret_cast<int8_t*>(dst + bi * rows * cols), 0);
+  });
+}
+
+namespace detail {
+namespace {
+
+// x [B, C, H, W] -> x' [B, H, W, C]; 4 zero bytes past the end (the 4-byte reads of im2col_row)
 std::vector<int8_t> to_nhwc(const void* x, ActType t, int64_t b, int64_t c, int64_t h, int64_t w) {
   // An empty input has nothing to transpose (with C = 0, B * H * W alone may be huge).
   if (b == 0 || c == 0 || h == 0 || w == 0) return {};
@@ -125,23 +157,10 @@ std::vector<int8_t> to_nhwc(const void* x, ActType t, int64_t b, int64_t c, int6
   const uint8_t* src = static_cast<const uint8_t*>(x);
   const uint8_t mask = t == ActType::U8 ? 0x80 : 0;
   const int64_t hw = h * w;
-  constexpr int64_t kT = 64;  // positions per task
-  const int64_t pblocks = ceil_div(hw, kT);
+  const int64_t pblocks = ceil_div(hw, kTransposeTask);
   ThreadPool::instance().run(b * pblocks, [&](int64_t task, int) {
-    const int64_t bi = task / pblocks, p0 = (task % pblocks) * kT, p1 = std::min(hw, p0 + kT);
-    const uint8_t* s = src + bi * c * hw;
-    int8_t* d = out.data() + bi * hw * c;
-    int64_t pf = p0;
-#if defined(__SSE2__)
-    const __m128i vm = _mm_set1_epi8(static_cast<char>(mask));
-    const int64_t c16 = c / 16 * 16;
-    for (; pf + 16 <= p1; pf += 16)
-      for (int64_t ci = 0; ci < c16; ci += 16) transpose16(s + ci * hw + pf, hw, d + pf * c + ci, c, vm);
-    for (int64_t p = p0; p < pf; ++p)
-      for (int64_t ci = c16; ci < c; ++ci) d[p * c + ci] = static_cast<int8_t>(s[ci * hw + p] ^ mask);
-#endif
-    for (int64_t ci = 0; ci < c; ++ci)
-      for (int64_t p = pf; p < p1; ++p) d[p * c + ci] = static_cast<int8_t>(s[ci * hw + p] ^ mask);
+    const int64_t bi = task / pblocks, p0 = (task % pblocks) * kTransposeTask;
+    transpose_block(src + bi * c * hw, hw, c, p0, std::min(hw, p0 + kTransposeTask), out.data() + bi * hw * c, mask);
   });
   return out;
 }

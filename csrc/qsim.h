@@ -161,6 +161,10 @@ struct RowBatch {
   const uint8_t* at(int64_t i) const { return base + off[i]; }
 };
 
+// dst[i] = the transpose of src matrix i, [cols, rows] (rows contiguous, ld apart) -> [rows, cols] C-contiguous,
+// dst[i] at dst + i * rows * cols: a batched operand given with contiguous columns (a transposed view).
+void transpose_batches(const RowBatch& src, int64_t batch, int64_t rows, int64_t cols, uint8_t* dst);
+
 // The output of a batched op: batch element i's rows at base + off[i] (bytes), rows ld elements apart.
 struct OutRows {
   void* base = nullptr;

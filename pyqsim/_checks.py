@@ -5,6 +5,7 @@ dataclass of C-contiguous arrays with fixed dtypes that every backend consumes u
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -177,8 +178,11 @@ def positive_scale(v, name: str) -> float:
         raise TypeError(f"{name} must be a float, got {type(v).__name__}") from None
     if isinstance(v, np.ndarray) and v.ndim != 0:
         raise ValueError(f"{name} must be a scalar, got shape {v.shape}")
-    f = float(to_float32(np.float64(d), name, "finite and > 0"))
-    if not f > 0:
+    with np.errstate(over="ignore"):
+        f = float(np.float32(d))
+    if math.isinf(f) and math.isfinite(d):
+        raise ValueError(f"{name} must be finite and > 0 within float32 range, got {d!r}")
+    if not (f > 0 and math.isfinite(f)):
         raise ValueError(f"{name} must be finite and > 0, got {v!r}")
     return f
 
@@ -344,9 +348,11 @@ def activation(x, name: str, ndim: int, layout: str, op: str | None = None, rows
 
 
 def rows_view(x) -> bool:
-    """Whether host array ``x`` of 1-byte codes has C-contiguous rows (last axis) and no negative stride: the batched
-    ops read such a view in place, one matrix of rows per leading index."""
-    return (isinstance(x, np.ndarray) and x.ndim >= 2 and (x.shape[-1] <= 1 or x.strides[-1] == 1)
+    """Whether host array ``x`` of 1-byte codes has C-contiguous rows (last axis) or columns, and no negative stride:
+    the batched ops take such a view as it is, one matrix per leading index (rows read in place; columns through one
+    native transposed copy, where NumPy's copy of such a view is several times slower)."""
+    return (isinstance(x, np.ndarray) and x.ndim >= 2
+            and (x.shape[-1] <= 1 or x.strides[-1] == 1 or x.shape[-2] <= 1 or x.strides[-2] == 1)
             and all(s >= 0 or d <= 1 for s, d in zip(x.strides, x.shape)))
 
 
@@ -912,7 +918,10 @@ def row_view(x: np.ndarray):
     rstride = lead[-1][1] if lead else cols * x.itemsize
     if rstride < cols * x.itemsize:
         return None
-    return np.lib.stride_tricks.as_strided(x, (x.size // cols, cols), (rstride, x.itemsize), writeable=False)
+    try:
+        return x.reshape(x.size // cols, cols, copy=False)  # the layout above: a view with row stride rstride
+    except ValueError:
+        return None
 
 
 def quantize_args(x, scale, zero_point, dtype, axis, bits, narrow, scan: bool = True) -> QuantizeArgs:

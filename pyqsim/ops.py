@@ -120,6 +120,7 @@ def reset_backend_cache() -> None:
     """Forget which backends are available and which reference engine is selected."""
     _backend_module_at.cache_clear()
     _table_at.cache_clear()
+    _kernel_at.cache_clear()
 
 
 def unavailable_reason(backend: str) -> str:
@@ -145,8 +146,23 @@ def _numerics_of(name: str) -> tuple:
 
 def resolve_backend(backend: str, op: str, numerics: str = "pyqsim") -> str:
     """The concrete backend that will run ``op`` (under the ``numerics`` profile) for the requested ``backend``."""
+    return _kernel(backend, op, numerics)[0]
+
+
+def _kernel(backend: str, op: str, numerics: str) -> tuple:
+    """(concrete backend, its function for ``op``): resolved once per request, forced backend and generation."""
+    forced = os.environ.get("PYQSIM_BACKEND", "") if backend == "auto" else ""
+    return _kernel_at(backend, op, numerics, forced.strip(), _generation())
+
+
+@lru_cache(maxsize=1024)
+def _kernel_at(backend: str, op: str, numerics: str, forced: str, generation: tuple) -> tuple:
+    name = _resolve(backend, op, numerics, forced)
+    return name, _table(name)[op]
+
+
+def _resolve(backend: str, op: str, numerics: str, forced: str) -> str:
     if backend == "auto":
-        forced = os.environ.get("PYQSIM_BACKEND", "").strip()
         if forced:
             if forced not in BACKENDS:
                 raise ValueError(f"PYQSIM_BACKEND must be one of {', '.join(BACKENDS)}, got {forced!r}")
@@ -202,16 +218,16 @@ def record():
 
 def _dispatch(op: str, backend: str, args):
     out = getattr(args, "out", None)
-    name = resolve_backend(backend, op, getattr(out, "numerics", "pyqsim"))
+    name, fn = _kernel(backend, op, getattr(out, "numerics", "pyqsim"))
     if name != "cuda" and _device.has_device_arrays(args):
         args = _device.to_host_args(args)  # the host backends compute on copies of device operands
-    return _table(name)[op](args)
+    return fn(args)
 
 
 def _scan_values(op: str, backend: str) -> bool:
     """Whether the argument checks must scan ``op``'s float input for non-finite values: unless the backend that will
     run it rejects them in its kernel's own pass (its ``VALUE_CHECKED``)."""
-    return op not in getattr(_backend_module(resolve_backend(backend, op)), "VALUE_CHECKED", ())
+    return op not in getattr(_backend_module(_kernel(backend, op, "pyqsim")[0]), "VALUE_CHECKED", ())
 
 
 def run_canonical(op: str, args, backend: str = "auto"):

@@ -199,20 +199,45 @@ def test_bmm_cpu_equals_reference(isa, kw):
     same("int_bmm", kw)
 
 
-def _row_view(data, x: np.ndarray) -> np.ndarray:
-    """``x`` laid out in a wider buffer: its leading and row axes in a drawn memory order, rows padded with junk, or
-    (negative strides, copied by the checks) reversed; a view equal to ``x``."""
+def _row_view(data, x: np.ndarray, columns: bool = True) -> np.ndarray:
+    """``x`` laid out in a wider buffer: its axes in a drawn memory order whose innermost is the last axis (C-contiguous
+    rows) or, with ``columns``, the row axis (C-contiguous columns: the transpose of such a view, as keys are for
+    q @ k), the innermost padded with junk, or (negative strides, copied by the checks) its rows reversed; a view
+    equal to ``x``."""
     nd = x.ndim
-    order = data.draw(st.permutations(range(nd - 1)))
+    inner = data.draw(st.sampled_from([nd - 1, nd - 2] if columns else [nd - 1]))
+    order = list(data.draw(st.permutations([i for i in range(nd) if i != inner]))) + [inner]
     pad = data.draw(st.integers(0, 3))
-    buf = np.full([x.shape[i] for i in order] + [x.shape[-1] + pad], 77, x.dtype)
-    view = buf[..., :x.shape[-1]].transpose(list(np.argsort(order)) + [nd - 1])
+    buf = np.full([x.shape[i] for i in order[:-1]] + [x.shape[inner] + pad], 77, x.dtype)
+    view = buf[..., :x.shape[inner]].transpose(np.argsort(order))
     if data.draw(st.booleans()):
         view = view[..., ::-1, :]
         view[...] = x[..., ::-1, :]
         return view[..., ::-1, :]
     view[...] = x
     return view
+
+
+@pytest.mark.needs_cpu_ext
+@pytest.mark.parametrize("shape", [(2, 3, 37, 45), (1, 16, 16), (5, 64, 19), (3, 1, 70), (2, 70, 1)])
+def test_bmm_transposed_operands(isa, shape):
+    """Operands with contiguous columns go through the native tiled transpose (16 x 16 tiles and scalar edges): the
+    reference's result, bit for bit."""
+    rng = np.random.default_rng(sum(shape))
+    a = rng.integers(0, 256, shape, dtype=np.uint8)
+    b = rng.integers(-128, 128, shape[:-2] + (shape[-2] + 3, shape[-1]), dtype=np.int8)
+    kw = dict(a_zero_point=131, b_zero_point=-5, out_dtype="int32")
+    want = ops.int_bmm(a, b, **kw, backend="reference")
+    at = np.ascontiguousarray(np.swapaxes(a, -1, -2)).swapaxes(-1, -2)
+    bt = np.ascontiguousarray(np.swapaxes(b, -1, -2)).swapaxes(-1, -2)
+    assert not at.flags.c_contiguous or min(shape[-2:]) == 1
+    assert np.array_equal(ops.int_bmm(at, bt, **kw, backend="cpu"), want)
+    v = rng.integers(0, 256, shape[:-2] + (shape[-1], 24), dtype=np.uint8)
+    codes = rng.integers(0, 16, shape, dtype=np.uint8)
+    vt = np.ascontiguousarray(np.swapaxes(v, -1, -2)).swapaxes(-1, -2)
+    lk = dict(v_zero_point=128, bits=4, mode="sqrt2", out_dtype="float32", out_scale=0.5)
+    assert np.array_equal(ops.log2_attn_matmul(codes, vt, **lk, backend="cpu"),
+                          ops.log2_attn_matmul(codes, v, **lk, backend="reference"))
 
 
 @pytest.mark.needs_cpu_ext
@@ -344,7 +369,7 @@ def test_log2_writes_into_out(isa, data, kw):
     exactly the result the op returns without it, and is returned, on every backend."""
     want = ops.log2_attn_matmul(**kw, backend="reference")
     for backend in ("reference", "cpu"):
-        out = _row_view(data, np.zeros_like(want))
+        out = _row_view(data, np.zeros_like(want), columns=False)
         out.fill(0)
         got = ops.log2_attn_matmul(**kw, out=out, backend=backend)
         assert got is out and np.array_equal(out, want), backend

@@ -162,3 +162,62 @@ def test_stage_codes_equal_the_unfused_run(seed, kind, quant, backend, extra_use
     kept, _ = p.execute((x,), None, backend, keep=True)
     got = fused[0] if extra_user else fused
     assert got.dtype == np.uint8 and np.array_equal(got, kept[0])
+
+
+# --------------------------------------------------------------------------- §9.2: quantize before a move
+
+
+def _move_program(move, arg, value, bits, extra_user=False):
+    """x [N, C, H, W] -> pad (widths ``arg``, ``value``) or upsample_nearest (``arg``: scales or a size) -> quantize."""
+    if move == "pad":
+        node = _node("m", "pad", [{"@": "x"}, arg] + ([] if value is None else [value]), {"dtype": "float32"})
+    elif isinstance(arg, tuple):
+        node = _node("m", "upsample_nearest", [{"@": "x"}, None], {"dtype": "float32", "scales": list(arg)})
+    else:
+        node = _node("m", "upsample_nearest", [{"@": "x"}, arg], {"dtype": "float32"})
+    nodes = [node, _node("q", "quantize", [{"@": "m"}], {"bits": bits}, {"scale": "s", "zero_point": "z"})]
+    outs = [{"name": "y", "value": {"@": "q"}}] + ([{"name": "m", "value": {"@": "m"}}] if extra_user else [])
+    prog = {"inputs": [{"name": "x", "dtype": "float32", "shape": [None, None, None, None]}], "nodes": nodes,
+            "outputs": outs}
+    tensors = {"s": np.array(0.05, F32), "z": np.array(2**bits // 3, np.int32)}
+    return Program(tensors, {"program": prog})
+
+
+def _oracle(move, x, arg, value):
+    """The move on float32 values, written out: NumPy's pad, or the floor(i * in / out) index of nearest upsampling."""
+    if move == "pad":
+        width = [(0, 0)] * 2 + [(arg[2], arg[3]), (arg[0], arg[1])]
+        return np.pad(x, width, constant_values=0 if value is None else value).astype(F32)
+    size = [int(np.floor(s * f)) for s, f in zip(x.shape[2:], arg)] if isinstance(arg, tuple) else arg
+    for ax, (src, dst) in enumerate(zip(x.shape[2:], size)):
+        x = np.take(x, np.minimum(np.floor(np.arange(dst) * (src / dst)).astype(np.int64), src - 1), axis=2 + ax)
+    return x
+
+
+MOVES = st.one_of(
+    st.tuples(st.just("pad"), st.lists(st.integers(0, 3), min_size=4, max_size=4),
+              st.none() | st.floats(width=32, allow_nan=False, allow_infinity=False) | st.integers(-300, 300)),
+    st.tuples(st.just("upsample"), st.tuples(st.integers(1, 3), st.integers(1, 3)).map(lambda t: (float(t[0]), float(t[1])))
+              | st.lists(st.integers(1, 9), min_size=2, max_size=2), st.none()))
+
+
+@given(seed=st.integers(0, 2**32 - 1), move=MOVES, bits=st.integers(2, 8), shape=st.tuples(
+    st.integers(1, 2), st.integers(1, 3), st.integers(1, 5), st.integers(1, 5)), backend=st.sampled_from(
+    ["reference", "auto"]), extra_user=st.booleans())
+@example(seed=1, move=("pad", [0, 1, 0, 1], None), bits=8, shape=(2, 3, 4, 4), backend="auto", extra_user=False)
+@example(seed=2, move=("pad", [1, 1, 1, 1], FMAX), bits=2, shape=(1, 1, 2, 3), backend="auto", extra_user=False)
+@example(seed=3, move=("upsample", (2.0, 2.0), None), bits=8, shape=(2, 3, 4, 4), backend="auto", extra_user=False)
+@example(seed=4, move=("upsample", [7, 3], None), bits=4, shape=(1, 2, 3, 2), backend="auto", extra_user=False)
+def test_quantize_before_a_move_equals_the_kept_run(seed, move, bits, shape, backend, extra_user):
+    """§9.2: the quantize that alone reads a pad / upsample_nearest runs first and the move on its codes (the pad
+    value replaced by its code); the codes equal the kept run's and the oracle's (quantize of the moved floats)."""
+    kind, arg, value = move
+    p = _move_program(kind, arg, value, bits, extra_user)
+    assert (set(p._moves({})) == {"q"}) == (not extra_user)
+    x = (np.random.default_rng(seed).standard_normal(shape) * 3).astype(F32)
+    got = p.run(x, backend=backend)
+    got = got[0] if extra_user else got
+    kept, _ = p.execute((x,), None, backend, keep=True)
+    from pyqsim import ops
+    want = ops.quantize(_oracle(kind, x, arg, value), 0.05, 2**bits // 3, "uint8", bits=bits, backend="reference")
+    assert got.dtype == np.uint8 and np.array_equal(got, kept[0]) and np.array_equal(got, want)

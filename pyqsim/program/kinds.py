@@ -749,7 +749,11 @@ def _pad(args, attrs, t, ctx):
     width = [(0, 0)] * x.ndim
     for i in range(len(p) // 2):
         width[x.ndim - 1 - i] = (p[2 * i], p[2 * i + 1])
-    return np.pad(x, width, constant_values=v)
+    if min(p, default=0) < 0:
+        return np.pad(x, width, constant_values=v)  # NumPy's error for a negative width
+    out = np.full([n + a + b for n, (a, b) in zip(x.shape, width)], v, x.dtype)
+    out[tuple(slice(a, a + n) for n, (a, _) in zip(x.shape, width))] = x
+    return out
 
 
 @kind("arange", args=(("start", ANY), ("end", ANY, None), ("step", ANY, 1)))

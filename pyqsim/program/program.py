@@ -24,12 +24,26 @@ class _Ctx:
     numerics: str = "pyqsim"  # the profile of the quantize and integer nodes (spec §14)
 
 
-def _resolve(v, env):
+class _Ref(str):
+    """A decoded argument that names a value."""
+
+
+def _compiled(v):
+    """An argument decoded once for execute: a value reference becomes ``_Ref``, literals their values."""
     if is_ref(v):
-        return env[v["@"]]
+        return _Ref(v["@"])
     if isinstance(v, list):
-        return [_resolve(x, env) for x in v]
+        return [_compiled(x) for x in v]
     return decode_literal(v)
+
+
+def _resolve(v, env):
+    """A compiled argument's value in ``env`` (lists fresh on every call: a kind may keep or change them)."""
+    if type(v) is _Ref:
+        return env[v]
+    if type(v) is list:
+        return [_resolve(x, env) for x in v]
+    return v
 
 
 def _spec_error(where: str, msg: str):
@@ -232,6 +246,35 @@ class Program:
             fused[node["name"]] = (src["name"], codes_spec(codes), tuple(chain))
         return fused
 
+    def _moves(self, fusions: dict) -> dict:
+        """quantize node -> the pad / upsample_nearest node it alone reads (float32 in and out): the quantize runs
+        first and the move on its codes, 1/4 of the bytes, with a pad value replaced by its code. Exact: both only
+        copy values and quantize is elementwise (spec §9.2)."""
+        users, by_name, moves = self._users(), {n["name"]: n for n in self.nodes}, {}
+        for node in self.nodes:
+            a = node.get("args") or [None]
+            if node["kind"] != "quantize" or node["name"] in fusions or not is_ref(a[0]):
+                continue
+            src = by_name.get(a[0]["@"])
+            if src is None or src["kind"] not in ("pad", "upsample_nearest") or users[src["name"]] != 1 or \
+                    not is_ref((src.get("args") or [None])[0]) or \
+                    decode_literal(src.get("attrs", {}).get("dtype", "float32")) != "float32":
+                continue
+            args = [decode_literal(v) for v in src["args"]]
+            if src["kind"] == "pad":
+                value = args[2] if len(args) > 2 else 0
+                if any(is_ref(v) for v in args[1:]) or min(args[1], default=0) < 0 or isinstance(value, bool) or \
+                        not isinstance(value, (int, float)) or not math.isfinite(value):
+                    continue
+                t = self._node_tensors(node)
+                bits = decode_literal(node.get("attrs", {}).get("bits", 8))
+                code = ops.quantize(np.array([value], np.float32), t["scale"][()], int(t["zero_point"][()]), "uint8",
+                                    bits=bits, backend="reference")
+                moves[node["name"]] = (src["name"], int(code[0]))
+            elif len(args) < 2 or not is_ref(src["args"][1]):
+                moves[node["name"]] = (src["name"], None)
+        return moves
+
     def _scale_folds(self):
         """Spec §9.1: float32 output stages followed only by a product with 2^e, run as one output stage."""
         if self._folds is not None:
@@ -262,6 +305,8 @@ class Program:
             last_use = self._last_use() if free else {}
             scales, alias = self._scale_folds() if fold else ({}, {})
             fusions = self._code_fusions() if fuse else {}
+            moves = self._moves(fusions) if fuse else {}
+            moved = {src for src, _ in moves.values()}
             stage_of = {src: q for q, (src, _, _) in fusions.items()}
             skipped = {n for _, _, chain in fusions.values() for n in chain}
             steps, pending = [], {}
@@ -273,10 +318,22 @@ class Program:
                     t["out_scale"] = scales[name]
                 dt = attrs.get("dtype")
                 dead = tuple(last_use.get(i, ()))
-                step = (name, KINDS[node["kind"]], node.get("args", []), attrs, t, node.get("scope"), alias.get(name),
+                step = (name, KINDS[node["kind"]], [_compiled(a) for a in node.get("args", [])], attrs, t,
+                        node.get("scope"), alias.get(name),
                         None if dt is None else DTYPES[dt], dead)
-                if name in stage_of or name in skipped:  # runs at its quantize node, with that node's codes
+                if name in stage_of or name in skipped or name in moved:  # runs at its quantize node
                     pending[name] = step
+                    continue
+                if name in moves:  # quantize the move's input, then move the codes (§9.2)
+                    src, code = moves[name]
+                    m_name, m_kind, m_args, m_attrs, m_t, m_scope, _, _, m_dead = pending.pop(src)
+                    pre = f"{name}\0codes"
+                    steps.append((pre, step[1], m_args[:1] + step[2][1:]) + step[3:8] + ((),))
+                    m_args = [_Ref(pre)] + m_args[1:] + ([] if code is None else [0] * (3 - len(m_args)))
+                    if code is not None:
+                        m_args[2] = code
+                    steps.append((name, m_kind, m_args, {k: v for k, v in m_attrs.items() if k != "dtype"}, m_t,
+                                  m_scope, None, None, m_dead + dead + (pre,)))
                     continue
                 if name in fusions:
                     src, codes, chain = fusions[name]
@@ -296,7 +353,8 @@ class Program:
         env = self._bind(tuple(inputs), named or {})
         ctx = _Ctx(backend, self._cache, numerics=numerics)
         # kept values and recorded op calls are each node's own (no §9.1 fold)
-        fold = not (keep or ops.recording())
+        recording = ops.recording()
+        fold = not (keep or recording)
         for name, k, raw_args, attrs, t, scope, src, dtype, dead in self._plan(fold, not keep,
                                                                                not keep and numerics == "pyqsim"):
             if src is not None:  # spec §9.1: the product is folded into src's output stage
@@ -304,11 +362,14 @@ class Program:
             else:
                 args = [_resolve(a, env) for a in raw_args]
                 ctx.node = name
-                with ops.scope(scope or name):
-                    try:
-                        y = k.run(args, attrs, t, ctx)
-                    except (ValueError, TypeError, IndexError) as exc:
-                        raise type(exc)(f"node {name!r} ({k.name}, from {scope or '?'}): {exc}") from exc
+                token = ops._SCOPE.set(ops._SCOPE.get() + (scope or name,)) if recording else None
+                try:
+                    y = k.run(args, attrs, t, ctx)
+                except (ValueError, TypeError, IndexError) as exc:
+                    raise type(exc)(f"node {name!r} ({k.name}, from {scope or '?'}): {exc}") from exc
+                finally:
+                    if token is not None:
+                        ops._SCOPE.reset(token)
                 if dtype is not None and isinstance(y, np.ndarray) and y.dtype != dtype:
                     y = y.astype(dtype)
                 env[name] = y
