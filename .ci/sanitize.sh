@@ -68,7 +68,7 @@ set +e
 # fd capture would swallow when the process dies; this way it reaches the log. Reports in child processes
 # fail the test that started them (it checks their exit status and prints their stderr).
 "$VPY" -m pytest -p no:cacheprovider -q --capture=sys \
-  test_cpu_ops.py test_cpu_build.py test_errors.py test_bindings_errors.py test_reliability.py test_fuzz.py \
+  test_cpu_ops.py test_cpu_build.py test_errors.py test_bindings_errors.py test_reliability.py test_fuzz.py test_memory.py \
   -k "not known_gap" "$@"
 STATUS=$?
 # The CUDA kernel sources on the host SIMT emulator (pyqsim._cuda_simt), sanitized too: the emulator's fault probes

@@ -147,6 +147,18 @@ std::shared_ptr<PackedWeight> pack_gemm_weight(const void* w, WFormat fmt, int64
 std::shared_ptr<PackedWeight> pack_conv_weight(const void* w, WFormat fmt, int64_t o, int64_t cin_g, int64_t kh,
                                                int64_t kw, int64_t groups);
 
+// ------------------------------------------------------------------------------------------ memory
+// Large blocks kept after they are freed and handed out again (csrc/arena.cpp); thread-safe.
+struct ArenaStats {
+  size_t in_use = 0, cached = 0, peak = 0;  // bytes (capacities)
+  uint64_t hits = 0, misses = 0;            // allocations served from the cache / from the C library
+};
+void* arena_alloc(size_t bytes);        // 64-byte aligned; nullptr when out of memory
+size_t arena_capacity(const void* p);   // capacity of a block arena_alloc handed out, 0 for any other pointer
+bool arena_free(void* p);               // false (nothing done) when p is not a block arena_alloc handed out
+void arena_release();                   // frees every cached block
+ArenaStats arena_stats();
+
 // ------------------------------------------------------------------------------------------ ops
 // §4/§6: y[M, N] = stage(bias + (x - zx) @ (w - zw).T). x: [M, K] row-major. zw, bias: [N].
 // y: [M, N] row-major of the stage's type.

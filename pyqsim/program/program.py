@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import ops
 from .._checks import codes_spec
+from ..runtime.memory import block_cache
 from ..runtime.paramfile import ParamFileError, load_params, save_params
 from . import kinds as _kinds  # noqa: F401  (registers every node kind)
 from .schema import DTYPES, KINDS, decode_literal, is_ref, validate_node
@@ -347,7 +348,12 @@ class Program:
         return self._steps[fold, free, fuse]
 
     def execute(self, inputs=(), named=None, backend: str = "auto", keep: bool = False, numerics: str = "pyqsim"):
-        """Run every node; returns (outputs list, env of all values when ``keep``)."""
+        """Run every node; returns (outputs list, env of all values when ``keep``). Large arrays come from the block
+        cache (``pyqsim.runtime.memory``)."""
+        with block_cache():
+            return self._execute(inputs, named, backend, keep, numerics)
+
+    def _execute(self, inputs, named, backend, keep, numerics):
         from ..numerics import profile
         profile(numerics)
         env = self._bind(tuple(inputs), named or {})
