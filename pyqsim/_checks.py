@@ -918,10 +918,8 @@ def row_view(x: np.ndarray):
     rstride = lead[-1][1] if lead else cols * x.itemsize
     if rstride < cols * x.itemsize:
         return None
-    try:
-        return x.reshape(x.size // cols, cols, copy=False)  # the layout above: a view with row stride rstride
-    except ValueError:
-        return None
+    v = x.reshape(x.size // cols, cols)  # the layout above merges into a view with row stride rstride
+    return v if np.may_share_memory(v, x) else None
 
 
 def quantize_args(x, scale, zero_point, dtype, axis, bits, narrow, scan: bool = True) -> QuantizeArgs:

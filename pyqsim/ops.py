@@ -37,6 +37,10 @@ __all__ = [
 PackedWeight = C.PackedWeight
 # Ops outside the golden-vector format (it holds integer kernel ops): the quantize steps and the float stages.
 UNRECORDED = ("quantize", "quantize_log", "softmax", "layer_norm", "group_norm", "gelu", "silu", "add")
+# Ops whose canonical arguments hold each activation as itself or a reshaped view and nothing computed from its
+# values (quantize: unless the checks scan them), so that ``Prepared`` may swap activations in.
+PREPARABLE = ("int_gemm", "int_conv2d", "split_gemm", "split_conv2d", "int_bmm", "quantize", "softmax", "layer_norm",
+              "group_norm", "gelu", "silu", "add")
 # Kernel ops without CUDA kernels: backend="cuda" runs them on the host (cpu, else reference; spec §13, §15.7).
 HOST_FALLBACK = UNRECORDED + ("int_bmm",)
 
@@ -236,7 +240,12 @@ def run_canonical(op: str, args, backend: str = "auto"):
 
 
 def _run(op: str, backend: str, args):
+    seen = _CAPTURE.get()
+    if seen is not None:
+        seen.append((op, backend, args))
     result = _dispatch(op, backend, args)
+    if seen is not None:
+        seen.append(result)
     if op in UNRECORDED:
         return result
     calls = _RECORDER.get()
@@ -245,6 +254,82 @@ def _run(op: str, backend: str, args):
             args, result = dataclasses.replace(args, out_array=None), np.array(result)
         calls.append((".".join(_SCOPE.get()), op, args, result))
     return result
+
+
+_CAPTURE: contextvars.ContextVar[list | None] = contextvars.ContextVar("pyqsim_capture", default=None)
+
+
+def _fields(args, path=()):
+    """(path, value) of every field of canonical arguments, nested dataclasses included."""
+    for f in dataclasses.fields(args):
+        v = getattr(args, f.name)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            yield from _fields(v, path + (f.name,))
+        else:
+            yield path + (f.name,), v
+
+
+def _swapped(args, path, value):
+    """A copy of frozen canonical arguments with the field at ``path`` set to ``value``."""
+    new = object.__new__(type(args))
+    new.__dict__.update(args.__dict__)
+    new.__dict__[path[0]] = value if len(path) == 1 else _swapped(args.__dict__[path[0]], path[1:], value)
+    return new
+
+
+class Prepared:
+    """One call site of an op whose arguments other than the activations are constant (a program node):
+    ``run(fn, *activations)`` with ``fn(*activations)`` calling the op. The first run calls ``fn``, with every check,
+    and keeps the op's canonical arguments; a later run whose activations have the same dtypes, shapes and strides
+    reuses them with the new activations in place, checking nothing else again. A run that does not match calls
+    ``fn``; an op outside ``PREPARABLE``, checks that read activation values (``_scan_values``) or copy an
+    activation keep nothing."""
+
+    def __init__(self):
+        # (activations' (dtype, shape, strides), op, backend, arguments without the activations,
+        #  [(field path, activation index, reshape or None)]), or None
+        self._plan = None
+
+    def run(self, fn, *acts):
+        key = tuple((a.dtype, a.shape, a.strides) if type(a) is np.ndarray else None for a in acts)
+        plan = self._plan
+        if plan is not None and plan[0] == key:
+            _, op, backend, args, places = plan
+            for path, i, shape in places:
+                a = acts[i]
+                args = _swapped(args, path, a if shape is None else a.reshape(shape))
+            return _run(op, backend, args)
+        seen = []
+        token = _CAPTURE.set(seen)
+        try:
+            result = fn(*acts)
+        finally:
+            _CAPTURE.reset(token)
+        self._plan = None
+        if len(seen) == 2 and seen[1] is result and None not in key:
+            self._plan = self._learn(key, acts, *seen[0])
+        return result
+
+    @staticmethod
+    def _learn(key, acts, op, backend, args):
+        """Where each activation sits in ``args`` (itself or a reshaped view of it), or None."""
+        if op not in PREPARABLE or (op == "quantize" and _scan_values(op, backend)):
+            return None
+        places, found, kept = [], set(), args
+        for path, v in _fields(args):
+            for i, a in enumerate(acts):
+                if v is a:
+                    places.append((path, i, None))
+                elif (isinstance(v, np.ndarray) and v.size == a.size and v.dtype == a.dtype and a.size
+                      and v.__array_interface__["data"][0] == a.__array_interface__["data"][0]
+                      and a.reshape(v.shape).strides == v.strides):
+                    places.append((path, i, v.shape))
+                else:
+                    continue
+                found.add(i)
+                kept = _swapped(kept, path, None)  # the kept arguments hold no activation
+                break
+        return (key, op, backend, kept, places) if len(found) == len(acts) else None
 
 
 def _host(backend: str) -> None:

@@ -221,3 +221,31 @@ def test_quantize_before_a_move_equals_the_kept_run(seed, move, bits, shape, bac
     from pyqsim import ops
     want = ops.quantize(_oracle(kind, x, arg, value), 0.05, 2**bits // 3, "uint8", bits=bits, backend="reference")
     assert got.dtype == np.uint8 and np.array_equal(got, kept[0]) and np.array_equal(got, want)
+
+
+def test_runs_in_any_order_of_modes_backends_and_profiles():
+    """One program run fused, kept, folded, on each backend and under another profile, in turn and again: each run
+    equals the same run of a fresh program (a step's kept op call never serves another mode, backend or profile)."""
+    from pyqsim import ops
+    backends = ["reference"] + (["cpu"] if ops.unavailable_reason("cpu") == "" else [])
+    x = (np.random.default_rng(5).standard_normal((3, 7)) * 4).astype(F32)
+    a = np.random.default_rng(6).integers(0, 256, (2, 5, 7), dtype=np.uint8)
+    b = np.random.default_rng(7).integers(0, 256, (2, 6, 7), dtype=np.uint8)
+    def stage():
+        return _stage_program("gelu", "quantize")
+
+    def bmm():
+        return _bmm_program(0.01, 0.125)
+
+    runs = [(lambda p, be: p.run(x, backend=be), stage),
+            (lambda p, be: p.execute((x,), None, be, keep=True)[0][0], stage),
+            (lambda p, be: p.run(a, b, backend=be), bmm),
+            (lambda p, be: p.execute((a, b), None, be, keep=True)[0][0], bmm)]
+    shared = {id(make): make() for make in (stage, bmm)}
+    for _ in range(2):
+        for be in backends:
+            for run, make in runs:
+                assert np.array_equal(run(shared[id(make)], be), run(make(), be))
+    p = _stage_program("gelu", "quantize")
+    for numerics in ("pyqsim", "onnxruntime", "pyqsim"):
+        assert np.array_equal(p.run(x, numerics=numerics), _stage_program("gelu", "quantize").run(x, numerics=numerics))

@@ -50,6 +50,16 @@ def _stage(ctx, n: int, kw: dict, numerics: str = "pyqsim") -> dict:
     return dict(out_dtype=st)
 
 
+def _call(ctx, fn, *acts):
+    """``fn(*acts)``, the node's op call, through an ``ops.Prepared`` of its step, backend and profile (constant
+    arguments checked on the first run only)."""
+    key = (ctx.step, "call")
+    p = ctx.cache.get(key)
+    if p is None:
+        p = ctx.cache[key] = ops.Prepared()
+    return p.run(fn, *acts)
+
+
 def _clip_bits(y, attrs):
     if attrs.get("out", "float32") == "requant" and attrs.get("out_bits", 8) < 8:
         return np.minimum(y, np.uint8(2 ** attrs["out_bits"] - 1))
@@ -116,9 +126,10 @@ def _int_gemm(args, attrs, t, ctx):
     x = args[0]
     lead = x.shape[:-1]
     w = _packed(ctx, t, "weight", "w_zero_point", attrs.get("w_format", "int8"), "gemm", k=x.shape[-1])
-    y = ops.int_gemm(np.ascontiguousarray(x.reshape(-1, x.shape[-1])), w, x_zero_point=attrs["x_zero_point"],
-                     bias=t.get("bias"), numerics=ctx.numerics, backend=ctx.backend,
-                     **_stage(ctx, w.n, _out_kw(attrs, t), ctx.numerics))
+    stage = _stage(ctx, w.n, _out_kw(attrs, t), ctx.numerics)
+    y = _call(ctx, lambda x2: ops.int_gemm(x2, w, x_zero_point=attrs["x_zero_point"], bias=t.get("bias"),
+                                           numerics=ctx.numerics, backend=ctx.backend, **stage),
+              np.ascontiguousarray(x.reshape(-1, x.shape[-1])))
     return _clip_bits(y, attrs).reshape(*lead, -1)
 
 
@@ -134,11 +145,11 @@ def _int_conv2d(args, attrs, t, ctx):
     ks = tuple(attrs.get("kernel_size", [1, 1]))
     w = _packed(ctx, t, "weight", "w_zero_point", attrs.get("w_format", "int8"), "conv", kernel_size=ks,
                 groups=groups, cin_per_group=x.shape[1] // groups if x.ndim == 4 else None)
-    return _clip_bits(ops.int_conv2d(
-        np.ascontiguousarray(x), w, stride=tuple(attrs.get("stride", [1, 1])),
-        padding=tuple(attrs.get("padding", [0, 0])), dilation=tuple(attrs.get("dilation", [1, 1])),
-        groups=groups, x_zero_point=attrs["x_zero_point"], bias=t.get("bias"), numerics=ctx.numerics,
-        backend=ctx.backend, **_stage(ctx, w.n, _out_kw(attrs, t), ctx.numerics)), attrs)
+    stage = _stage(ctx, w.n, _out_kw(attrs, t), ctx.numerics)
+    return _clip_bits(_call(ctx, lambda x4: ops.int_conv2d(
+        x4, w, stride=tuple(attrs.get("stride", [1, 1])), padding=tuple(attrs.get("padding", [0, 0])),
+        dilation=tuple(attrs.get("dilation", [1, 1])), groups=groups, x_zero_point=attrs["x_zero_point"],
+        bias=t.get("bias"), numerics=ctx.numerics, backend=ctx.backend, **stage), np.ascontiguousarray(x)), attrs)
 
 
 _SPLIT_ATTRS = {"x1_zero_point": (INT, REQUIRED, None), "x2_zero_point": (INT, REQUIRED, None),
@@ -177,8 +188,8 @@ def _split_gemm(args, attrs, t, ctx):
     x1, x2 = args
     lead = x1.shape[:-1]
     (w1, w2), kw = _split_kw(attrs, t, ctx, "gemm", x1, x2)
-    y = ops.split_gemm(np.ascontiguousarray(x1.reshape(-1, x1.shape[-1])), w1,
-                       np.ascontiguousarray(x2.reshape(-1, x2.shape[-1])), w2, **kw)
+    y = _call(ctx, lambda a, b: ops.split_gemm(a, w1, b, w2, **kw), np.ascontiguousarray(x1.reshape(-1, x1.shape[-1])),
+              np.ascontiguousarray(x2.reshape(-1, x2.shape[-1])))
     return y.reshape(*lead, -1)
 
 
@@ -190,9 +201,10 @@ def _split_conv2d(args, attrs, t, ctx):
     """Split-shortcut conv2d over concat(x1, x2) channels, one rounding (spec §8)."""
     ks = tuple(attrs.get("kernel_size", [1, 1]))
     (w1, w2), kw = _split_kw(attrs, t, ctx, "conv", args[0], args[1], kernel_size=ks, groups=1)
-    return ops.split_conv2d(np.ascontiguousarray(args[0]), w1, np.ascontiguousarray(args[1]), w2,
-                            stride=tuple(attrs.get("stride", [1, 1])), padding=tuple(attrs.get("padding", [0, 0])),
-                            dilation=tuple(attrs.get("dilation", [1, 1])), kernel_size=ks, **kw)
+    return _call(ctx, lambda a, b: ops.split_conv2d(
+        a, w1, b, w2, stride=tuple(attrs.get("stride", [1, 1])), padding=tuple(attrs.get("padding", [0, 0])),
+        dilation=tuple(attrs.get("dilation", [1, 1])), kernel_size=ks, **kw),
+        np.ascontiguousarray(args[0]), np.ascontiguousarray(args[1]))
 
 
 def _leading(a: np.ndarray, b: np.ndarray):
@@ -243,8 +255,8 @@ def _quantize(args, attrs, t, ctx):
     if x.ndim > 1 and not x.flags.c_contiguous:
         order = sorted(range(x.ndim), key=lambda i: -abs(x.strides[i]))
         x = x.transpose(order)
-    q = ops.quantize(x, t["scale"][()], int(t["zero_point"][()]), "uint8", bits=attrs.get("bits", 8),
-                     numerics=ctx.numerics, backend=ctx.backend)
+    q = _call(ctx, lambda v: ops.quantize(v, t["scale"][()], int(t["zero_point"][()]), "uint8",
+                                          bits=attrs.get("bits", 8), numerics=ctx.numerics, backend=ctx.backend), x)
     return q if order is None else q.transpose(np.argsort(order))
 
 
@@ -345,7 +357,7 @@ def _binary(args, attrs, t, ctx):
     a, b = args
     alpha = attrs.get("alpha", 1)
     if attrs["op"] == "add" and alpha == 1 and _is_f32(a) and _is_f32(b):  # spec §15.8, on the backend
-        return ops.add(a, b, backend=ctx.backend)
+        return _call(ctx, lambda u, v: ops.add(u, v, backend=ctx.backend), a, b)
     a, b = _operand(a, b), _operand(b, a)
     if alpha != 1:
         b = b * _operand(alpha, b if isinstance(b, np.ndarray) else a)
@@ -405,13 +417,14 @@ def _erf(x: np.ndarray) -> np.ndarray:
 @kind("gelu", args=(("x", TENSOR),), attrs={"approximate": (STR, "none", ("none", "tanh"))})
 def _gelu(args, attrs, t, ctx):
     """GELU, erf form or tanh form, float32 (spec §15.4)."""
-    return ops.gelu(_f32(args[0]), attrs.get("approximate", "none"), codes=attrs.get(CODES), backend=ctx.backend)
+    return _call(ctx, lambda x: ops.gelu(x, attrs.get("approximate", "none"), codes=attrs.get(CODES),
+                                         backend=ctx.backend), _f32(args[0]))
 
 
 @kind("silu", args=(("x", TENSOR),))
 def _silu(args, attrs, t, ctx):
     """x * sigmoid(x) in float32 (spec §15.4)."""
-    return ops.silu(_f32(args[0]), codes=attrs.get(CODES), backend=ctx.backend)
+    return _call(ctx, lambda x: ops.silu(x, codes=attrs.get(CODES), backend=ctx.backend), _f32(args[0]))
 
 
 @kind("softmax", args=(("x", TENSOR), ("dim", INT)))
@@ -423,7 +436,7 @@ def _softmax(args, attrs, t, ctx):
         return np.ones((), np.float32)
     codes = attrs.get(CODES)
     if d == x.ndim - 1:
-        return ops.softmax(x, codes=codes, backend=ctx.backend)
+        return _call(ctx, lambda v: ops.softmax(v, codes=codes, backend=ctx.backend), x)
     return np.moveaxis(ops.softmax(np.moveaxis(x, d, -1), codes=codes, backend=ctx.backend), -1, d)
 
 
@@ -435,6 +448,19 @@ def _log_softmax(args, attrs, t, ctx):
     return _f32(s - np.log(np.exp(s).sum(axis=d, keepdims=True)))
 
 
+def _present(*vs) -> list:
+    return [v for v in vs if v is not None]
+
+
+def _affine(fn, w, b):
+    """``fn(x, w, b)`` as a function of x and the weight and bias that are present (node arguments: activations of
+    the node's call, which may change from run to run)."""
+    def call(x, *wb):
+        it = iter(wb)
+        return fn(x, None if w is None else next(it), None if b is None else next(it))
+    return call
+
+
 @kind("layer_norm", args=(("x", TENSOR), ("normalized_shape", INTS), ("weight", OPT_TENSOR, None),
                           ("bias", OPT_TENSOR, None)), attrs={"eps": (FLOAT, 1e-5, None)})
 def _layer_norm(args, attrs, t, ctx):
@@ -443,8 +469,9 @@ def _layer_norm(args, attrs, t, ctx):
     x = _f32(x)
     c = int(np.prod(shape, dtype=np.int64))
     flat = lambda v: None if v is None else _f32(v).reshape(c)  # noqa: E731
-    y = ops.layer_norm(x.reshape(x.shape[:x.ndim - len(shape)] + (c,)), flat(w), flat(b),
-                       attrs.get("eps", 1e-5), codes=attrs.get(CODES), backend=ctx.backend)
+    y = _call(ctx, _affine(lambda v, w, b: ops.layer_norm(v, w, b, attrs.get("eps", 1e-5), codes=attrs.get(CODES),
+                                                         backend=ctx.backend), flat(w), flat(b)),
+              x.reshape(x.shape[:x.ndim - len(shape)] + (c,)), *_present(flat(w), flat(b)))
     return y.reshape(x.shape)
 
 
@@ -453,8 +480,10 @@ def _layer_norm(args, attrs, t, ctx):
 def _group_norm(args, attrs, t, ctx):
     """GroupNorm of [N, C, *] in float32 (spec §15.6)."""
     x, g, w, b = (list(args) + [None, None])[:4]
-    return ops.group_norm(_f32(x), g, None if w is None else _f32(w), None if b is None else _f32(b),
-                          attrs.get("eps", 1e-5), codes=attrs.get(CODES), backend=ctx.backend)
+    w, b = None if w is None else _f32(w), None if b is None else _f32(b)
+    return _call(ctx, _affine(lambda v, w, b: ops.group_norm(v, g, w, b, attrs.get("eps", 1e-5),
+                                                             codes=attrs.get(CODES), backend=ctx.backend), w, b),
+                 _f32(x), *_present(w, b))
 
 
 @kind("batch_norm", args=(("x", TENSOR), ("weight", OPT_TENSOR, None), ("bias", OPT_TENSOR, None), ("mean", TENSOR),

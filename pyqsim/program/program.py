@@ -23,6 +23,7 @@ class _Ctx:
     cache: dict  # per-program values built once (prepacked weights), keyed by node
     node: str = ""
     numerics: str = "pyqsim"  # the profile of the quantize and integer nodes (spec §14)
+    step: tuple = ()  # the running step of its plan, with the backend and profile: key of the step's op call
 
 
 class _Ref(str):
@@ -361,13 +362,13 @@ class Program:
         # kept values and recorded op calls are each node's own (no §9.1 fold)
         recording = ops.recording()
         fold = not (keep or recording)
-        for name, k, raw_args, attrs, t, scope, src, dtype, dead in self._plan(fold, not keep,
-                                                                               not keep and numerics == "pyqsim"):
+        plan = (fold, not keep, not keep and numerics == "pyqsim")
+        for i, (name, k, raw_args, attrs, t, scope, src, dtype, dead) in enumerate(self._plan(*plan)):
             if src is not None:  # spec §9.1: the product is folded into src's output stage
                 env[name] = env[src]
             else:
                 args = [_resolve(a, env) for a in raw_args]
-                ctx.node = name
+                ctx.node, ctx.step = name, (plan, i, backend, numerics)
                 token = ops._SCOPE.set(ops._SCOPE.get() + (scope or name,)) if recording else None
                 try:
                     y = k.run(args, attrs, t, ctx)
