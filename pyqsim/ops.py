@@ -287,7 +287,7 @@ class Prepared:
 
     def __init__(self):
         # (activations' (dtype, shape, strides), op, backend, arguments without the activations,
-        #  [(field path, activation index, reshape or None)]), or None
+        #  [(field path, activation index, (shape, strides) of its reshaped view, or None)]), or None
         self._plan = None
 
     def run(self, fn, *acts):
@@ -295,9 +295,13 @@ class Prepared:
         plan = self._plan
         if plan is not None and plan[0] == key:
             _, op, backend, args, places = plan
-            for path, i, shape in places:
+            for path, i, view in places:
                 a = acts[i]
-                args = _swapped(args, path, a if shape is None else a.reshape(shape))
+                if view is not None:
+                    a = a.reshape(view[0])
+                    if a.strides != view[1]:  # the strides of its length-1 axes
+                        a = np.lib.stride_tricks.as_strided(a, view[0], view[1])
+                args = _swapped(args, path, a)
             return _run(op, backend, args)
         seen = []
         token = _CAPTURE.set(seen)
@@ -322,8 +326,8 @@ class Prepared:
                     places.append((path, i, None))
                 elif (isinstance(v, np.ndarray) and v.size == a.size and v.dtype == a.dtype and a.size
                       and v.__array_interface__["data"][0] == a.__array_interface__["data"][0]
-                      and a.reshape(v.shape).strides == v.strides):
-                    places.append((path, i, v.shape))
+                      and all(s == t for s, t, n in zip(a.reshape(v.shape).strides, v.strides, v.shape) if n > 1)):
+                    places.append((path, i, (v.shape, v.strides)))
                 else:
                     continue
                 found.add(i)

@@ -59,11 +59,11 @@ def _same(a, b):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=10)
-@given(seed=st.integers(0, 2**32 - 1), layouts=st.lists(st.sampled_from(["same", "strided", "other"]), min_size=3,
-                                                         max_size=6))
+@given(seed=st.integers(0, 2**32 - 1), layouts=st.lists(st.sampled_from(["same", "strided", "rows", "other"]),
+                                                         min_size=3, max_size=6))
 def test_every_run_equals_the_direct_call(backend, seed, layouts):
-    """New data on every run, in the first run's layout, in a strided copy of it (a layout the checks copy) or in
-    another shape: each run's result is the direct call's, bit for bit."""
+    """New data on every run, in the first run's layout, in a strided copy of it (a layout the checks copy), as the
+    rows of a wider buffer or in another shape: each run's result is the direct call's, bit for bit."""
     rng = np.random.default_rng(seed)
     for name, fn, make in _cases(backend, rng):
         p = ops.Prepared()
@@ -71,6 +71,8 @@ def test_every_run_equals_the_direct_call(backend, seed, layouts):
             acts = make(rng)
             if lay == "strided":  # the same values in a buffer with gaps: the checks copy them
                 acts = tuple(np.repeat(a, 2, axis=-1)[..., ::2] for a in acts)
+            elif lay == "rows":  # the rows of a wider buffer (row views: quantize and the batched ops read them)
+                acts = tuple(np.concatenate([a, a], axis=-1)[..., :a.shape[-1]] if a.ndim > 1 else a for a in acts)
             elif lay == "other":  # another shape: more rows (the first operand's, where the others are constants)
                 n = len(acts) if name in ("split_gemm", "int_bmm") else 1
                 acts = tuple(np.concatenate([a, a], axis=0) if i < n else a for i, a in enumerate(acts))
@@ -90,6 +92,18 @@ def test_learns_and_replays(backend):
         assert p._plan is not None, name
         kept = p._plan[3]
         assert all(v is None for path, v in ops._fields(kept) if any(path == q[0] for q in p._plan[4])), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+def test_learns_row_views(backend):
+    """quantize of the rows of a wider buffer (a channel slice) is replayed too, with the new rows' data."""
+    rng = np.random.default_rng(3)
+    fn = lambda x: ops.quantize(x, 0.1, 60, "uint8", bits=7, backend=backend)  # noqa: E731
+    p = ops.Prepared()
+    for _ in range(3):
+        x = np.concatenate([_f32(rng, (4, 3, 8)), _f32(rng, (4, 2, 8))], axis=1)[:, :3]  # rows of 24 >= 16 values
+        assert _same(p.run(fn, x), fn(x))
+        assert p._plan is not None
 
 
 def test_value_scans_still_run():
