@@ -221,8 +221,8 @@ def _int_bmm(args, attrs, t, ctx):
     """Batched integer a @ b^T of two code tensors [..., M, K] x [..., N, K], float32 out (spec §4.3, §6)."""
     a, b = _leading(args[0], args[1])
     out = _stage(ctx, b.shape[-2], dict(out_dtype="float32", out_scale=t["out_scale"]))
-    return ops.int_bmm(a, b, a_zero_point=attrs["a_zero_point"], b_zero_point=attrs["b_zero_point"],
-                       backend=ctx.backend, **out)
+    return _call(ctx, lambda u, v: ops.int_bmm(u, v, a_zero_point=attrs["a_zero_point"],
+                                               b_zero_point=attrs["b_zero_point"], backend=ctx.backend, **out), a, b)
 
 
 @kind("log2_attn_matmul", args=(("codes", TENSOR), ("v", TENSOR)),
