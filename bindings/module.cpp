@@ -24,6 +24,7 @@ void register_cuda(py::module_& parent);  // bindings/cuda.cpp
 #endif
 void register_float_ops(py::module_& m);  // bindings/floatops.cpp
 void register_memory(py::module_& m);     // bindings/memory.cpp
+void register_layout(py::module_& m);     // bindings/layout.cpp
 using qsim::ActType;
 using qsim::OutType;
 using qsim::WFormat;
@@ -1018,6 +1019,7 @@ PYBIND11_MODULE(_C, m) {
         "spec §7 (the result written into `out` when given)");
   register_float_ops(m);
   register_memory(m);
+  register_layout(m);
 
   m.def("build_info", &build_info, "Compiled SIMD level, runtime-detected ISA, threads, CUDA");
   m.def("set_num_threads", &qsim::set_num_threads, py::arg("n"), "Threads used by the kernels (>= 1)");

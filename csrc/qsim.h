@@ -147,6 +147,14 @@ std::shared_ptr<PackedWeight> pack_gemm_weight(const void* w, WFormat fmt, int64
 std::shared_ptr<PackedWeight> pack_conv_weight(const void* w, WFormat fmt, int64_t o, int64_t cin_g, int64_t kh,
                                                int64_t kw, int64_t groups);
 
+// ------------------------------------------------------------------------------------------ layout (§15.10)
+// dst[o] = src[0][o] ++ src[1][o] ++ ...: input k's block of outer index o is inner[k] bytes at src[k] + o * inner[k].
+void concat_bytes(const uint8_t* const* src, const int64_t* inner, int64_t inputs, int64_t outer, uint8_t* dst);
+// y[p, i, j] = x[p, rows[i], cols[j]] for planes p of [h, w] items of `item` bytes (indices in range: checked by the
+// caller).
+void resample_bytes(const uint8_t* x, int64_t planes, int64_t h, int64_t w, int64_t item, const int64_t* rows,
+                    int64_t oh, const int64_t* cols, int64_t ow, uint8_t* y);
+
 // ------------------------------------------------------------------------------------------ memory
 // Large blocks kept after they are freed and handed out again (csrc/arena.cpp); thread-safe.
 struct ArenaStats {

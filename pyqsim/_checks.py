@@ -1106,3 +1106,59 @@ def group_norm_args(x, groups, weight, bias, eps, codes=None) -> NormArgs:
         raise ValueError(f"groups must be >= 1 and divide the {c} channels of x, got {g}")
     return NormArgs(x, _affine_vector(weight, "weight", c, 1.0), _affine_vector(bias, "bias", c, -0.0), _eps(eps), g,
                     codes_spec(codes))
+
+
+# --------------------------------------------------------------------------- layout stages (spec §15.10)
+
+
+@dataclass
+class ConcatArgs:
+    xs: list       # C-contiguous host arrays of one numeric dtype, one ndim, equal but along axis
+    axis: int      # in [0, ndim)
+
+
+def concat_args(xs, axis) -> ConcatArgs:
+    """Canonical arguments of ``concat``."""
+    if not isinstance(xs, (list, tuple)) or not xs:
+        raise TypeError(f"xs must be a non-empty list of arrays, got {type(xs).__name__}")
+    arrs = [host(as_array(x, f"xs[{i}]")) for i, x in enumerate(xs)]
+    first = arrs[0]
+    if first.dtype.kind not in "biuf":
+        raise TypeError(f"xs[0] must have a numeric dtype, got {first.dtype}")
+    ax = as_int(axis, "axis")
+    if not -max(first.ndim, 1) <= ax < max(first.ndim, 1) or first.ndim == 0:
+        raise ValueError(f"axis must be in [{-first.ndim}, {first.ndim - 1}] for ndim {first.ndim}, got {ax}")
+    ax %= first.ndim
+    for i, a in enumerate(arrs):
+        if a.dtype != first.dtype:
+            raise TypeError(f"xs[{i}] must have the dtype of xs[0] ({first.dtype}), got {a.dtype}")
+        if a.ndim != first.ndim or a.shape[:ax] + a.shape[ax + 1:] != first.shape[:ax] + first.shape[ax + 1:]:
+            raise ValueError(f"xs[{i}] has shape {a.shape}; it must match xs[0] {first.shape} in every axis but {ax}")
+    return ConcatArgs([canonical(a, a.dtype.newbyteorder("=")) for a in arrs], ax)
+
+
+@dataclass
+class ResampleArgs:
+    x: np.ndarray     # C-contiguous host array of a numeric dtype, ndim >= 2
+    rows: np.ndarray  # int64 [OH] in [0, H)
+    cols: np.ndarray  # int64 [OW] in [0, W)
+
+
+def _source_index(v, name: str, bound: int) -> np.ndarray:
+    a = np.asarray(v)
+    if a.ndim != 1 or a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be a 1-D integer array, got {a.dtype} of shape {a.shape}")
+    if a.size and (int(a.min()) < 0 or int(a.max()) >= bound):
+        raise ValueError(f"{name} values must be in [0, {bound - 1}], got values in [{int(a.min())}, {int(a.max())}]")
+    return canonical(a, np.int64)
+
+
+def resample_args(x, rows, cols) -> ResampleArgs:
+    """Canonical arguments of ``resample_nearest``."""
+    x = host(as_array(x, "x"))
+    if x.dtype.kind not in "biuf":
+        raise TypeError(f"x must have a numeric dtype, got {x.dtype}")
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions, got shape {x.shape}")
+    return ResampleArgs(canonical(x, x.dtype.newbyteorder("=")), _source_index(rows, "rows", x.shape[-2]),
+                        _source_index(cols, "cols", x.shape[-1]))

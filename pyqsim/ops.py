@@ -22,7 +22,7 @@ from . import _device
 from ._version import __version__
 from .numerics import NAMES as NUMERICS, profile as _profile
 from .reference import conv as _rconv, floatops as _rfloat, gemm as _rgemm, int4 as _rint4, log2attn as _rlog
-from .reference import profiles as _rprof, quant as _rquant, requant as _rreq
+from .reference import layout as _rlayout, profiles as _rprof, quant as _rquant, requant as _rreq
 
 BACKENDS = ("reference", "cpu", "cuda")
 _AUTO_ORDER = ("cuda", "cpu", "reference")
@@ -31,12 +31,13 @@ __all__ = [
     "quantize", "dequantize", "quantize_log", "dequantize_log", "pack_int4", "unpack_int4",
     "quantize_multiplier", "quantize_multiplier_pair", "requantize", "int_gemm", "int_bmm", "int_conv2d",
     "split_gemm", "split_conv2d", "log2_attn_matmul", "pack_weight", "output_stage", "requant_scale",
-    "softmax", "layer_norm", "group_norm", "gelu", "silu", "add",
+    "softmax", "layer_norm", "group_norm", "gelu", "silu", "add", "concat", "resample_nearest",
 ]
 
 PackedWeight = C.PackedWeight
 # Ops outside the golden-vector format (it holds integer kernel ops): the quantize steps and the float stages.
-UNRECORDED = ("quantize", "quantize_log", "softmax", "layer_norm", "group_norm", "gelu", "silu", "add")
+UNRECORDED = ("quantize", "quantize_log", "softmax", "layer_norm", "group_norm", "gelu", "silu", "add", "concat",
+              "resample_nearest")
 # Ops whose canonical arguments hold each activation as itself or a reshaped view and nothing computed from its
 # values (quantize: unless the checks scan them), so that ``Prepared`` may swap activations in.
 PREPARABLE = ("int_gemm", "int_conv2d", "split_gemm", "split_conv2d", "int_bmm", "quantize", "softmax", "layer_norm",
@@ -71,6 +72,8 @@ def _reference_table() -> dict:
         "gelu": lambda a: _codes_of(_rfloat.gelu(a.x, "tanh" if a.op == "gelu_tanh" else "none"), a.codes),
         "silu": lambda a: _codes_of(_rfloat.silu(a.x), a.codes),
         "add": lambda a: _rfloat.add(a.a.reshape(-1, a.m, a.inner), a.b.reshape(-1, 1)).reshape(a.a.shape),
+        "concat": lambda a: _rlayout.concat(a.xs, a.axis),
+        "resample_nearest": lambda a: _rlayout.resample_nearest(a.x, a.rows, a.cols),
     }
     engine = os.environ.get("PYQSIM_REFERENCE_ENGINE", "numpy")
     if engine not in ("numpy", "numba"):
@@ -552,6 +555,17 @@ def add(a, b, *, backend="auto"):
 def silu(x, *, codes=None, backend="auto"):
     """SiLU ``x * sigmoid(x)`` of float32 ``x`` (spec §15.4); ``codes`` as in :func:`softmax`."""
     return _run("silu", backend, C.unary_args(x, "silu", codes))
+
+
+def concat(xs, axis=0, *, backend="auto"):
+    """Arrays of one numeric dtype joined along ``axis`` (spec §15.10)."""
+    return _run("concat", backend, C.concat_args(xs, axis))
+
+
+def resample_nearest(x, rows, cols, *, backend="auto"):
+    """``x[..., rows[i], cols[j]]`` over the last two axes: nearest-neighbour resampling from given source indices
+    (spec §15.10)."""
+    return _run("resample_nearest", backend, C.resample_args(x, rows, cols))
 
 
 # --------------------------------------------------------------------------- build

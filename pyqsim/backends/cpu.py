@@ -192,4 +192,6 @@ OPS = {} if _C is None else {
     "gelu": lambda a: _C.unary(a.x, a.op, _native(a.codes)),
     "silu": lambda a: _C.unary(a.x, a.op, _native(a.codes)),
     "add": lambda a: _C.add(a.a, a.b, a.m, a.inner),
+    "concat": lambda a: _C.concat(a.xs, a.axis),
+    "resample_nearest": lambda a: _C.resample_nearest(a.x, a.rows, a.cols),
 }

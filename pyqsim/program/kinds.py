@@ -721,6 +721,8 @@ def _gather(args, attrs, t, ctx):
 def _cat(args, attrs, t, ctx):
     """Concatenate along dim."""
     xs, d = (list(args) + [0])[:2]
+    if all(type(x) is np.ndarray and x.dtype == xs[0].dtype and x.ndim for x in xs) and xs[0].dtype.kind in "biuf":
+        return ops.concat(xs, d, backend=ctx.backend)  # spec §15.10, on the backend
     return np.concatenate(xs, axis=d)
 
 
@@ -765,9 +767,11 @@ def _upsample(args, attrs, t, ctx):
     sp = x.shape[2:]
     if size is None:
         size = [int(math.floor(s * f)) for s, f in zip(sp, attrs["scales"])]
-    for ax, (src, dst) in enumerate(zip(sp, size)):
-        idx = np.minimum(np.floor(np.arange(dst) * (src / dst)).astype(np.int64), src - 1)
-        x = np.take(x, idx, axis=2 + ax)
+    idx = [np.minimum(np.floor(np.arange(dst) * (src / dst)).astype(np.int64), src - 1) for src, dst in zip(sp, size)]
+    if len(sp) == 2 and all(sp) and x.dtype.kind in "biuf":
+        return ops.resample_nearest(x, idx[0], idx[1], backend=ctx.backend)  # spec §15.10, on the backend
+    for ax, i in enumerate(idx):
+        x = np.take(x, i, axis=2 + ax)
     return x
 
 
