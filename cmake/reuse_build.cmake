@@ -62,6 +62,12 @@ foreach(_v CMAKE_CXX_FLAGS CMAKE_CUDA_FLAGS CMAKE_SHARED_LINKER_FLAGS CMAKE_MODU
            CMAKE_EXE_LINKER_FLAGS)
   _pyqsim_forward(${_v})
 endforeach()
+# Per-configuration flags (e.g. the sanitizer step's -g1) when the outer project has them: CMake's defaults there.
+foreach(_v CMAKE_CXX_FLAGS_DEBUG CMAKE_CXX_FLAGS_RELEASE CMAKE_CXX_FLAGS_RELWITHDEBINFO CMAKE_CXX_FLAGS_MINSIZEREL)
+  if(DEFINED ${_v} AND NOT "${${_v}}" STREQUAL "")
+    _pyqsim_forward(${_v})
+  endif()
+endforeach()
 message(STATUS "pyqsim: native code is built in ${_inner} (reused by later pip runs)")
 execute_process(COMMAND "${CMAKE_COMMAND}" ${_args} RESULT_VARIABLE _rc)
 if(NOT _rc EQUAL 0)
