@@ -23,8 +23,7 @@ namespace py = pybind11;
 void register_cuda(py::module_& parent);  // bindings/cuda.cpp
 #endif
 void register_float_ops(py::module_& m);  // bindings/floatops.cpp
-void register_memory(py::module_& m);     // bindings/memory.cpp
-void register_layout(py::module_& m);     // bindings/layout.cpp
+void register_runtime(py::module_& m);    // bindings/runtime.cpp
 using qsim::ActType;
 using qsim::OutType;
 using qsim::WFormat;
@@ -1018,8 +1017,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out_zero_point"), py::arg("out_scale"), py::arg("out") = py::none(),
         "spec §7 (the result written into `out` when given)");
   register_float_ops(m);
-  register_memory(m);
-  register_layout(m);
+  register_runtime(m);
 
   m.def("build_info", &build_info, "Compiled SIMD level, runtime-detected ISA, threads, CUDA");
   m.def("set_num_threads", &qsim::set_num_threads, py::arg("n"), "Threads used by the kernels (>= 1)");
