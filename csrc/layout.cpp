@@ -44,11 +44,10 @@ void concat_bytes(const uint8_t* const* src, const int64_t* inner, int64_t input
 
 namespace {
 
+// d[j] = s[cols[j]] for items of sizeof(T) bytes (fixed-size moves: no alignment is assumed)
 template <typename T>
 void gather_row(const uint8_t* s, const int64_t* cols, int64_t n, uint8_t* d) {
-  const T* sp = reinterpret_cast<const T*>(s);
-  T* dp = reinterpret_cast<T*>(d);
-  for (int64_t j = 0; j < n; ++j) dp[j] = sp[cols[j]];
+  for (int64_t j = 0; j < n; ++j) std::memcpy(d + j * sizeof(T), s + cols[j] * sizeof(T), sizeof(T));
 }
 
 }  // namespace

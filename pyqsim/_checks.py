@@ -1126,7 +1126,7 @@ def concat_args(xs, axis) -> ConcatArgs:
     if first.dtype.kind not in "biuf":
         raise TypeError(f"xs[0] must have a numeric dtype, got {first.dtype}")
     ax = as_int(axis, "axis")
-    if not -max(first.ndim, 1) <= ax < max(first.ndim, 1) or first.ndim == 0:
+    if first.ndim == 0 or not -first.ndim <= ax < first.ndim:
         raise ValueError(f"axis must be in [{-first.ndim}, {first.ndim - 1}] for ndim {first.ndim}, got {ax}")
     ax %= first.ndim
     for i, a in enumerate(arrs):

@@ -249,3 +249,21 @@ def test_runs_in_any_order_of_modes_backends_and_profiles():
     p = _stage_program("gelu", "quantize")
     for numerics in ("pyqsim", "onnxruntime", "pyqsim"):
         assert np.array_equal(p.run(x, numerics=numerics), _stage_program("gelu", "quantize").run(x, numerics=numerics))
+
+
+def test_no_move_when_the_widths_are_computed_in_the_run():
+    """A pad whose widths name a value of the run (a list holding a reference) stays before its quantize (§9.2
+    needs literal widths); the run equals the kept run and the oracle."""
+    from pyqsim import ops
+    from pyqsim.program.program import Program
+    nodes = [_node("n", "size", [{"@": "x"}, 0]),
+             _node("m", "pad", [{"@": "x"}, [0, {"@": "n"}, 1, 0]], {"dtype": "float32"}),
+             _node("q", "quantize", [{"@": "m"}], {"bits": 8}, {"scale": "s", "zero_point": "z"})]
+    prog = {"inputs": [{"name": "x", "dtype": "float32", "shape": [None, None, None, None]}], "nodes": nodes,
+            "outputs": [{"name": "y", "value": {"@": "q"}}]}
+    p = Program({"s": np.array(0.05, F32), "z": np.array(9, np.int32)}, {"program": prog})
+    assert p._moves({}) == {}
+    x = (np.random.default_rng(8).standard_normal((2, 3, 4, 5)) * 3).astype(F32)
+    kept, _ = p.execute((x,), None, "auto", keep=True)
+    want = ops.quantize(np.pad(x, [(0, 0), (0, 0), (1, 0), (0, 2)]), 0.05, 9, "uint8", backend="reference")
+    assert np.array_equal(p.run(x), kept[0]) and np.array_equal(p.run(x), want)

@@ -469,9 +469,10 @@ def _layer_norm(args, attrs, t, ctx):
     x = _f32(x)
     c = int(np.prod(shape, dtype=np.int64))
     flat = lambda v: None if v is None else _f32(v).reshape(c)  # noqa: E731
+    w, b = flat(w), flat(b)
     y = _call(ctx, _affine(lambda v, w, b: ops.layer_norm(v, w, b, attrs.get("eps", 1e-5), codes=attrs.get(CODES),
-                                                         backend=ctx.backend), flat(w), flat(b)),
-              x.reshape(x.shape[:x.ndim - len(shape)] + (c,)), *_present(flat(w), flat(b)))
+                                                         backend=ctx.backend), w, b),
+              x.reshape(x.shape[:x.ndim - len(shape)] + (c,)), *_present(w, b))
     return y.reshape(x.shape)
 
 

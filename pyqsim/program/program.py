@@ -12,7 +12,7 @@ from .._checks import codes_spec
 from ..runtime.memory import block_cache
 from ..runtime.paramfile import ParamFileError, load_params, save_params
 from . import kinds as _kinds  # noqa: F401  (registers every node kind)
-from .schema import DTYPES, KINDS, decode_literal, is_ref, validate_node
+from .schema import DTYPES, KINDS, decode_literal, is_ref, refs_in, validate_node
 
 PROGRAM_KEY = "program"
 
@@ -205,7 +205,6 @@ class Program:
 
     def _users(self) -> collections.Counter:
         """Value name -> how many node arguments and program outputs read it."""
-        from .schema import refs_in
         users = collections.Counter()
         for node in self.nodes:
             for a in node.get("args", []):
@@ -262,18 +261,20 @@ class Program:
                     not is_ref((src.get("args") or [None])[0]) or \
                     decode_literal(src.get("attrs", {}).get("dtype", "float32")) != "float32":
                 continue
+            if any(True for v in src["args"][1:] for _ in refs_in(v)):  # widths, value or size computed in the run
+                continue
             args = [decode_literal(v) for v in src["args"]]
             if src["kind"] == "pad":
                 value = args[2] if len(args) > 2 else 0
-                if any(is_ref(v) for v in args[1:]) or min(args[1], default=0) < 0 or isinstance(value, bool) or \
-                        not isinstance(value, (int, float)) or not math.isfinite(value):
+                if min(args[1], default=0) < 0 or isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                        not math.isfinite(value):
                     continue
                 t = self._node_tensors(node)
                 bits = decode_literal(node.get("attrs", {}).get("bits", 8))
                 code = ops.quantize(np.array([value], np.float32), t["scale"][()], int(t["zero_point"][()]), "uint8",
                                     bits=bits, backend="reference")
                 moves[node["name"]] = (src["name"], int(code[0]))
-            elif len(args) < 2 or not is_ref(src["args"][1]):
+            else:
                 moves[node["name"]] = (src["name"], None)
         return moves
 
@@ -387,7 +388,6 @@ class Program:
 
     def _last_use(self) -> dict:
         """Node index -> value names not needed after it (frees memory during a run)."""
-        from .schema import refs_in
         last = {}
         for i, node in enumerate(self.nodes):
             for a in node.get("args", []):
