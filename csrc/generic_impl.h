@@ -64,6 +64,10 @@ void shift_b_rows(const uint8_t* v, int64_t ldv, int64_t n, int64_t lc, int64_t 
   for (int64_t g = g0; g < kg; ++g)
     for (int64_t pn = 0; pn < npan; ++pn) {
       int8_t* d = dst + (pn * kg + g) * 64;
+      if (4 * g >= lc) {  // padding
+        std::memset(d, 0, 64);
+        continue;
+      }
       const int64_t nc = gi_min(16, n - pn * 16);
       for (int64_t q = 0; q < 4; ++q) {
         const int64_t j = 4 * g + q;
@@ -73,12 +77,19 @@ void shift_b_rows(const uint8_t* v, int64_t ldv, int64_t n, int64_t lc, int64_t 
     }
 }
 
-void shift_acc_impl(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc) {
+void shift_acc_impl(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc, int64_t lda) {
   for (int r = 0; r < mr; ++r)
     for (int c = 0; c < 16; ++c) {
       const int32_t d = static_cast<int32_t>(static_cast<uint32_t>(tile[r * 16 + c]) - static_cast<uint32_t>(corr[r]));
-      acc[r * 16 + c] += static_cast<int64_t>(d) * mul * (int64_t(1) << sh);
+      acc[r * lda + c] += static_cast<int64_t>(d) * mul * (int64_t(1) << sh);
     }
+}
+
+void shift_f32_impl(const int64_t* r, int64_t nc, const float* scale, float* y) {
+  for (int64_t c = 0; c < nc; ++c) {
+    const float fr = static_cast<float>(r[c]);  // fl32(R): one rounding, then one multiply
+    y[c] = fr * scale[c];
+  }
 }
 
 // §7 deep terms of one row of v: acc[c] += round_half_up(d / 2^sft) * mul for c < nc, d = int8(v[c] ^ vxor) - zvp,

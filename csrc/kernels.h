@@ -79,6 +79,17 @@ struct AmxNext {
   bool two_panels;
 };
 
+// §7 on AMX (log2attn.cpp): R[r][c] = sum over i < n of int64(t[i][r * 16 + c] - corr[i][r]) * mul[i] * 2^sh[i], the
+// int32 differences taken mod 2^32 (as shift_acc); t[i]: int32 tiles with row stride 16.
+constexpr int kShiftTiles = 8;
+struct ShiftTiles {
+  int n = 0;
+  const int32_t* t[kShiftTiles];
+  const int32_t* corr[kShiftTiles];
+  int64_t mul[kShiftTiles];
+  int sh[kShiftTiles];
+};
+
 struct KernelSet {
   Isa isa;
   // The int8-weight tile is sum u * w with u = x' + 128 (the A panel's second half, which pack_a then always
@@ -112,11 +123,13 @@ struct KernelSet {
                   uint8_t* dst, int64_t* rowsum);
   // §7: the B panels [npan][kg][16][4] of v' = v ^ vxor for lc rows of n values of v (row stride ldv), zero padded.
   void (*shift_b)(const uint8_t* v, int64_t ldv, int64_t n, int64_t lc, int64_t kg, uint8_t vxor, int8_t* dst);
-  // §7: acc[r * 16 + c] += int64(tile[r * 16 + c] - corr[r]) * mul * 2^sh for r < mr, c < 16, with the int32
+  // §7: acc[r * lda + c] += int64(tile[r * 16 + c] - corr[r]) * mul * 2^sh for r < mr, c < 16, with the int32
   // difference taken mod 2^32 (it is the exact sum_j w_j d_j, |.| < 2^31).
-  void (*shift_acc)(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc);
+  void (*shift_acc)(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc, int64_t lda);
   // §7 deep terms of one row of v (deep_add_impl in generic_impl.h states the arithmetic)
   void (*deep_add)(const uint8_t* vr, int64_t nc, uint8_t vxor, int32_t zvp, int sft, int32_t mul, int64_t* acc);
+  // §7 float32 output: y[c] = fl32(fl32(R[c]) * scale[c]) for c < nc (round to nearest even, no fused multiply-add)
+  void (*shift_f32)(const int64_t* r, int64_t nc, const float* scale, float* y);
   // §7 requantization of nc int64 sums R whose shifts are all in [33, 94]: out[c] = clamp(floor((R * M0 +
   // 2^(S-1)) / 2^S) + zy, lo, hi) as int8 (s8) or uint8, exactly (see shift_requant_one).
   void (*shift_requant)(const int64_t* r, int64_t nc, const int32_t* mult, const int32_t* shift, int32_t zy, int32_t lo,
@@ -129,8 +142,16 @@ struct KernelSet {
   // one row of u = x ^ ux for k bytes, zero padded to kpad (a multiple of 64); returns sum u mod 2^32
   uint32_t (*amx_pack_row)(const uint8_t* src, int64_t k, uint8_t ux, uint8_t* dst, int64_t kpad) = nullptr;
   void (*amx_end)() = nullptr;
+  // §7 on AMX (log2attn.cpp): one row of weights dst[j] = lut[codes[j]] for j < lc, zero padded to kpad (a multiple
+  // of 64); returns the weight sum. win as in shift_a.
+  uint32_t (*amx_shift_row)(const uint8_t* codes, int64_t lc, const uint8_t* lut, int win, uint8_t* dst,
+                            int64_t kpad) = nullptr;
   void (*amx_block)(const uint8_t* a, int64_t lda, const uint8_t* b0, const uint8_t* b1, int64_t ksteps,
                     bool two_panels, int32_t* c, bool preloaded, const AmxNext* next) = nullptr;
+  // §7 on AMX: the ShiftTiles sums R of rows r < mr, channels c < nc (<= 16), through an output stage into row r of
+  // y (row stride ldy elements): out.type I64 stores R; F32 stores fl32(fl32(R) * out.scale[c]); a requantized type
+  // needs every shift >= 33 (shift_requant). out's per-channel arrays start at this tile's first channel.
+  void (*amx_shift_out)(const ShiftTiles& st, int mr, int nc, const OutStage& out, void* y, int64_t ldy) = nullptr;
 };
 
 // §7 requantization for S in [33, 94] without 128-bit arithmetic: R = A * 2^32 + B (B in [0, 2^32)), so
@@ -160,6 +181,8 @@ const KernelSet& amx_kernels();  // the VNNI set with the AMX entries
 void amx_begin();
 void amx_end();
 uint32_t amx_pack_row(const uint8_t* src, int64_t k, uint8_t ux, uint8_t* dst, int64_t kpad);
+uint32_t amx_shift_row(const uint8_t* codes, int64_t lc, const uint8_t* lut, int win, uint8_t* dst, int64_t kpad);
+void amx_shift_out(const ShiftTiles& st, int mr, int nc, const OutStage& out, void* y, int64_t ldy);
 void amx_block(const uint8_t* a, int64_t lda, const uint8_t* b0, const uint8_t* b1, int64_t ksteps, bool two_panels,
                int32_t* c, bool preloaded, const AmxNext* next);
 #endif

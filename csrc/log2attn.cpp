@@ -89,11 +89,7 @@ void out_span(const Problem& pb, const KernelSet& ks, const int64_t* r, int64_t 
   if (o.type == OutType::I64) {
     std::memcpy(static_cast<int64_t*>(yb) + base, r, static_cast<size_t>(nc) * sizeof(int64_t));
   } else if (o.type == OutType::F32) {
-    float* y = static_cast<float*>(yb) + base;
-    for (int64_t c = 0; c < nc; ++c) {
-      const float fr = static_cast<float>(r[c]);  // fl32(R): one rounding, then one multiply
-      y[c] = fr * o.scale[c0 + c];
-    }
+    ks.shift_f32(r, nc, o.scale + c0, static_cast<float*>(yb) + base);
   } else {
     const int64_t lo = static_cast<int64_t>(out_qmin(o.type)) - o.zero_point;
     const int64_t hi = static_cast<int64_t>(out_qmax(o.type)) - o.zero_point;
@@ -116,21 +112,6 @@ void out_span(const Problem& pb, const KernelSet& ks, const int64_t* r, int64_t 
   }
 }
 
-// Whether some byte c of p[0..n) has c - lo <= span (unsigned, mod 256).
-bool any_in_range(const uint8_t* p, int64_t n, uint8_t lo, uint8_t span) {
-  int64_t j = 0;
-#if defined(__SSE2__)
-  const __m128i vlo = _mm_set1_epi8(static_cast<char>(lo)), vspan = _mm_set1_epi8(static_cast<char>(span));
-  for (; j + 16 <= n; j += 16) {
-    const __m128i d = _mm_sub_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j)), vlo);
-    if (_mm_movemask_epi8(_mm_cmpeq_epi8(_mm_min_epu8(d, vspan), d))) return true;
-  }
-#endif
-  for (; j < n; ++j)
-    if (static_cast<uint8_t>(p[j] - lo) <= span) return true;
-  return false;
-}
-
 // Positions (relative to j0) of the deep codes (t < 0) in each row of a chunk: the codes in [deep_lo, deep_hi]
 // (e = ceil(c / k) in [F + 1, F + 8]). pos[start[i] .. start[i + 1]) lists row i's, in order of j.
 void deep_positions(const Problem& pb, const uint8_t* codes, int64_t rows, int64_t j0, int64_t lc,
@@ -140,9 +121,18 @@ void deep_positions(const Problem& pb, const uint8_t* codes, int64_t rows, int64
   const uint8_t lo = pb.deep_lo, span = static_cast<uint8_t>(pb.deep_hi - pb.deep_lo);
   for (int64_t i = 0; i < rows; ++i) {
     const uint8_t* cr = codes + i * pb.l + j0;
-    if (any_in_range(cr, lc, lo, span))  // most rows have no deep code
-      for (int64_t j = 0; j < lc; ++j)
-        if (static_cast<uint8_t>(cr[j] - lo) <= span) pos.push_back(static_cast<int32_t>(j));
+    int64_t j = 0;
+#if defined(__SSE2__)
+    const __m128i vlo = _mm_set1_epi8(static_cast<char>(lo)), vspan = _mm_set1_epi8(static_cast<char>(span));
+    for (; j + 16 <= lc; j += 16) {  // a bit mask of the deep codes of 16 bytes, then its set bits in order
+      const __m128i d = _mm_sub_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cr + j)), vlo);
+      for (unsigned mask = static_cast<unsigned>(_mm_movemask_epi8(_mm_cmpeq_epi8(_mm_min_epu8(d, vspan), d)));
+           mask != 0; mask &= mask - 1)
+        pos.push_back(static_cast<int32_t>(j + __builtin_ctz(mask)));
+    }
+#endif
+    for (; j < lc; ++j)
+      if (static_cast<uint8_t>(cr[j] - lo) <= span) pos.push_back(static_cast<int32_t>(j));
     start[i + 1] = static_cast<int32_t>(pos.size());
   }
 }
@@ -219,7 +209,8 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
           else
             ks.ukr_shift[mr](ap, vpan.p + pn0 * kg * 64, kg, tile);
           for (int j = 0; j < np; ++j)
-            ks.shift_acc(tile + j * kMR * kNR, mr, corr[p], (p & 1) ? kQ : 65536, pb.frac_bits - pb.top[p], acc[j]);
+            ks.shift_acc(tile + j * kMR * kNR, mr, corr[p], (p & 1) ? kQ : 65536, pb.frac_bits - pb.top[p], acc[j],
+                         kNR);
         }
         for (int j = 0; j < np; ++j) {
           const int64_t pn = pn0 + j, nc = std::min<int64_t>(kNR, n - pn * kNR);
@@ -239,6 +230,101 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
   }
   if (!single)
     for (int64_t i = 0; i < rows; ++i) out_span(pb, ks, rbuf.data() + i * n, bi, r0 + i, 0, n);
+}
+
+// run_block on AMX tiles (§10.8), for L within one chunk: per 32 rows, each pass's weights as byte rows (zero
+// padded to kpad, a multiple of 64) against the v' panels, zero padded to kg k-groups (a multiple of 16), in
+// TDPBUSD tiles. A tile is the same int32 sum as the VNNI micro-kernel's (u8 weights times int8 values, exact);
+// amx_shift_out combines the passes' tiles into R and, when no row has a deep code and the output stage is int64,
+// float32 or a requantization with every shift >= 33, writes the outputs; otherwise R goes to an int64 buffer for
+// the deep terms and out_span, kGroup channels at a time.
+void run_block_amx(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, int64_t r1) {
+  constexpr int kRows = 32;
+  constexpr int64_t kGroup = 256;
+  const int64_t n = pb.n, l = pb.l, rows = r1 - r0, npan = ceil_div(n, kNR);
+  const int64_t kg = round_up(std::max<int64_t>(1, ceil_div(l, 4)), 16), kpad = 4 * kg;
+  const int64_t lda = std::min(kGroup, npan * kNR);
+  const OutType ot = pb.out.type;
+  const bool direct = !pb.deep && (ot == OutType::I64 || ot == OutType::F32 || pb.all_wide_shifts);
+  const size_t osize = ot == OutType::I64 ? 8 : ot == OutType::F32 ? 4 : 1;
+  const uint8_t* codes = pb.codes + (bi * pb.m + r0) * l;
+  const uint8_t* v = pb.v.at(bi);
+  Scratch vpan, abuf, accb, tiles;
+  vpan.reset(static_cast<size_t>(npan * kg * 64), false);
+  if (pb.npasses) ks.shift_b(v, pb.v.ld, n, l, kg, pb.vxor, reinterpret_cast<int8_t*>(vpan.p));
+  abuf.reset(static_cast<size_t>(kPasses * kRows * kpad), false);
+  if (!direct) accb.reset(static_cast<size_t>(kRows * lda) * sizeof(int64_t), false);
+  int64_t* const acc = reinterpret_cast<int64_t*>(accb.p);
+  tiles.reset(static_cast<size_t>(kPasses * 2 * kRows * kNR) * sizeof(int32_t), false);
+  int32_t* const tile = reinterpret_cast<int32_t*>(tiles.p);  // [live pass][panel][kRows][16]
+  int32_t corr[kPasses][kRows];
+  int livep[kPasses], nlive = 0;
+  std::vector<int32_t> dstart, dpos;
+  OutStage po = pb.out;  // the output stage from the tile's first channel on
+  ks.amx_begin();
+  for (int64_t rb = 0; rb < rows; rb += kRows) {
+    const int mr = static_cast<int>(std::min<int64_t>(kRows, rows - rb));
+    const uint8_t* cb = codes + rb * l;
+    if (pb.deep) deep_positions(pb, cb, mr, 0, l, dstart, dpos);
+    nlive = 0;
+    for (int p = 0; p < kPasses; ++p) {
+      if (!pb.possible[p]) continue;
+      uint8_t* a = abuf.p + p * kRows * kpad;
+      if (mr < kRows) std::memset(a + mr * kpad, 0, static_cast<size_t>((kRows - mr) * kpad));  // rows not stored
+      bool live = false;
+      for (int ri = 0; ri < mr; ++ri) {
+        const uint32_t rs = ks.amx_shift_row(cb + ri * l, l, pb.lut[p], pb.win[p], a + ri * kpad, kpad);
+        corr[p][ri] = static_cast<int32_t>(static_cast<uint32_t>(pb.zvp) * rs);  // zv' * row sum, mod 2^32
+        live |= rs != 0;  // weights are >= 0: a zero sum is an all-zero row
+      }
+      if (live) livep[nlive++] = p;
+    }
+    ShiftTiles st;
+    st.n = nlive;
+    for (int i = 0; i < nlive; ++i) {
+      const int p = livep[i];
+      st.corr[i] = corr[p];
+      st.mul[i] = (p & 1) ? kQ : 65536;
+      st.sh[i] = pb.frac_bits - pb.top[p];
+    }
+    for (int64_t c0 = 0; c0 < n; c0 += lda) {
+      const int64_t gc = std::min(lda, n - c0);
+      for (int64_t pn = c0 / kNR; pn * kNR < c0 + gc; pn += 2) {
+        const bool two = (pn + 1) * kNR < c0 + gc;
+        const uint8_t* b0 = vpan.p + pn * kg * 64;
+        for (int i = 0; i < nlive; ++i) {  // each call also loads the next pass's first tiles
+          const AmxNext next{abuf.p + (i + 1 < nlive ? livep[i + 1] : 0) * kRows * kpad, b0, two ? b0 + kg * 64 : nullptr,
+                             two};
+          ks.amx_block(abuf.p + livep[i] * kRows * kpad, kpad, b0, next.b1, kg / 16, two, tile + i * 2 * kRows * kNR,
+                       i > 0, i + 1 < nlive ? &next : nullptr);
+        }
+        for (int j = 0; j < (two ? 2 : 1); ++j) {
+          const int64_t cj = (pn + j) * kNR;
+          const int nc = static_cast<int>(std::min<int64_t>(kNR, n - cj));
+          for (int i = 0; i < nlive; ++i) st.t[i] = tile + (i * 2 + j) * kRows * kNR;
+          if (direct) {
+            po.multiplier = pb.out.multiplier ? pb.out.multiplier + cj : nullptr;
+            po.shift = pb.out.shift ? pb.out.shift + cj : nullptr;
+            po.scale = pb.out.scale ? pb.out.scale + cj : nullptr;
+            ks.amx_shift_out(st, mr, nc, po, static_cast<char*>(pb.y.at(bi)) + ((r0 + rb) * pb.y.ld + cj) * osize,
+                             pb.y.ld);
+          } else {
+            OutStage io;
+            io.type = OutType::I64;
+            ks.amx_shift_out(st, mr, nc, io, acc + cj - c0, lda);
+          }
+        }
+      }
+      if (!direct)
+        for (int ri = 0; ri < mr; ++ri) {
+          int64_t* ar = acc + ri * lda;
+          if (pb.deep && dstart[ri + 1] > dstart[ri])
+            add_deep(pb, ks, cb + ri * l, v, 0, dpos.data() + dstart[ri], dpos.data() + dstart[ri + 1], c0, gc, ar);
+          out_span(pb, ks, ar, bi, r0 + rb + ri, c0, gc);
+        }
+    }
+  }
+  ks.amx_end();
 }
 
 }  // namespace
@@ -310,9 +396,13 @@ void log2_attn_matmul(const uint8_t* codes, const RowBatch& v, ActType vt, int64
   int64_t mb = std::max<int64_t>(kMR, std::min<int64_t>(round_up(m, kMR), ((int64_t(1) << 20) / n) / kMR * kMR));
   while (mb > kMR && batch * ceil_div(m, mb) < 4 * threads) mb = round_up(mb / 2, kMR);
   const int64_t blocks = ceil_div(m, mb);
+  const bool amx = ks.amx_block != nullptr && l <= chunk;
   ThreadPool::instance().run(batch * blocks, [&](int64_t task, int) {
     const int64_t bi = task / blocks, r0 = (task % blocks) * mb;
-    run_block(*pb, ks, bi, r0, std::min(m, r0 + mb), chunk);
+    if (amx)
+      run_block_amx(*pb, ks, bi, r0, std::min(m, r0 + mb));
+    else
+      run_block(*pb, ks, bi, r0, std::min(m, r0 + mb), chunk);
   });
 }
 

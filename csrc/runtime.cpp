@@ -64,7 +64,7 @@ bool cpu_has_avx512vnni() {
   static const bool has = [] {
     __builtin_cpu_init();
     return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vnni");
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni");
   }();
   return has;
 #else

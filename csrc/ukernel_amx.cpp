@@ -53,6 +53,123 @@ uint32_t amx_pack_row(const uint8_t* src, int64_t k, uint8_t ux, uint8_t* dst, i
   return static_cast<uint32_t>(_mm512_reduce_add_epi64(sums));
 }
 
+uint32_t amx_shift_row(const uint8_t* codes, int64_t lc, const uint8_t* lut, int win, uint8_t* dst, int64_t kpad) {
+  if (win < 0) {  // no 16-code window: one look-up per code
+    uint32_t sum = 0;
+    for (int64_t j = 0; j < kpad; ++j) {
+      dst[j] = j < lc ? lut[codes[j]] : 0;
+      sum += dst[j];
+    }
+    return sum;
+  }
+  // codes - win in [0, 16) index the window; the saturating bias sends every other code to an index >= 0x80,
+  // which VPSHUFB maps to 0
+  const __m512i tab = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut + win)));
+  const __m512i base = _mm512_set1_epi8(static_cast<char>(win)), bias = _mm512_set1_epi8(0x70);
+  const __m512i zero = _mm512_setzero_si512();
+  __m512i sums = zero;
+  for (int64_t j = 0; j < kpad; j += 64) {
+    const int64_t left = lc - j;
+    const __mmask64 m = left >= 64 ? ~__mmask64(0) : left > 0 ? (__mmask64(1) << left) - 1 : 0;
+    const __m512i c = _mm512_maskz_loadu_epi8(m, codes + j);
+    const __m512i w = _mm512_maskz_shuffle_epi8(m, tab, _mm512_adds_epu8(_mm512_sub_epi8(c, base), bias));
+    _mm512_storeu_si512(dst + j, w);
+    sums = _mm512_add_epi64(sums, _mm512_sad_epu8(w, zero));
+  }
+  return static_cast<uint32_t>(_mm512_reduce_add_epi64(sums));
+}
+
+namespace {
+
+enum ShiftKind { kToI64, kToF32, kToRequant };
+
+// amx_shift_out for NP passes (0: st.n at run time) and one kind of output stage, on the 8 lanes of half h.
+template <int NP, int Kind>
+void shift_out_half(const ShiftTiles& st, int mr, int h, int left, const int64_t* mult, const int64_t* sh32,
+                    const int64_t* rnd, const float* scale, int64_t lo, int64_t hi, int32_t zy, void* y, int64_t ldy) {
+  const int np = NP > 0 ? NP : st.n;
+  const __mmask8 m = left >= 8 ? __mmask8(0xFF) : static_cast<__mmask8>((1u << left) - 1);
+  const __m512i mv = _mm512_load_si512(mult + 8 * h), sv = _mm512_load_si512(sh32 + 8 * h);
+  const __m512i rv = _mm512_load_si512(rnd + 8 * h);
+  const __m512i lo8 = _mm512_set1_epi64(lo), hi8 = _mm512_set1_epi64(hi), zy8 = _mm512_set1_epi64(zy);
+  const __m256 fs = _mm256_load_ps(scale + 8 * h);
+  __m512i mul[kShiftTiles];
+  __m128i cnt[kShiftTiles];
+  for (int i = 0; i < np; ++i) {
+    mul[i] = _mm512_set1_epi64(st.mul[i]);
+    cnt[i] = _mm_cvtsi32_si128(st.sh[i]);
+  }
+  for (int r = 0; r < mr; ++r) {
+    __m512i acc = _mm512_setzero_si512();
+    for (int i = 0; i < np; ++i) {
+      const __m256i t = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(st.t[i] + r * 16 + 8 * h));
+      const __m256i d = _mm256_sub_epi32(t, _mm256_set1_epi32(st.corr[i][r]));
+      acc = _mm512_add_epi64(acc, _mm512_sll_epi64(_mm512_mul_epi32(_mm512_cvtepi32_epi64(d), mul[i]), cnt[i]));
+    }
+    if (Kind == kToI64) {
+      _mm512_mask_storeu_epi64(static_cast<int64_t*>(y) + r * ldy + 8 * h, m, acc);
+    } else if (Kind == kToF32) {
+      // VCVTQQ2PS rounds to nearest even (MXCSR default, as the scalar conversion); then one multiply
+      const __m256 f = _mm256_mul_ps(_mm512_cvtepi64_ps(acc), fs);
+      float* yr = static_cast<float*>(y) + r * ldy + 8 * h;
+      if (left >= 8) {
+        _mm256_storeu_ps(yr, f);
+      } else {
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, f);
+        for (int c = 0; c < left; ++c) yr[c] = tmp[c];
+      }
+    } else {  // shift_requant_one on 8 lanes
+      const __m512i p1 = _mm512_mul_epi32(_mm512_srli_epi64(acc, 32), mv);
+      const __m512i h0 = _mm512_srli_epi64(_mm512_mul_epu32(acc, mv), 32);
+      const __m512i q = _mm512_srav_epi64(_mm512_add_epi64(_mm512_add_epi64(p1, h0), rv), sv);
+      _mm512_mask_cvtepi64_storeu_epi8(static_cast<uint8_t*>(y) + r * ldy + 8 * h, m,
+                                       _mm512_add_epi64(_mm512_min_epi64(_mm512_max_epi64(q, lo8), hi8), zy8));
+    }
+  }
+}
+
+template <int Kind>
+void shift_out_kind(const ShiftTiles& st, int mr, int h, int left, const int64_t* mult, const int64_t* sh32,
+                    const int64_t* rnd, const float* scale, int64_t lo, int64_t hi, int32_t zy, void* y, int64_t ldy) {
+  switch (st.n) {  // one and two passes (one exponent band of each class) are the usual cases
+    case 1: return shift_out_half<1, Kind>(st, mr, h, left, mult, sh32, rnd, scale, lo, hi, zy, y, ldy);
+    case 2: return shift_out_half<2, Kind>(st, mr, h, left, mult, sh32, rnd, scale, lo, hi, zy, y, ldy);
+    default: return shift_out_half<0, Kind>(st, mr, h, left, mult, sh32, rnd, scale, lo, hi, zy, y, ldy);
+  }
+}
+
+}  // namespace
+
+void amx_shift_out(const ShiftTiles& st, int mr, int nc, const OutStage& out, void* y, int64_t ldy) {
+  const OutType type = out.type;
+  // per-channel constants of the 16 lanes, zero past nc (those lanes are computed, never stored)
+  alignas(64) int64_t mult[16] = {}, sh32[16] = {}, rnd[16] = {};
+  alignas(64) float scale[16] = {};
+  const bool req = is_requant(type);
+  for (int c = 0; c < nc; ++c) {
+    if (req) {
+      mult[c] = out.multiplier[c];
+      sh32[c] = out.shift[c] - 32;                 // shift_requant_one: X >> (S - 32), S >= 33
+      rnd[c] = int64_t(1) << (out.shift[c] - 33);  // X = P1 + 2^(S-33) + H0
+    } else if (type == OutType::F32) {
+      scale[c] = out.scale[c];
+    }
+  }
+  const int64_t lo = req ? static_cast<int64_t>(out_qmin(type)) - out.zero_point : 0;
+  const int64_t hi = req ? static_cast<int64_t>(out_qmax(type)) - out.zero_point : 0;
+  const int32_t zy = req ? out.zero_point : 0;
+  for (int h = 0; h < (nc > 8 ? 2 : 1); ++h) {
+    const int left = nc - 8 * h;
+    if (type == OutType::I64)
+      shift_out_kind<kToI64>(st, mr, h, left, mult, sh32, rnd, scale, lo, hi, zy, y, ldy);
+    else if (type == OutType::F32)
+      shift_out_kind<kToF32>(st, mr, h, left, mult, sh32, rnd, scale, lo, hi, zy, y, ldy);
+    else
+      shift_out_kind<kToRequant>(st, mr, h, left, mult, sh32, rnd, scale, lo, hi, zy, y, ldy);
+  }
+}
+
 namespace {
 // The first k-step's tiles of a block: A rows 0-15 and 16-31, and the B panels.
 inline void load_first(const uint8_t* a, int64_t lda, const uint8_t* b0, const uint8_t* b1, bool two_panels) {

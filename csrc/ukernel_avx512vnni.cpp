@@ -115,18 +115,32 @@ void ukr_shift_wide_vnni(const int8_t* a, const uint8_t* b, int64_t bstride, int
   wide_np<MR, 4 * MR, 0>(a, b, bstride, np, kg, tiles);
 }
 
-// §7: acc[r * 16 + c] += int64(tile - corr[r]) * mul * 2^sh, one row of 16 per pair of 8-lane int64 vectors.
-void shift_acc_vnni(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc) {
+// §7: acc[r * lda + c] += int64(tile - corr[r]) * mul * 2^sh, one row of 16 per pair of 8-lane int64 vectors.
+void shift_acc_vnni(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc, int64_t lda) {
   const __m512i m = _mm512_set1_epi64(mul);
   const __m128i cnt = _mm_cvtsi32_si128(sh);
   for (int r = 0; r < mr; ++r) {
     const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(tile + r * 16), _mm512_set1_epi32(corr[r]));
     const __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(d));
     const __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(d, 1));
-    int64_t* a = acc + r * 16;
+    int64_t* a = acc + r * lda;
     _mm512_storeu_si512(a, _mm512_add_epi64(_mm512_loadu_si512(a), _mm512_sll_epi64(_mm512_mul_epi32(lo, m), cnt)));
     _mm512_storeu_si512(a + 8,
                         _mm512_add_epi64(_mm512_loadu_si512(a + 8), _mm512_sll_epi64(_mm512_mul_epi32(hi, m), cnt)));
+  }
+}
+
+// §7 float32 output on 8 lanes: VCVTQQ2PS rounds to nearest even (MXCSR default, as the scalar conversion), then
+// one multiply.
+void shift_f32_vnni(const int64_t* r, int64_t nc, const float* scale, float* y) {
+  int64_t c = 0;
+  for (; c + 8 <= nc; c += 8) {
+    const __m256 f = _mm512_cvtepi64_ps(_mm512_loadu_si512(r + c));
+    _mm256_storeu_ps(y + c, _mm256_mul_ps(f, _mm256_loadu_ps(scale + c)));
+  }
+  for (; c < nc; ++c) {
+    const float fr = static_cast<float>(r[c]);
+    y[c] = fr * scale[c];
   }
 }
 
@@ -383,6 +397,8 @@ const KernelSet& amx_kernels() {
     k.amx_begin = amx_begin;
     k.amx_pack_row = amx_pack_row;
     k.amx_end = amx_end;
+    k.amx_shift_row = amx_shift_row;
+    k.amx_shift_out = amx_shift_out;
     k.amx_block = amx_block;
     return k;
   }();
@@ -403,6 +419,7 @@ const KernelSet& avx512vnni_kernels() {
     k.shift_acc = shift_acc_vnni;
     k.epi = epi_vnni;
     k.shift_requant = shift_requant_vnni;
+    k.shift_f32 = shift_f32_vnni;
     return k;
   }();
   return ks;

@@ -192,6 +192,7 @@ const KernelSet& scalar_kernels() {
     k.shift_b = shift_b_scalar;
     k.shift_acc = shift_acc_impl;
     k.deep_add = deep_add_impl;
+    k.shift_f32 = shift_f32_impl;
     k.shift_requant = shift_requant_scalar;
     return k;
   }();

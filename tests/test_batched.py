@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hypothesis import example, given
+from hypothesis.extra import numpy as hnp
 from hypothesis import strategies as st
 
 import strategies as S
@@ -86,6 +87,48 @@ def test_log2_batched_reference_equals_loop(kw):
 @_with_examples
 @given(kw=S.log2_cases(max_dim=24, lead=S.lead_shapes()))
 def test_log2_batched_cpu_equals_reference(isa, kw):
+    same("log2_attn_matmul", kw)
+
+
+@st.composite
+def _log2_blocked(draw):
+    """log2_attn_matmul kwargs sized across the CPU kernels' blocking: 32-row blocks (AMX) and 4-row quads, 64-code
+    k-steps, pairs of 16-channel panels and groups of 256 channels, with the passes' rows all zero in some blocks
+    (zero-code runs) and, with wide shifts only, the requantization that the AMX path fuses."""
+    m = draw(st.sampled_from([1, 5, 31, 32, 33, 63, 64, 65, 97]) | st.integers(0, 100))
+    length = draw(st.sampled_from([1, 63, 64, 65, 128, 197, 256, 257]) | st.integers(0, 300))
+    n = draw(st.sampled_from([1, 15, 16, 17, 32, 33, 64, 255, 256, 257, 272]) | st.integers(0, 300))
+    lead = (draw(st.integers(1, 2)),)
+    bits, mode = draw(st.integers(2, 8)), draw(st.sampled_from(["log2", "sqrt2"]))
+    vt = draw(st.sampled_from([np.uint8, np.int8]))
+    kw = _example(lead, m=m, length=length, n=n, bits=bits, mode=mode, frac_bits=draw(st.sampled_from([0, 16, 24])),
+                  vt=vt, out=draw(st.sampled_from(["int64", "float32", "int8", "uint8", "int4", "uint4"])),
+                  seed=draw(st.integers(0, 2**32 - 1)))
+    zero_code = 2**bits - 1
+    codes = kw["codes"]
+    top = draw(st.integers(0, zero_code))  # codes drawn from [0, top] and the zero code
+    codes[...] = np.minimum(codes, top)
+    rows = draw(st.lists(st.integers(0, max(m - 1, 0)), max_size=40))
+    codes[..., rows, :] = zero_code  # whole rows of zeros: a pass may be empty in a block
+    kw["v_zero_point"] = draw(S.zero_points("uint8" if vt == np.uint8 else "int8"))
+    if kw["out_dtype"] == "float32":
+        kw["out_scale"] = draw(hnp.arrays(np.float32, (n,), elements=st.floats(float(np.float32(1e-12)), float(np.float32(1e-3)), width=32)))
+    elif kw["out_dtype"] != "int64":
+        wide = draw(st.booleans())
+        kw["shift"] = draw(hnp.arrays(np.int32, (n,), elements=st.integers(33, 94) if wide else S.shifts()))
+        kw["multiplier"] = draw(hnp.arrays(np.int32, (n,), elements=S.multipliers()))
+        kw["out_zero_point"] = draw(S.zero_points(kw["out_dtype"]))
+    return kw
+
+
+@pytest.mark.needs_cpu_ext
+@FIXTURE_OK
+@example(kw=_example((2,), m=65, length=197, n=257, out="uint8", seed=1))
+@example(kw=_example((1,), m=33, length=257, n=272, bits=8, mode="sqrt2", out="float32", seed=2))
+@example(kw=_every_shift(_example((1,), m=32, length=64, n=94, bits=5, mode="log2", frac_bits=24, out="int8")))
+@example(kw=_example((2,), m=97, length=65, n=33, bits=8, mode="log2", frac_bits=0, vt=np.int8, out="int64"))
+@given(kw=_log2_blocked())
+def test_log2_blocked_shapes(isa, kw):
     same("log2_attn_matmul", kw)
 
 
