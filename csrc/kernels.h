@@ -79,7 +79,7 @@ struct AmxNext {
   bool two_panels;
 };
 
-// §7 on AMX (log2attn.cpp): R[r][c] = sum over i < n of int64(t[i][r * 16 + c] - corr[i][r]) * mul[i] * 2^sh[i], the
+// §7 (log2attn.cpp): R[r][c] = sum over i < n of int64(t[i][r * 16 + c] - corr[i][r]) * mul[i] * 2^sh[i], the
 // int32 differences taken mod 2^32 (as shift_acc); t[i]: int32 tiles with row stride 16.
 constexpr int kShiftTiles = 8;
 struct ShiftTiles {
@@ -128,6 +128,10 @@ struct KernelSet {
   void (*shift_acc)(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc, int64_t lda);
   // §7 deep terms of one row of v (deep_add_impl in generic_impl.h states the arithmetic)
   void (*deep_add)(const uint8_t* vr, int64_t nc, uint8_t vxor, int32_t zvp, int sft, int32_t mul, int64_t* acc);
+  // §7: the ShiftTiles sums R of rows r < mr, channels c < nc (<= 16), through an output stage into row r of y (row
+  // stride ldy elements): out.type I64 stores R; F32 stores fl32(fl32(R) * out.scale[c]); a requantized type needs
+  // every shift >= 33 (as shift_requant). out's per-channel arrays start at the tile's first channel. May be null.
+  void (*shift_out)(const ShiftTiles& st, int mr, int nc, const OutStage& out, void* y, int64_t ldy) = nullptr;
   // §7 float32 output: y[c] = fl32(fl32(R[c]) * scale[c]) for c < nc (round to nearest even, no fused multiply-add)
   void (*shift_f32)(const int64_t* r, int64_t nc, const float* scale, float* y);
   // §7 requantization of nc int64 sums R whose shifts are all in [33, 94]: out[c] = clamp(floor((R * M0 +
@@ -148,10 +152,6 @@ struct KernelSet {
                             int64_t kpad) = nullptr;
   void (*amx_block)(const uint8_t* a, int64_t lda, const uint8_t* b0, const uint8_t* b1, int64_t ksteps,
                     bool two_panels, int32_t* c, bool preloaded, const AmxNext* next) = nullptr;
-  // §7 on AMX: the ShiftTiles sums R of rows r < mr, channels c < nc (<= 16), through an output stage into row r of
-  // y (row stride ldy elements): out.type I64 stores R; F32 stores fl32(fl32(R) * out.scale[c]); a requantized type
-  // needs every shift >= 33 (shift_requant). out's per-channel arrays start at this tile's first channel.
-  void (*amx_shift_out)(const ShiftTiles& st, int mr, int nc, const OutStage& out, void* y, int64_t ldy) = nullptr;
 };
 
 // §7 requantization for S in [33, 94] without 128-bit arithmetic: R = A * 2^32 + B (B in [0, 2^32)), so
@@ -182,7 +182,6 @@ void amx_begin();
 void amx_end();
 uint32_t amx_pack_row(const uint8_t* src, int64_t k, uint8_t ux, uint8_t* dst, int64_t kpad);
 uint32_t amx_shift_row(const uint8_t* codes, int64_t lc, const uint8_t* lut, int win, uint8_t* dst, int64_t kpad);
-void amx_shift_out(const ShiftTiles& st, int mr, int nc, const OutStage& out, void* y, int64_t ldy);
 void amx_block(const uint8_t* a, int64_t lda, const uint8_t* b0, const uint8_t* b1, int64_t ksteps, bool two_panels,
                int32_t* c, bool preloaded, const AmxNext* next);
 #endif

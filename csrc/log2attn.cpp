@@ -38,6 +38,7 @@ constexpr int kBands = 4;               // e <= F <= 24 for every exact term: ba
 constexpr int kPasses = 2 * kBands;     // pass = 2 * band + odd
 constexpr int64_t kMaxChunk = 65536;    // |sum w v'| <= chunk * 128 * 128 <= 2^30 stays in int32
 constexpr int64_t kQ = 92682;           // round(sqrt(2) * 2^16)
+constexpr int kBlockRows = 32;          // rows of an AMX block (run_block_amx)
 
 // 64-byte aligned zeroed scratch.
 struct Scratch {
@@ -112,6 +113,43 @@ void out_span(const Problem& pb, const KernelSet& ks, const int64_t* r, int64_t 
   }
 }
 
+// Whether the output stage can be applied to tiles as they come (KernelSet::shift_out): no deep term to add first,
+// and an int64, float32 or wide-shift requantized output.
+bool direct_out(const Problem& pb, const KernelSet& ks) {
+  const OutType t = pb.out.type;
+  return ks.shift_out != nullptr && !pb.deep && (t == OutType::I64 || t == OutType::F32 || pb.all_wide_shifts);
+}
+
+// The output stage from channel c0 on, and the address of output (row, c0) of batch element bi.
+OutStage stage_from(const OutStage& o, int64_t c0) {
+  OutStage s = o;
+  if (s.multiplier) s.multiplier += c0;
+  if (s.shift) s.shift += c0;
+  if (s.scale) s.scale += c0;
+  return s;
+}
+
+void* out_at(const Problem& pb, int64_t bi, int64_t row, int64_t c0) {
+  const OutType t = pb.out.type;
+  const int64_t size = t == OutType::I64 ? 8 : t == OutType::F32 ? 4 : 1;
+  return static_cast<char*>(pb.y.at(bi)) + (row * pb.y.ld + c0) * size;
+}
+
+// The sums of the live passes p (live[p]) of tiles t (pass p at t + p * stride), with their corrections corr[p],
+// as ShiftTiles; the tiles of one panel are set by the caller.
+ShiftTiles live_tiles(const Problem& pb, const bool* live, const int32_t (*corr)[kBlockRows], int* slot) {
+  ShiftTiles st;
+  for (int p = 0; p < kPasses; ++p) {
+    if (!live[p]) continue;
+    slot[st.n] = p;
+    st.corr[st.n] = corr[p];
+    st.mul[st.n] = (p & 1) ? kQ : 65536;
+    st.sh[st.n] = pb.frac_bits - pb.top[p];
+    ++st.n;
+  }
+  return st;
+}
+
 // Positions (relative to j0) of the deep codes (t < 0) in each row of a chunk: the codes in [deep_lo, deep_hi]
 // (e = ceil(c / k) in [F + 1, F + 8]). pos[start[i] .. start[i + 1]) lists row i's, in order of j.
 void deep_positions(const Problem& pb, const uint8_t* codes, int64_t rows, int64_t j0, int64_t lc,
@@ -177,12 +215,13 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
       }
     }
     const int64_t W = ks.ukr_shift_wide[1] ? kWideNP : 1;  // v panels per micro-kernel call
-    alignas(64) int32_t tile[kWideNP * kMR * kNR];
+    alignas(64) int32_t tile[kPasses][kWideNP * kMR * kNR];
     int64_t acc[kWideNP][kMR * kNR];
+    const bool direct = single && direct_out(pb, ks);
     for (int64_t q = 0; q < quads; ++q) {
       const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - q * kMR));
       bool live[kPasses];  // weights are >= 0: zero row sums mean all-zero rows
-      int32_t corr[kPasses][kMR];  // zv' * row sum, mod 2^32
+      int32_t corr[kPasses][kBlockRows];  // zv' * row sum, mod 2^32 (rows < mr)
       for (int p = 0; p < kPasses; ++p) {
         int64_t any = 0;
         for (int ri = 0; ri < mr && pb.possible[p]; ++ri) {
@@ -192,8 +231,26 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
         }
         live[p] = any != 0;
       }
+      int slot[kPasses];
+      ShiftTiles st = live_tiles(pb, live, corr, slot);
       for (int64_t pn0 = 0; pn0 < npan; pn0 += W) {
         const int np = static_cast<int>(std::min<int64_t>(W, npan - pn0));
+        if (direct) {  // the live passes' tiles, then the output stage on them
+          for (int i = 0; i < st.n; ++i) {
+            const int8_t* ap = reinterpret_cast<const int8_t*>(apan[slot[i]].p + q * kg * 16);
+            if (W > 1)
+              ks.ukr_shift_wide[mr](ap, vpan.p + pn0 * kg * 64, kg * 64, np, kg, tile[i]);
+            else
+              ks.ukr_shift[mr](ap, vpan.p + pn0 * kg * 64, kg, tile[i]);
+          }
+          for (int j = 0; j < np; ++j) {
+            const int64_t c0 = (pn0 + j) * kNR;
+            for (int i = 0; i < st.n; ++i) st.t[i] = tile[i] + j * kMR * kNR;
+            ks.shift_out(st, mr, static_cast<int>(std::min<int64_t>(kNR, n - c0)), stage_from(pb.out, c0),
+                         out_at(pb, bi, r0 + q * kMR, c0), pb.y.ld);
+          }
+          continue;
+        }
         std::memset(acc, 0, sizeof(acc));
         for (int j = 0; j < np && !single; ++j) {
           const int64_t pn = pn0 + j, nc = std::min<int64_t>(kNR, n - pn * kNR);
@@ -205,11 +262,11 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
           if (!live[p]) continue;
           const int8_t* ap = reinterpret_cast<const int8_t*>(apan[p].p + q * kg * 16);
           if (W > 1)
-            ks.ukr_shift_wide[mr](ap, vpan.p + pn0 * kg * 64, kg * 64, np, kg, tile);
+            ks.ukr_shift_wide[mr](ap, vpan.p + pn0 * kg * 64, kg * 64, np, kg, tile[0]);
           else
-            ks.ukr_shift[mr](ap, vpan.p + pn0 * kg * 64, kg, tile);
+            ks.ukr_shift[mr](ap, vpan.p + pn0 * kg * 64, kg, tile[0]);
           for (int j = 0; j < np; ++j)
-            ks.shift_acc(tile + j * kMR * kNR, mr, corr[p], (p & 1) ? kQ : 65536, pb.frac_bits - pb.top[p], acc[j],
+            ks.shift_acc(tile[0] + j * kMR * kNR, mr, corr[p], (p & 1) ? kQ : 65536, pb.frac_bits - pb.top[p], acc[j],
                          kNR);
         }
         for (int j = 0; j < np; ++j) {
@@ -234,19 +291,16 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
 
 // run_block on AMX tiles (§10.8), for L within one chunk: per 32 rows, each pass's weights as byte rows (zero
 // padded to kpad, a multiple of 64) against the v' panels, zero padded to kg k-groups (a multiple of 16), in
-// TDPBUSD tiles. A tile is the same int32 sum as the VNNI micro-kernel's (u8 weights times int8 values, exact);
-// amx_shift_out combines the passes' tiles into R and, when no row has a deep code and the output stage is int64,
-// float32 or a requantization with every shift >= 33, writes the outputs; otherwise R goes to an int64 buffer for
-// the deep terms and out_span, kGroup channels at a time.
+// TDPBUSD tiles. A tile is the same int32 sum as the VNNI micro-kernel's (u8 weights times int8 values, exact).
+// shift_out combines the live passes' tiles into R and applies the output stage (direct_out), or stores R in an
+// int64 buffer for the deep terms and out_span, kGroup channels at a time.
 void run_block_amx(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, int64_t r1) {
-  constexpr int kRows = 32;
+  constexpr int kRows = kBlockRows;
   constexpr int64_t kGroup = 256;
   const int64_t n = pb.n, l = pb.l, rows = r1 - r0, npan = ceil_div(n, kNR);
   const int64_t kg = round_up(std::max<int64_t>(1, ceil_div(l, 4)), 16), kpad = 4 * kg;
   const int64_t lda = std::min(kGroup, npan * kNR);
-  const OutType ot = pb.out.type;
-  const bool direct = !pb.deep && (ot == OutType::I64 || ot == OutType::F32 || pb.all_wide_shifts);
-  const size_t osize = ot == OutType::I64 ? 8 : ot == OutType::F32 ? 4 : 1;
+  const bool direct = direct_out(pb, ks);
   const uint8_t* codes = pb.codes + (bi * pb.m + r0) * l;
   const uint8_t* v = pb.v.at(bi);
   Scratch vpan, abuf, accb, tiles;
@@ -258,60 +312,47 @@ void run_block_amx(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r
   tiles.reset(static_cast<size_t>(kPasses * 2 * kRows * kNR) * sizeof(int32_t), false);
   int32_t* const tile = reinterpret_cast<int32_t*>(tiles.p);  // [live pass][panel][kRows][16]
   int32_t corr[kPasses][kRows];
-  int livep[kPasses], nlive = 0;
+  bool live[kPasses];
   std::vector<int32_t> dstart, dpos;
-  OutStage po = pb.out;  // the output stage from the tile's first channel on
   ks.amx_begin();
   for (int64_t rb = 0; rb < rows; rb += kRows) {
     const int mr = static_cast<int>(std::min<int64_t>(kRows, rows - rb));
     const uint8_t* cb = codes + rb * l;
     if (pb.deep) deep_positions(pb, cb, mr, 0, l, dstart, dpos);
-    nlive = 0;
     for (int p = 0; p < kPasses; ++p) {
+      live[p] = false;
       if (!pb.possible[p]) continue;
       uint8_t* a = abuf.p + p * kRows * kpad;
       if (mr < kRows) std::memset(a + mr * kpad, 0, static_cast<size_t>((kRows - mr) * kpad));  // rows not stored
-      bool live = false;
       for (int ri = 0; ri < mr; ++ri) {
         const uint32_t rs = ks.amx_shift_row(cb + ri * l, l, pb.lut[p], pb.win[p], a + ri * kpad, kpad);
         corr[p][ri] = static_cast<int32_t>(static_cast<uint32_t>(pb.zvp) * rs);  // zv' * row sum, mod 2^32
-        live |= rs != 0;  // weights are >= 0: a zero sum is an all-zero row
+        live[p] |= rs != 0;  // weights are >= 0: a zero sum is an all-zero row
       }
-      if (live) livep[nlive++] = p;
     }
-    ShiftTiles st;
-    st.n = nlive;
-    for (int i = 0; i < nlive; ++i) {
-      const int p = livep[i];
-      st.corr[i] = corr[p];
-      st.mul[i] = (p & 1) ? kQ : 65536;
-      st.sh[i] = pb.frac_bits - pb.top[p];
-    }
+    int slot[kPasses];
+    ShiftTiles st = live_tiles(pb, live, corr, slot);
     for (int64_t c0 = 0; c0 < n; c0 += lda) {
       const int64_t gc = std::min(lda, n - c0);
       for (int64_t pn = c0 / kNR; pn * kNR < c0 + gc; pn += 2) {
         const bool two = (pn + 1) * kNR < c0 + gc;
         const uint8_t* b0 = vpan.p + pn * kg * 64;
-        for (int i = 0; i < nlive; ++i) {  // each call also loads the next pass's first tiles
-          const AmxNext next{abuf.p + (i + 1 < nlive ? livep[i + 1] : 0) * kRows * kpad, b0, two ? b0 + kg * 64 : nullptr,
+        for (int i = 0; i < st.n; ++i) {  // each call also loads the next pass's first tiles
+          const AmxNext next{abuf.p + (i + 1 < st.n ? slot[i + 1] : 0) * kRows * kpad, b0, two ? b0 + kg * 64 : nullptr,
                              two};
-          ks.amx_block(abuf.p + livep[i] * kRows * kpad, kpad, b0, next.b1, kg / 16, two, tile + i * 2 * kRows * kNR,
-                       i > 0, i + 1 < nlive ? &next : nullptr);
+          ks.amx_block(abuf.p + slot[i] * kRows * kpad, kpad, b0, next.b1, kg / 16, two, tile + i * 2 * kRows * kNR,
+                       i > 0, i + 1 < st.n ? &next : nullptr);
         }
         for (int j = 0; j < (two ? 2 : 1); ++j) {
           const int64_t cj = (pn + j) * kNR;
           const int nc = static_cast<int>(std::min<int64_t>(kNR, n - cj));
-          for (int i = 0; i < nlive; ++i) st.t[i] = tile + (i * 2 + j) * kRows * kNR;
+          for (int i = 0; i < st.n; ++i) st.t[i] = tile + (i * 2 + j) * kRows * kNR;
           if (direct) {
-            po.multiplier = pb.out.multiplier ? pb.out.multiplier + cj : nullptr;
-            po.shift = pb.out.shift ? pb.out.shift + cj : nullptr;
-            po.scale = pb.out.scale ? pb.out.scale + cj : nullptr;
-            ks.amx_shift_out(st, mr, nc, po, static_cast<char*>(pb.y.at(bi)) + ((r0 + rb) * pb.y.ld + cj) * osize,
-                             pb.y.ld);
+            ks.shift_out(st, mr, nc, stage_from(pb.out, cj), out_at(pb, bi, r0 + rb, cj), pb.y.ld);
           } else {
-            OutStage io;
-            io.type = OutType::I64;
-            ks.amx_shift_out(st, mr, nc, io, acc + cj - c0, lda);
+            OutStage to_r;
+            to_r.type = OutType::I64;
+            ks.shift_out(st, mr, nc, to_r, acc + cj - c0, lda);
           }
         }
       }

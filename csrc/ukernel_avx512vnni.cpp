@@ -144,6 +144,96 @@ void shift_f32_vnni(const int64_t* r, int64_t nc, const float* scale, float* y) 
   }
 }
 
+enum ShiftKind { kToI64, kToF32, kToRequant };
+
+// shift_out_vnni for NP passes (0: st.n at run time) and one kind of output stage, on the 8 lanes of half h.
+template <int NP, int Kind>
+void shift_out_half(const ShiftTiles& st, int mr, int h, int left, const int64_t* mult, const int64_t* sh32,
+                    const int64_t* rnd, const float* scale, int64_t lo, int64_t hi, int32_t zy, void* y, int64_t ldy) {
+  const int np = NP > 0 ? NP : st.n;
+  const __mmask8 m = left >= 8 ? __mmask8(0xFF) : static_cast<__mmask8>((1u << left) - 1);
+  const __m512i mv = _mm512_load_si512(mult + 8 * h), sv = _mm512_load_si512(sh32 + 8 * h);
+  const __m512i rv = _mm512_load_si512(rnd + 8 * h);
+  const __m512i lo8 = _mm512_set1_epi64(lo), hi8 = _mm512_set1_epi64(hi), zy8 = _mm512_set1_epi64(zy);
+  const __m256 fs = _mm256_load_ps(scale + 8 * h);
+  __m512i mul[kShiftTiles];
+  __m128i cnt[kShiftTiles];
+  bool pow2[kShiftTiles];  // mul = 2^16: a shift by 16 + sh instead of the multiply
+  for (int i = 0; i < np; ++i) {
+    pow2[i] = st.mul[i] == 65536;
+    mul[i] = _mm512_set1_epi64(st.mul[i]);
+    cnt[i] = _mm_cvtsi32_si128(st.sh[i] + (pow2[i] ? 16 : 0));
+  }
+  for (int r = 0; r < mr; ++r) {
+    __m512i acc = _mm512_setzero_si512();
+    for (int i = 0; i < np; ++i) {
+      const __m256i t = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(st.t[i] + r * 16 + 8 * h));
+      const __m512i d = _mm512_cvtepi32_epi64(_mm256_sub_epi32(t, _mm256_set1_epi32(st.corr[i][r])));
+      acc = _mm512_add_epi64(acc, _mm512_sll_epi64(pow2[i] ? d : _mm512_mul_epi32(d, mul[i]), cnt[i]));
+    }
+    if (Kind == kToI64) {
+      _mm512_mask_storeu_epi64(static_cast<int64_t*>(y) + r * ldy + 8 * h, m, acc);
+    } else if (Kind == kToF32) {
+      // VCVTQQ2PS rounds to nearest even (MXCSR default, as the scalar conversion); then one multiply
+      const __m256 f = _mm256_mul_ps(_mm512_cvtepi64_ps(acc), fs);
+      float* yr = static_cast<float*>(y) + r * ldy + 8 * h;
+      if (left >= 8) {
+        _mm256_storeu_ps(yr, f);
+      } else {
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, f);
+        for (int c = 0; c < left; ++c) yr[c] = tmp[c];
+      }
+    } else {  // shift_requant_one on 8 lanes
+      const __m512i p1 = _mm512_mul_epi32(_mm512_srli_epi64(acc, 32), mv);
+      const __m512i h0 = _mm512_srli_epi64(_mm512_mul_epu32(acc, mv), 32);
+      const __m512i q = _mm512_srav_epi64(_mm512_add_epi64(_mm512_add_epi64(p1, h0), rv), sv);
+      _mm512_mask_cvtepi64_storeu_epi8(static_cast<uint8_t*>(y) + r * ldy + 8 * h, m,
+                                       _mm512_add_epi64(_mm512_min_epi64(_mm512_max_epi64(q, lo8), hi8), zy8));
+    }
+  }
+}
+
+template <int Kind>
+void shift_out_kind(const ShiftTiles& st, int mr, int h, int left, const int64_t* mult, const int64_t* sh32,
+                    const int64_t* rnd, const float* scale, int64_t lo, int64_t hi, int32_t zy, void* y, int64_t ldy) {
+  switch (st.n) {  // one and two passes (one exponent band of each class) are the usual cases
+    case 1: return shift_out_half<1, Kind>(st, mr, h, left, mult, sh32, rnd, scale, lo, hi, zy, y, ldy);
+    case 2: return shift_out_half<2, Kind>(st, mr, h, left, mult, sh32, rnd, scale, lo, hi, zy, y, ldy);
+    default: return shift_out_half<0, Kind>(st, mr, h, left, mult, sh32, rnd, scale, lo, hi, zy, y, ldy);
+  }
+}
+
+// §7: the ShiftTiles sums through the output stage, 8 int64 lanes at a time (KernelSet::shift_out).
+void shift_out_vnni(const ShiftTiles& st, int mr, int nc, const OutStage& out, void* y, int64_t ldy) {
+  const OutType type = out.type;
+  // per-channel constants of the 16 lanes, zero past nc (those lanes are computed, never stored)
+  alignas(64) int64_t mult[16] = {}, sh32[16] = {}, rnd[16] = {};
+  alignas(64) float scale[16] = {};
+  const bool req = is_requant(type);
+  for (int c = 0; c < nc; ++c) {
+    if (req) {
+      mult[c] = out.multiplier[c];
+      sh32[c] = out.shift[c] - 32;                 // shift_requant_one: X >> (S - 32), S >= 33
+      rnd[c] = int64_t(1) << (out.shift[c] - 33);  // X = P1 + 2^(S-33) + H0
+    } else if (type == OutType::F32) {
+      scale[c] = out.scale[c];
+    }
+  }
+  const int64_t lo = req ? static_cast<int64_t>(out_qmin(type)) - out.zero_point : 0;
+  const int64_t hi = req ? static_cast<int64_t>(out_qmax(type)) - out.zero_point : 0;
+  const int32_t zy = req ? out.zero_point : 0;
+  for (int h = 0; h < (nc > 8 ? 2 : 1); ++h) {
+    const int left = nc - 8 * h;
+    if (type == OutType::I64)
+      shift_out_kind<kToI64>(st, mr, h, left, mult, sh32, rnd, scale, lo, hi, zy, y, ldy);
+    else if (type == OutType::F32)
+      shift_out_kind<kToF32>(st, mr, h, left, mult, sh32, rnd, scale, lo, hi, zy, y, ldy);
+    else
+      shift_out_kind<kToRequant>(st, mr, h, left, mult, sh32, rnd, scale, lo, hi, zy, y, ldy);
+  }
+}
+
 // shift_requant_one (kernels.h) on 8 int64 lanes: vpmuldq forms A * M0 (A = the high dword), vpmuludq B * M0, and
 // AVX-512 has the arithmetic 64-bit shift and 64-bit min/max.
 void shift_requant_vnni(const int64_t* r, int64_t nc, const int32_t* mult, const int32_t* shift, int32_t zy, int32_t lo,
@@ -398,7 +488,6 @@ const KernelSet& amx_kernels() {
     k.amx_pack_row = amx_pack_row;
     k.amx_end = amx_end;
     k.amx_shift_row = amx_shift_row;
-    k.amx_shift_out = amx_shift_out;
     k.amx_block = amx_block;
     return k;
   }();
@@ -420,6 +509,7 @@ const KernelSet& avx512vnni_kernels() {
     k.epi = epi_vnni;
     k.shift_requant = shift_requant_vnni;
     k.shift_f32 = shift_f32_vnni;
+    k.shift_out = shift_out_vnni;
     return k;
   }();
   return ks;
