@@ -313,19 +313,33 @@ void run_block_amx(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r
   int32_t* const tile = reinterpret_cast<int32_t*>(tiles.p);  // [live pass][panel][kRows][16]
   int32_t corr[kPasses][kRows];
   bool live[kPasses];
+  int np = 0, pass[kPasses], wins[kPasses];  // the passes the code table can produce
+  const uint8_t* luts[kPasses];
+  uint8_t* dst[kPasses];
+  uint32_t rsum[kPasses * kRows];
+  for (int p = 0; p < kPasses; ++p)
+    if (pb.possible[p]) {
+      luts[np] = pb.lut[p];
+      wins[np] = pb.win[p];
+      pass[np++] = p;
+    }
   std::vector<int32_t> dstart, dpos;
   ks.amx_begin();
   for (int64_t rb = 0; rb < rows; rb += kRows) {
     const int mr = static_cast<int>(std::min<int64_t>(kRows, rows - rb));
     const uint8_t* cb = codes + rb * l;
     if (pb.deep) deep_positions(pb, cb, mr, 0, l, dstart, dpos);
-    for (int p = 0; p < kPasses; ++p) {
-      live[p] = false;
-      if (!pb.possible[p]) continue;
-      uint8_t* a = abuf.p + p * kRows * kpad;
+    for (int i = 0; i < np; ++i) {
+      uint8_t* a = abuf.p + pass[i] * kRows * kpad;
+      dst[i] = a;
       if (mr < kRows) std::memset(a + mr * kpad, 0, static_cast<size_t>((kRows - mr) * kpad));  // rows not stored
+    }
+    if (np) ks.amx_shift_rows(cb, l, mr, l, np, luts, wins, dst, kpad, rsum);
+    std::fill(live, live + kPasses, false);
+    for (int i = 0; i < np; ++i) {
+      const int p = pass[i];
       for (int ri = 0; ri < mr; ++ri) {
-        const uint32_t rs = ks.amx_shift_row(cb + ri * l, l, pb.lut[p], pb.win[p], a + ri * kpad, kpad);
+        const uint32_t rs = rsum[i * mr + ri];
         corr[p][ri] = static_cast<int32_t>(static_cast<uint32_t>(pb.zvp) * rs);  // zv' * row sum, mod 2^32
         live[p] |= rs != 0;  // weights are >= 0: a zero sum is an all-zero row
       }

@@ -53,30 +53,46 @@ uint32_t amx_pack_row(const uint8_t* src, int64_t k, uint8_t ux, uint8_t* dst, i
   return static_cast<uint32_t>(_mm512_reduce_add_epi64(sums));
 }
 
-uint32_t amx_shift_row(const uint8_t* codes, int64_t lc, const uint8_t* lut, int win, uint8_t* dst, int64_t kpad) {
-  if (win < 0) {  // no 16-code window: one look-up per code
-    uint32_t sum = 0;
-    for (int64_t j = 0; j < kpad; ++j) {
-      dst[j] = j < lc ? lut[codes[j]] : 0;
-      sum += dst[j];
-    }
-    return sum;
-  }
+void amx_shift_rows(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int np, const uint8_t* const* lut,
+                    const int* win, uint8_t* const* dst, int64_t kpad, uint32_t* sum) {
   // codes - win in [0, 16) index the window; the saturating bias sends every other code to an index >= 0x80,
-  // which VPSHUFB maps to 0
-  const __m512i tab = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut + win)));
-  const __m512i base = _mm512_set1_epi8(static_cast<char>(win)), bias = _mm512_set1_epi8(0x70);
-  const __m512i zero = _mm512_setzero_si512();
-  __m512i sums = zero;
-  for (int64_t j = 0; j < kpad; j += 64) {
-    const int64_t left = lc - j;
-    const __mmask64 m = left >= 64 ? ~__mmask64(0) : left > 0 ? (__mmask64(1) << left) - 1 : 0;
-    const __m512i c = _mm512_maskz_loadu_epi8(m, codes + j);
-    const __m512i w = _mm512_maskz_shuffle_epi8(m, tab, _mm512_adds_epu8(_mm512_sub_epi8(c, base), bias));
-    _mm512_storeu_si512(dst + j, w);
-    sums = _mm512_add_epi64(sums, _mm512_sad_epu8(w, zero));
+  // which VPSHUFB maps to 0. Passes without a window (win < 0) take one look-up per code.
+  __m512i tab[kShiftTiles], base[kShiftTiles];
+  const __m512i bias = _mm512_set1_epi8(0x70), zero = _mm512_setzero_si512();
+  for (int i = 0; i < np; ++i)
+    if (win[i] >= 0) {
+      tab[i] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut[i] + win[i])));
+      base[i] = _mm512_set1_epi8(static_cast<char>(win[i]));
+    }
+  for (int r = 0; r < mr; ++r) {
+    const uint8_t* cr = codes + r * ldc;
+    __m512i sums[kShiftTiles];
+    for (int i = 0; i < np; ++i) sums[i] = zero;
+    for (int64_t j = 0; j < kpad; j += 64) {
+      const int64_t left = lc - j;
+      const __mmask64 m = left >= 64 ? ~__mmask64(0) : left > 0 ? (__mmask64(1) << left) - 1 : 0;
+      const __m512i c = _mm512_maskz_loadu_epi8(m, cr + j);
+      for (int i = 0; i < np; ++i) {
+        if (win[i] < 0) continue;
+        const __m512i w = _mm512_maskz_shuffle_epi8(m, tab[i], _mm512_adds_epu8(_mm512_sub_epi8(c, base[i]), bias));
+        _mm512_storeu_si512(dst[i] + r * kpad + j, w);
+        sums[i] = _mm512_add_epi64(sums[i], _mm512_sad_epu8(w, zero));
+      }
+    }
+    for (int i = 0; i < np; ++i) {
+      if (win[i] >= 0) {
+        sum[i * mr + r] = static_cast<uint32_t>(_mm512_reduce_add_epi64(sums[i]));
+        continue;
+      }
+      uint32_t s = 0;
+      for (int64_t j = 0; j < kpad; ++j) {
+        const uint8_t w = j < lc ? lut[i][cr[j]] : 0;
+        dst[i][r * kpad + j] = w;
+        s += w;
+      }
+      sum[i * mr + r] = s;
+    }
   }
-  return static_cast<uint32_t>(_mm512_reduce_add_epi64(sums));
 }
 
 namespace {

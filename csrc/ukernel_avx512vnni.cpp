@@ -487,7 +487,7 @@ const KernelSet& amx_kernels() {
     k.amx_begin = amx_begin;
     k.amx_pack_row = amx_pack_row;
     k.amx_end = amx_end;
-    k.amx_shift_row = amx_shift_row;
+    k.amx_shift_rows = amx_shift_rows;
     k.amx_block = amx_block;
     return k;
   }();
