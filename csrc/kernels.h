@@ -90,6 +90,18 @@ struct ShiftTiles {
   int sh[kShiftTiles];
 };
 
+// §7 output stage in the form shift_out reads it, per channel: for a requantized type whose every shift S is >= 33,
+// M0, S - 32 and 2^(S - 33) (shift_requant_one) and the clamp range relative to zy; for float32, the scale.
+struct ShiftStage {
+  OutType type = OutType::I64;
+  const int64_t* mult = nullptr;
+  const int64_t* sh32 = nullptr;
+  const int64_t* rnd = nullptr;
+  const float* scale = nullptr;
+  int64_t lo = 0, hi = 0;
+  int32_t zy = 0;
+};
+
 struct KernelSet {
   Isa isa;
   // The int8-weight tile is sum u * w with u = x' + 128 (the A panel's second half, which pack_a then always
@@ -128,10 +140,11 @@ struct KernelSet {
   void (*shift_acc)(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc, int64_t lda);
   // §7 deep terms of one row of v (deep_add_impl in generic_impl.h states the arithmetic)
   void (*deep_add)(const uint8_t* vr, int64_t nc, uint8_t vxor, int32_t zvp, int sft, int32_t mul, int64_t* acc);
-  // §7: the ShiftTiles sums R of rows r < mr, channels c < nc (<= 16), through an output stage into row r of y (row
-  // stride ldy elements): out.type I64 stores R; F32 stores fl32(fl32(R) * out.scale[c]); a requantized type needs
-  // every shift >= 33 (as shift_requant). out's per-channel arrays start at the tile's first channel. May be null.
-  void (*shift_out)(const ShiftTiles& st, int mr, int nc, const OutStage& out, void* y, int64_t ldy) = nullptr;
+  // §7: the ShiftTiles sums R of rows r < mr, channels c0 + c for c < nc (<= 16), through the output stage into row
+  // r of y (row stride ldy elements, pointing at channel c0): I64 stores R; F32 stores fl32(fl32(R) * scale[c0 +
+  // c]); a requantized type stores shift_requant_one of R. May be null.
+  void (*shift_out)(const ShiftTiles& st, int mr, int nc, const ShiftStage& so, int64_t c0, void* y,
+                    int64_t ldy) = nullptr;
   // §7 float32 output: y[c] = fl32(fl32(R[c]) * scale[c]) for c < nc (round to nearest even, no fused multiply-add)
   void (*shift_f32)(const int64_t* r, int64_t nc, const float* scale, float* y);
   // §7 requantization of nc int64 sums R whose shifts are all in [33, 94]: out[c] = clamp(floor((R * M0 +

@@ -80,6 +80,8 @@ struct Problem {
   int top[kPasses];             // R weight of a pass: 2^(F - top) * (2^16 or Q)
   OutStage out;
   OutRows y;
+  ShiftStage so;                              // out in shift_out's form (direct_out)
+  std::vector<int64_t> so_mult, so_sh32, so_rnd;
 };
 
 // §7 output stage of R for channels [c0, c0 + nc) of output row `row` of batch element bi.
@@ -120,15 +122,7 @@ bool direct_out(const Problem& pb, const KernelSet& ks) {
   return ks.shift_out != nullptr && !pb.deep && (t == OutType::I64 || t == OutType::F32 || pb.all_wide_shifts);
 }
 
-// The output stage from channel c0 on, and the address of output (row, c0) of batch element bi.
-OutStage stage_from(const OutStage& o, int64_t c0) {
-  OutStage s = o;
-  if (s.multiplier) s.multiplier += c0;
-  if (s.shift) s.shift += c0;
-  if (s.scale) s.scale += c0;
-  return s;
-}
-
+// The address of output (row, c0) of batch element bi.
 void* out_at(const Problem& pb, int64_t bi, int64_t row, int64_t c0) {
   const OutType t = pb.out.type;
   const int64_t size = t == OutType::I64 ? 8 : t == OutType::F32 ? 4 : 1;
@@ -195,6 +189,8 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
   const uint8_t* v = pb.v.at(bi);
   std::vector<int64_t> rbuf(single ? 0 : static_cast<size_t>(rows * n), 0);
   std::vector<int64_t> rowsum(static_cast<size_t>(kPasses * rows), 0);
+  std::vector<int32_t> corr_all(static_cast<size_t>(kPasses * rows), 0);  // zv' * row sum, mod 2^32
+  std::vector<char> live_all(static_cast<size_t>(kPasses * quads), 0);
   Scratch vpan, apan[kPasses];
   std::vector<int32_t> dstart, dpos;
   for (int64_t j0 = 0; j0 == 0 || j0 < l; j0 += chunk) {
@@ -209,8 +205,15 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
         apan[p].reset(static_cast<size_t>(quads * kg * 16), false);
         for (int64_t q = 0; q < quads; ++q) {
           const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - q * kMR));
-          ks.shift_a(codes + q * kMR * l + j0, l, mr, lc, kg, pb.lut[p], pb.win[p], apan[p].p + q * kg * 16,
-                     rowsum.data() + p * rows + q * kMR);
+          int64_t* rs = rowsum.data() + p * rows + q * kMR;
+          ks.shift_a(codes + q * kMR * l + j0, l, mr, lc, kg, pb.lut[p], pb.win[p], apan[p].p + q * kg * 16, rs);
+          int64_t any = 0;
+          for (int ri = 0; ri < mr; ++ri) {
+            any |= rs[ri];
+            corr_all[p * rows + q * kMR + ri] = static_cast<int32_t>(static_cast<uint32_t>(pb.zvp) *
+                                                                    static_cast<uint32_t>(rs[ri]));
+          }
+          live_all[p * quads + q] = any != 0;  // weights are >= 0: zero row sums mean all-zero rows
         }
       }
     }
@@ -220,16 +223,11 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
     const bool direct = single && direct_out(pb, ks);
     for (int64_t q = 0; q < quads; ++q) {
       const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - q * kMR));
-      bool live[kPasses];  // weights are >= 0: zero row sums mean all-zero rows
-      int32_t corr[kPasses][kBlockRows];  // zv' * row sum, mod 2^32 (rows < mr)
+      bool live[kPasses];
+      int32_t corr[kPasses][kBlockRows];  // rows < mr
       for (int p = 0; p < kPasses; ++p) {
-        int64_t any = 0;
-        for (int ri = 0; ri < mr && pb.possible[p]; ++ri) {
-          const int64_t rs = rowsum[p * rows + q * kMR + ri];
-          any |= rs;
-          corr[p][ri] = static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint64_t>(pb.zvp * rs)));
-        }
-        live[p] = any != 0;
+        live[p] = pb.possible[p] && live_all[p * quads + q];
+        if (live[p]) std::memcpy(corr[p], corr_all.data() + p * rows + q * kMR, static_cast<size_t>(mr) * 4);
       }
       int slot[kPasses];
       ShiftTiles st = live_tiles(pb, live, corr, slot);
@@ -246,7 +244,7 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
           for (int j = 0; j < np; ++j) {
             const int64_t c0 = (pn0 + j) * kNR;
             for (int i = 0; i < st.n; ++i) st.t[i] = tile[i] + j * kMR * kNR;
-            ks.shift_out(st, mr, static_cast<int>(std::min<int64_t>(kNR, n - c0)), stage_from(pb.out, c0),
+            ks.shift_out(st, mr, static_cast<int>(std::min<int64_t>(kNR, n - c0)), pb.so, c0,
                          out_at(pb, bi, r0 + q * kMR, c0), pb.y.ld);
           }
           continue;
@@ -361,13 +359,10 @@ void run_block_amx(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r
           const int64_t cj = (pn + j) * kNR;
           const int nc = static_cast<int>(std::min<int64_t>(kNR, n - cj));
           for (int i = 0; i < st.n; ++i) st.t[i] = tile + (i * 2 + j) * kRows * kNR;
-          if (direct) {
-            ks.shift_out(st, mr, nc, stage_from(pb.out, cj), out_at(pb, bi, r0 + rb, cj), pb.y.ld);
-          } else {
-            OutStage to_r;
-            to_r.type = OutType::I64;
-            ks.shift_out(st, mr, nc, to_r, acc + cj - c0, lda);
-          }
+          if (direct)
+            ks.shift_out(st, mr, nc, pb.so, cj, out_at(pb, bi, r0 + rb, cj), pb.y.ld);
+          else
+            ks.shift_out(st, mr, nc, ShiftStage{}, 0, acc + cj - c0, lda);  // R, for the deep terms
         }
       }
       if (!direct)
@@ -400,6 +395,24 @@ void log2_attn_matmul(const uint8_t* codes, const RowBatch& v, ActType vt, int64
   pb->y = y;
   pb->all_wide_shifts = is_requant(out.type);
   for (int64_t c = 0; c < n && pb->all_wide_shifts; ++c) pb->all_wide_shifts = out.shift[c] >= 33;
+  pb->so.type = out.type;
+  pb->so.scale = out.scale;
+  if (pb->all_wide_shifts) {
+    pb->so_mult.resize(static_cast<size_t>(n));
+    pb->so_sh32.resize(static_cast<size_t>(n));
+    pb->so_rnd.resize(static_cast<size_t>(n));
+    for (int64_t c = 0; c < n; ++c) {
+      pb->so_mult[c] = out.multiplier[c];
+      pb->so_sh32[c] = out.shift[c] - 32;
+      pb->so_rnd[c] = int64_t(1) << (out.shift[c] - 33);
+    }
+    pb->so.mult = pb->so_mult.data();
+    pb->so.sh32 = pb->so_sh32.data();
+    pb->so.rnd = pb->so_rnd.data();
+    pb->so.zy = out.zero_point;
+    pb->so.lo = static_cast<int64_t>(out_qmin(out.type)) - out.zero_point;
+    pb->so.hi = static_cast<int64_t>(out_qmax(out.type)) - out.zero_point;
+  }
   const int zero_code = (1 << bits) - 1;
   for (int c = 0; c < 256; ++c) {
     CodeInfo& ci = pb->info[c];

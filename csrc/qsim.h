@@ -68,7 +68,7 @@ const char* isa_name(Isa isa);
 bool avx2_compiled();         // the AVX2 translation unit is part of this build
 bool cpu_has_avx2();          // the running CPU (and OS) support AVX2
 bool avx512vnni_compiled();   // the AVX-512 VNNI translation unit is part of this build
-bool cpu_has_avx512vnni();    // the running CPU (and OS) support AVX-512 F, BW and VNNI (and AVX2)
+bool cpu_has_avx512vnni();    // the running CPU (and OS) support AVX-512 F, BW, DQ and VNNI (and AVX2)
 bool amx_compiled();          // the AMX translation unit is part of this build
 bool cpu_has_amx();           // AVX-512 VNNI, AMX-TILE and AMX-INT8, with the OS's permission for tile data
 // The ISA a kernel call uses now: the override set by set_isa_override(), else PYQSIM_CPU_ISA

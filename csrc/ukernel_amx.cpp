@@ -53,37 +53,52 @@ uint32_t amx_pack_row(const uint8_t* src, int64_t k, uint8_t ux, uint8_t* dst, i
   return static_cast<uint32_t>(_mm512_reduce_add_epi64(sums));
 }
 
-void amx_shift_rows(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int np, const uint8_t* const* lut,
+namespace {
+
+// amx_shift_rows for NP passes (0: np at run time), every one with a window: NP > 0 keeps the tables and sums in
+// registers.
+template <int NP>
+void shift_rows_win(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int np_rt, const uint8_t* const* lut,
                     const int* win, uint8_t* const* dst, int64_t kpad, uint32_t* sum) {
+  const int np = NP > 0 ? NP : np_rt;
   // codes - win in [0, 16) index the window; the saturating bias sends every other code to an index >= 0x80,
-  // which VPSHUFB maps to 0. Passes without a window (win < 0) take one look-up per code.
-  __m512i tab[kShiftTiles], base[kShiftTiles];
+  // which VPSHUFB maps to 0
+  __m512i tab[NP > 0 ? NP : kShiftTiles], base[NP > 0 ? NP : kShiftTiles];
   const __m512i bias = _mm512_set1_epi8(0x70), zero = _mm512_setzero_si512();
-  for (int i = 0; i < np; ++i)
-    if (win[i] >= 0) {
-      tab[i] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut[i] + win[i])));
-      base[i] = _mm512_set1_epi8(static_cast<char>(win[i]));
-    }
+  for (int i = 0; i < np; ++i) {
+    tab[i] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut[i] + win[i])));
+    base[i] = _mm512_set1_epi8(static_cast<char>(win[i]));
+  }
   for (int r = 0; r < mr; ++r) {
     const uint8_t* cr = codes + r * ldc;
-    __m512i sums[kShiftTiles];
+    __m512i sums[NP > 0 ? NP : kShiftTiles];
     for (int i = 0; i < np; ++i) sums[i] = zero;
     for (int64_t j = 0; j < kpad; j += 64) {
       const int64_t left = lc - j;
       const __mmask64 m = left >= 64 ? ~__mmask64(0) : left > 0 ? (__mmask64(1) << left) - 1 : 0;
       const __m512i c = _mm512_maskz_loadu_epi8(m, cr + j);
       for (int i = 0; i < np; ++i) {
-        if (win[i] < 0) continue;
         const __m512i w = _mm512_maskz_shuffle_epi8(m, tab[i], _mm512_adds_epu8(_mm512_sub_epi8(c, base[i]), bias));
         _mm512_storeu_si512(dst[i] + r * kpad + j, w);
         sums[i] = _mm512_add_epi64(sums[i], _mm512_sad_epu8(w, zero));
       }
     }
-    for (int i = 0; i < np; ++i) {
-      if (win[i] >= 0) {
-        sum[i * mr + r] = static_cast<uint32_t>(_mm512_reduce_add_epi64(sums[i]));
-        continue;
-      }
+    for (int i = 0; i < np; ++i) sum[i * mr + r] = static_cast<uint32_t>(_mm512_reduce_add_epi64(sums[i]));
+  }
+}
+
+}  // namespace
+
+void amx_shift_rows(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int np, const uint8_t* const* lut,
+                    const int* win, uint8_t* const* dst, int64_t kpad, uint32_t* sum) {
+  bool windows = true;
+  for (int i = 0; i < np; ++i) windows = windows && win[i] >= 0;
+  if (windows && np == 2) return shift_rows_win<2>(codes, ldc, mr, lc, np, lut, win, dst, kpad, sum);
+  if (windows && np == 1) return shift_rows_win<1>(codes, ldc, mr, lc, np, lut, win, dst, kpad, sum);
+  if (windows) return shift_rows_win<0>(codes, ldc, mr, lc, np, lut, win, dst, kpad, sum);
+  for (int i = 0; i < np; ++i)  // some pass without a window: one look-up per code
+    for (int r = 0; r < mr; ++r) {
+      const uint8_t* cr = codes + r * ldc;
       uint32_t s = 0;
       for (int64_t j = 0; j < kpad; ++j) {
         const uint8_t w = j < lc ? lut[i][cr[j]] : 0;
@@ -92,7 +107,6 @@ void amx_shift_rows(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int n
       }
       sum[i * mr + r] = s;
     }
-  }
 }
 
 namespace {

@@ -1,4 +1,4 @@
-// AVX-512 VNNI micro-kernels (compiled with -mavx512f -mavx512bw -mavx512vnni; entered only after the runtime
+// AVX-512 VNNI micro-kernels (compiled with -mavx512f -mavx512bw -mavx512dq -mavx512vnni; entered only after the runtime
 // CPU check in runtime.cpp). Everything else in this ISA's kernel table is the AVX2 one.
 //
 // Exactness (docs/spec.md §10.7): vpdpbusd adds four products u * w (u uint8, w int8) to an int32 lane with a
@@ -115,6 +115,47 @@ void ukr_shift_wide_vnni(const int8_t* a, const uint8_t* b, int64_t bstride, int
   wide_np<MR, 4 * MR, 0>(a, b, bstride, np, kg, tiles);
 }
 
+// §7 A panel of four rows: 64 codes per row at a time through the window's table (as shift_a_avx2), the 4 x 4
+// transpose of 32-bit groups inside each 128-bit lane, then a 4 x 4 transpose of the lanes into [g][4 rows][4]
+// order; masked loads and stores cover the tail and the zero padding up to kg groups. Other shapes: the AVX2 code.
+void shift_a_vnni(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int64_t kg, const uint8_t* lut, int win,
+                  uint8_t* dst, int64_t* rowsum) {
+  if (win < 0 || mr != kMR) return avx2_kernels().shift_a(codes, ldc, mr, lc, kg, lut, win, dst, rowsum);
+  const __m512i tab = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut + win)));
+  const __m512i base = _mm512_set1_epi8(static_cast<char>(win)), bias = _mm512_set1_epi8(0x70);
+  const __m512i zero = _mm512_setzero_si512();
+  __m512i s[4] = {zero, zero, zero, zero};
+  for (int64_t j = 0; j < 4 * kg; j += 64) {
+    const int64_t left = lc - j;
+    const __mmask64 m = left >= 64 ? ~__mmask64(0) : left > 0 ? (__mmask64(1) << left) - 1 : 0;
+    __m512i w[4];
+    for (int r = 0; r < 4; ++r) {
+      const __m512i c = _mm512_maskz_loadu_epi8(m, codes + r * ldc + j);
+      w[r] = _mm512_maskz_shuffle_epi8(m, tab, _mm512_adds_epu8(_mm512_sub_epi8(c, base), bias));
+      s[r] = _mm512_add_epi64(s[r], _mm512_sad_epu8(w[r], zero));
+    }
+    // lane k of d[q] holds group 4k + q of the four rows
+    const __m512i t0 = _mm512_unpacklo_epi32(w[0], w[1]), t1 = _mm512_unpacklo_epi32(w[2], w[3]);
+    const __m512i t2 = _mm512_unpackhi_epi32(w[0], w[1]), t3 = _mm512_unpackhi_epi32(w[2], w[3]);
+    const __m512i d0 = _mm512_unpacklo_epi64(t0, t1), d1 = _mm512_unpackhi_epi64(t0, t1);
+    const __m512i d2 = _mm512_unpacklo_epi64(t2, t3), d3 = _mm512_unpackhi_epi64(t2, t3);
+    const __m512i u0 = _mm512_shuffle_i64x2(d0, d1, 0x44), u1 = _mm512_shuffle_i64x2(d0, d1, 0xEE);
+    const __m512i u2 = _mm512_shuffle_i64x2(d2, d3, 0x44), u3 = _mm512_shuffle_i64x2(d2, d3, 0xEE);
+    const __m512i out[4] = {_mm512_shuffle_i64x2(u0, u2, 0x88), _mm512_shuffle_i64x2(u0, u2, 0xDD),
+                            _mm512_shuffle_i64x2(u1, u3, 0x88), _mm512_shuffle_i64x2(u1, u3, 0xDD)};
+    for (int q = 0; q < 4; ++q) {  // groups j / 4 + 4q .. + 3, 64 bytes, of which those below kg are stored
+      const int64_t bytes = (kg - (j / 4 + 4 * q)) * 16;
+      if (bytes <= 0) break;
+      const __mmask64 sm = bytes >= 64 ? ~__mmask64(0) : (__mmask64(1) << bytes) - 1;
+      _mm512_mask_storeu_epi8(dst + (j / 4 + 4 * q) * 16, sm, out[q]);
+    }
+  }
+  // one store of the four sums: the caller's wider loads of them are then forwarded from it
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(rowsum),
+                      _mm256_setr_epi64x(_mm512_reduce_add_epi64(s[0]), _mm512_reduce_add_epi64(s[1]),
+                                         _mm512_reduce_add_epi64(s[2]), _mm512_reduce_add_epi64(s[3])));
+}
+
 // §7: acc[r * lda + c] += int64(tile - corr[r]) * mul * 2^sh, one row of 16 per pair of 8-lane int64 vectors.
 void shift_acc_vnni(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc, int64_t lda) {
   const __m512i m = _mm512_set1_epi64(mul);
@@ -146,16 +187,14 @@ void shift_f32_vnni(const int64_t* r, int64_t nc, const float* scale, float* y) 
 
 enum ShiftKind { kToI64, kToF32, kToRequant };
 
-// shift_out_vnni for NP passes (0: st.n at run time) and one kind of output stage, on the 8 lanes of half h.
+// shift_out_vnni for NP passes (0: st.n at run time) and one kind of output stage, on 8 lanes (channels
+// [8h, 8h + 8), the first `left` of them stored) with that half's constants.
 template <int NP, int Kind>
-void shift_out_half(const ShiftTiles& st, int mr, int h, int left, const int64_t* mult, const int64_t* sh32,
-                    const int64_t* rnd, const float* scale, int64_t lo, int64_t hi, int32_t zy, void* y, int64_t ldy) {
+void shift_out_half(const ShiftTiles& st, int mr, int h, int left, __m512i mv, __m512i sv, __m512i rv, __m256 fs,
+                    const ShiftStage& so, void* y, int64_t ldy) {
   const int np = NP > 0 ? NP : st.n;
   const __mmask8 m = left >= 8 ? __mmask8(0xFF) : static_cast<__mmask8>((1u << left) - 1);
-  const __m512i mv = _mm512_load_si512(mult + 8 * h), sv = _mm512_load_si512(sh32 + 8 * h);
-  const __m512i rv = _mm512_load_si512(rnd + 8 * h);
-  const __m512i lo8 = _mm512_set1_epi64(lo), hi8 = _mm512_set1_epi64(hi), zy8 = _mm512_set1_epi64(zy);
-  const __m256 fs = _mm256_load_ps(scale + 8 * h);
+  const __m512i lo8 = _mm512_set1_epi64(so.lo), hi8 = _mm512_set1_epi64(so.hi), zy8 = _mm512_set1_epi64(so.zy);
   __m512i mul[kShiftTiles];
   __m128i cnt[kShiftTiles];
   bool pow2[kShiftTiles];  // mul = 2^16: a shift by 16 + sh instead of the multiply
@@ -195,42 +234,35 @@ void shift_out_half(const ShiftTiles& st, int mr, int h, int left, const int64_t
 }
 
 template <int Kind>
-void shift_out_kind(const ShiftTiles& st, int mr, int h, int left, const int64_t* mult, const int64_t* sh32,
-                    const int64_t* rnd, const float* scale, int64_t lo, int64_t hi, int32_t zy, void* y, int64_t ldy) {
+void shift_out_kind(const ShiftTiles& st, int mr, int h, int left, __m512i mv, __m512i sv, __m512i rv, __m256 fs,
+                    const ShiftStage& so, void* y, int64_t ldy) {
   switch (st.n) {  // one and two passes (one exponent band of each class) are the usual cases
-    case 1: return shift_out_half<1, Kind>(st, mr, h, left, mult, sh32, rnd, scale, lo, hi, zy, y, ldy);
-    case 2: return shift_out_half<2, Kind>(st, mr, h, left, mult, sh32, rnd, scale, lo, hi, zy, y, ldy);
-    default: return shift_out_half<0, Kind>(st, mr, h, left, mult, sh32, rnd, scale, lo, hi, zy, y, ldy);
+    case 1: return shift_out_half<1, Kind>(st, mr, h, left, mv, sv, rv, fs, so, y, ldy);
+    case 2: return shift_out_half<2, Kind>(st, mr, h, left, mv, sv, rv, fs, so, y, ldy);
+    default: return shift_out_half<0, Kind>(st, mr, h, left, mv, sv, rv, fs, so, y, ldy);
   }
 }
 
 // §7: the ShiftTiles sums through the output stage, 8 int64 lanes at a time (KernelSet::shift_out).
-void shift_out_vnni(const ShiftTiles& st, int mr, int nc, const OutStage& out, void* y, int64_t ldy) {
-  const OutType type = out.type;
-  // per-channel constants of the 16 lanes, zero past nc (those lanes are computed, never stored)
-  alignas(64) int64_t mult[16] = {}, sh32[16] = {}, rnd[16] = {};
-  alignas(64) float scale[16] = {};
-  const bool req = is_requant(type);
-  for (int c = 0; c < nc; ++c) {
-    if (req) {
-      mult[c] = out.multiplier[c];
-      sh32[c] = out.shift[c] - 32;                 // shift_requant_one: X >> (S - 32), S >= 33
-      rnd[c] = int64_t(1) << (out.shift[c] - 33);  // X = P1 + 2^(S-33) + H0
-    } else if (type == OutType::F32) {
-      scale[c] = out.scale[c];
-    }
-  }
-  const int64_t lo = req ? static_cast<int64_t>(out_qmin(type)) - out.zero_point : 0;
-  const int64_t hi = req ? static_cast<int64_t>(out_qmax(type)) - out.zero_point : 0;
-  const int32_t zy = req ? out.zero_point : 0;
+void shift_out_vnni(const ShiftTiles& st, int mr, int nc, const ShiftStage& so, int64_t c0, void* y, int64_t ldy) {
+  const __mmask16 m16 = nc >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << nc) - 1);
+  const __m512 fs16 = so.type == OutType::F32 ? _mm512_maskz_loadu_ps(m16, so.scale + c0) : _mm512_setzero_ps();
   for (int h = 0; h < (nc > 8 ? 2 : 1); ++h) {
     const int left = nc - 8 * h;
-    if (type == OutType::I64)
-      shift_out_kind<kToI64>(st, mr, h, left, mult, sh32, rnd, scale, lo, hi, zy, y, ldy);
-    else if (type == OutType::F32)
-      shift_out_kind<kToF32>(st, mr, h, left, mult, sh32, rnd, scale, lo, hi, zy, y, ldy);
-    else
-      shift_out_kind<kToRequant>(st, mr, h, left, mult, sh32, rnd, scale, lo, hi, zy, y, ldy);
+    const __mmask8 m = left >= 8 ? __mmask8(0xFF) : static_cast<__mmask8>((1u << left) - 1);
+    if (so.type == OutType::I64) {
+      const __m512i z = _mm512_setzero_si512();
+      shift_out_kind<kToI64>(st, mr, h, left, z, z, z, _mm256_setzero_ps(), so, y, ldy);
+    } else if (so.type == OutType::F32) {
+      const __m512i z = _mm512_setzero_si512();
+      const __m256 fs = h ? _mm512_extractf32x8_ps(fs16, 1) : _mm512_castps512_ps256(fs16);
+      shift_out_kind<kToF32>(st, mr, h, left, z, z, z, fs, so, y, ldy);
+    } else {  // lanes past nc: M0 = 0 and shift 0, computed and not stored
+      const int64_t c = c0 + 8 * h;
+      shift_out_kind<kToRequant>(st, mr, h, left, _mm512_maskz_loadu_epi64(m, so.mult + c),
+                                 _mm512_maskz_loadu_epi64(m, so.sh32 + c), _mm512_maskz_loadu_epi64(m, so.rnd + c),
+                                 _mm256_setzero_ps(), so, y, ldy);
+    }
   }
 }
 
@@ -506,6 +538,7 @@ const KernelSet& avx512vnni_kernels() {
     QSIM_MR_TABLE(k.ukr_wide, ukr_wide_vnni);
     QSIM_MR_TABLE(k.ukr_shift_wide, ukr_shift_wide_vnni);
     k.shift_acc = shift_acc_vnni;
+    k.shift_a = shift_a_vnni;
     k.epi = epi_vnni;
     k.shift_requant = shift_requant_vnni;
     k.shift_f32 = shift_f32_vnni;
