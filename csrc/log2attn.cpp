@@ -149,10 +149,13 @@ ShiftTiles live_tiles(const Problem& pb, const bool* live, const int32_t (*corr)
 void deep_positions(const Problem& pb, const uint8_t* codes, int64_t rows, int64_t j0, int64_t lc,
                     std::vector<int32_t>& start, std::vector<int32_t>& pos) {
   start.assign(static_cast<size_t>(rows + 1), 0);
-  pos.clear();
+  int32_t np = 0;
   const uint8_t lo = pb.deep_lo, span = static_cast<uint8_t>(pb.deep_hi - pb.deep_lo);
   for (int64_t i = 0; i < rows; ++i) {
     const uint8_t* cr = codes + i * pb.l + j0;
+    if (pos.size() < static_cast<size_t>(np + lc))  // room for this row's
+      pos.resize(std::max(2 * pos.size(), static_cast<size_t>(np + lc)));
+    int32_t* const out = pos.data();
     int64_t j = 0;
 #if defined(__SSE2__)
     const __m128i vlo = _mm_set1_epi8(static_cast<char>(lo)), vspan = _mm_set1_epi8(static_cast<char>(span));
@@ -160,12 +163,12 @@ void deep_positions(const Problem& pb, const uint8_t* codes, int64_t rows, int64
       const __m128i d = _mm_sub_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cr + j)), vlo);
       for (unsigned mask = static_cast<unsigned>(_mm_movemask_epi8(_mm_cmpeq_epi8(_mm_min_epu8(d, vspan), d)));
            mask != 0; mask &= mask - 1)
-        pos.push_back(static_cast<int32_t>(j + __builtin_ctz(mask)));
+        out[np++] = static_cast<int32_t>(j + __builtin_ctz(mask));
     }
 #endif
     for (; j < lc; ++j)
-      if (static_cast<uint8_t>(cr[j] - lo) <= span) pos.push_back(static_cast<int32_t>(j));
-    start[i + 1] = static_cast<int32_t>(pos.size());
+      if (static_cast<uint8_t>(cr[j] - lo) <= span) out[np++] = static_cast<int32_t>(j);
+    start[i + 1] = np;
   }
 }
 

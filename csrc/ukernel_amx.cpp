@@ -93,9 +93,15 @@ void amx_shift_rows(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int n
                     const int* win, uint8_t* const* dst, int64_t kpad, uint32_t* sum) {
   bool windows = true;
   for (int i = 0; i < np; ++i) windows = windows && win[i] >= 0;
-  if (windows && np == 2) return shift_rows_win<2>(codes, ldc, mr, lc, np, lut, win, dst, kpad, sum);
-  if (windows && np == 1) return shift_rows_win<1>(codes, ldc, mr, lc, np, lut, win, dst, kpad, sum);
-  if (windows) return shift_rows_win<0>(codes, ldc, mr, lc, np, lut, win, dst, kpad, sum);
+  if (windows) switch (np) {  // up to three bands of each class (8-bit codes with F = 16: six passes)
+      case 1: return shift_rows_win<1>(codes, ldc, mr, lc, np, lut, win, dst, kpad, sum);
+      case 2: return shift_rows_win<2>(codes, ldc, mr, lc, np, lut, win, dst, kpad, sum);
+      case 3: return shift_rows_win<3>(codes, ldc, mr, lc, np, lut, win, dst, kpad, sum);
+      case 4: return shift_rows_win<4>(codes, ldc, mr, lc, np, lut, win, dst, kpad, sum);
+      case 5: return shift_rows_win<5>(codes, ldc, mr, lc, np, lut, win, dst, kpad, sum);
+      case 6: return shift_rows_win<6>(codes, ldc, mr, lc, np, lut, win, dst, kpad, sum);
+      default: return shift_rows_win<0>(codes, ldc, mr, lc, np, lut, win, dst, kpad, sum);
+    }
   for (int i = 0; i < np; ++i)  // some pass without a window: one look-up per code
     for (int r = 0; r < mr; ++r) {
       const uint8_t* cr = codes + r * ldc;
