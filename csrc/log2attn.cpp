@@ -8,7 +8,9 @@
 // int8: an int8 operand), then  sum_j w_j d_j = sum_j w_j v'_j - zv' * sum_j w_j  with zv' the zero point mapped
 // the same way. R = E * 2^16 + O * Q accumulates these sums times 2^(F - top) * (2^16 or Q) in int64: R is linear
 // in the terms, and every partial sum is bounded by the §7 width precondition. Codes with t < 0 (rounded per
-// term) are added one term at a time. Then the §7 output stage on R.
+// term) are added one term at a time. Then the §7 output stage on R. Where no deep term must be added first,
+// KernelSet::shift_out forms R from the passes' int32 tiles and applies the output stage in registers. On AMX
+// (run_block_amx) the tiles are TDPBUSD tiles of the same sums.
 //
 // Threads: one task per (batch element, block of rows); each output row is computed inside one task with the
 // same arithmetic, so the result does not depend on the thread count or the ISA.
