@@ -370,14 +370,14 @@ class Program:
             else:
                 args = [_resolve(a, env) for a in raw_args]
                 ctx.node, ctx.step = name, (plan, i, backend, numerics)
-                token = ops._SCOPE.set(ops._SCOPE.get() + (scope or name,)) if recording else None
                 try:
-                    y = k.run(args, attrs, t, ctx)
+                    if recording:  # recorded op calls are named by the node's scope
+                        with ops.scope(scope or name):
+                            y = k.run(args, attrs, t, ctx)
+                    else:
+                        y = k.run(args, attrs, t, ctx)
                 except (ValueError, TypeError, IndexError) as exc:
                     raise type(exc)(f"node {name!r} ({k.name}, from {scope or '?'}): {exc}") from exc
-                finally:
-                    if token is not None:
-                        ops._SCOPE.reset(token)
                 if dtype is not None and isinstance(y, np.ndarray) and y.dtype != dtype:
                     y = y.astype(dtype)
                 env[name] = y
