@@ -140,6 +140,10 @@ struct KernelSet {
   void (*shift_acc)(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc, int64_t lda);
   // §7 deep terms of one row of v (deep_add_impl in generic_impl.h states the arithmetic)
   void (*deep_add)(const uint8_t* vr, int64_t nc, uint8_t vxor, int32_t zvp, int sft, int32_t mul, int64_t* acc);
+  // §4.3 activation weights: the panel [kg][16][4] of 16 rows of k bytes (row stride ld), each byte ^ xor_mask,
+  // zero padded to 4 * kg, and the int8 sum of each row (mod 2^32). May be null.
+  void (*pack_rows16)(const uint8_t* src, int64_t ld, int64_t k, uint8_t xor_mask, int64_t kg, uint8_t* pan,
+                      int32_t* colsum) = nullptr;
   // §7: the ShiftTiles sums R of rows r < mr, channels c0 + c for c < nc (<= 16), through the output stage into row
   // r of y (row stride ldy elements, pointing at channel c0): I64 stores R; F32 stores fl32(fl32(R) * scale[c0 +
   // c]); a requantized type stores shift_requant_one of R. May be null.

@@ -65,7 +65,11 @@ PackedMatrix pack_s8_rows(const uint8_t* src, int64_t ld, int64_t n, int64_t k, 
   if (kp == 0) return pm;  // empty reduction: nothing to pack, every column sum is 0
   const uint32_t x4 = 0x01010101u * xor_mask;
   uint8_t* base = pm.buf.get();
-  for (int64_t c = 0; c < n; ++c) {
+  int64_t c0 = 0;  // columns packed 16 at a time by the kernel set (true codes only: no §10.2 fix-up to record)
+  if (const auto pack16 = true_only ? detail::kernels_for(resolve_isa()).pack_rows16 : nullptr)
+    for (; c0 + kNR <= n; c0 += kNR)
+      pack16(src + c0 * ld, ld, k, xor_mask, pm.kg, base + (c0 / kNR) * pm.panel_bytes, pm.colsum.data() + c0);
+  for (int64_t c = c0; c < n; ++c) {
     const uint8_t* row = src + c * ld;
     uint8_t* pan = base + (c / kNR) * pm.panel_bytes + (c % kNR) * 4;
     const int32_t cc = static_cast<int32_t>(c % kNR);

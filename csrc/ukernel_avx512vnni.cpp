@@ -156,6 +156,53 @@ void shift_a_vnni(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int64_t
                                          _mm512_reduce_add_epi64(s[2]), _mm512_reduce_add_epi64(s[3])));
 }
 
+// 16 rows x 64 bytes at a time: a 16 x 16 transpose of 32-bit groups (unpack within lanes, then two lane
+// shuffles) gives the 16 k-groups' panel rows; vpsadbw of the bytes ^ 0x80 gives each row's int8 sum plus 128 per
+// byte (padding bytes, 0, count 128 - 128).
+void pack_rows16_vnni(const uint8_t* src, int64_t ld, int64_t k, uint8_t xor_mask, int64_t kg, uint8_t* pan,
+                      int32_t* colsum) {
+  const __m512i x = _mm512_set1_epi8(static_cast<char>(xor_mask)), flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i zero = _mm512_setzero_si512();
+  __m512i sums[16];
+  for (int r = 0; r < 16; ++r) sums[r] = zero;
+  int64_t chunks = 0;
+  for (int64_t j = 0; j < 4 * kg; j += 64, ++chunks) {
+    const int64_t left = k - j;
+    const __mmask64 m = left >= 64 ? ~__mmask64(0) : left > 0 ? (__mmask64(1) << left) - 1 : 0;
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) {
+      r[i] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, src + i * ld + j), _mm512_maskz_mov_epi8(m, x));
+      sums[i] = _mm512_add_epi64(sums[i], _mm512_sad_epu8(_mm512_xor_si512(r[i], flip), zero));
+    }
+    // 4 x 4 transposes of dwords inside each 128-bit lane, for row groups 0-3, 4-7, 8-11, 12-15
+    __m512i t[16];
+    for (int q = 0; q < 16; q += 4) {
+      const __m512i a0 = _mm512_unpacklo_epi32(r[q], r[q + 1]), a1 = _mm512_unpackhi_epi32(r[q], r[q + 1]);
+      const __m512i a2 = _mm512_unpacklo_epi32(r[q + 2], r[q + 3]), a3 = _mm512_unpackhi_epi32(r[q + 2], r[q + 3]);
+      t[q] = _mm512_unpacklo_epi64(a0, a2);      // lane L: group 4L of rows q..q+3
+      t[q + 1] = _mm512_unpackhi_epi64(a0, a2);  // group 4L + 1
+      t[q + 2] = _mm512_unpacklo_epi64(a1, a3);  // group 4L + 2
+      t[q + 3] = _mm512_unpackhi_epi64(a1, a3);  // group 4L + 3
+    }
+    // output vector for group 4L + s: lane q of it = lane L of t[4q + s]
+    for (int s = 0; s < 4; ++s) {
+      const __m512i u0 = _mm512_shuffle_i32x4(t[s], t[4 + s], 0x44);        // L0 of rows 0-3, L1 of 0-3, L0/L1 of 4-7
+      const __m512i u1 = _mm512_shuffle_i32x4(t[8 + s], t[12 + s], 0x44);   // the same for rows 8-15
+      const __m512i u2 = _mm512_shuffle_i32x4(t[s], t[4 + s], 0xEE);        // L2, L3
+      const __m512i u3 = _mm512_shuffle_i32x4(t[8 + s], t[12 + s], 0xEE);
+      const __m512i g[4] = {_mm512_shuffle_i32x4(u0, u1, 0x88), _mm512_shuffle_i32x4(u0, u1, 0xDD),
+                            _mm512_shuffle_i32x4(u2, u3, 0x88), _mm512_shuffle_i32x4(u2, u3, 0xDD)};
+      for (int L = 0; L < 4; ++L) {
+        const int64_t grp = j / 4 + 4 * L + s;
+        if (grp < kg) _mm512_storeu_si512(pan + grp * 64, g[L]);
+      }
+    }
+  }
+  for (int i = 0; i < 16; ++i)
+    colsum[i] = static_cast<int32_t>(static_cast<uint32_t>(_mm512_reduce_add_epi64(sums[i])) -
+                                     static_cast<uint32_t>(128 * 64 * chunks));
+}
+
 // §7: acc[r * lda + c] += int64(tile - corr[r]) * mul * 2^sh, one row of 16 per pair of 8-lane int64 vectors.
 void shift_acc_vnni(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc, int64_t lda) {
   const __m512i m = _mm512_set1_epi64(mul);
@@ -539,6 +586,7 @@ const KernelSet& avx512vnni_kernels() {
     QSIM_MR_TABLE(k.ukr_shift_wide, ukr_shift_wide_vnni);
     k.shift_acc = shift_acc_vnni;
     k.shift_a = shift_a_vnni;
+    k.pack_rows16 = pack_rows16_vnni;
     k.epi = epi_vnni;
     k.shift_requant = shift_requant_vnni;
     k.shift_f32 = shift_f32_vnni;
