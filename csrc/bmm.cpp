@@ -23,7 +23,7 @@ void int_bmm(const RowBatch& a, ActType at, int32_t za, const RowBatch& b, ActTy
   std::vector<PackedMatrix> pms(static_cast<size_t>(batch));
   const bool true_only = kernels_for(isa).s8_u;  // packed for this call's kernels only
   ThreadPool::instance().run(batch, [&](int64_t i, int) {
-    pms[i] = pack_s8_rows(b.at(i), b.ld, n, k, bxor, true_only);
+    pms[i] = pack_s8_rows(b.at(i), b.ld, n, k, bxor, true_only, isa);
   });
   const std::vector<int32_t> zw(static_cast<size_t>(n), zbm);
   const size_t np = static_cast<size_t>(round_up(n, kNR) + kNR);

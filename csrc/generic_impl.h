@@ -77,11 +77,11 @@ void shift_b_rows(const uint8_t* v, int64_t ldv, int64_t n, int64_t lc, int64_t 
     }
 }
 
-void shift_acc_impl(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc, int64_t lda) {
+void shift_acc_impl(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc) {
   for (int r = 0; r < mr; ++r)
     for (int c = 0; c < 16; ++c) {
       const int32_t d = static_cast<int32_t>(static_cast<uint32_t>(tile[r * 16 + c]) - static_cast<uint32_t>(corr[r]));
-      acc[r * lda + c] += static_cast<int64_t>(d) * mul * (int64_t(1) << sh);
+      acc[r * 16 + c] += static_cast<int64_t>(d) * mul * (int64_t(1) << sh);
     }
 }
 

@@ -135,9 +135,9 @@ struct KernelSet {
                   uint8_t* dst, int64_t* rowsum);
   // §7: the B panels [npan][kg][16][4] of v' = v ^ vxor for lc rows of n values of v (row stride ldv), zero padded.
   void (*shift_b)(const uint8_t* v, int64_t ldv, int64_t n, int64_t lc, int64_t kg, uint8_t vxor, int8_t* dst);
-  // §7: acc[r * lda + c] += int64(tile[r * 16 + c] - corr[r]) * mul * 2^sh for r < mr, c < 16, with the int32
+  // §7: acc[r * 16 + c] += int64(tile[r * 16 + c] - corr[r]) * mul * 2^sh for r < mr, c < 16, with the int32
   // difference taken mod 2^32 (it is the exact sum_j w_j d_j, |.| < 2^31).
-  void (*shift_acc)(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc, int64_t lda);
+  void (*shift_acc)(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc);
   // §7 deep terms of one row of v (deep_add_impl in generic_impl.h states the arithmetic)
   void (*deep_add)(const uint8_t* vr, int64_t nc, uint8_t vxor, int32_t zvp, int sft, int32_t mul, int64_t* acc);
   // §4.3 activation weights: the panel [kg][16][4] of 16 rows of k bytes (row stride ld), each byte ^ xor_mask,

@@ -40,20 +40,18 @@ constexpr int kBands = 4;               // e <= F <= 24 for every exact term: ba
 constexpr int kPasses = 2 * kBands;     // pass = 2 * band + odd
 constexpr int64_t kMaxChunk = 65536;    // |sum w v'| <= chunk * 128 * 128 <= 2^30 stays in int32
 constexpr int64_t kQ = 92682;           // round(sqrt(2) * 2^16)
-constexpr int kBlockRows = 32;          // rows of an AMX block (run_block_amx)
 
-// 64-byte aligned zeroed scratch.
+// 64-byte aligned scratch, grown on demand.
 struct Scratch {
   std::unique_ptr<uint8_t[]> raw;
   uint8_t* p = nullptr;
   size_t cap = 0;
-  void reset(size_t n, bool zero) {
+  void reset(size_t n) {
     if (n > cap) {
       raw.reset(new uint8_t[n + 64]);
       p = raw.get() + ((64 - reinterpret_cast<uintptr_t>(raw.get()) % 64) % 64);
       cap = n;
     }
-    if (zero) std::memset(p, 0, n);
   }
 };
 
@@ -131,14 +129,14 @@ void* out_at(const Problem& pb, int64_t bi, int64_t row, int64_t c0) {
   return static_cast<char*>(pb.y.at(bi)) + (row * pb.y.ld + c0) * size;
 }
 
-// The sums of the live passes p (live[p]) of tiles t (pass p at t + p * stride), with their corrections corr[p],
-// as ShiftTiles; the tiles of one panel are set by the caller.
-ShiftTiles live_tiles(const Problem& pb, const bool* live, const int32_t (*corr)[kBlockRows], int* slot) {
+// The live passes p (live[p]) as ShiftTiles terms, pass p's corrections at corr + p * stride; slot[i] is the pass of
+// term i. The caller sets each term's tile.
+ShiftTiles live_tiles(const Problem& pb, const bool* live, const int32_t* corr, int stride, int* slot) {
   ShiftTiles st;
   for (int p = 0; p < kPasses; ++p) {
     if (!live[p]) continue;
     slot[st.n] = p;
-    st.corr[st.n] = corr[p];
+    st.corr[st.n] = corr + p * stride;
     st.mul[st.n] = (p & 1) ? kQ : 65536;
     st.sh[st.n] = pb.frac_bits - pb.top[p];
     ++st.n;
@@ -202,12 +200,12 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
     const int64_t lc = std::min(chunk, l - j0), kg = ceil_div(lc, 4);
     if (pb.deep) deep_positions(pb, codes, rows, j0, lc, dstart, dpos);
     if (pb.npasses) {
-      vpan.reset(static_cast<size_t>(npan * kg * 64), false);
+      vpan.reset(static_cast<size_t>(npan * kg * 64));
       ks.shift_b(v + j0 * pb.v.ld, pb.v.ld, n, lc, kg, pb.vxor, reinterpret_cast<int8_t*>(vpan.p));
       // A panels of the passes the code table can produce: quad q at q * kg * 16, layout [kg][mr][4]
       for (int p = 0; p < kPasses; ++p) {
         if (!pb.possible[p]) continue;
-        apan[p].reset(static_cast<size_t>(quads * kg * 16), false);
+        apan[p].reset(static_cast<size_t>(quads * kg * 16));
         for (int64_t q = 0; q < quads; ++q) {
           const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - q * kMR));
           int64_t* rs = rowsum.data() + p * rows + q * kMR;
@@ -229,13 +227,13 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
     for (int64_t q = 0; q < quads; ++q) {
       const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - q * kMR));
       bool live[kPasses];
-      int32_t corr[kPasses][kBlockRows];  // rows < mr
+      int32_t corr[kPasses][kMR];  // rows < mr
       for (int p = 0; p < kPasses; ++p) {
         live[p] = pb.possible[p] && live_all[p * quads + q];
         if (live[p]) std::memcpy(corr[p], corr_all.data() + p * rows + q * kMR, static_cast<size_t>(mr) * 4);
       }
       int slot[kPasses];
-      ShiftTiles st = live_tiles(pb, live, corr, slot);
+      ShiftTiles st = live_tiles(pb, live, corr[0], kMR, slot);
       for (int64_t pn0 = 0; pn0 < npan; pn0 += W) {
         const int np = static_cast<int>(std::min<int64_t>(W, npan - pn0));
         if (direct) {  // the live passes' tiles, then the output stage on them
@@ -269,8 +267,7 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
           else
             ks.ukr_shift[mr](ap, vpan.p + pn0 * kg * 64, kg, tile[0]);
           for (int j = 0; j < np; ++j)
-            ks.shift_acc(tile[0] + j * kMR * kNR, mr, corr[p], (p & 1) ? kQ : 65536, pb.frac_bits - pb.top[p], acc[j],
-                         kNR);
+            ks.shift_acc(tile[0] + j * kMR * kNR, mr, corr[p], (p & 1) ? kQ : 65536, pb.frac_bits - pb.top[p], acc[j]);
         }
         for (int j = 0; j < np; ++j) {
           const int64_t pn = pn0 + j, nc = std::min<int64_t>(kNR, n - pn * kNR);
@@ -298,7 +295,7 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
 // shift_out combines the live passes' tiles into R and applies the output stage (direct_out), or stores R in an
 // int64 buffer for the deep terms and out_span, kGroup channels at a time.
 void run_block_amx(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, int64_t r1) {
-  constexpr int kRows = kBlockRows;
+  constexpr int kRows = 32;  // rows of an AMX block: two A tiles
   constexpr int64_t kGroup = 256;
   const int64_t n = pb.n, l = pb.l, rows = r1 - r0, npan = ceil_div(n, kNR);
   const int64_t kg = round_up(std::max<int64_t>(1, ceil_div(l, 4)), 16), kpad = 4 * kg;
@@ -307,12 +304,12 @@ void run_block_amx(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r
   const uint8_t* codes = pb.codes + (bi * pb.m + r0) * l;
   const uint8_t* v = pb.v.at(bi);
   Scratch vpan, abuf, accb, tiles;
-  vpan.reset(static_cast<size_t>(npan * kg * 64), false);
+  vpan.reset(static_cast<size_t>(npan * kg * 64));
   if (pb.npasses) ks.shift_b(v, pb.v.ld, n, l, kg, pb.vxor, reinterpret_cast<int8_t*>(vpan.p));
-  abuf.reset(static_cast<size_t>(kPasses * kRows * kpad), false);
-  if (!direct) accb.reset(static_cast<size_t>(kRows * lda) * sizeof(int64_t), false);
+  abuf.reset(static_cast<size_t>(kPasses * kRows * kpad));
+  if (!direct) accb.reset(static_cast<size_t>(kRows * lda) * sizeof(int64_t));
   int64_t* const acc = reinterpret_cast<int64_t*>(accb.p);
-  tiles.reset(static_cast<size_t>(kPasses * 2 * kRows * kNR) * sizeof(int32_t), false);
+  tiles.reset(static_cast<size_t>(kPasses * 2 * kRows * kNR) * sizeof(int32_t));
   int32_t* const tile = reinterpret_cast<int32_t*>(tiles.p);  // [live pass][panel][kRows][16]
   int32_t corr[kPasses][kRows];
   bool live[kPasses];
@@ -348,7 +345,7 @@ void run_block_amx(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r
       }
     }
     int slot[kPasses];
-    ShiftTiles st = live_tiles(pb, live, corr, slot);
+    ShiftTiles st = live_tiles(pb, live, corr[0], kRows, slot);
     for (int64_t c0 = 0; c0 < n; c0 += lda) {
       const int64_t gc = std::min(lda, n - c0);
       for (int64_t pn = c0 / kNR; pn * kNR < c0 + gc; pn += 2) {

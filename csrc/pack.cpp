@@ -59,14 +59,15 @@ inline uint32_t min_lanes(uint32_t w) {
 }
 }  // namespace
 
-PackedMatrix pack_s8_rows(const uint8_t* src, int64_t ld, int64_t n, int64_t k, uint8_t xor_mask, bool true_only) {
+PackedMatrix pack_s8_rows(const uint8_t* src, int64_t ld, int64_t n, int64_t k, uint8_t xor_mask, bool true_only,
+                          Isa isa) {
   const int64_t kp = detail::round_up(k, 4);
   PackedMatrix pm = empty_packed(n, kp, WFormat::S8);
   if (kp == 0) return pm;  // empty reduction: nothing to pack, every column sum is 0
   const uint32_t x4 = 0x01010101u * xor_mask;
   uint8_t* base = pm.buf.get();
   int64_t c0 = 0;  // columns packed 16 at a time by the kernel set (true codes only: no §10.2 fix-up to record)
-  if (const auto pack16 = true_only ? detail::kernels_for(resolve_isa()).pack_rows16 : nullptr)
+  if (const auto pack16 = true_only ? detail::kernels_for(isa).pack_rows16 : nullptr)
     for (; c0 + kNR <= n; c0 += kNR)
       pack16(src + c0 * ld, ld, k, xor_mask, pm.kg, base + (c0 / kNR) * pm.panel_bytes, pm.colsum.data() + c0);
   for (int64_t c = c0; c < n; ++c) {
@@ -117,7 +118,8 @@ PackedMatrix pack_s8_rows(const uint8_t* src, int64_t ld, int64_t n, int64_t k, 
 }
 
 PackedMatrix pack_codes(const int8_t* codes, int64_t n, int64_t kp, WFormat fmt) {
-  if (fmt == WFormat::S8) return pack_s8_rows(reinterpret_cast<const uint8_t*>(codes), kp, n, kp, 0, false);
+  if (fmt == WFormat::S8)
+    return pack_s8_rows(reinterpret_cast<const uint8_t*>(codes), kp, n, kp, 0, false, Isa::Scalar);
   PackedMatrix pm = empty_packed(n, kp, fmt);
   uint8_t* base = pm.buf.get();
   for (int64_t c = 0; c < n; ++c) {

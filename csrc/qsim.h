@@ -129,8 +129,9 @@ PackedMatrix pack_codes(const int8_t* codes, int64_t n, int64_t kp, WFormat fmt)
 // Packs n rows of k int8 codes read as bytes (row c at src + c * ld, each byte XORed with xor_mask: 0x80 turns
 // uint8 codes u into the int8 codes u - 128), zero padded to a multiple of 4; the same panels as pack_codes.
 // true_only: the panels keep the true codes (-128 included) and serve as buf_exact, with no §10.2 fix list: for a
-// call that runs a kernel set with s8_u only.
-PackedMatrix pack_s8_rows(const uint8_t* src, int64_t ld, int64_t n, int64_t k, uint8_t xor_mask, bool true_only);
+// call that runs a kernel set with s8_u only, `isa` (whose 16-row packer, where it has one, then packs them).
+PackedMatrix pack_s8_rows(const uint8_t* src, int64_t ld, int64_t n, int64_t k, uint8_t xor_mask, bool true_only,
+                          Isa isa);
 // Adds PackedMatrix::buf_amx when the CPU has AMX (no-op otherwise).
 void add_amx_panels(PackedMatrix& pm);
 

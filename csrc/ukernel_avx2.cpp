@@ -500,7 +500,7 @@ void shift_b_avx2(const uint8_t* v, int64_t ldv, int64_t n, int64_t lc, int64_t 
 }
 
 // int32 differences widened to int64, multiplied by mul (< 2^31, vpmuldq) and shifted left by sh.
-void shift_acc_avx2(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc, int64_t lda) {
+void shift_acc_avx2(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc) {
   const __m256i m = _mm256_set1_epi64x(mul);
   const __m128i cnt = _mm_cvtsi32_si128(sh);
   for (int r = 0; r < mr; ++r) {
@@ -509,7 +509,7 @@ void shift_acc_avx2(const int32_t* tile, int mr, const int32_t* corr, int64_t mu
       const __m256i d = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + r * 16 + 8 * h)), c);
       const __m256i lo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(d));
       const __m256i hi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(d, 1));
-      __m256i* a = reinterpret_cast<__m256i*>(acc + r * lda + 8 * h);
+      __m256i* a = reinterpret_cast<__m256i*>(acc + r * 16 + 8 * h);
       _mm256_storeu_si256(a, _mm256_add_epi64(_mm256_loadu_si256(a), _mm256_sll_epi64(_mm256_mul_epi32(lo, m), cnt)));
       _mm256_storeu_si256(a + 1,
                           _mm256_add_epi64(_mm256_loadu_si256(a + 1), _mm256_sll_epi64(_mm256_mul_epi32(hi, m), cnt)));

@@ -203,15 +203,15 @@ void pack_rows16_vnni(const uint8_t* src, int64_t ld, int64_t k, uint8_t xor_mas
                                      static_cast<uint32_t>(128 * 64 * chunks));
 }
 
-// §7: acc[r * lda + c] += int64(tile - corr[r]) * mul * 2^sh, one row of 16 per pair of 8-lane int64 vectors.
-void shift_acc_vnni(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc, int64_t lda) {
+// §7: acc[r * 16 + c] += int64(tile - corr[r]) * mul * 2^sh, one row of 16 per pair of 8-lane int64 vectors.
+void shift_acc_vnni(const int32_t* tile, int mr, const int32_t* corr, int64_t mul, int sh, int64_t* acc) {
   const __m512i m = _mm512_set1_epi64(mul);
   const __m128i cnt = _mm_cvtsi32_si128(sh);
   for (int r = 0; r < mr; ++r) {
     const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(tile + r * 16), _mm512_set1_epi32(corr[r]));
     const __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(d));
     const __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(d, 1));
-    int64_t* a = acc + r * lda;
+    int64_t* a = acc + r * 16;
     _mm512_storeu_si512(a, _mm512_add_epi64(_mm512_loadu_si512(a), _mm512_sll_epi64(_mm512_mul_epi32(lo, m), cnt)));
     _mm512_storeu_si512(a + 8,
                         _mm512_add_epi64(_mm512_loadu_si512(a + 8), _mm512_sll_epi64(_mm512_mul_epi32(hi, m), cnt)));
@@ -230,6 +230,14 @@ void shift_f32_vnni(const int64_t* r, int64_t nc, const float* scale, float* y) 
     const float fr = static_cast<float>(r[c]);
     y[c] = fr * scale[c];
   }
+}
+
+// shift_requant_one (kernels.h) on 8 int64 lanes R, before the clamp: vpmuldq forms A * M0 (A = the high dword),
+// vpmuludq B * M0; rnd = 2^(S-33) and sh32 = S - 32 per lane.
+inline __m512i requant_wide(__m512i r, __m512i m, __m512i sh32, __m512i rnd) {
+  const __m512i p1 = _mm512_mul_epi32(_mm512_srli_epi64(r, 32), m);
+  const __m512i h0 = _mm512_srli_epi64(_mm512_mul_epu32(r, m), 32);
+  return _mm512_srav_epi64(_mm512_add_epi64(_mm512_add_epi64(p1, h0), rnd), sh32);
 }
 
 enum ShiftKind { kToI64, kToF32, kToRequant };
@@ -270,10 +278,8 @@ void shift_out_half(const ShiftTiles& st, int mr, int h, int left, __m512i mv, _
         _mm256_store_ps(tmp, f);
         for (int c = 0; c < left; ++c) yr[c] = tmp[c];
       }
-    } else {  // shift_requant_one on 8 lanes
-      const __m512i p1 = _mm512_mul_epi32(_mm512_srli_epi64(acc, 32), mv);
-      const __m512i h0 = _mm512_srli_epi64(_mm512_mul_epu32(acc, mv), 32);
-      const __m512i q = _mm512_srav_epi64(_mm512_add_epi64(_mm512_add_epi64(p1, h0), rv), sv);
+    } else {
+      const __m512i q = requant_wide(acc, mv, sv, rv);
       _mm512_mask_cvtepi64_storeu_epi8(static_cast<uint8_t*>(y) + r * ldy + 8 * h, m,
                                        _mm512_add_epi64(_mm512_min_epi64(_mm512_max_epi64(q, lo8), hi8), zy8));
     }
@@ -313,8 +319,7 @@ void shift_out_vnni(const ShiftTiles& st, int mr, int nc, const ShiftStage& so, 
   }
 }
 
-// shift_requant_one (kernels.h) on 8 int64 lanes: vpmuldq forms A * M0 (A = the high dword), vpmuludq B * M0, and
-// AVX-512 has the arithmetic 64-bit shift and 64-bit min/max.
+// shift_requant_one (kernels.h) on 8 int64 lanes (requant_wide; AVX-512 has the 64-bit min/max).
 void shift_requant_vnni(const int64_t* r, int64_t nc, const int32_t* mult, const int32_t* shift, int32_t zy, int32_t lo,
                         int32_t hi, bool s8, void* out) {
   const __m512i one = _mm512_set1_epi64(1), c33 = _mm512_set1_epi64(33), c32 = _mm512_set1_epi64(32);
@@ -325,10 +330,7 @@ void shift_requant_vnni(const int64_t* r, int64_t nc, const int32_t* mult, const
     const __m512i rv = _mm512_loadu_si512(r + c);
     const __m512i m = _mm512_cvtepi32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mult + c)));
     const __m512i s = _mm512_cvtepi32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(shift + c)));
-    const __m512i p1 = _mm512_mul_epi32(_mm512_srli_epi64(rv, 32), m);
-    const __m512i h0 = _mm512_srli_epi64(_mm512_mul_epu32(rv, m), 32);
-    const __m512i x = _mm512_add_epi64(_mm512_add_epi64(p1, h0), _mm512_sllv_epi64(one, _mm512_sub_epi64(s, c33)));
-    __m512i q = _mm512_srav_epi64(x, _mm512_sub_epi64(s, c32));
+    __m512i q = requant_wide(rv, m, _mm512_sub_epi64(s, c32), _mm512_sllv_epi64(one, _mm512_sub_epi64(s, c33)));
     q = _mm512_add_epi64(_mm512_min_epi64(_mm512_max_epi64(q, lo8), hi8), zy8);
     _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(out) + c), _mm512_cvtepi64_epi8(q));
   }
