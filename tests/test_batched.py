@@ -94,21 +94,23 @@ def test_log2_batched_cpu_equals_reference(isa, kw):
 def _log2_blocked(draw):
     """log2_attn_matmul kwargs sized across the CPU kernels' blocking: 32-row blocks (AMX) and 4-row quads, 64-code
     k-steps, pairs of 16-channel panels and groups of 256 channels, with the passes' rows all zero in some blocks
-    (zero-code runs) and, with wide shifts only, the requantization that the AMX path fuses."""
+    (zero-code runs) and, with wide shifts only, the requantization that the AMX path fuses. Sizes, parameters and the
+    code range are drawn; the codes and values inside them come from a drawn seed (arrays of up to 180,000 entries)."""
     m = draw(st.sampled_from([1, 5, 31, 32, 33, 63, 64, 65, 97]) | st.integers(0, 100))
     length = draw(st.sampled_from([1, 63, 64, 65, 128, 197, 256, 257]) | st.integers(0, 300))
     n = draw(st.sampled_from([1, 15, 16, 17, 32, 33, 64, 255, 256, 257, 272]) | st.integers(0, 300))
     lead = (draw(st.integers(1, 2)),)
     bits, mode = draw(st.integers(2, 8)), draw(st.sampled_from(["log2", "sqrt2"]))
     vt = draw(st.sampled_from([np.uint8, np.int8]))
-    kw = _example(lead, m=m, length=length, n=n, bits=bits, mode=mode, frac_bits=draw(st.sampled_from([0, 16, 24])),
+    frac_bits = draw(st.sampled_from([0, 16, 24]) | st.integers(0, 24))  # every accepted F, its edges most often
+    kw = _example(lead, m=m, length=length, n=n, bits=bits, mode=mode, frac_bits=frac_bits,
                   vt=vt, out=draw(st.sampled_from(["int64", "float32", "int8", "uint8", "int4", "uint4"])),
                   seed=draw(st.integers(0, 2**32 - 1)))
     zero_code = 2**bits - 1
     codes = kw["codes"]
     top = draw(st.integers(0, zero_code))  # codes drawn from [0, top] and the zero code
     codes[...] = np.minimum(codes, top)
-    rows = draw(st.lists(st.integers(0, max(m - 1, 0)), max_size=40))
+    rows = draw(st.lists(st.integers(0, max(m - 1, 0)), max_size=40 if m else 0))
     codes[..., rows, :] = zero_code  # whole rows of zeros: a pass may be empty in a block
     kw["v_zero_point"] = draw(S.zero_points("uint8" if vt == np.uint8 else "int8"))
     if kw["out_dtype"] == "float32":
@@ -127,6 +129,8 @@ def _log2_blocked(draw):
 @example(kw=_example((1,), m=33, length=257, n=272, bits=8, mode="sqrt2", out="float32", seed=2))
 @example(kw=_every_shift(_example((1,), m=32, length=64, n=94, bits=5, mode="log2", frac_bits=24, out="int8")))
 @example(kw=_example((2,), m=97, length=65, n=33, bits=8, mode="log2", frac_bits=0, vt=np.int8, out="int64"))
+@example(kw=_example((2,), m=33, length=70, n=20, bits=8, mode="sqrt2", frac_bits=7, out="uint8", seed=4))
+@example(kw=_example((1,), m=0, length=65, n=17, out="float32"))
 @given(kw=_log2_blocked())
 def test_log2_blocked_shapes(isa, kw):
     same("log2_attn_matmul", kw)
