@@ -249,14 +249,16 @@ void run_jobs_amx(const std::vector<GemmJob>& jobs, const KernelSet& ks) {
           // the next block: the next 32 rows, else the first rows with the next panels (its tiles load meanwhile)
           const int64_t pn = rb + 32 < mc ? p : p + 2;
           const uint8_t* nb0 = pn < p1 ? pm[0]->buf_amx.get() + pn * pstride0 : nullptr;
-          const AmxNext next{abuf0 + (rb + 32 < mc ? rb + 32 : 0) * kp, nb0, pn + 1 < p1 ? nb0 + pstride0 : nullptr,
-                             pn + 1 < p1};
-          ks.amx_block(abuf0 + rb * kp, kp, b0, two ? b0 + pstride0 : nullptr, ks0, two, ctile[0], p > p0 || rb > 0,
-                       nb0 ? &next : nullptr);
+          const uint8_t* na = abuf0 + (rb + 32 < mc ? rb + 32 : 0) * kp;
+          const AmxNext next{na, na + 16 * kp, nb0, pn + 1 < p1 ? nb0 + pstride0 : nullptr, pn + 1 < p1};
+          const uint8_t* a = abuf0 + rb * kp;
+          ks.amx_block(a, a + 16 * kp, kp, b0, two ? b0 + pstride0 : nullptr, ks0, two, 32, ctile[0],
+                       p > p0 || rb > 0, nb0 ? &next : nullptr);
         } else {
           for (int b = 0; b < 2; ++b) {
             const uint8_t* bb = pm[b]->buf_amx.get() + p * pstride[b];
-            ks.amx_block(abuf[b] + rb * kpad[b], kpad[b], bb, two ? bb + pstride[b] : nullptr, ksteps[b], two,
+            const uint8_t* a = abuf[b] + rb * kpad[b];
+            ks.amx_block(a, a + 16 * kpad[b], kpad[b], bb, two ? bb + pstride[b] : nullptr, ksteps[b], two, 32,
                          ctile[b], false, nullptr);
           }
         }

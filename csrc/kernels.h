@@ -73,14 +73,16 @@ using PackAFn = void (*)(const uint8_t* x, int64_t ldx, int mr, int64_t k, int64
 
 // §10.8: the A rows and B panels of the AMX block after the current one (amx_block).
 struct AmxNext {
-  const uint8_t* a;
+  const uint8_t* a0;
+  const uint8_t* a1;
   const uint8_t* b0;
   const uint8_t* b1;
   bool two_panels;
 };
 
-// §7 (log2attn.cpp): R[r][c] = sum over i < n of int64(t[i][r * 16 + c] - corr[i][r]) * mul[i] * 2^sh[i], the
-// int32 differences taken mod 2^32 (as shift_acc); t[i]: int32 tiles with row stride 16.
+// §7 (log2attn.cpp): R[r][c] = 2^fold * R'[r][c] (fold: ShiftStage) with R'[r][c] = sum over i < n of
+// int64(t[i][r * 16 + c] - corr[i][r]) * mul[i] * 2^sh[i], the int32 differences taken mod 2^32 (as shift_acc);
+// t[i]: int32 tiles with row stride 16; mul[i] in [1, 2^31).
 constexpr int kShiftTiles = 8;
 struct ShiftTiles {
   int n = 0;
@@ -90,10 +92,14 @@ struct ShiftTiles {
   int sh[kShiftTiles];
 };
 
-// §7 output stage in the form shift_out reads it, per channel: for a requantized type whose every shift S is >= 33,
-// M0, S - 32 and 2^(S - 33) (shift_requant_one) and the clamp range relative to zy; for float32, the scale.
+// §7 output stage in the form shift_out reads it. R = R' * 2^fold (R' what the ShiftTiles terms sum to). Per
+// channel, in whole 16-channel panels (the last one padded): for a requantized type whose every shift S is
+// >= fold + 33, M0, S' - 32 and 2^(S' - 33) with S' = S - fold (shift_requant_one on R', the same result as on R),
+// each panel's 8 even channels then its 8 odd ones; the clamp range relative to zy; for float32, scale * 2^fold
+// (finite: fl32(R) * scale = fl32(R') * scale * 2^fold exactly), in channel order.
 struct ShiftStage {
   OutType type = OutType::I64;
+  int fold = 0;
   const int64_t* mult = nullptr;
   const int64_t* sh32 = nullptr;
   const int64_t* rnd = nullptr;
@@ -156,9 +162,10 @@ struct KernelSet {
   void (*shift_requant)(const int64_t* r, int64_t nc, const int32_t* mult, const int32_t* shift, int32_t zy, int32_t lo,
                         int32_t hi, bool s8, void* out);
   // §10.8 AMX (null without it): amx_begin/amx_end configure and release this thread's tiles around amx_block,
-  // which writes c[j][32][16] = sum_k u[r, k] * B_j[c, k] (mod 2^32) for 32 rows of u (row stride lda bytes, ksteps
-  // * 64 bytes each) and the PackedMatrix::buf_amx panels b0 and, when two_panels, b1. With `next`, it also loads the
-  // first k-step's tiles of the next block (same lda and ksteps), whose call then passes preloaded = true.
+  // which writes c[j][r][16] = sum_k u[r, k] * B_j[c, k] (mod 2^32) for rows r of u: 16 at a0, then, when rows > 16,
+  // 16 at a1 (row stride lda bytes, ksteps * 64 bytes each; both readable), and the PackedMatrix::buf_amx panels b0
+  // and, when two_panels, b1. With `next`, it also loads the first k-step's tiles of the next block (same lda and
+  // ksteps), whose call then passes preloaded = true.
   void (*amx_begin)() = nullptr;
   // one row of u = x ^ ux for k bytes, zero padded to kpad (a multiple of 64); returns sum u mod 2^32
   uint32_t (*amx_pack_row)(const uint8_t* src, int64_t k, uint8_t ux, uint8_t* dst, int64_t kpad) = nullptr;
@@ -168,8 +175,9 @@ struct KernelSet {
   // sums sum[i * mr + r]. win[i] as in shift_a.
   void (*amx_shift_rows)(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int np, const uint8_t* const* lut,
                          const int* win, uint8_t* const* dst, int64_t kpad, uint32_t* sum) = nullptr;
-  void (*amx_block)(const uint8_t* a, int64_t lda, const uint8_t* b0, const uint8_t* b1, int64_t ksteps,
-                    bool two_panels, int32_t* c, bool preloaded, const AmxNext* next) = nullptr;
+  void (*amx_block)(const uint8_t* a0, const uint8_t* a1, int64_t lda, const uint8_t* b0, const uint8_t* b1,
+                    int64_t ksteps, bool two_panels, int rows, int32_t* c, bool preloaded,
+                    const AmxNext* next) = nullptr;
 };
 
 // §7 requantization for S in [33, 94] without 128-bit arithmetic: R = A * 2^32 + B (B in [0, 2^32)), so
@@ -201,8 +209,8 @@ void amx_end();
 uint32_t amx_pack_row(const uint8_t* src, int64_t k, uint8_t ux, uint8_t* dst, int64_t kpad);
 void amx_shift_rows(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int np, const uint8_t* const* lut,
                     const int* win, uint8_t* const* dst, int64_t kpad, uint32_t* sum);
-void amx_block(const uint8_t* a, int64_t lda, const uint8_t* b0, const uint8_t* b1, int64_t ksteps, bool two_panels,
-               int32_t* c, bool preloaded, const AmxNext* next);
+void amx_block(const uint8_t* a0, const uint8_t* a1, int64_t lda, const uint8_t* b0, const uint8_t* b1, int64_t ksteps,
+               bool two_panels, int rows, int32_t* c, bool preloaded, const AmxNext* next);
 #endif
 const KernelSet& kernels_for(Isa isa);
 

@@ -15,6 +15,7 @@
 // Threads: one task per (batch element, block of rows); each output row is computed inside one task with the
 // same arithmetic, so the result does not depend on the thread count or the ISA.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -80,8 +81,11 @@ struct Problem {
   int top[kPasses];             // R weight of a pass: 2^(F - top) * (2^16 or Q)
   OutStage out;
   OutRows y;
-  ShiftStage so;                              // out in shift_out's form (direct_out)
+  int fold;                     // R = R' * 2^fold (ShiftStage)
+  ShiftStage so;                // out in shift_out's form (direct_out)
+  ShiftStage so_r;              // R itself (int64), for the deep terms and out_span
   std::vector<int64_t> so_mult, so_sh32, so_rnd;
+  std::vector<float> so_scale;
 };
 
 // §7 output stage of R for channels [c0, c0 + nc) of output row `row` of batch element bi.
@@ -137,8 +141,12 @@ ShiftTiles live_tiles(const Problem& pb, const bool* live, const int32_t* corr, 
     if (!live[p]) continue;
     slot[st.n] = p;
     st.corr[st.n] = corr + p * stride;
-    st.mul[st.n] = (p & 1) ? kQ : 65536;
-    st.sh[st.n] = pb.frac_bits - pb.top[p];
+    // 2^(F - top - fold) * (2^16 or Q): as much of the power of two in the multiplier as stays below 2^31
+    int64_t mul = (p & 1) ? kQ : 65536;
+    int sh = pb.frac_bits - pb.top[p] - pb.fold;
+    for (; sh > 0 && mul < (int64_t(1) << 30); --sh) mul <<= 1;
+    st.mul[st.n] = mul;
+    st.sh[st.n] = sh;
     ++st.n;
   }
   return st;
@@ -289,13 +297,14 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
     for (int64_t i = 0; i < rows; ++i) out_span(pb, ks, rbuf.data() + i * n, bi, r0 + i, 0, n);
 }
 
-// run_block on AMX tiles (§10.8), for L within one chunk: per 32 rows, each pass's weights as byte rows (zero
+// run_block on AMX tiles (§10.8), for L within one chunk: per 16 rows, each pass's weights as byte rows (zero
 // padded to kpad, a multiple of 64) against the v' panels, zero padded to kg k-groups (a multiple of 16), in
-// TDPBUSD tiles. A tile is the same int32 sum as the VNNI micro-kernel's (u8 weights times int8 values, exact).
-// shift_out combines the live passes' tiles into R and applies the output stage (direct_out), or stores R in an
-// int64 buffer for the deep terms and out_span, kGroup channels at a time.
+// TDPBUSD tiles. A tile is the same int32 sum as the VNNI micro-kernel's (u8 weights times int8 values, exact). The
+// live passes go through amx_block two at a time (its two A tiles: one call per pair of panels for the usual two
+// passes). shift_out combines the live passes' tiles into R and applies the output stage (direct_out), or stores R
+// in an int64 buffer for the deep terms and out_span, kGroup channels at a time.
 void run_block_amx(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, int64_t r1) {
-  constexpr int kRows = 32;  // rows of an AMX block: two A tiles
+  constexpr int kRows = 16;  // rows of an AMX block: one A tile per pass
   constexpr int64_t kGroup = 256;
   const int64_t n = pb.n, l = pb.l, rows = r1 - r0, npan = ceil_div(n, kNR);
   const int64_t kg = round_up(std::max<int64_t>(1, ceil_div(l, 4)), 16), kpad = 4 * kg;
@@ -306,77 +315,138 @@ void run_block_amx(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r
   Scratch vpan, abuf, accb, tiles;
   vpan.reset(static_cast<size_t>(npan * kg * 64));
   if (pb.npasses) ks.shift_b(v, pb.v.ld, n, l, kg, pb.vxor, reinterpret_cast<int8_t*>(vpan.p));
-  abuf.reset(static_cast<size_t>(kPasses * kRows * kpad));
   if (!direct) accb.reset(static_cast<size_t>(kRows * lda) * sizeof(int64_t));
   int64_t* const acc = reinterpret_cast<int64_t*>(accb.p);
-  tiles.reset(static_cast<size_t>(kPasses * 2 * kRows * kNR) * sizeof(int32_t));
-  int32_t* const tile = reinterpret_cast<int32_t*>(tiles.p);  // [live pass][panel][kRows][16]
+  constexpr int64_t kCallTiles = 2 * 2 * kRows * kNR;  // one call's tiles: [panel][2 passes x 16 rows][16]
+  tiles.reset(static_cast<size_t>(kPasses / 2 * kCallTiles) * sizeof(int32_t));
+  int32_t* const tile = reinterpret_cast<int32_t*>(tiles.p);
   int32_t corr[kPasses][kRows];
   bool live[kPasses];
-  int np = 0, pass[kPasses], wins[kPasses];  // the passes the code table can produce
+  int np = 0, pass[kPasses], wins[kPasses], at[kPasses];  // the passes the code table can produce; at: pass -> i
   const uint8_t* luts[kPasses];
   uint8_t* dst[kPasses];
-  uint32_t rsum[kPasses * kRows];
   for (int p = 0; p < kPasses; ++p)
     if (pb.possible[p]) {
       luts[np] = pb.lut[p];
       wins[np] = pb.win[p];
+      at[p] = np;
       pass[np++] = p;
     }
+  // the weights of groups of blocks are mapped before the group's tiles run, not each block's just before them:
+  // tile loads wait for the stores before them (measured: mapping each block's weights just before its tiles
+  // made them about 1.5x slower), and a group of up to 64 KiB of weights comes back from L2
+  const int64_t grp = std::min(round_up(rows, kRows),
+                               std::max<int64_t>(kRows, 65536 / std::max<int64_t>(1, np * kpad) / kRows * kRows));
+  abuf.reset(static_cast<size_t>(std::max(np, 1) * grp * kpad));
+  for (int i = 0; i < np; ++i) dst[i] = abuf.p + i * grp * kpad;
+  std::vector<uint32_t> rsum(static_cast<size_t>(std::max(np, 1) * grp));
   std::vector<int32_t> dstart, dpos;
   ks.amx_begin();
   for (int64_t rb = 0; rb < rows; rb += kRows) {
     const int mr = static_cast<int>(std::min<int64_t>(kRows, rows - rb));
-    const uint8_t* cb = codes + rb * l;
-    if (pb.deep) deep_positions(pb, cb, mr, 0, l, dstart, dpos);
-    for (int i = 0; i < np; ++i) {
-      uint8_t* a = abuf.p + pass[i] * kRows * kpad;
-      dst[i] = a;
-      if (mr < kRows) std::memset(a + mr * kpad, 0, static_cast<size_t>((kRows - mr) * kpad));  // rows not stored
+    const int64_t g0 = rb / grp * grp, gr = std::min(grp, rows - g0), ro = rb - g0;  // the group, row in it
+    if (rb == g0) {
+      for (int i = 0; i < np && gr < round_up(gr, kRows); ++i)  // rows the tiles read and nothing stores
+        std::memset(dst[i] + gr * kpad, 0, static_cast<size_t>((round_up(gr, kRows) - gr) * kpad));
+      if (np) ks.amx_shift_rows(codes + g0 * l, l, static_cast<int>(gr), l, np, luts, wins, dst, kpad, rsum.data());
+      if (pb.deep) deep_positions(pb, codes + g0 * l, gr, 0, l, dstart, dpos);
     }
-    if (np) ks.amx_shift_rows(cb, l, mr, l, np, luts, wins, dst, kpad, rsum);
+    const uint8_t* cb = codes + rb * l;
     std::fill(live, live + kPasses, false);
     for (int i = 0; i < np; ++i) {
       const int p = pass[i];
       for (int ri = 0; ri < mr; ++ri) {
-        const uint32_t rs = rsum[i * mr + ri];
+        const uint32_t rs = rsum[i * gr + ro + ri];
         corr[p][ri] = static_cast<int32_t>(static_cast<uint32_t>(pb.zvp) * rs);  // zv' * row sum, mod 2^32
         live[p] |= rs != 0;  // weights are >= 0: a zero sum is an all-zero row
       }
     }
     int slot[kPasses];
     ShiftTiles st = live_tiles(pb, live, corr[0], kRows, slot);
+    const uint8_t* a[kPasses];  // term t's weights
+    for (int t = 0; t < st.n; ++t) a[t] = dst[at[slot[t]]] + ro * kpad;
     for (int64_t c0 = 0; c0 < n; c0 += lda) {
       const int64_t gc = std::min(lda, n - c0);
       for (int64_t pn = c0 / kNR; pn * kNR < c0 + gc; pn += 2) {
         const bool two = (pn + 1) * kNR < c0 + gc;
         const uint8_t* b0 = vpan.p + pn * kg * 64;
-        for (int i = 0; i < st.n; ++i) {  // each call also loads the next pass's first tiles
-          const AmxNext next{abuf.p + (i + 1 < st.n ? slot[i + 1] : 0) * kRows * kpad, b0, two ? b0 + kg * 64 : nullptr,
-                             two};
-          ks.amx_block(abuf.p + slot[i] * kRows * kpad, kpad, b0, next.b1, kg / 16, two, tile + i * 2 * kRows * kNR,
-                       i > 0, i + 1 < st.n ? &next : nullptr);
+        const uint8_t* b1 = two ? b0 + kg * 64 : nullptr;
+        // the next pair of panels in this group, whose first call's tiles the last call here loads
+        const int64_t pq = pn + 2;
+        const bool more = pq * kNR < c0 + gc, two_q = (pq + 1) * kNR < c0 + gc;
+        const uint8_t* q0 = vpan.p + pq * kg * 64;
+        for (int t = 0; t < st.n; t += 2) {  // terms t and t + 1 in one call's two A tiles
+          const bool pair = t + 1 < st.n;
+          const AmxNext next = t + 2 < st.n ? AmxNext{a[t + 2], t + 3 < st.n ? a[t + 3] : a[0], b0, b1, two}
+                                            : AmxNext{more ? a[0] : nullptr, st.n > 1 ? a[1] : a[0], q0,
+                                                      two_q ? q0 + kg * 64 : nullptr, two_q};
+          ks.amx_block(a[t], pair ? a[t + 1] : a[t], kpad, b0, b1, kg / 16, two, pair ? 32 : 16,
+                       tile + t / 2 * kCallTiles, t > 0 || pn > c0 / kNR, next.a0 ? &next : nullptr);
         }
         for (int j = 0; j < (two ? 2 : 1); ++j) {
           const int64_t cj = (pn + j) * kNR;
           const int nc = static_cast<int>(std::min<int64_t>(kNR, n - cj));
-          for (int i = 0; i < st.n; ++i) st.t[i] = tile + (i * 2 + j) * kRows * kNR;
+          for (int t = 0; t < st.n; ++t)  // term t: call t / 2, panel j, A tile t % 2
+            st.t[t] = tile + t / 2 * kCallTiles + (j * 2 + (t & 1)) * kRows * kNR;
           if (direct)
             ks.shift_out(st, mr, nc, pb.so, cj, out_at(pb, bi, r0 + rb, cj), pb.y.ld);
           else
-            ks.shift_out(st, mr, nc, ShiftStage{}, 0, acc + cj - c0, lda);  // R, for the deep terms
+            ks.shift_out(st, mr, nc, pb.so_r, 0, acc + cj - c0, lda);  // R, for the deep terms
         }
       }
       if (!direct)
         for (int ri = 0; ri < mr; ++ri) {
           int64_t* ar = acc + ri * lda;
-          if (pb.deep && dstart[ri + 1] > dstart[ri])
-            add_deep(pb, ks, cb + ri * l, v, 0, dpos.data() + dstart[ri], dpos.data() + dstart[ri + 1], c0, gc, ar);
+          const int64_t gi = ro + ri;
+          if (pb.deep && dstart[gi + 1] > dstart[gi])
+            add_deep(pb, ks, cb + ri * l, v, 0, dpos.data() + dstart[gi], dpos.data() + dstart[gi + 1], c0, gc, ar);
           out_span(pb, ks, ar, bi, r0 + rb + ri, c0, gc);
         }
     }
   }
   ks.amx_end();
+}
+
+// pb.fold and the output stage in shift_out's form (pb.so, pb.so_r): fold is the smallest F - top of the passes the
+// codes can produce (every R is a multiple of 2^fold), less where the stage needs it: every shift S >= fold + 33
+// for a requantized output, scale * 2^fold finite for float32.
+void shift_stage(Problem& pb) {
+  const OutStage& out = pb.out;
+  const int64_t n = pb.n, npad = round_up(n, kNR);
+  int fold = pb.frac_bits;
+  for (int p = 0; p < kPasses; ++p)
+    if (pb.possible[p]) fold = std::min(fold, pb.frac_bits - pb.top[p]);
+  if (pb.all_wide_shifts)
+    for (int64_t c = 0; c < n; ++c) fold = std::min(fold, out.shift[c] - 33);
+  if (out.type == OutType::F32) {
+    pb.so_scale.assign(static_cast<size_t>(npad), 0.0f);
+    for (int64_t c = 0; c < n; ++c)
+      if (!std::isfinite(pb.so_scale[c] = std::ldexp(out.scale[c], fold))) fold = 0;
+    for (int64_t c = 0; c < n && fold == 0; ++c) pb.so_scale[c] = out.scale[c];
+  }
+  pb.fold = fold;
+  pb.so_r.fold = fold;
+  pb.so.type = out.type;
+  pb.so.fold = fold;
+  pb.so.scale = pb.so_scale.data();
+  if (pb.all_wide_shifts) {
+    pb.so_mult.assign(static_cast<size_t>(npad), 0);  // padded channels: M0 = 0
+    pb.so_sh32.assign(static_cast<size_t>(npad), 1);
+    pb.so_rnd.assign(static_cast<size_t>(npad), 0);
+    for (int64_t c = 0; c < n; ++c) {
+      const int64_t at = c / kNR * kNR + (c % 2) * 8 + (c % kNR) / 2;  // the panel's even channels, then its odd
+      const int s = out.shift[c] - fold;
+      pb.so_mult[at] = out.multiplier[c];
+      pb.so_sh32[at] = s - 32;
+      pb.so_rnd[at] = int64_t(1) << (s - 33);
+    }
+    pb.so.mult = pb.so_mult.data();
+    pb.so.sh32 = pb.so_sh32.data();
+    pb.so.rnd = pb.so_rnd.data();
+    pb.so.zy = out.zero_point;
+    pb.so.lo = static_cast<int64_t>(out_qmin(out.type)) - out.zero_point;
+    pb.so.hi = static_cast<int64_t>(out_qmax(out.type)) - out.zero_point;
+  }
 }
 
 }  // namespace
@@ -397,24 +467,6 @@ void log2_attn_matmul(const uint8_t* codes, const RowBatch& v, ActType vt, int64
   pb->y = y;
   pb->all_wide_shifts = is_requant(out.type);
   for (int64_t c = 0; c < n && pb->all_wide_shifts; ++c) pb->all_wide_shifts = out.shift[c] >= 33;
-  pb->so.type = out.type;
-  pb->so.scale = out.scale;
-  if (pb->all_wide_shifts) {
-    pb->so_mult.resize(static_cast<size_t>(n));
-    pb->so_sh32.resize(static_cast<size_t>(n));
-    pb->so_rnd.resize(static_cast<size_t>(n));
-    for (int64_t c = 0; c < n; ++c) {
-      pb->so_mult[c] = out.multiplier[c];
-      pb->so_sh32[c] = out.shift[c] - 32;
-      pb->so_rnd[c] = int64_t(1) << (out.shift[c] - 33);
-    }
-    pb->so.mult = pb->so_mult.data();
-    pb->so.sh32 = pb->so_sh32.data();
-    pb->so.rnd = pb->so_rnd.data();
-    pb->so.zy = out.zero_point;
-    pb->so.lo = static_cast<int64_t>(out_qmin(out.type)) - out.zero_point;
-    pb->so.hi = static_cast<int64_t>(out_qmax(out.type)) - out.zero_point;
-  }
   const int zero_code = (1 << bits) - 1;
   for (int c = 0; c < 256; ++c) {
     CodeInfo& ci = pb->info[c];
@@ -457,6 +509,7 @@ void log2_attn_matmul(const uint8_t* codes, const RowBatch& v, ActType vt, int64
   }
   pb->frac_bits = frac_bits;
   for (int p = 0; p < kPasses; ++p) pb->top[p] = std::min(8 * (p / 2) + 7, frac_bits);
+  shift_stage(*pb);
   // chunk of L: int32 sums stay exact and the B panel stays within about 4 MiB
   const int64_t npan = ceil_div(n, kNR);
   const int64_t chunk = std::min(kMaxChunk, 4 * std::max<int64_t>(1, (int64_t(1) << 16) / npan));

@@ -116,70 +116,64 @@ void amx_shift_rows(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int n
 }
 
 namespace {
-// The first k-step's tiles of a block: A rows 0-15 and 16-31, and the B panels.
-inline void load_first(const uint8_t* a, int64_t lda, const uint8_t* b0, const uint8_t* b1, bool two_panels) {
-  _tile_loadd(4, a, lda);
+// The first k-step's tiles of a block: the two A tiles and the B panels.
+inline void load_first(const uint8_t* a0, const uint8_t* a1, int64_t lda, const uint8_t* b0, const uint8_t* b1,
+                       bool two_panels) {
+  _tile_loadd(4, a0, lda);
   _tile_loadd(6, b0, 64);
-  _tile_loadd(5, a + 16 * lda, lda);
+  _tile_loadd(5, a1, lda);
   if (two_panels) _tile_loadd(7, b1, 64);
+}
+
+// ksteps >= 1 steps of 64 k into the zeroed C tiles, the first step's tiles loaded: C0 = A0 B0, C1 = A0 B1 (Two),
+// C2 = A1 B0 and C3 = A1 B1 (Rows32). Each A or B tile of the next step is loaded right after the last TDPBUSD of
+// this step that reads its register, not all of them before the step, so the loads overlap the step's remaining
+// TDPBUSDs (measured faster, benchmarks/ DeiT-S shapes).
+template <bool Two, bool Rows32>
+inline void steps(const uint8_t* a0, const uint8_t* a1, int64_t lda, const uint8_t* b0, const uint8_t* b1,
+                  int64_t ksteps) {
+  for (int64_t s = 1; s < ksteps; ++s) {
+    _tile_dpbusd(0, 4, 6);
+    if (Two) _tile_dpbusd(1, 4, 7);
+    _tile_loadd(4, a0 + s * 64, lda);
+    if (Rows32) _tile_dpbusd(2, 5, 6);
+    _tile_loadd(6, b0 + s * 1024, 64);
+    if (Rows32 && Two) _tile_dpbusd(3, 5, 7);
+    if (Rows32) _tile_loadd(5, a1 + s * 64, lda);
+    if (Two) _tile_loadd(7, b1 + s * 1024, 64);
+  }
+  _tile_dpbusd(0, 4, 6);
+  if (Two) _tile_dpbusd(1, 4, 7);
+  if (Rows32) _tile_dpbusd(2, 5, 6);
+  if (Rows32 && Two) _tile_dpbusd(3, 5, 7);
 }
 }  // namespace
 
-// C[2][2] 16 x 16 int32 tiles of rows a (32 rows, row stride lda bytes) and two B panels (b0, b1: [ksteps * 16][64])
-// over ksteps steps of 64 k; c: [panel][32 rows][16], with two_panels false: panel 0 only. Each A or B tile of the next
-// step is loaded right after the last TDPBUSD of this step that reads its register, not all four before the step, so
-// the loads overlap the step's remaining TDPBUSDs (measured faster, benchmarks/ DeiT-S shapes); likewise the first
-// step's tiles of the next block (`next`, when not null) are loaded before this block's tiles are stored, and that
-// block's call then passes preloaded = true.
-void amx_block(const uint8_t* a, int64_t lda, const uint8_t* b0, const uint8_t* b1, int64_t ksteps, bool two_panels,
-               int32_t* c, bool preloaded, const AmxNext* next) {
-  const uint8_t* a1 = a + 16 * lda;
+// C[2][2] 16 x 16 int32 tiles of the 16 rows at a0 and, when rows > 16, the 16 at a1 (row stride lda bytes) with two
+// B panels (b0, b1: [ksteps * 16][64]) over ksteps steps of 64 k; c: [panel][32 rows][16] (rows 16-31 those of a1;
+// neither computed nor stored when rows <= 16), with two_panels false: panel 0 only. The first step's tiles of the
+// next block (`next`, when not null) are loaded before this block's tiles are stored, and that block's call then
+// passes preloaded = true.
+void amx_block(const uint8_t* a0, const uint8_t* a1, int64_t lda, const uint8_t* b0, const uint8_t* b1, int64_t ksteps,
+               bool two_panels, int rows, int32_t* c, bool preloaded, const AmxNext* next) {
+  const bool rows32 = rows > 16;
   _tile_zero(0);
+  _tile_zero(1);
   _tile_zero(2);
-  if (ksteps == 0) {  // an empty sum (K = 0)
-    _tile_stored(0, c, 64);
-    _tile_stored(2, c + 256, 64);
-    if (two_panels) {
-      _tile_stored(0, c + 512, 64);
-      _tile_stored(2, c + 512 + 256, 64);
-    }
-    return;
+  _tile_zero(3);
+  if (ksteps > 0) {  // else an empty sum (K = 0)
+    if (!preloaded) load_first(a0, a1, lda, b0, b1, two_panels);
+    if (two_panels)
+      rows32 ? steps<true, true>(a0, a1, lda, b0, b1, ksteps) : steps<true, false>(a0, a1, lda, b0, b1, ksteps);
+    else
+      rows32 ? steps<false, true>(a0, a1, lda, b0, b1, ksteps) : steps<false, false>(a0, a1, lda, b0, b1, ksteps);
+    if (next) load_first(next->a0, next->a1, lda, next->b0, next->b1, next->two_panels);
   }
-  if (!preloaded) load_first(a, lda, b0, b1, two_panels);
-  if (two_panels) {
-    _tile_zero(1);
-    _tile_zero(3);
-    for (int64_t s = 1; s < ksteps; ++s) {
-      _tile_dpbusd(0, 4, 6);
-      _tile_dpbusd(1, 4, 7);
-      _tile_loadd(4, a + s * 64, lda);
-      _tile_dpbusd(2, 5, 6);
-      _tile_loadd(6, b0 + s * 1024, 64);
-      _tile_dpbusd(3, 5, 7);
-      _tile_loadd(5, a1 + s * 64, lda);
-      _tile_loadd(7, b1 + s * 1024, 64);
-    }
-    _tile_dpbusd(0, 4, 6);
-    _tile_dpbusd(1, 4, 7);
-    _tile_dpbusd(2, 5, 6);
-    _tile_dpbusd(3, 5, 7);
-  } else {
-    for (int64_t s = 1; s < ksteps; ++s) {
-      _tile_dpbusd(0, 4, 6);
-      _tile_loadd(4, a + s * 64, lda);
-      _tile_dpbusd(2, 5, 6);
-      _tile_loadd(6, b0 + s * 1024, 64);
-      _tile_loadd(5, a1 + s * 64, lda);
-    }
-    _tile_dpbusd(0, 4, 6);
-    _tile_dpbusd(2, 5, 6);
-  }
-  if (next) load_first(next->a, lda, next->b0, next->b1, next->two_panels);
   _tile_stored(0, c, 64);
-  _tile_stored(2, c + 256, 64);
+  if (rows32) _tile_stored(2, c + 256, 64);
   if (two_panels) {
     _tile_stored(1, c + 512, 64);
-    _tile_stored(3, c + 512 + 256, 64);
+    if (rows32) _tile_stored(3, c + 512 + 256, 64);
   }
 }
 

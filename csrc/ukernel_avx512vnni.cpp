@@ -242,81 +242,100 @@ inline __m512i requant_wide(__m512i r, __m512i m, __m512i sh32, __m512i rnd) {
 
 enum ShiftKind { kToI64, kToF32, kToRequant };
 
-// shift_out_vnni for NP passes (0: st.n at run time) and one kind of output stage, on 8 lanes (channels
-// [8h, 8h + 8), the first `left` of them stored) with that half's constants.
+// shift_out_vnni for NP passes (0: st.n at run time) and one kind of output stage. A tile row's 16 channels are
+// taken as two sets of 8 int64 lanes, the even channels (the low dword of each 64-bit lane, as VPMULDQ reads it) and
+// the odd ones (shifted down), and put back in channel order after the output stage.
 template <int NP, int Kind>
-void shift_out_half(const ShiftTiles& st, int mr, int h, int left, __m512i mv, __m512i sv, __m512i rv, __m256 fs,
-                    const ShiftStage& so, void* y, int64_t ldy) {
+void shift_out_rows(const ShiftTiles& st, int mr, int nc, const ShiftStage& so, int64_t c0, void* y, int64_t ldy) {
   const int np = NP > 0 ? NP : st.n;
-  const __mmask8 m = left >= 8 ? __mmask8(0xFF) : static_cast<__mmask8>((1u << left) - 1);
-  const __m512i lo8 = _mm512_set1_epi64(so.lo), hi8 = _mm512_set1_epi64(so.hi), zy8 = _mm512_set1_epi64(so.zy);
   __m512i mul[kShiftTiles];
   __m128i cnt[kShiftTiles];
-  bool pow2[kShiftTiles];  // mul = 2^16: a shift by 16 + sh instead of the multiply
+  bool any_sh = false;
   for (int i = 0; i < np; ++i) {
-    pow2[i] = st.mul[i] == 65536;
     mul[i] = _mm512_set1_epi64(st.mul[i]);
-    cnt[i] = _mm_cvtsi32_si128(st.sh[i] + (pow2[i] ? 16 : 0));
+    cnt[i] = _mm_cvtsi32_si128(st.sh[i]);
+    any_sh = any_sh || st.sh[i] != 0;
+  }
+  const __mmask16 m16 = nc >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << nc) - 1);
+  // even channels 0, 2, .., 14 then odd 1, .., 15 -> channel order: of dwords, of two qword halves, and of the low
+  // dwords of two qword vectors
+  const __m512i to_order32 = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  const __m512i to_order_lo = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
+  const __m512i to_order_hi = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+  const __m512i low_dwords = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+  const __m512i zero = _mm512_setzero_si512();
+  __m512i mv[2] = {zero, zero}, sv[2] = {zero, zero}, rv[2] = {zero, zero}, lo8 = zero, hi8 = zero, zy16 = zero;
+  __m512 fs = _mm512_setzero_ps();
+  __m128i fold = _mm_setzero_si128();
+  if (Kind == kToRequant) {
+    for (int h = 0; h < 2; ++h) {
+      mv[h] = _mm512_loadu_si512(so.mult + c0 + 8 * h);
+      sv[h] = _mm512_loadu_si512(so.sh32 + c0 + 8 * h);
+      rv[h] = _mm512_loadu_si512(so.rnd + c0 + 8 * h);
+    }
+    lo8 = _mm512_set1_epi64(so.lo);
+    hi8 = _mm512_set1_epi64(so.hi);
+    zy16 = _mm512_set1_epi32(so.zy);
+  } else if (Kind == kToF32) {
+    fs = _mm512_maskz_loadu_ps(m16, so.scale + c0);
+  } else {
+    fold = _mm_cvtsi32_si128(so.fold);
   }
   for (int r = 0; r < mr; ++r) {
-    __m512i acc = _mm512_setzero_si512();
+    __m512i acc[2] = {zero, zero};  // R' of the even and the odd channels
     for (int i = 0; i < np; ++i) {
-      const __m256i t = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(st.t[i] + r * 16 + 8 * h));
-      const __m512i d = _mm512_cvtepi32_epi64(_mm256_sub_epi32(t, _mm256_set1_epi32(st.corr[i][r])));
-      acc = _mm512_add_epi64(acc, _mm512_sll_epi64(pow2[i] ? d : _mm512_mul_epi32(d, mul[i]), cnt[i]));
+      const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(st.t[i] + r * 16), _mm512_set1_epi32(st.corr[i][r]));
+      __m512i pe = _mm512_mul_epi32(d, mul[i]), po = _mm512_mul_epi32(_mm512_srli_epi64(d, 32), mul[i]);
+      if (any_sh) {
+        pe = _mm512_sll_epi64(pe, cnt[i]);
+        po = _mm512_sll_epi64(po, cnt[i]);
+      }
+      acc[0] = i ? _mm512_add_epi64(acc[0], pe) : pe;
+      acc[1] = i ? _mm512_add_epi64(acc[1], po) : po;
     }
     if (Kind == kToI64) {
-      _mm512_mask_storeu_epi64(static_cast<int64_t*>(y) + r * ldy + 8 * h, m, acc);
+      const __m512i e = _mm512_sll_epi64(acc[0], fold), o = _mm512_sll_epi64(acc[1], fold);
+      int64_t* yr = static_cast<int64_t*>(y) + r * ldy;
+      _mm512_mask_storeu_epi64(yr, static_cast<__mmask8>(m16), _mm512_permutex2var_epi64(e, to_order_lo, o));
+      _mm512_mask_storeu_epi64(yr + 8, static_cast<__mmask8>(m16 >> 8), _mm512_permutex2var_epi64(e, to_order_hi, o));
     } else if (Kind == kToF32) {
       // VCVTQQ2PS rounds to nearest even (MXCSR default, as the scalar conversion); then one multiply
-      const __m256 f = _mm256_mul_ps(_mm512_cvtepi64_ps(acc), fs);
-      float* yr = static_cast<float*>(y) + r * ldy + 8 * h;
-      if (left >= 8) {
-        _mm256_storeu_ps(yr, f);
-      } else {
-        alignas(32) float tmp[8];
-        _mm256_store_ps(tmp, f);
-        for (int c = 0; c < left; ++c) yr[c] = tmp[c];
-      }
+      const __m512 f =
+          _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtepi64_ps(acc[0])), _mm512_cvtepi64_ps(acc[1]), 1);
+      _mm512_mask_storeu_ps(static_cast<float*>(y) + r * ldy, m16,
+                            _mm512_mul_ps(_mm512_permutexvar_ps(to_order32, f), fs));
     } else {
-      const __m512i q = requant_wide(acc, mv, sv, rv);
-      _mm512_mask_cvtepi64_storeu_epi8(static_cast<uint8_t*>(y) + r * ldy + 8 * h, m,
-                                       _mm512_add_epi64(_mm512_min_epi64(_mm512_max_epi64(q, lo8), hi8), zy8));
+      __m512i q[2];
+      for (int h = 0; h < 2; ++h)
+        q[h] = _mm512_min_epi64(_mm512_max_epi64(requant_wide(acc[h], mv[h], sv[h], rv[h]), lo8), hi8);
+      // the clamped values fit in 32 bits: their low dwords, in channel order, plus zy
+      const __m512i d = _mm512_add_epi32(_mm512_permutex2var_epi32(q[0], low_dwords, q[1]), zy16);
+      uint8_t* yr = static_cast<uint8_t*>(y) + r * ldy;
+      if (nc >= 16)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(yr), _mm512_cvtepi32_epi8(d));
+      else
+        _mm512_mask_cvtepi32_storeu_epi8(yr, m16, d);
     }
   }
 }
 
 template <int Kind>
-void shift_out_kind(const ShiftTiles& st, int mr, int h, int left, __m512i mv, __m512i sv, __m512i rv, __m256 fs,
-                    const ShiftStage& so, void* y, int64_t ldy) {
+void shift_out_kind(const ShiftTiles& st, int mr, int nc, const ShiftStage& so, int64_t c0, void* y, int64_t ldy) {
   switch (st.n) {  // one and two passes (one exponent band of each class) are the usual cases
-    case 1: return shift_out_half<1, Kind>(st, mr, h, left, mv, sv, rv, fs, so, y, ldy);
-    case 2: return shift_out_half<2, Kind>(st, mr, h, left, mv, sv, rv, fs, so, y, ldy);
-    default: return shift_out_half<0, Kind>(st, mr, h, left, mv, sv, rv, fs, so, y, ldy);
+    case 1: return shift_out_rows<1, Kind>(st, mr, nc, so, c0, y, ldy);
+    case 2: return shift_out_rows<2, Kind>(st, mr, nc, so, c0, y, ldy);
+    default: return shift_out_rows<0, Kind>(st, mr, nc, so, c0, y, ldy);
   }
 }
 
-// §7: the ShiftTiles sums through the output stage, 8 int64 lanes at a time (KernelSet::shift_out).
+// §7: the ShiftTiles sums through the output stage, a 16-channel tile row at a time (KernelSet::shift_out).
 void shift_out_vnni(const ShiftTiles& st, int mr, int nc, const ShiftStage& so, int64_t c0, void* y, int64_t ldy) {
-  const __mmask16 m16 = nc >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << nc) - 1);
-  const __m512 fs16 = so.type == OutType::F32 ? _mm512_maskz_loadu_ps(m16, so.scale + c0) : _mm512_setzero_ps();
-  for (int h = 0; h < (nc > 8 ? 2 : 1); ++h) {
-    const int left = nc - 8 * h;
-    const __mmask8 m = left >= 8 ? __mmask8(0xFF) : static_cast<__mmask8>((1u << left) - 1);
-    if (so.type == OutType::I64) {
-      const __m512i z = _mm512_setzero_si512();
-      shift_out_kind<kToI64>(st, mr, h, left, z, z, z, _mm256_setzero_ps(), so, y, ldy);
-    } else if (so.type == OutType::F32) {
-      const __m512i z = _mm512_setzero_si512();
-      const __m256 fs = h ? _mm512_extractf32x8_ps(fs16, 1) : _mm512_castps512_ps256(fs16);
-      shift_out_kind<kToF32>(st, mr, h, left, z, z, z, fs, so, y, ldy);
-    } else {  // lanes past nc: M0 = 0 and shift 0, computed and not stored
-      const int64_t c = c0 + 8 * h;
-      shift_out_kind<kToRequant>(st, mr, h, left, _mm512_maskz_loadu_epi64(m, so.mult + c),
-                                 _mm512_maskz_loadu_epi64(m, so.sh32 + c), _mm512_maskz_loadu_epi64(m, so.rnd + c),
-                                 _mm256_setzero_ps(), so, y, ldy);
-    }
-  }
+  if (so.type == OutType::I64)
+    shift_out_kind<kToI64>(st, mr, nc, so, c0, y, ldy);
+  else if (so.type == OutType::F32)
+    shift_out_kind<kToF32>(st, mr, nc, so, c0, y, ldy);
+  else
+    shift_out_kind<kToRequant>(st, mr, nc, so, c0, y, ldy);
 }
 
 // shift_requant_one (kernels.h) on 8 int64 lanes (requant_wide; AVX-512 has the 64-bit min/max).

@@ -57,6 +57,13 @@ def _every_shift(kw):
                 else 7)
 
 
+def _zero_rows(kw, rows=(0, 17, 39)):
+    """kw with some rows of codes all zero code (R = 0 there)."""
+    codes = kw["codes"].copy()
+    codes[..., list(rows), :] = 2 ** kw["bits"] - 1
+    return dict(kw, codes=codes)
+
+
 LOG2_EDGES = [_example(()), _example((0,)), _example((1,)), _example((2, 3)), _example((2, 0, 3)),
               _example((1, 2, 3), m=1, length=1, n=1), _example((3,), m=0), _example((2,), length=0),
               _example((2,), n=0), _example((2, 2), bits=8, mode="log2", frac_bits=0, out="int8"),
@@ -92,11 +99,12 @@ def test_log2_batched_cpu_equals_reference(isa, kw):
 
 @st.composite
 def _log2_blocked(draw):
-    """log2_attn_matmul kwargs sized across the CPU kernels' blocking: 32-row blocks (AMX) and 4-row quads, 64-code
-    k-steps, pairs of 16-channel panels and groups of 256 channels, with the passes' rows all zero in some blocks
-    (zero-code runs) and, with wide shifts only, the requantization that the AMX path fuses. Sizes, parameters and the
-    code range are drawn; the codes and values inside them come from a drawn seed (arrays of up to 180,000 entries)."""
-    m = draw(st.sampled_from([1, 5, 31, 32, 33, 63, 64, 65, 97]) | st.integers(0, 100))
+    """log2_attn_matmul kwargs sized across the CPU kernels' blocking: 16-row blocks and groups of up to 64 KiB of
+    weight rows (AMX), 4-row quads, 64-code k-steps, pairs of 16-channel panels and groups of 256 channels, with the
+    passes' rows all zero in some blocks (zero-code runs) and, with wide shifts only, the requantization that the
+    AVX-512 paths fuse. Sizes, parameters and the code range are drawn; the codes and values inside them come from a
+    drawn seed (arrays of up to 180,000 entries)."""
+    m = draw(st.sampled_from([1, 5, 15, 16, 17, 31, 32, 33, 63, 64, 65, 97]) | st.integers(0, 100))
     length = draw(st.sampled_from([1, 63, 64, 65, 128, 197, 256, 257]) | st.integers(0, 300))
     n = draw(st.sampled_from([1, 15, 16, 17, 32, 33, 64, 255, 256, 257, 272]) | st.integers(0, 300))
     lead = (draw(st.integers(1, 2)),)
@@ -124,6 +132,7 @@ def _log2_blocked(draw):
 
 
 @pytest.mark.needs_cpu_ext
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")  # the reference's fl32(R) * 3e38
 @FIXTURE_OK
 @example(kw=_example((2,), m=65, length=197, n=257, out="uint8", seed=1))
 @example(kw=_example((1,), m=33, length=257, n=272, bits=8, mode="sqrt2", out="float32", seed=2))
@@ -131,6 +140,13 @@ def _log2_blocked(draw):
 @example(kw=_example((2,), m=97, length=65, n=33, bits=8, mode="log2", frac_bits=0, vt=np.int8, out="int64"))
 @example(kw=_example((2,), m=33, length=70, n=20, bits=8, mode="sqrt2", frac_bits=7, out="uint8", seed=4))
 @example(kw=_example((1,), m=0, length=65, n=17, out="float32"))
+# the AVX-512 output stage works on R / 2^f (f = 9 here): f falls to 0 where a scale * 2^f overflows float32, and
+# to S - 33 where a shift S is below f + 33 (every S = 33: f = 0; S in 33..44: f limited by the smallest)
+@example(kw=_zero_rows(dict(_example((1,), m=40, length=197, n=33, out="float32", seed=5),
+                            out_scale=np.array([3e38] + [2.0**-20] * 32, np.float32))))
+@example(kw=dict(_example((1,), m=33, length=100, n=40, out="uint8", seed=6), shift=np.full(40, 33, np.int32)))
+@example(kw=dict(_example((1,), m=33, length=100, n=40, out="int8", seed=7),
+                 shift=(33 + np.arange(40) % 12).astype(np.int32), out_zero_point=-5))
 @given(kw=_log2_blocked())
 def test_log2_blocked_shapes(isa, kw):
     same("log2_attn_matmul", kw)
