@@ -101,6 +101,7 @@ class Program:
         self.outputs = prog.get("outputs")
         self.nodes = prog.get("nodes")
         self.info = {k: v for k, v in prog.items() if k not in ("inputs", "outputs", "nodes")}
+        self._user_counts = None  # _users(), built on first use
         self._validate()
         self._cache: dict = {}
         self._folds = None  # (out_scale overrides by node, folded node -> its source), built on the first run
@@ -204,13 +205,15 @@ class Program:
         return {k: self.tensors[v] for k, v in node.get("tensors", {}).items() if v is not None}
 
     def _users(self) -> collections.Counter:
-        """Value name -> how many node arguments and program outputs read it."""
-        users = collections.Counter()
-        for node in self.nodes:
-            for a in node.get("args", []):
-                users.update(refs_in(a))
-        users.update(o["value"]["@"] for o in self.outputs)
-        return users
+        """Value name -> how many node arguments and program outputs read it (counted once per program)."""
+        if self._user_counts is None:
+            users = collections.Counter()
+            for node in self.nodes:
+                for a in node.get("args", []):
+                    users.update(refs_in(a))
+            users.update(o["value"]["@"] for o in self.outputs)
+            self._user_counts = users
+        return self._user_counts
 
     def _code_fusions(self) -> dict:
         """Spec §15.9: quantize / quantize_log node -> (the float stage it reads, that stage's codes argument, the
