@@ -844,22 +844,26 @@ py::array log2_attn_matmul(py::handle codes_, py::handle v_, int64_t v_zero_poin
                           ": the int64 accumulator could overflow (spec §7)");
   const int zero_code = (1 << bits) - 1;
   const uint8_t* cp = static_cast<const uint8_t*>(codes.ptr);
-  const int64_t count = static_cast<int64_t>(codes.a.size());
-  uint8_t top = 0;
-  if (qsim::bytes_exceed(cp, count, static_cast<uint8_t>(zero_code)))
-    for (int64_t i = 0; i < count; ++i) top = std::max(top, cp[i]);
-  if (top > zero_code)
-    throw py::value_error("codes must be in [0, " + std::to_string(zero_code) + "] for bits=" + std::to_string(bits) +
-                          ", got " + std::to_string(top));
   const qsim::OutStage st = make_stage(out_dtype, n, multiplier, shift, out_zero_point, out_scale,
                                        {OutType::I64, OutType::F32, OutType::S8, OutType::U8, OutType::S4, OutType::U4});
   int64_t batch = 0;
   OutBatch y = batched_rows_out(out, st.type, codes.shape, n, batch);
   const qsim::OutRows yr{batch ? y.y.mutable_data() : nullptr, y.off.data(), y.ld};
-  {
+  const int64_t count = static_cast<int64_t>(codes.a.size());
+  bool valid = false;
+  if (batch == 0) {  // an empty result: the codes' range alone
+    valid = !qsim::bytes_exceed(cp, count, static_cast<uint8_t>(zero_code));
+  } else {  // the kernel checks the codes' range as it reads them
     py::gil_scoped_release nogil;
     const qsim::RowBatch vb{static_cast<const uint8_t*>(v.ptr), vr.off.data(), vr.ld};
-    qsim::log2_attn_matmul(cp, vb, vt, batch, m, l, n, static_cast<int32_t>(v_zero_point), bits, k, frac_bits, st, yr);
+    valid = qsim::log2_attn_matmul(cp, vb, vt, batch, m, l, n, static_cast<int32_t>(v_zero_point), bits, k, frac_bits,
+                                   st, yr);
+  }
+  if (!valid) {  // the largest code for the message
+    uint8_t top = 0;
+    for (int64_t i = 0; i < count; ++i) top = std::max(top, cp[i]);
+    throw py::value_error("codes must be in [0, " + std::to_string(zero_code) + "] for bits=" + std::to_string(bits) +
+                          ", got " + std::to_string(top));
   }
   return y.y;
 }

@@ -172,9 +172,9 @@ struct KernelSet {
   void (*amx_end)() = nullptr;
   // §7 on AMX (log2attn.cpp): for rows r < mr of codes (row stride ldc, lc codes each) and passes i < np, the
   // weights dst[i][r * kpad + j] = lut[i][codes[r][j]] for j < lc, zero padded to kpad (a multiple of 64), and their
-  // sums sum[i * mr + r]. win[i] as in shift_a.
-  void (*amx_shift_rows)(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int np, const uint8_t* const* lut,
-                         const int* win, uint8_t* const* dst, int64_t kpad, uint32_t* sum) = nullptr;
+  // sums sum[i * mr + r]. win[i] as in shift_a. Returns the OR of the codes (for the range check).
+  uint8_t (*amx_shift_rows)(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int np, const uint8_t* const* lut,
+                            const int* win, uint8_t* const* dst, int64_t kpad, uint32_t* sum) = nullptr;
   void (*amx_block)(const uint8_t* a0, const uint8_t* a1, int64_t lda, const uint8_t* b0, const uint8_t* b1,
                     int64_t ksteps, bool two_panels, int rows, int32_t* c, bool preloaded,
                     const AmxNext* next) = nullptr;
@@ -207,8 +207,8 @@ const KernelSet& amx_kernels();  // the VNNI set with the AMX entries
 void amx_begin();
 void amx_end();
 uint32_t amx_pack_row(const uint8_t* src, int64_t k, uint8_t ux, uint8_t* dst, int64_t kpad);
-void amx_shift_rows(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int np, const uint8_t* const* lut,
-                    const int* win, uint8_t* const* dst, int64_t kpad, uint32_t* sum);
+uint8_t amx_shift_rows(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int np, const uint8_t* const* lut,
+                       const int* win, uint8_t* const* dst, int64_t kpad, uint32_t* sum);
 void amx_block(const uint8_t* a0, const uint8_t* a1, int64_t lda, const uint8_t* b0, const uint8_t* b1, int64_t ksteps,
                bool two_panels, int rows, int32_t* c, bool preloaded, const AmxNext* next);
 #endif

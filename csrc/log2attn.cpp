@@ -15,6 +15,7 @@
 // Threads: one task per (batch element, block of rows); each output row is computed inside one task with the
 // same arithmetic, so the result does not depend on the thread count or the ISA.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -74,6 +75,7 @@ struct Problem {
   bool possible[kPasses];       // some code falls in the pass
   int npasses;
   int win[kPasses];             // the pass's non-zero weights lie in codes [win, win + 16), else -1
+  uint8_t code_mask;            // 2^bits - 1: the codes' range
   bool deep;                    // some code has t < 0: the codes in [deep_lo, deep_hi]
   uint8_t deep_lo, deep_hi;
   bool all_wide_shifts;         // requantized output with every shift >= 33 (KernelSet::shift_requant)
@@ -303,7 +305,7 @@ void run_block(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, i
 // live passes go through amx_block two at a time (its two A tiles: one call per pair of panels for the usual two
 // passes). shift_out combines the live passes' tiles into R and applies the output stage (direct_out), or stores R
 // in an int64 buffer for the deep terms and out_span, kGroup channels at a time.
-void run_block_amx(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, int64_t r1) {
+bool run_block_amx(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r0, int64_t r1) {
   constexpr int kRows = 16;  // rows of an AMX block: one A tile per pass
   constexpr int64_t kGroup = 256;
   const int64_t n = pb.n, l = pb.l, rows = r1 - r0, npan = ceil_div(n, kNR);
@@ -348,7 +350,12 @@ void run_block_amx(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r
     if (rb == g0) {
       for (int i = 0; i < np && gr < round_up(gr, kRows); ++i)  // rows the tiles read and nothing stores
         std::memset(dst[i] + gr * kpad, 0, static_cast<size_t>((round_up(gr, kRows) - gr) * kpad));
-      if (np) ks.amx_shift_rows(codes + g0 * l, l, static_cast<int>(gr), l, np, luts, wins, dst, kpad, rsum.data());
+      const uint8_t seen = ks.amx_shift_rows(codes + g0 * l, l, static_cast<int>(gr), l, np, luts, wins, dst, kpad,
+                                             rsum.data());
+      if (seen & ~pb.code_mask) {  // a code above 2^bits - 1: this and the later rows are not written
+        ks.amx_end();
+        return false;
+      }
       if (pb.deep) deep_positions(pb, codes + g0 * l, gr, 0, l, dstart, dpos);
     }
     const uint8_t* cb = codes + rb * l;
@@ -405,6 +412,7 @@ void run_block_amx(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r
     }
   }
   ks.amx_end();
+  return true;
 }
 
 // pb.fold and the output stage in shift_out's form (pb.so, pb.so_r): fold is the smallest F - top of the passes the
@@ -451,12 +459,14 @@ void shift_stage(Problem& pb) {
 
 }  // namespace
 
-void log2_attn_matmul(const uint8_t* codes, const RowBatch& v, ActType vt, int64_t batch, int64_t m, int64_t l,
+bool log2_attn_matmul(const uint8_t* codes, const RowBatch& v, ActType vt, int64_t batch, int64_t m, int64_t l,
                       int64_t n, int32_t zv, int bits, int k, int frac_bits, const OutStage& out, const OutRows& y) {
-  if (batch == 0 || m == 0 || n == 0) return;
+  const uint8_t code_mask = static_cast<uint8_t>((1 << bits) - 1);
+  if (batch == 0 || m == 0 || n == 0) return !bytes_exceed(codes, batch * m * l, code_mask);
   const KernelSet& ks = kernels_for(resolve_isa());
   auto pb = std::make_unique<Problem>();
   pb->codes = codes;
+  pb->code_mask = code_mask;
   pb->v = v;
   pb->vxor = vt == ActType::U8 ? 0x80 : 0;
   pb->m = m;
@@ -520,13 +530,22 @@ void log2_attn_matmul(const uint8_t* codes, const RowBatch& v, ActType vt, int64
   while (mb > kMR && batch * ceil_div(m, mb) < 4 * threads) mb = round_up(mb / 2, kMR);
   const int64_t blocks = ceil_div(m, mb);
   const bool amx = ks.amx_block != nullptr && l <= chunk;
+  // each task checks its codes as it first reads them (AMX: while mapping them to weights) and skips its rows if
+  // one is out of range
+  std::atomic<bool> valid{true};
   ThreadPool::instance().run(batch * blocks, [&](int64_t task, int) {
-    const int64_t bi = task / blocks, r0 = (task % blocks) * mb;
-    if (amx)
-      run_block_amx(*pb, ks, bi, r0, std::min(m, r0 + mb));
-    else
-      run_block(*pb, ks, bi, r0, std::min(m, r0 + mb), chunk);
+    if (!valid.load(std::memory_order_relaxed)) return;
+    const int64_t bi = task / blocks, r0 = (task % blocks) * mb, r1 = std::min(m, r0 + mb);
+    bool ok;
+    if (amx) {
+      ok = run_block_amx(*pb, ks, bi, r0, r1);
+    } else {
+      ok = !bytes_exceed(codes + (bi * m + r0) * l, (r1 - r0) * l, code_mask);
+      if (ok) run_block(*pb, ks, bi, r0, r1, chunk);
+    }
+    if (!ok) valid.store(false, std::memory_order_relaxed);
   });
+  return valid.load();
 }
 
 }  // namespace qsim

@@ -227,9 +227,10 @@ void requantize(const int32_t* acc, int64_t outer, int64_t n, int64_t inner, con
 void requantize_profile(const int32_t* acc, int64_t outer, int64_t n, int64_t inner, Numerics p, const OutStage& out,
                         void* y);
 
-// §7: codes [B, M, L] uint8 (C-contiguous), v [B, L, N]; y [B, M, N] (rows of the output laid out by OutRows) of type int64, float32 or requantized (B = the product
-// of the leading dimensions; codes within [0, 2^bits - 1]).
-void log2_attn_matmul(const uint8_t* codes, const RowBatch& v, ActType vt, int64_t batch, int64_t m, int64_t l,
+// §7: codes [B, M, L] uint8 (C-contiguous), v [B, L, N]; y [B, M, N] (rows of the output laid out by OutRows) of
+// type int64, float32 or requantized (B = the product of the leading dimensions). Returns false when some code is
+// above 2^bits - 1; y is then partly written.
+bool log2_attn_matmul(const uint8_t* codes, const RowBatch& v, ActType vt, int64_t batch, int64_t m, int64_t l,
                       int64_t n, int32_t zv, int bits, int k, int frac_bits, const OutStage& out, const OutRows& y);
 
 // ------------------------------------------------------------------------------------------ float stages (§15)

@@ -58,13 +58,14 @@ namespace {
 // amx_shift_rows for NP passes (0: np at run time), every one with a window: NP > 0 keeps the tables and sums in
 // registers.
 template <int NP>
-void shift_rows_win(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int np_rt, const uint8_t* const* lut,
-                    const int* win, uint8_t* const* dst, int64_t kpad, uint32_t* sum) {
+uint8_t shift_rows_win(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int np_rt, const uint8_t* const* lut,
+                       const int* win, uint8_t* const* dst, int64_t kpad, uint32_t* sum) {
   const int np = NP > 0 ? NP : np_rt;
   // codes - win in [0, 16) index the window; the saturating bias sends every other code to an index >= 0x80,
   // which VPSHUFB maps to 0
   __m512i tab[NP > 0 ? NP : kShiftTiles], base[NP > 0 ? NP : kShiftTiles];
   const __m512i bias = _mm512_set1_epi8(0x70), zero = _mm512_setzero_si512();
+  __m512i seen = zero;  // the OR of the codes
   for (int i = 0; i < np; ++i) {
     tab[i] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut[i] + win[i])));
     base[i] = _mm512_set1_epi8(static_cast<char>(win[i]));
@@ -77,6 +78,7 @@ void shift_rows_win(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int n
       const int64_t left = lc - j;
       const __mmask64 m = left >= 64 ? ~__mmask64(0) : left > 0 ? (__mmask64(1) << left) - 1 : 0;
       const __m512i c = _mm512_maskz_loadu_epi8(m, cr + j);
+      seen = _mm512_or_si512(seen, c);
       for (int i = 0; i < np; ++i) {
         const __m512i w = _mm512_maskz_shuffle_epi8(m, tab[i], _mm512_adds_epu8(_mm512_sub_epi8(c, base[i]), bias));
         _mm512_storeu_si512(dst[i] + r * kpad + j, w);
@@ -85,12 +87,16 @@ void shift_rows_win(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int n
     }
     for (int i = 0; i < np; ++i) sum[i * mr + r] = static_cast<uint32_t>(_mm512_reduce_add_epi64(sums[i]));
   }
+  const uint64_t q = static_cast<uint64_t>(_mm512_reduce_or_epi64(seen));
+  const uint32_t d = static_cast<uint32_t>(q | (q >> 32));
+  const uint16_t h = static_cast<uint16_t>(d | (d >> 16));
+  return static_cast<uint8_t>(h | (h >> 8));
 }
 
 }  // namespace
 
-void amx_shift_rows(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int np, const uint8_t* const* lut,
-                    const int* win, uint8_t* const* dst, int64_t kpad, uint32_t* sum) {
+uint8_t amx_shift_rows(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int np, const uint8_t* const* lut,
+                       const int* win, uint8_t* const* dst, int64_t kpad, uint32_t* sum) {
   bool windows = true;
   for (int i = 0; i < np; ++i) windows = windows && win[i] >= 0;
   if (windows) switch (np) {  // up to three bands of each class (8-bit codes with F = 16: six passes)
@@ -102,6 +108,9 @@ void amx_shift_rows(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int n
       case 6: return shift_rows_win<6>(codes, ldc, mr, lc, np, lut, win, dst, kpad, sum);
       default: return shift_rows_win<0>(codes, ldc, mr, lc, np, lut, win, dst, kpad, sum);
     }
+  uint8_t seen = 0;
+  for (int r = 0; r < mr; ++r)
+    for (int64_t j = 0; j < lc; ++j) seen |= codes[r * ldc + j];
   for (int i = 0; i < np; ++i)  // some pass without a window: one look-up per code
     for (int r = 0; r < mr; ++r) {
       const uint8_t* cr = codes + r * ldc;
@@ -113,6 +122,7 @@ void amx_shift_rows(const uint8_t* codes, int64_t ldc, int mr, int64_t lc, int n
       }
       sum[i * mr + r] = s;
     }
+  return seen;
 }
 
 namespace {

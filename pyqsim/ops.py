@@ -509,7 +509,7 @@ def log2_attn_matmul(codes, v, *, v_zero_point=0, bits=4, mode="sqrt2", frac_bit
                      multiplier=None, shift=None, out_zero_point=0, out_scale=None, out=None, backend="auto"):
     """``attn @ (v - zv)`` from log codes with shifts and adds, then one output stage (spec §7). ``out``: a host
     array (the result's shape and dtype, C-contiguous rows, e.g. a transposed view) that receives the result and is
-    returned."""
+    returned (codes out of range raise after it may be partly written, spec §11)."""
     args = C.log2_attn_args(codes, v, v_zero_point, bits, mode, frac_bits, out_dtype, multiplier, shift,
                             out_zero_point, out_scale, _scan_values("log2_attn_matmul", backend), out)
     y = _run("log2_attn_matmul", backend, args)

@@ -153,6 +153,24 @@ def test_log2_blocked_shapes(isa, kw):
 
 
 @pytest.mark.needs_cpu_ext
+@pytest.mark.parametrize("where", [(0, 0, 0), (1, 16, 100), (2, 99, 196)], ids=["first", "middle", "last"])
+@pytest.mark.parametrize("into_out", [False, True], ids=["new", "out"])
+def test_log2_code_range_in_kernel(isa, where, into_out):
+    """The CPU kernel checks the codes' range as it reads them (spec §11): one code above 2^bits - 1 in any task's
+    rows (the first, a middle or the last row of the last batch element), or with an empty result, raises the
+    ValueError that names the largest code, with or without ``out``."""
+    rng = np.random.default_rng(8)
+    codes = rng.integers(0, 16, (3, 100, 197), dtype=np.uint8)
+    codes[where] = 16 + where[0]
+    v = rng.integers(0, 256, (3, 197, 40), dtype=np.uint8)
+    out = np.zeros((3, 100, 40), np.int64) if into_out else None
+    with pytest.raises(ValueError, match=f"codes must be in \\[0, 15\\] for bits=4, got {16 + where[0]}"):
+        ops.log2_attn_matmul(codes, v, bits=4, v_zero_point=128, out=out, backend="cpu")
+    with pytest.raises(ValueError, match="codes must be in"):
+        ops.log2_attn_matmul(codes, np.zeros((3, 197, 0), np.uint8), bits=4, backend="cpu")
+
+
+@pytest.mark.needs_cpu_ext
 @pytest.mark.parametrize("bits,mode", [(4, "sqrt2"), (5, "log2"), (8, "sqrt2"), (8, "log2")])
 @pytest.mark.parametrize("frac_bits", [0, 16, 24])
 def test_log2_batched_deep_codes(isa, bits, mode, frac_bits):
