@@ -83,8 +83,7 @@ struct Problem {
   int top[kPasses];             // R weight of a pass: 2^(F - top) * (2^16 or Q)
   OutStage out;
   OutRows y;
-  int fold;                     // R = R' * 2^fold (ShiftStage)
-  ShiftStage so;                // out in shift_out's form (direct_out)
+  ShiftStage so;                // out in shift_out's form (direct_out); R = R' * 2^so.fold
   ShiftStage so_r;              // R itself (int64), for the deep terms and out_span
   std::vector<int64_t> so_mult, so_sh32, so_rnd;
   std::vector<float> so_scale;
@@ -145,7 +144,7 @@ ShiftTiles live_tiles(const Problem& pb, const bool* live, const int32_t* corr, 
     st.corr[st.n] = corr + p * stride;
     // 2^(F - top - fold) * (2^16 or Q): as much of the power of two in the multiplier as stays below 2^31
     int64_t mul = (p & 1) ? kQ : 65536;
-    int sh = pb.frac_bits - pb.top[p] - pb.fold;
+    int sh = pb.frac_bits - pb.top[p] - pb.so.fold;
     for (; sh > 0 && mul < (int64_t(1) << 30); --sh) mul <<= 1;
     st.mul[st.n] = mul;
     st.sh[st.n] = sh;
@@ -415,7 +414,7 @@ bool run_block_amx(const Problem& pb, const KernelSet& ks, int64_t bi, int64_t r
   return true;
 }
 
-// pb.fold and the output stage in shift_out's form (pb.so, pb.so_r): fold is the smallest F - top of the passes the
+// The output stage in shift_out's form (pb.so, pb.so_r); its fold is the smallest F - top of the passes the
 // codes can produce (every R is a multiple of 2^fold), less where the stage needs it: every shift S >= fold + 33
 // for a requantized output, scale * 2^fold finite for float32.
 void shift_stage(Problem& pb) {
@@ -427,12 +426,11 @@ void shift_stage(Problem& pb) {
   if (pb.all_wide_shifts)
     for (int64_t c = 0; c < n; ++c) fold = std::min(fold, out.shift[c] - 33);
   if (out.type == OutType::F32) {
+    for (int64_t c = 0; c < n && fold > 0; ++c)
+      if (!std::isfinite(std::ldexp(out.scale[c], fold))) fold = 0;
     pb.so_scale.assign(static_cast<size_t>(npad), 0.0f);
-    for (int64_t c = 0; c < n; ++c)
-      if (!std::isfinite(pb.so_scale[c] = std::ldexp(out.scale[c], fold))) fold = 0;
-    for (int64_t c = 0; c < n && fold == 0; ++c) pb.so_scale[c] = out.scale[c];
+    for (int64_t c = 0; c < n; ++c) pb.so_scale[c] = std::ldexp(out.scale[c], fold);
   }
-  pb.fold = fold;
   pb.so_r.fold = fold;
   pb.so.type = out.type;
   pb.so.fold = fold;
